@@ -1,0 +1,186 @@
+"""`ConceptAblationConfig`: what to ablate, where, and how strongly.
+
+The config is a small JSON-serialisable dataclass, in the style of a PEFT config.
+The tensors the ablation needs (SAE slices or explicit directions) live beside it
+in a safetensors file written by `ConceptAblation.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+CONFIG_NAME = "concept_ablation_config.json"
+WEIGHTS_NAME = "concept_ablation.safetensors"
+
+AblationMode = Literal["latent", "projection"]
+MODES: tuple[str, ...] = ("latent", "projection")
+
+
+@dataclass
+class SAESource:
+    """Where one layer's SAE comes from: a sae-lens release and id, or a local folder.
+
+    Args:
+        release: sae-lens release name, e.g. ``"gemma-scope-2b-pt-res-canonical"``.
+        sae_id: id inside the release, e.g. ``"layer_12/width_16k/canonical"``.
+        path: a local folder, either in sae-lens format (``cfg.json`` +
+            ``sae_weights.safetensors``) or a Gemma Scope style folder of raw
+            parameters (``params.safetensors`` or ``params.npz``).
+    """
+
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        by_name = self.release is not None or self.sae_id is not None
+        if by_name and self.path is not None:
+            raise ValueError(f"SAESource takes a release/sae_id or a path, not both: {self}")
+        if by_name and (self.release is None or self.sae_id is None):
+            raise ValueError(f"SAESource needs both release and sae_id: {self}")
+        if not by_name and self.path is None:
+            raise ValueError("SAESource needs a release and sae_id, or a path")
+
+    def describe(self) -> str:
+        """A one-line human-readable name for logs, reports and model cards."""
+        return f"{self.release}/{self.sae_id}" if self.path is None else str(self.path)
+
+
+@dataclass
+class ConceptAblationConfig:
+    """Configuration of a concept ablation adapter.
+
+    Args:
+        layers: decoder layer indices whose *outputs* (the residual stream after
+            the layer) are ablated.
+        mode: ``"latent"`` removes the selected SAE latents' contribution exactly,
+            ``x - f_S(x) @ W_dec[S]``; ``"projection"`` projects the residual stream
+            onto the orthogonal complement of the selected directions (the SAE
+            decoder rows of the latents, or explicit directions such as PCA
+            components).
+        latents: per layer, the SAE latent ids to ablate.
+        saes: per layer, the SAE the latents belong to. Needed to build the
+            adapter the first time; a saved adapter loads without it.
+        directions: per layer, explicit directions ``[n, d_model]`` (e.g. principal
+            components) for ``projection`` mode, instead of SAE latents. Tensors
+            are stored in the safetensors file, not in the JSON.
+        alpha: strength in [0, 1] multiplying the removed part (1 = full ablation).
+        skip_token_ids: positions holding these token ids are left alone. ``None``
+            means the model's BOS and padding tokens; ``[]`` ablates everywhere.
+            Positions masked out by the attention mask are always left alone.
+        base_model_name_or_path: the base model the adapter was made for (recorded
+            for reloading from the Hub and for model cards).
+        dtype: dtype of the stored tensors; ``None`` uses the model's dtype.
+        check_model_name: refuse an SAE whose recorded model differs from the base
+            model's name.
+        description: free text, e.g. how the latents were chosen.
+    """
+
+    layers: list[int]
+    mode: AblationMode = "latent"
+    latents: dict[int, list[int]] = field(default_factory=dict)
+    saes: dict[int, SAESource] = field(default_factory=dict)
+    directions: dict[int, Any] = field(default_factory=dict, repr=False)
+    alpha: float = 1.0
+    skip_token_ids: list[int] | None = None
+    base_model_name_or_path: str | None = None
+    dtype: str | None = None
+    check_model_name: bool = True
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.layers = [int(layer) for layer in self.layers]
+        self.latents = {int(k): [int(i) for i in v] for k, v in self.latents.items()}
+        self.saes = {
+            int(k): v if isinstance(v, SAESource) else SAESource(**v) for k, v in self.saes.items()
+        }
+        self.directions = {int(k): v for k, v in self.directions.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the parts that can be checked without a model; raise ValueError naming the bad value."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.layers:
+            raise ValueError("layers is empty: name at least one decoder layer to ablate")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers has duplicates: {self.layers}")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        for name, mapping in (("latents", self.latents), ("saes", self.saes), ("directions", self.directions)):
+            extra = sorted(set(mapping) - set(self.layers))
+            if extra:
+                raise ValueError(f"{name} names layer(s) {extra} that are not in layers={self.layers}")
+        for layer in self.layers:
+            has_latents = layer in self.latents
+            has_directions = layer in self.directions
+            if has_latents == has_directions:
+                raise ValueError(
+                    f"layer {layer}: give either latents or directions (got "
+                    f"{'both' if has_latents else 'neither'})"
+                )
+            if has_latents:
+                ids = self.latents[layer]
+                if not ids:
+                    raise ValueError(f"layer {layer}: latents list is empty")
+                if min(ids) < 0:
+                    raise ValueError(f"layer {layer}: negative latent id {min(ids)}")
+                if len(set(ids)) != len(ids):
+                    raise ValueError(f"layer {layer}: duplicate latent ids in {ids}")
+            if has_directions and self.mode != "projection":
+                raise ValueError(f"layer {layer}: explicit directions need mode='projection', got {self.mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-serialisable part of the config (explicit direction tensors excluded)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "directions":
+                value = sorted(value)  # only the layers; tensors go to safetensors
+            elif f.name == "saes":
+                value = {str(k): dataclasses.asdict(v) for k, v in value.items()}
+            elif f.name == "latents":
+                value = {str(k): v for k, v in value.items()}
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], directions: dict[int, Any] | None = None) -> ConceptAblationConfig:
+        """Build a config from `to_dict` output; unknown fields raise an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown} in concept ablation config; known fields: {sorted(known)}")
+        data = dict(data)
+        direction_layers = [int(x) for x in data.pop("directions", [])]
+        directions = directions or {}
+        missing = sorted(set(direction_layers) - set(directions))
+        if missing:
+            raise ValueError(f"config lists explicit directions for layer(s) {missing} but no tensors were given")
+        return cls(**data, directions={k: directions[k] for k in direction_layers})
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON, atomically."""
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike) -> dict[str, Any]:
+        """Read a config file into a dict; a file that is not a JSON object raises an error naming it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no concept ablation config at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        return data

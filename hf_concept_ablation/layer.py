@@ -1,0 +1,168 @@
+"""The ablation module: removes concepts from one decoder layer's output.
+
+Three kinds of removal, all of the form ``x' = x - alpha * r(x)`` at positions that
+are not left alone:
+
+* ``relu`` / ``jumprelu`` (latent mode, exact and sparse): ``r(x) = f_S(x) @ W_dec[S]``
+  with ``f_S`` computed from only the selected encoder columns. This equals a full
+  SAE encode, zeroing of ``S``, decode, plus the (non-detached) error term.
+* ``topk`` (latent mode for TopK SAEs): which latents fire depends on all of them,
+  so the full encoder is kept; only ``W_dec[S]`` is used for the removal.
+* ``projection``: ``r(x) = (x @ Q) @ Q.T`` with ``Q`` an orthonormal basis of the
+  directions (SAE decoder rows or explicit directions such as PCA components).
+
+Tensors are buffers (never parameters), non-persistent so they stay out of the
+base model's ``state_dict``; `ConceptAblation.save_pretrained` stores them apart.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import torch
+from sae_lens import SAE
+from torch import nn
+
+from .saes import PER_LATENT_ARCHITECTURES, TOPK_ARCHITECTURES
+
+KINDS = ("relu", "jumprelu", "topk", "projection")
+_BUFFERS = {
+    "relu": ("W_enc", "b_enc", "b_in", "W_dec"),
+    "jumprelu": ("W_enc", "b_enc", "b_in", "W_dec", "threshold"),
+    "topk": ("W_enc", "b_enc", "b_in", "W_dec", "latent_ids", "decoder_norm"),
+    "projection": ("Q",),
+}
+
+
+def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis ``[d_model, r]`` of the span of `directions` ``[n, d_model]`` (QR, rank-checked)."""
+    if directions.ndim != 2 or directions.shape[0] == 0:
+        raise ValueError(f"directions must have shape [n, d_model] with n >= 1, got {tuple(directions.shape)}")
+    q, r = torch.linalg.qr(directions.T.to(torch.float64))
+    diag = r.diagonal().abs()
+    keep = diag > diag.max() * 1e-6
+    if not bool(keep.all()):
+        q = q[:, keep]  # drop dependent directions so Q stays orthonormal
+    return q
+
+
+class ConceptAblationLayer(nn.Module):
+    """Removes the selected concepts from a residual-stream tensor ``[..., d_model]``.
+
+    Build it with `from_sae` or `from_directions`; `forward(x, keep)` returns the
+    ablated tensor, where ``keep`` (``[batch, seq]`` bool, optional) marks the
+    positions to ablate.
+    """
+
+    def __init__(self, kind: str, tensors: dict[str, torch.Tensor], k: int | None = None) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown ablation kind {kind!r}; expected one of {KINDS}")
+        missing = [name for name in _BUFFERS[kind] if name not in tensors]
+        if missing:
+            raise ValueError(f"ablation kind {kind!r} needs tensors {missing}")
+        if kind == "topk" and not k:
+            raise ValueError("a topk ablation needs k, the number of active latents")
+        self.kind = kind
+        self.k = k
+        for name in _BUFFERS[kind]:
+            self.register_buffer(name, tensors[name], persistent=False)
+        self.register_buffer("alpha", torch.ones((), dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def from_sae(
+        cls, sae: SAE, latents: Sequence[int], mode: str, dtype: torch.dtype = torch.float32
+    ) -> ConceptAblationLayer:
+        """Slice what the ablation of `latents` needs out of a sae-lens SAE."""
+        ids = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
+        W_dec = sae.W_dec.detach()[ids].to(dtype)
+        if mode == "projection":
+            return cls("projection", {"Q": orthonormal_basis(W_dec).to(dtype)})
+        architecture = sae.cfg.architecture()
+        b_in = sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
+        if architecture in PER_LATENT_ARCHITECTURES:
+            tensors = {
+                "W_enc": sae.W_enc.detach()[:, ids],
+                "b_enc": sae.b_enc.detach()[ids],
+                "b_in": b_in,
+                "W_dec": W_dec,
+            }
+            kind = "relu"
+            if architecture == "jumprelu":
+                tensors["threshold"] = sae.threshold.detach()[ids]
+                kind = "jumprelu"
+            return cls(kind, {name: t.to(dtype).clone() for name, t in tensors.items()})
+        if architecture in TOPK_ARCHITECTURES:
+            rescale = bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
+            norm = sae.W_dec.detach().norm(dim=-1) if rescale else torch.ones(sae.cfg.d_sae, device=ids.device)
+            tensors = {
+                "W_enc": sae.W_enc.detach().to(dtype).clone(),
+                "b_enc": sae.b_enc.detach().to(dtype).clone(),
+                "b_in": b_in.to(dtype).clone(),
+                "W_dec": W_dec,
+                "latent_ids": ids.clone(),
+                "decoder_norm": norm.to(dtype).clone(),
+            }
+            return cls("topk", tensors, k=int(sae.cfg.k))
+        raise ValueError(f"cannot ablate latents of a {architecture!r} SAE")
+
+    @classmethod
+    def from_directions(cls, directions: torch.Tensor, dtype: torch.dtype = torch.float32) -> ConceptAblationLayer:
+        """A projection ablation of explicit directions ``[n, d_model]`` (e.g. principal components)."""
+        return cls("projection", {"Q": orthonormal_basis(directions.detach()).to(dtype)})
+
+    @property
+    def d_model(self) -> int:
+        """Size of the residual stream this layer expects."""
+        return self.Q.shape[0] if self.kind == "projection" else self.W_dec.shape[-1]
+
+    @property
+    def num_directions(self) -> int:
+        """Number of latents or (orthonormalized) directions removed."""
+        return self.Q.shape[1] if self.kind == "projection" else self.W_dec.shape[0]
+
+    def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations ``f_S(x)`` ``[..., |S|]`` of the selected latents (latent mode only)."""
+        if self.kind == "projection":
+            raise TypeError("a projection ablation has no latent activations")
+        pre = (x - self.b_in) @ self.W_enc + self.b_enc
+        if self.kind == "relu":
+            return torch.relu(pre)
+        if self.kind == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        pre = pre * self.decoder_norm
+        values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return acts[..., self.latent_ids] / self.decoder_norm[self.latent_ids]
+
+    def removed_part(self, x: torch.Tensor) -> torch.Tensor:
+        """What the ablation subtracts from `x` at full strength."""
+        if self.kind == "projection":
+            return (x @ self.Q) @ self.Q.T
+        return self.latent_activations(x) @ self.W_dec
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Return `x` with the concepts removed at the positions where `keep` is true."""
+        compute_dtype = self.Q.dtype if self.kind == "projection" else self.W_dec.dtype
+        removed = self.removed_part(x.to(compute_dtype)) * self.alpha.to(compute_dtype)
+        if keep is not None:
+            removed = removed * keep.unsqueeze(-1).to(compute_dtype)
+        return x - removed.to(x.dtype)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Set the strength in place (``fill_``, so compiled graphs keep working)."""
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"ablation strength must be in [0, 1], got {alpha}")
+        self.alpha.fill_(float(alpha))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors that define this ablation (for saving)."""
+        return {name: getattr(self, name) for name in _BUFFERS[self.kind]}
+
+    def metadata(self) -> str:
+        """JSON string of the non-tensor state (kind, k), stored in the safetensors header."""
+        return json.dumps({"kind": self.kind, "k": self.k})
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, d_model={self.d_model}, n={self.num_directions}, alpha={float(self.alpha):.3g}"

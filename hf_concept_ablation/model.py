@@ -1,0 +1,308 @@
+"""Inject, control, save and load concept ablation in a Hugging Face causal LM.
+
+The ablation is a forward hook on each chosen decoder layer (registered with
+``prepend=True`` so ``output_hidden_states`` records the ablated value). The model
+stays a `PreTrainedModel` (or `PeftModel`), so the stock `Trainer`, its
+checkpoints, gradient checkpointing and a real PEFT LoRA applied before or after
+all keep working. `ConceptAblation` is the handle, in the spirit of a PEFT model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sae_lens import SAE
+from torch import nn
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig
+from .layer import ConceptAblationLayer
+from .saes import check_sae_fits, load_sae
+
+_HANDLE_ATTR = "_concept_ablation"
+_MODULE_NAME = "concept_ablation"
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """Return ``(decoder stack, its list of decoder layers)`` for Gemma 2/3, Llama-style and GPT-2-style models.
+
+    Works through wrappers (PEFT, DDP, FSDP) by searching for the ``nn.ModuleList``
+    whose length is the config's number of hidden layers.
+    """
+    num_layers = _text_config(model).num_hidden_layers
+    candidates = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) == num_layers and child_name in ("layers", "h", "blocks"):
+                candidates.append((name.count("."), name, module, child))
+    if not candidates:
+        raise ValueError(
+            f"could not find the decoder layers of {type(model).__name__}: no ModuleList named "
+            f"'layers', 'h' or 'blocks' with {num_layers} entries"
+        )
+    _, _, stack, layers = min(candidates, key=lambda c: (c[0], len(c[1])))
+    return stack, layers
+
+
+class _PositionMask:
+    """Which positions of the current batch may be ablated; set by a pre-hook on the decoder stack."""
+
+    def __init__(self, skip_token_ids: list[int]) -> None:
+        self.skip_token_ids = skip_token_ids
+        self.keep: torch.Tensor | None = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        attention_mask = kwargs.get("attention_mask")
+        keep = None
+        if input_ids is not None:
+            keep = torch.ones_like(input_ids, dtype=torch.bool)
+            if self.skip_token_ids:
+                skip = torch.tensor(self.skip_token_ids, device=input_ids.device)
+                keep &= ~torch.isin(input_ids, skip)
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+                keep &= attention_mask[:, -input_ids.shape[1]:].bool()
+        self.keep = keep
+
+    def for_shape(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self.keep is None or self.keep.shape != hidden.shape[:2]:
+            return None
+        return self.keep
+
+
+class ConceptAblation:
+    """Handle on the concept ablation injected into a model.
+
+    Create it with `inject_concept_ablation` or `ConceptAblation.from_pretrained`;
+    find it again from any wrapper of the model with `get_concept_ablation`.
+    """
+
+    def __init__(self, model: nn.Module, config: ConceptAblationConfig, layers: Mapping[int, ConceptAblationLayer]):
+        self.config = config
+        self.layers = dict(layers)
+        self.enabled = True
+        stack, decoder_layers = find_decoder_layers(model)
+        if getattr(stack, _HANDLE_ATTR, None) is not None:
+            raise ValueError("this model already has a concept ablation; call .remove() on it first")
+        skip = config.skip_token_ids
+        if skip is None:
+            text_config = _text_config(model)
+            skip = sorted({i for i in (text_config.bos_token_id, text_config.pad_token_id) if isinstance(i, int)})
+        self._mask = _PositionMask(list(skip))
+        self._stack = stack
+        param = next(model.parameters())
+        self._handles = [stack.register_forward_pre_hook(self._mask.capture, with_kwargs=True)]
+        for index, module in self.layers.items():
+            decoder_layer = decoder_layers[index]
+            module.to(device=param.device)
+            decoder_layer.add_module(_MODULE_NAME, module)
+            self._handles.append(decoder_layer.register_forward_hook(self._make_hook(module), prepend=True))
+        setattr(stack, _HANDLE_ATTR, self)
+        self.set_strength(config.alpha)
+
+    def _make_hook(self, module: ConceptAblationLayer):
+        def hook(_layer: nn.Module, _args: tuple, output):
+            if not self.enabled:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            ablated = module(hidden, self._mask.for_shape(hidden))
+            return (ablated,) + tuple(output[1:]) if isinstance(output, tuple) else ablated
+
+        return hook
+
+    # -- control ---------------------------------------------------------------------------------
+    def enable(self) -> None:
+        """Turn the ablation on."""
+        self.enabled = True
+
+    def disable(self) -> None:
+        """Turn the ablation off (hooks stay registered and cost nothing)."""
+        self.enabled = False
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Context manager: run without ablation, then restore the previous state."""
+        previous = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    @property
+    def strength(self) -> float:
+        """Current strength alpha (the same at every layer)."""
+        return float(next(iter(self.layers.values())).alpha)
+
+    def set_strength(self, alpha: float) -> None:
+        """Set the strength alpha in [0, 1] at every ablated layer."""
+        for module in self.layers.values():
+            module.set_alpha(alpha)
+        self.config.alpha = float(alpha)
+
+    def remove(self) -> None:
+        """Remove every hook and module; the model is left exactly as before injection."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for module in self.layers.values():
+            for parent in self._stack.modules():
+                if getattr(parent, "_modules", {}).get(_MODULE_NAME) is module:
+                    del parent._modules[_MODULE_NAME]
+        setattr(self._stack, _HANDLE_ATTR, None)
+
+    # -- persistence ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``concept_ablation_config.json`` and ``concept_ablation.safetensors`` (atomically)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, metadata = {}, {}
+        for index, module in self.layers.items():
+            for name, tensor in module.state_tensors().items():
+                tensors[f"layers.{index}.{name}"] = tensor.detach().cpu().contiguous()
+            metadata[f"layers.{index}"] = module.metadata()
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        self.config.to_json_file(directory / CONFIG_NAME)
+
+    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation") -> str:
+        """Upload the adapter files to a Hub model repo (token from the environment); returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+        return str(info)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike) -> ConceptAblation:
+        """Load a saved adapter (local folder or Hub repo id) and inject it into `model`; no SAE is needed."""
+        directory = _resolve_adapter_dir(path_or_repo_id)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+        data = ConceptAblationConfig.read_json(directory / CONFIG_NAME)
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        layers: dict[int, ConceptAblationLayer] = {}
+        for key, meta in metadata.items():
+            index = int(key.split(".")[1])
+            prefix = f"layers.{index}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            layers[index] = ConceptAblationLayer(**json.loads(meta), tensors=state)
+        explicit = {i: m.Q for i, m in layers.items() if i in set(data.get("directions", []))}
+        config = ConceptAblationConfig.from_dict(data, directions=explicit)
+        missing = sorted(set(config.layers) - set(layers))
+        if missing:
+            raise ValueError(f"{weights} has no tensors for layer(s) {missing} named in {CONFIG_NAME}")
+        _check_layers_fit(model, layers)
+        return cls(model, config, _cast_like_model(model, layers, config))
+
+
+def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike) -> Path:
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved concept ablation adapter")
+        return path
+    if path.exists() or str(path_or_repo_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo_id} is neither an adapter folder nor a Hub repo id 'org/name'")
+    from huggingface_hub import hf_hub_download
+
+    config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME)
+    hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME)
+    return Path(config_file).parent
+
+
+def _check_layers_fit(model: nn.Module, layers: Mapping[int, ConceptAblationLayer]) -> None:
+    text_config = _text_config(model)
+    for index, module in layers.items():
+        if not 0 <= index < text_config.num_hidden_layers:
+            raise ValueError(
+                f"layer {index} does not exist: the model has {text_config.num_hidden_layers} decoder layers"
+            )
+        if module.d_model != text_config.hidden_size:
+            raise ValueError(
+                f"layer {index}: the ablation has d_model={module.d_model}, the model's hidden size is "
+                f"{text_config.hidden_size}"
+            )
+
+
+def _cast_like_model(
+    model: nn.Module, layers: dict[int, ConceptAblationLayer], config: ConceptAblationConfig
+) -> dict[int, ConceptAblationLayer]:
+    dtype = getattr(torch, config.dtype) if config.dtype else next(model.parameters()).dtype
+    for module in layers.values():
+        module.to(dtype=dtype)
+    return layers
+
+
+def inject_concept_ablation(
+    model: nn.Module, config: ConceptAblationConfig, saes: Mapping[int, SAE] | None = None
+) -> ConceptAblation:
+    """Inject the ablation a config describes into `model` (optionally wrapped by PEFT) and return its handle.
+
+    SAEs named in ``config.saes`` are loaded unless given in `saes` (layer -> sae-lens
+    SAE); each is checked against the model (hidden size, layer, latent range, model
+    name). Only the slices the ablation needs are kept.
+    """
+    text_config = _text_config(model)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
+    saes = dict(saes or {})
+    layers: dict[int, ConceptAblationLayer] = {}
+    for index in config.layers:
+        if not 0 <= index < text_config.num_hidden_layers:
+            raise ValueError(
+                f"layer {index} does not exist: the model has {text_config.num_hidden_layers} decoder layers "
+                f"(0..{text_config.num_hidden_layers - 1})"
+            )
+        if index in config.directions:
+            directions = torch.as_tensor(config.directions[index], dtype=torch.float32)
+            if directions.ndim != 2 or directions.shape[-1] != text_config.hidden_size:
+                raise ValueError(
+                    f"layer {index}: directions have shape {tuple(directions.shape)}, expected "
+                    f"[n, {text_config.hidden_size}]"
+                )
+            layers[index] = ConceptAblationLayer.from_directions(directions)
+            continue
+        if index not in saes and index not in config.saes:
+            raise ValueError(f"layer {index}: no SAE given (config.saes has none for it and saes= has none)")
+        source = config.saes[index].describe() if index in config.saes else f"the SAE given for layer {index}"
+        sae = saes[index] if index in saes else load_sae(config.saes[index])
+        check_sae_fits(
+            sae,
+            layer=index,
+            num_layers=text_config.num_hidden_layers,
+            hidden_size=text_config.hidden_size,
+            latents=config.latents[index],
+            model_name=config.base_model_name_or_path if config.check_model_name else None,
+            source=source,
+        )
+        layers[index] = ConceptAblationLayer.from_sae(sae, config.latents[index], config.mode)
+    return ConceptAblation(model, config, _cast_like_model(model, layers, config))
+
+
+def get_concept_ablation(model: nn.Module) -> ConceptAblation | None:
+    """The `ConceptAblation` injected into `model` or any module inside it (through PEFT/DDP/FSDP wrappers)."""
+    for module in model.modules():
+        handle = getattr(module, _HANDLE_ATTR, None)
+        if handle is not None:
+            return handle
+    return None

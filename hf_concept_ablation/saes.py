@@ -1,0 +1,130 @@
+"""Every SAE source behind one loader, and the checks that an SAE fits a model.
+
+Sources (see `SAESource`): a sae-lens release and id (downloaded through sae-lens's
+own registry and converters), a local sae-lens folder (``cfg.json`` +
+``sae_weights.safetensors``), or a Gemma Scope style folder of raw parameters
+(``params.safetensors`` or ``params.npz``, read with ``allow_pickle=False``).
+All of them come back as `sae_lens.SAE` objects.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from .config import SAESource
+
+SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
+RAW_PARAM_FILES = ("params.safetensors", "params.npz")
+RAW_PARAM_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+#: Architectures whose latents can be ablated exactly from their own encoder columns.
+PER_LATENT_ARCHITECTURES = ("standard", "jumprelu")
+#: Architectures where a latent's activation depends on all others (the full encoder is needed).
+TOPK_ARCHITECTURES = ("topk",)
+SUPPORTED_ARCHITECTURES = PER_LATENT_ARCHITECTURES + TOPK_ARCHITECTURES
+
+
+def load_sae(source: SAESource, device: str | torch.device = "cpu", dtype: str = "float32") -> SAE:
+    """Load the SAE a `SAESource` names, as a sae-lens `SAE` in eval mode."""
+    if source.path is None:
+        sae = SAE.from_pretrained(source.release, source.sae_id, device=str(device), dtype=dtype)
+    else:
+        sae = _load_local(Path(source.path), device=str(device), dtype=dtype)
+    architecture = sae.cfg.architecture()
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"SAE {source.describe()} has architecture {architecture!r}; supported: {SUPPORTED_ARCHITECTURES}"
+        )
+    if sae.cfg.normalize_activations not in (None, "none"):
+        raise ValueError(
+            f"SAE {source.describe()} normalizes its inputs ({sae.cfg.normalize_activations!r}); fold the "
+            "normalization into the weights first (sae-lens: fold_activation_norm_scaling_factor)"
+        )
+    return sae.eval()
+
+
+def _load_local(path: Path, device: str, dtype: str) -> SAE:
+    if not path.is_dir():
+        raise FileNotFoundError(f"SAE folder {path} does not exist")
+    if any((path / name).exists() for name in SAE_LENS_FILES):
+        missing = [name for name in SAE_LENS_FILES if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"SAE folder {path} is missing {missing} (a sae-lens folder needs {SAE_LENS_FILES})")
+        return SAE.load_from_disk(path, device=device, dtype=dtype)
+    for name in RAW_PARAM_FILES:
+        if (path / name).is_file():
+            return _load_raw_params(path / name, device=device, dtype=dtype)
+    raise FileNotFoundError(
+        f"SAE folder {path} has neither sae-lens files {SAE_LENS_FILES} nor raw parameters {RAW_PARAM_FILES}"
+    )
+
+
+def _load_raw_params(file: Path, device: str, dtype: str) -> SAE:
+    """A Gemma Scope style JumpReLU SAE from raw parameters (no ``cfg.json``)."""
+    if file.suffix == ".npz":
+        with np.load(file, allow_pickle=False) as data:
+            params = {key: torch.from_numpy(np.asarray(data[key], dtype=np.float32)) for key in data.files}
+    else:
+        params = load_file(str(file))
+    params = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in params.items()}
+    missing = [key for key in RAW_PARAM_KEYS if key not in params]
+    if missing:
+        raise ValueError(f"{file} is missing parameter(s) {missing}; a Gemma Scope SAE needs {RAW_PARAM_KEYS}")
+    d_in, d_sae = params["W_enc"].shape
+    if params["W_dec"].shape != (d_sae, d_in):
+        raise ValueError(f"{file}: W_dec has shape {tuple(params['W_dec'].shape)}, expected {(d_sae, d_in)}")
+    match = re.search(r"layer_(\d+)", str(file.parent))
+    metadata = SAEMetadata(hook_name=f"blocks.{match.group(1)}.hook_resid_post") if match else SAEMetadata()
+    cfg = JumpReLUSAEConfig(
+        d_in=d_in, d_sae=d_sae, dtype=dtype, device=device, apply_b_dec_to_input=False, metadata=metadata
+    )
+    sae = JumpReLUSAE(cfg)
+    sae.load_state_dict({key: params[key] for key in RAW_PARAM_KEYS})
+    return sae.to(device=device, dtype=getattr(torch, dtype))
+
+
+def sae_layer(sae: SAE) -> int | None:
+    """The residual-stream layer an SAE was trained on, read from its hook name, if recorded."""
+    hook_name = sae.cfg.metadata.hook_name
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook_name or "")
+    return int(match.group(1)) if match else None
+
+
+def _normalized_model_name(name: str) -> str:
+    return name.rstrip("/").split("/")[-1].lower()
+
+
+def check_sae_fits(
+    sae: SAE,
+    *,
+    layer: int,
+    num_layers: int,
+    hidden_size: int,
+    latents: Sequence[int] = (),
+    model_name: str | None = None,
+    source: str = "SAE",
+) -> None:
+    """Raise a ValueError naming the bad value if an SAE cannot be used at `layer` of a model."""
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} does not exist: the model has {num_layers} decoder layers (0..{num_layers - 1})")
+    if sae.cfg.d_in != hidden_size:
+        raise ValueError(f"{source} has input size d_in={sae.cfg.d_in}, but the model's hidden size is {hidden_size}")
+    trained_layer = sae_layer(sae)
+    if trained_layer is not None and trained_layer != layer:
+        raise ValueError(f"{source} was trained on layer {trained_layer} ({sae.cfg.metadata.hook_name}), not layer {layer}")
+    bad = [i for i in latents if not 0 <= i < sae.cfg.d_sae]
+    if bad:
+        raise ValueError(f"latent id(s) {bad} out of range for {source} of width d_sae={sae.cfg.d_sae}")
+    sae_model = sae.cfg.metadata.model_name
+    if model_name and sae_model and _normalized_model_name(sae_model) != _normalized_model_name(model_name):
+        raise ValueError(
+            f"{source} was trained on model {sae_model!r}, not {model_name!r} "
+            "(pass check_model_name=False to the config to use it anyway)"
+        )

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models of each supported family, and real sae-lens SAEs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+HIDDEN = 64
+NUM_LAYERS = 4
+VOCAB = 128
+
+
+def _common() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        bos_token_id=2,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def make_tiny_model(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny randomly initialised causal LM of the given family, in eval mode."""
+    torch.manual_seed(0)
+    if family == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**_common()))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**_common(), sliding_window=16))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_common()))
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=NUM_LAYERS, n_head=4, n_positions=128,
+            bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def make_sae(architecture: str, d_in: int = HIDDEN, d_sae: int = 256, seed: int = 0, layer: int | None = None):
+    """A real sae-lens SAE with random weights such that a good share of latents fire."""
+    gen = torch.Generator().manual_seed(seed)
+    metadata_kwargs = {"hook_name": f"blocks.{layer}.hook_resid_post"} if layer is not None else {}
+    from sae_lens.saes.sae import SAEMetadata
+
+    metadata = SAEMetadata(**metadata_kwargs)
+    if architecture == "jumprelu":
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=metadata))
+    elif architecture == "standard":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=metadata))
+    elif architecture == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=64, metadata=metadata))
+    else:
+        raise ValueError(architecture)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / d_sae**0.5)
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+        if architecture == "jumprelu":
+            sae.threshold.copy_(torch.rand(d_sae, generator=gen) * 0.5)
+    return sae.eval()
+
+
+@pytest.fixture(params=["gemma2", "gemma3", "llama", "gpt2"])
+def family(request) -> str:
+    return request.param
