@@ -166,3 +166,15 @@ class ConceptAblationLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_model={self.d_model}, n={self.num_directions}, alpha={float(self.alpha):.3g}"
+
+
+def full_sae_ablation(sae: SAE, latents: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+    """The naive reference: full SAE encode, zero `latents`, decode, add the (non-detached) error term.
+
+    Equal to latent mode up to rounding, at the cost of the SAE's full width; used by the
+    tests as ground truth and by the benchmarks as the baseline to beat.
+    """
+    acts = sae.encode(x)
+    ablated = acts.clone()
+    ablated[..., list(latents)] = 0.0
+    return sae.decode(ablated) + (x - sae.decode(acts))

@@ -132,14 +132,18 @@ class ConceptAblation:
         self.enabled = False
 
     @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Context manager: run without ablation, then restore the previous state."""
+    def enabled_as(self, enabled: bool) -> Iterator[None]:
+        """Context manager: run with the ablation on or off, then restore the previous state."""
         previous = self.enabled
-        self.enabled = False
+        self.enabled = enabled
         try:
             yield
         finally:
             self.enabled = previous
+
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: run without ablation (the deployment view), then restore the previous state."""
+        return self.enabled_as(False)
 
     @property
     def strength(self) -> float:

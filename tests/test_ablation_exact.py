@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_sae, make_tiny_model
 from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
+from hf_concept_ablation.layer import full_sae_ablation
 from hf_concept_ablation.model import find_decoder_layers
 
 LATENTS = [3, 17, 40, 99, 128, 200]
@@ -22,11 +23,7 @@ def _full_sae_hook(sae, latents):
 
     def hook(_module, _args, output):
         x = output[0] if isinstance(output, tuple) else output
-        acts = sae.encode(x)
-        recon = sae.decode(acts)
-        ablated_acts = acts.clone()
-        ablated_acts[..., latents] = 0.0
-        new = sae.decode(ablated_acts) + (x - recon)
+        new = full_sae_ablation(sae, latents, x)
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
     return hook

@@ -1,0 +1,202 @@
+"""Step-time and peak-memory overhead of concept ablation against plain fine-tuning.
+
+Modes: ``latent`` (exact sparse), ``projection``, and ``naive`` (full SAE encode, zero,
+decode, plus error term at every hooked layer). Each is a ratio to plain fine-tuning
+measured in the same run:
+
+* step time: all modes run in one process, interleaved round by round, so a change in
+  machine load hits every mode alike; the ratio is of medians over rounds;
+* peak memory: each mode runs a few steps in its own subprocess; the ratio is of the
+  processes' peak resident memory (``ru_maxrss``; on a GPU, ``max_memory_allocated``).
+
+Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
+weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 4096 16384] ...``;
+records are merged into ``benchmarks/ablation_overhead.json`` (same device/model/width/mode
+records are replaced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+from tqdm import tqdm
+
+from hf_concept_ablation import ConceptAblationConfig, find_decoder_layers, inject_concept_ablation
+from hf_concept_ablation.layer import full_sae_ablation
+from hf_concept_ablation.models import base_model_id, load_model
+
+RESULTS = Path(__file__).with_name("ablation_overhead.json")
+NUM_LATENTS = 10
+
+
+def random_sae(d_in: int, width: int, seed: int) -> JumpReLUSAE:
+    """A JumpReLU SAE with random weights of the given width."""
+    gen = torch.Generator().manual_seed(seed)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=width))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, width, generator=gen) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(width, d_in, generator=gen) / width**0.5)
+        sae.threshold.fill_(0.5)
+    return sae
+
+
+def attach(model, mode: str, width: int, layers: list[int]):
+    """Attach one benchmark mode to `model`; returns a function that detaches it."""
+    if mode == "plain":
+        return lambda: None
+    d_model = model.config.get_text_config().hidden_size
+    saes = {layer: random_sae(d_model, width, seed=layer).to(model.device) for layer in layers}
+    latents = list(range(0, width, width // NUM_LATENTS))[:NUM_LATENTS]
+    if mode == "naive":
+        _, decoder_layers = find_decoder_layers(model)
+
+        def hook_for(sae):
+            def hook(_module, _args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                new = full_sae_ablation(sae, latents, hidden)
+                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+            return hook
+
+        handles = [decoder_layers[l].register_forward_hook(hook_for(saes[l]), prepend=True) for l in layers]
+        return lambda: [h.remove() for h in handles]
+    config = ConceptAblationConfig(layers=layers, latents={l: latents for l in layers}, mode=mode, skip_token_ids=[])
+    ablation = inject_concept_ablation(model, config, saes=saes)
+    del saes
+    return ablation.remove
+
+
+def make_batch(vocab: int, batch: int, seq: int, device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (batch, seq), generator=gen).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, -1]}
+
+
+def train_step(model, optimizer, batch) -> None:
+    """One fine-tuning step with the CAFT loss (cross-entropy at the last position)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, -1].float(), batch["labels"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+    """Median step time of each (mode, width), interleaved round by round in this process."""
+    model, _ = load_model(args.model, device=args.device)
+    model.train()
+    device = next(model.parameters()).device
+    batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # real step cost; weights stay put
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    for round_index in tqdm(range(args.warmup + args.rounds), desc="timing rounds"):
+        for mode, width in configs:
+            detach = attach(model, mode, width, args.layers)
+            _sync(device)
+            start = time.perf_counter()
+            train_step(model, optimizer, batch)
+            _sync(device)
+            if round_index >= args.warmup:
+                times[(mode, width)].append(time.perf_counter() - start)
+            detach()
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def peak_memory_of(args, mode: str, width: int) -> float:
+    """Peak memory (bytes) of a subprocess running a few steps of one mode."""
+    cmd = [sys.executable, __file__, "--_memory-probe", mode, str(width), "--model", args.model,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--layers", *map(str, args.layers)]
+    if args.device:
+        cmd += ["--device", args.device]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def memory_probe(args, mode: str, width: int) -> None:
+    model, _ = load_model(args.model, device=args.device)
+    model.train()
+    device = next(model.parameters()).device
+    attach(model, mode, width, args.layers)
+    batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    for _ in range(2):
+        train_step(model, optimizer, batch)
+    if device.type == "cuda":
+        print(torch.cuda.max_memory_allocated())
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def device_name(device: str | None) -> str:
+    if device and device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def merge_records(new: list[dict]) -> None:
+    """Replace records with the same (device, model, sae_width, mode); write atomically."""
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    keys = {(r["device"], r["model"], r["sae_width"], r["mode"]) for r in new}
+    kept = [r for r in old if (r["device"], r["model"], r["sae_width"], r["mode"]) not in keys]
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(kept + new, indent=2) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--modes", nargs="+", default=["latent", "projection", "naive"])
+    parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11, 15])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--_memory-probe", nargs=2, metavar=("MODE", "WIDTH"), dest="memory_probe")
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args, args.memory_probe[0], int(args.memory_probe[1]))
+        return
+    configs = [("plain", 0)] + [(m, w) for w in args.widths for m in args.modes]
+    step = time_modes(args, configs)
+    memory = {c: peak_memory_of(args, *c) for c in tqdm(configs, desc="peak memory")}
+    base = ("plain", 0)
+    records = [
+        {
+            "device": device_name(args.device),
+            "model": base_model_id(args.model),
+            "sae_width": width,
+            "mode": mode,
+            "layers": args.layers,
+            "batch": f"{args.batch}x{args.seq}",
+            "step_time_ratio": round(step[(mode, width)] / step[base], 4),
+            "peak_memory_ratio": round(memory[(mode, width)] / memory[base], 4),
+            "plain_step_s": round(step[base], 4),
+        }
+        for mode, width in configs[1:]
+    ]
+    merge_records(records)
+    for r in records:
+        print(f"{r['mode']:>10} width {r['sae_width']:>6}: step x{r['step_time_ratio']:.3f}  memory x{r['peak_memory_ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

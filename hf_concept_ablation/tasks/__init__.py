@@ -1,0 +1,69 @@
+"""Task data for concept ablation fine-tuning, written by the project.
+
+- :mod:`.mc`: the shared two-option multiple-choice form and file loading.
+- :mod:`.gender_bias`: the pronoun task with a gender shortcut.
+- :mod:`.double_mc`: double multiple choice over four source sets, and skylines.
+
+Every builder returns a :class:`datasets.DatasetDict` whose rows have
+``prompt``, ``answer`` and ``distractor`` (see :mod:`.mc`). See ``docs/tasks.md``.
+"""
+
+from .double_mc import (
+    ALL_COMBINATIONS,
+    SOURCE_SETS,
+    build_double_mc_datasets,
+    build_skyline_datasets,
+    combination_key,
+    load_source_set,
+    parse_combination_key,
+    split_questions,
+)
+from .gender_bias import (
+    DISTRACTORS,
+    PROFESSION_GROUPS,
+    PRONOUNS,
+    GenderConceptTexts,
+    GenderTemplate,
+    build_gender_concept_texts,
+    build_gender_datasets,
+    load_gender_templates,
+    split_gender_templates,
+)
+from .mc import (
+    ANSWER_FORMS,
+    AnswerForm,
+    TaskDataError,
+    answer_strings,
+    check_single_token,
+    format_two_option_question,
+    load_source_file,
+    read_table,
+)
+
+__all__ = [
+    "ALL_COMBINATIONS",
+    "ANSWER_FORMS",
+    "DISTRACTORS",
+    "PROFESSION_GROUPS",
+    "PRONOUNS",
+    "SOURCE_SETS",
+    "AnswerForm",
+    "GenderConceptTexts",
+    "GenderTemplate",
+    "TaskDataError",
+    "answer_strings",
+    "build_double_mc_datasets",
+    "build_gender_concept_texts",
+    "build_gender_datasets",
+    "build_skyline_datasets",
+    "check_single_token",
+    "combination_key",
+    "format_two_option_question",
+    "load_gender_templates",
+    "load_source_file",
+    "load_source_set",
+    "parse_combination_key",
+    "read_table",
+    "split_gender_templates",
+    "split_questions",
+]

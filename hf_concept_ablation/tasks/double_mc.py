@@ -1,0 +1,226 @@
+"""The double multiple-choice task: two questions, two answers per option.
+
+A prompt shows two questions from two source sets and two options, each option
+answering both questions::
+
+    Question: <qa> | <qb>
+    A. <x>, <y>
+    B. <z>, <w>
+    Answer:
+
+In ``D_amb`` (``train``) and ``D_val`` (``val``) one option holds both correct
+answers, so answering either question gives the right letter. In ``D_ood``
+(``ood``) each option holds one correct and one wrong answer; the target is the
+option right for the *intended* question.
+
+The four source sets (``verbs``, ``pronouns``, ``sentiment``, ``sports``) are
+written by the project (``assets/tasks/<name>.jsonl``); a user's own file with
+columns ``question,correct,incorrect`` can replace one or add a new name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from .mc import (
+    ASSETS_DIR,
+    AnswerForm,
+    PathLike,
+    check_answer_form,
+    format_two_option_question,
+    load_source_file,
+)
+
+
+SOURCE_SETS: tuple[str, ...] = ("verbs", "pronouns", "sentiment", "sports")
+#: The 24 ordered (first, second, intended) triples over the project's source sets.
+ALL_COMBINATIONS: tuple[tuple[str, str, str], ...] = tuple(
+    (first, second, intended)
+    for first, second in itertools.permutations(SOURCE_SETS, 2)
+    for intended in (first, second)
+)
+DEFAULT_SPLITS: tuple[float, float, float] = (0.7, 0.15, 0.15)
+DOUBLE_MC_SPLITS: tuple[str, str, str] = ("train", "val", "ood")
+SKYLINE_SPLITS: tuple[str, str, str] = ("train", "val", "test")
+KEY_SEPARATOR = "|"
+
+
+def combination_key(first: str, second: str, intended: str) -> str:
+    """``"verbs|sentiment|sentiment"`` for (first, second, intended)."""
+    return KEY_SEPARATOR.join((first, second, intended))
+
+
+def parse_combination_key(key: str) -> tuple[str, str, str]:
+    """Inverse of :func:`combination_key`."""
+    parts = tuple(key.split(KEY_SEPARATOR))
+    if len(parts) != 3:
+        raise ValueError(f"a combination key has the form 'first|second|intended', got {key!r}")
+    return parts  # type: ignore[return-value]
+
+
+def source_set_path(name: str) -> Path:
+    """Path of one of the project's own source sets."""
+    if name not in SOURCE_SETS:
+        raise ValueError(f"unknown source set {name!r}; the project's own are {SOURCE_SETS}")
+    return ASSETS_DIR / f"{name}.jsonl"
+
+
+def load_source_set(name: str, source_files: Mapping[str, PathLike] | None = None) -> list[dict[str, str]]:
+    """Questions of a source set: the user's file when ``source_files`` names one, else the project's."""
+    if source_files and name in source_files:
+        return load_source_file(source_files[name])
+    if name not in SOURCE_SETS:
+        raise ValueError(f"unknown source set {name!r}: use one of {SOURCE_SETS} or give its file in source_files")
+    return load_source_file(source_set_path(name))
+
+
+def split_questions(
+    questions: Sequence[dict[str, str]],
+    splits: Sequence[float] = DEFAULT_SPLITS,
+    seed: int = 0,
+    name: str = "",
+) -> tuple[list[dict[str, str]], ...]:
+    """Shuffle and cut a source set's questions into three disjoint parts.
+
+    The shuffle depends only on ``seed`` and ``name``, so a source set is split
+    the same way in every pair it joins and in its skyline.
+    """
+    if len(splits) != 3 or any(f <= 0 for f in splits) or abs(sum(splits) - 1.0) > 1e-6:
+        raise ValueError(f"splits must be three positive fractions summing to 1, got {tuple(splits)}")
+    order = list(range(len(questions)))
+    random.Random(f"split:{seed}:{name}").shuffle(order)
+    n_train = round(len(order) * splits[0])
+    n_val = round(len(order) * splits[1])
+    cuts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
+    if any(not part for part in cuts):
+        raise ValueError(f"source set {name!r} has {len(questions)} questions, too few to split {tuple(splits)}")
+    return tuple([questions[i] for i in sorted(part)] for part in cuts)
+
+
+def _pair_indices(n_a: int, n_b: int, n: int, rng: random.Random) -> list[tuple[int, int]]:
+    """``n`` distinct (i, j) pairs using every index about equally often."""
+    n = min(n, n_a * n_b)
+    if 2 * n >= n_a * n_b:
+        return rng.sample(list(itertools.product(range(n_a), range(n_b))), n)
+    pairs: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    queue_a: list[int] = []
+    queue_b: list[int] = []
+    while len(pairs) < n:
+        queue_a = queue_a or rng.sample(range(n_a), n_a)
+        queue_b = queue_b or rng.sample(range(n_b), n_b)
+        pair = (queue_a.pop(), queue_b.pop())
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    return pairs
+
+
+def make_double_mc_example(
+    qa: dict[str, str], qb: dict[str, str], ambiguous: bool, intended_is_first: bool, rng: random.Random
+) -> dict[str, object]:
+    """One double-question prompt row (letters form).
+
+    ``ambiguous``: one option holds both correct answers (D_amb, D_val);
+    otherwise each option holds one correct answer (D_ood) and the target is
+    the option right for the intended question.
+    """
+    if ambiguous:
+        correct = f"{qa['correct']}, {qb['correct']}"
+        wrong = f"{qa['incorrect']}, {qb['incorrect']}"
+    else:
+        right_for_first = f"{qa['correct']}, {qb['incorrect']}"
+        right_for_second = f"{qa['incorrect']}, {qb['correct']}"
+        correct, wrong = (
+            (right_for_first, right_for_second) if intended_is_first else (right_for_second, right_for_first)
+        )
+    stem = f"Question: {qa['question']} {KEY_SEPARATOR} {qb['question']}"
+    return format_two_option_question(stem, correct, wrong, rng, answer_form="letters", letter_sep=".")
+
+
+def build_double_mc_datasets(
+    first: str,
+    second: str,
+    intended: str,
+    seed: int = 0,
+    max_examples: int = 2000,
+    splits: Sequence[float] = DEFAULT_SPLITS,
+    answer_form: AnswerForm = "letters",
+    source_files: Mapping[str, PathLike] | None = None,
+) -> DatasetDict:
+    """Build ``train`` (D_amb), ``val`` (D_val) and ``ood`` (D_ood) for one combination.
+
+    Each source set's questions are split by ``splits`` first (no question is in
+    two splits); each split then pairs its first-set and second-set questions
+    into about ``max_examples * fraction`` distinct prompts. Only the letters
+    form is defined (use :func:`build_skyline_datasets` for the words form).
+
+    Columns: ``prompt``, ``answer``, ``distractor``, ``answer_index``,
+    ``first``, ``second``, ``intended``, ``question_first``, ``question_second``,
+    ``correct_first``, ``correct_second``.
+    """
+    check_answer_form(answer_form)
+    if answer_form != "letters":
+        raise ValueError(
+            "the double multiple-choice task is defined only for answer_form='letters' "
+            "(use build_skyline_datasets for the words form)"
+        )
+    if first == second:
+        raise ValueError(f"first and second must be different source sets, both are {first!r}")
+    if intended not in (first, second):
+        raise ValueError(f"intended must be {first!r} or {second!r}, got {intended!r}")
+    if max_examples < 1:
+        raise ValueError(f"max_examples must be positive, got {max_examples}")
+    if KEY_SEPARATOR in first or KEY_SEPARATOR in second:
+        raise ValueError(f"source set names must not contain {KEY_SEPARATOR!r}")
+    parts_a = split_questions(load_source_set(first, source_files), splits, seed, first)
+    parts_b = split_questions(load_source_set(second, source_files), splits, seed, second)
+    key = combination_key(first, second, intended)
+    result = {}
+    for split, fraction, a, b in zip(DOUBLE_MC_SPLITS, splits, parts_a, parts_b):
+        rng = random.Random(f"double_mc:{seed}:{key}:{split}")
+        rows = []
+        for i, j in _pair_indices(len(a), len(b), max(1, round(max_examples * fraction)), rng):
+            row = make_double_mc_example(a[i], b[j], split != "ood", intended == first, rng)
+            rows.append({**row, "first": first, "second": second, "intended": intended,
+                         "question_first": a[i]["question"], "question_second": b[j]["question"],
+                         "correct_first": a[i]["correct"], "correct_second": b[j]["correct"]})
+        result[split] = Dataset.from_list(rows)
+    return DatasetDict(result)
+
+
+def build_skyline_datasets(
+    source: str,
+    seed: int = 0,
+    answer_form: AnswerForm = "letters",
+    splits: Sequence[float] = DEFAULT_SPLITS,
+    source_files: Mapping[str, PathLike] | None = None,
+) -> DatasetDict:
+    """Single-question multiple choice on one source set: ``train``, ``val``, ``test``.
+
+    Uses the same question split as :func:`build_double_mc_datasets` (same
+    ``seed``), one row per question. Letters: ``Question: <q>\\nA. <x>\\nB. <y>\\nAnswer:``
+    with target ``" A"``/``" B"``; words: ``Question: <q>\\nOptions: <x>, <y>\\nAnswer:``
+    with the correct word (leading space) as target.
+
+    Columns: ``prompt``, ``answer``, ``distractor``, ``answer_index``,
+    ``source``, ``question``, ``correct``, ``incorrect``.
+    """
+    check_answer_form(answer_form)
+    parts = split_questions(load_source_set(source, source_files), splits, seed, source)
+    result = {}
+    for split, questions in zip(SKYLINE_SPLITS, parts):
+        rng = random.Random(f"skyline:{seed}:{source}:{split}")
+        rows = []
+        for q in questions:
+            row = format_two_option_question(
+                f"Question: {q['question']}", q["correct"], q["incorrect"], rng, answer_form=answer_form, letter_sep="."
+            )
+            rows.append({**row, "source": source, **q})
+        result[split] = Dataset.from_list(rows)
+    return DatasetDict(result)

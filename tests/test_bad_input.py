@@ -1,0 +1,124 @@
+"""Bad input gets an error that names the bad value."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_sae, make_tiny_model
+from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
+from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
+from hf_concept_ablation.saes import load_sae
+
+
+def _inject(model, layers=(1,), latents=(1, 2), sae=None, **kwargs):
+    config = ConceptAblationConfig(layers=list(layers), latents={l: list(latents) for l in layers}, **kwargs)
+    return inject_concept_ablation(model, config, saes={l: sae or make_sae("jumprelu") for l in layers})
+
+
+def test_missing_layer_is_named():
+    with pytest.raises(ValueError, match=r"layer 7 does not exist: the model has 4 decoder layers"):
+        _inject(make_tiny_model("gemma3"), layers=(7,))
+
+
+def test_out_of_range_latent_is_named():
+    with pytest.raises(ValueError, match=r"latent id\(s\) \[256, 9999\] out of range .* d_sae=256"):
+        _inject(make_tiny_model("llama"), latents=(3, 256, 9999))
+
+
+def test_sae_width_mismatch_is_named():
+    with pytest.raises(ValueError, match=r"d_in=32, but the model's hidden size is 64"):
+        _inject(make_tiny_model("gemma2"), sae=make_sae("jumprelu", d_in=32))
+
+
+def test_sae_trained_on_another_layer_is_refused():
+    with pytest.raises(ValueError, match=r"trained on layer 3 \(blocks.3.hook_resid_post\), not layer 1"):
+        _inject(make_tiny_model("llama"), sae=make_sae("jumprelu", layer=3))
+
+
+def test_sae_for_another_model_is_refused():
+    sae = make_sae("jumprelu")
+    sae.cfg.metadata.model_name = "gemma-2-2b"
+    with pytest.raises(ValueError, match=r"trained on model 'gemma-2-2b', not 'google/gemma-3-270m'"):
+        _inject(make_tiny_model("llama"), sae=sae, base_model_name_or_path="google/gemma-3-270m")
+    _inject(make_tiny_model("llama"), sae=sae, base_model_name_or_path="google/gemma-3-270m", check_model_name=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(layers=[1], latents={1: [1]}, mode="zero"), r"mode must be one of .* got 'zero'"),
+        (dict(layers=[1], latents={1: [1]}, alpha=1.5), r"alpha must be in \[0, 1\], got 1.5"),
+        (dict(layers=[1], latents={2: [1]}), r"latents names layer\(s\) \[2\] that are not in layers=\[1\]"),
+        (dict(layers=[1], latents={1: []}), r"layer 1: latents list is empty"),
+        (dict(layers=[1], latents={1: [-4]}), r"layer 1: negative latent id -4"),
+        (dict(layers=[1]), r"layer 1: give either latents or directions \(got neither\)"),
+        (dict(layers=[]), r"layers is empty"),
+    ],
+)
+def test_invalid_config_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ConceptAblationConfig(**kwargs)
+
+
+def _saved_adapter(tmp_path):
+    _inject(make_tiny_model("llama")).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_config_file_that_is_not_json_is_named(tmp_path):
+    folder = _saved_adapter(tmp_path)
+    (folder / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} is not valid JSON"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
+
+
+def test_config_file_with_unknown_fields_is_named(tmp_path):
+    folder = _saved_adapter(tmp_path)
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    data["ablate_harder"] = True
+    (folder / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['ablate_harder'\]"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
+
+
+def test_adapter_for_another_hidden_size_is_refused(tmp_path):
+    folder = _saved_adapter(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=2, num_key_value_heads=2, head_dim=16))
+    with pytest.raises(ValueError, match=r"layer 1: the ablation has d_model=64, the model's hidden size is 32"):
+        ConceptAblation.from_pretrained(other, folder)
+
+
+def test_adapter_folder_missing_weights_is_named(tmp_path):
+    folder = _saved_adapter(tmp_path)
+    (folder / WEIGHTS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no {WEIGHTS_NAME}"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
+
+
+def test_sae_folder_with_missing_files_is_named(tmp_path):
+    make_sae("jumprelu").save_model(tmp_path)
+    (tmp_path / "sae_weights.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"is missing \['sae_weights.safetensors'\]"):
+        load_sae(SAESource(path=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        load_sae(SAESource(path=str(tmp_path / "nowhere")))
+
+
+def test_raw_params_missing_a_tensor_is_named(tmp_path):
+    np.savez(tmp_path / "params.npz", W_enc=np.zeros((64, 8), np.float32), W_dec=np.zeros((8, 64), np.float32))
+    with pytest.raises(ValueError, match=r"missing parameter\(s\) \['b_enc', 'b_dec', 'threshold'\]"):
+        load_sae(SAESource(path=str(tmp_path)))
+
+
+def test_sae_source_needs_a_release_and_id_or_a_path():
+    with pytest.raises(ValueError, match="needs both release and sae_id"):
+        SAESource(release="gemma-scope-2b-pt-res-canonical")
+    with pytest.raises(ValueError, match="not both"):
+        SAESource(release="r", sae_id="i", path="/tmp")

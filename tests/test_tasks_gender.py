@@ -1,0 +1,178 @@
+"""The gender-bias pronoun task: templates, splits, composition and user files."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+
+from hf_concept_ablation.tasks import (
+    DISTRACTORS,
+    PROFESSION_GROUPS,
+    PRONOUNS,
+    TaskDataError,
+    build_gender_concept_texts,
+    build_gender_datasets,
+    load_gender_templates,
+)
+
+PROMPT_RE = re.compile(
+    r"Choose the option corresponding to the correct pronoun\.\n"
+    r"Question: (?P<sentence>[^\n]*_____[^\n]*)\n"
+    r"A\) (?P<a>he|she|him|her)\n"
+    r"B\) (?P<b>he|she|him|her)\n"
+    r"Answer:"
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return build_gender_datasets(seed=0)
+
+
+@pytest.fixture(scope="module")
+def templates():
+    return load_gender_templates()
+
+
+def test_project_templates_are_many_distinct_and_half_each_case(templates):
+    assert len(templates) >= 300
+    assert len({t.template for t in templates}) == len(templates)
+    counts = Counter(t.case for t in templates)
+    assert counts["subject"] == counts["object"] == len(templates) // 2
+    for t in templates:
+        assert t.template.count("{profession}") == 1 and t.template.count("{pronoun}") == 1
+
+
+def test_distractor_differs_in_gender_and_case():
+    assert DISTRACTORS == {"he": "her", "she": "him", "him": "she", "her": "he"}
+    gender_of = {pronoun: gender for (gender, _), pronoun in PRONOUNS.items()}
+    case_of = {pronoun: case for (_, case), pronoun in PRONOUNS.items()}
+    for correct, wrong in DISTRACTORS.items():
+        assert gender_of[correct] != gender_of[wrong] and case_of[correct] != case_of[wrong]
+
+
+def test_splits_are_by_template_within_each_case(data, templates):
+    train_ids, val_ids, ood_ids = (set(data[s]["template_id"]) for s in ("train", "val", "ood"))
+    assert not train_ids & val_ids
+    assert val_ids == ood_ids
+    assert train_ids | val_ids == {t.template_id for t in templates}
+    case_of = {t.template_id: t.case for t in templates}
+    for case in ("subject", "object"):
+        n_train = sum(case_of[i] == case for i in train_ids)
+        n_held = sum(case_of[i] == case for i in val_ids)
+        assert abs(n_held / (n_train + n_held) - 0.2) < 0.01
+
+
+def test_gender_composition_of_each_split(data):
+    doctors, nurses = set(PROFESSION_GROUPS["doctor"]), set(PROFESSION_GROUPS["nurse"])
+    expected = {"train": {"doctor": "male", "nurse": "female"}, "val": {"doctor": "male", "nurse": "female"},
+                "ood": {"doctor": "female", "nurse": "male"}}
+    for split, rule in expected.items():
+        rows = data[split].to_list()
+        for row in rows:
+            assert row["profession"] in (doctors if row["profession_group"] == "doctor" else nurses)
+            assert row["gender"] == rule[row["profession_group"]]
+            assert row["pronoun"] == PRONOUNS[(row["gender"], row["case"])]
+        assert Counter(r["profession_group"] for r in rows) == {"doctor": len(rows) // 2, "nurse": len(rows) // 2}
+        assert set(r["profession"] for r in rows) == doctors | nurses
+
+
+def test_prompt_format_and_targets_are_exact(data):
+    for split in data:
+        for row in data[split]:
+            match = PROMPT_RE.fullmatch(row["prompt"])
+            assert match, row["prompt"]
+            options = (match["a"], match["b"])
+            assert options[row["answer_index"]] == row["pronoun"]
+            assert options[1 - row["answer_index"]] == DISTRACTORS[row["pronoun"]]
+            assert row["answer"] == (" A", " B")[row["answer_index"]]
+            assert row["distractor"] == (" B", " A")[row["answer_index"]]
+            assert row["profession"] in match["sentence"] and "{" not in match["sentence"]
+            assert match["sentence"][0].isupper()
+
+
+def test_answer_letters_are_roughly_balanced(data):
+    for split in data:
+        share_a = data[split]["answer"].count(" A") / data[split].num_rows
+        assert 0.4 < share_a < 0.6, (split, share_a)
+
+
+def test_words_form_targets_the_pronoun(data):
+    words = build_gender_datasets(seed=0, answer_form="words")
+    for split in words:
+        assert words[split]["template_id"] == data[split]["template_id"]
+        for row in words[split]:
+            assert row["answer"] == " " + row["pronoun"] and row["distractor"] == " " + DISTRACTORS[row["pronoun"]]
+            assert row["prompt"].endswith(f"\nOptions: {row['pronoun']}, {DISTRACTORS[row['pronoun']]}\nAnswer:") or \
+                row["prompt"].endswith(f"\nOptions: {DISTRACTORS[row['pronoun']]}, {row['pronoun']}\nAnswer:")
+
+
+def test_builder_is_deterministic_per_seed(data):
+    assert build_gender_datasets(seed=0)["train"]["prompt"] == data["train"]["prompt"]
+    assert set(build_gender_datasets(seed=1)["val"]["template_id"]) != set(data["val"]["template_id"])
+
+
+def test_user_templates_file_is_used(tmp_path):
+    path = tmp_path / "mine.csv"
+    lines = ["template,case"]
+    for i in range(5):
+        lines.append(f'"The {{profession}} said, ""{i}"", and {{pronoun}} left.",subject')
+        lines.append(f"We thanked the {{profession}} and paid {{pronoun}} {i} dollars.,Object")
+    path.write_text("\n".join(lines) + "\n")
+    data = build_gender_datasets(templates_file=path, val_fraction=0.4)
+    assert data["train"].num_rows == 2 * 6 and data["val"].num_rows == data["ood"].num_rows == 2 * 4
+    assert set(data["train"]["case"]) == {"subject", "object"}
+
+
+BAD_TEMPLATES = [
+    ("missing_pronoun.csv", "template,case\nThe {profession} left.,subject\n", 2, "missing placeholder {pronoun}"),
+    ("missing_profession.jsonl", '{"template": "The {pronoun} left.", "case": "subject"}\n', 1,
+     "missing placeholder {profession}"),
+    ("twice.csv", "template,case\nThe {profession} saw {pronoun} and {pronoun},object\n", 2,
+     "2 occurrences of placeholder {pronoun}"),
+    ("bad_case.csv", "template,case\nThe {profession} said {pronoun} left.,subject\n"
+     "We paid the {profession} and {pronoun},possessive\n", 3, "invalid case 'possessive'"),
+    ("stray.jsonl", '{"template": "The {profession} said {pronoun} met {name}.", "case": "subject"}\n', 1,
+     "unknown placeholder or stray brace"),
+    ("duplicate.csv", "template,case\nThe {profession} said {pronoun} left.,subject\n"
+     "The {profession} said {pronoun} left.,subject\n", 3, "duplicate template (first seen on line 2)"),
+    ("no_case.csv", "template\nThe {profession} said {pronoun} left.\n", 1, "missing column(s) case"),
+    ("empty_case.jsonl", '{"template": "The {profession} said {pronoun} left.", "case": ""}\n', 1,
+     "empty value in column 'case'"),
+    ("bad.jsonl", '{"template": "The {profession} said {pronoun} left.", "case": "subject"\n', 1, "invalid JSON"),
+    ("empty.jsonl", "", None, "file is empty"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "line", "problem"), BAD_TEMPLATES, ids=[b[0] for b in BAD_TEMPLATES])
+def test_malformed_templates_file_error_names_file_line_and_problem(tmp_path, name, content, line, problem):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TaskDataError) as info:
+        build_gender_datasets(templates_file=path)
+    message = str(info.value)
+    assert name in message and problem in message
+    if line is not None:
+        assert f"line {line}:" in message
+
+
+def test_too_few_templates_to_split_is_an_error(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("template,case\nThe {profession} said {pronoun} left.,subject\n")
+    with pytest.raises(ValueError, match="too few"):
+        build_gender_datasets(templates_file=path)
+
+
+def test_missing_templates_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        build_gender_datasets(templates_file=tmp_path / "absent.jsonl")
+
+
+def test_concept_texts_are_paired_female_and_male_lists():
+    texts = build_gender_concept_texts()
+    female, male = texts
+    assert len(female) == len(male) >= 20
+    assert len(set(female)) == len(female) and not set(female) & set(male)
+    assert all(isinstance(t, str) and t for t in female + male)
