@@ -85,3 +85,33 @@ def make_sae(architecture: str, d_in: int = HIDDEN, d_sae: int = 256, seed: int 
 @pytest.fixture(params=["gemma2", "gemma3", "llama", "gpt2"])
 def family(request) -> str:
     return request.param
+
+
+def make_tiny_tokenizer():
+    """An offline word-level tokenizer matching the tiny models: PAD=0, EOS=1, BOS=2, words 'A', 'B', 'w6'..'w127'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[EOS]": 1, "[BOS]": 2, "[UNK]": 3, "A": 4, "B": 5}
+    vocab.update({f"w{i}": i for i in range(6, VOCAB)})
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def make_tiny_mc_dataset(n: int = 12, seed: int = 0):
+    """Multiple-choice rows of random words for the tiny models, answers ' A' / ' B'."""
+    import random
+
+    import datasets
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = " ".join(f"w{rng.randrange(6, VOCAB)}" for _ in range(rng.randrange(4, 9)))
+        answer, distractor = (" A", " B") if i % 2 == 0 else (" B", " A")
+        rows.append({"prompt": words, "answer": answer, "distractor": distractor})
+    return datasets.Dataset.from_list(rows)

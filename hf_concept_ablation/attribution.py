@@ -1,0 +1,155 @@
+"""Attribution of SAE latents to a metric (the CAFT paper's equation 1).
+
+For every latent ``i`` of every hooked layer,
+``E_i = mean over examples of sum over positions t (not BOS, not padding) of
+(grad_x m . W_dec[i]) * f_i(x_t)``, where ``x`` is the layer's output and ``m`` is
+the metric: the logit difference between the answer and the distractor at the last
+position (multiple-choice data), or minus the language-modelling loss (free-form text).
+One forward and one backward pass per batch serve all layers; the SAEs are not in the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import datasets
+import torch
+from sae_lens import SAE
+from tqdm.auto import tqdm
+
+from .evaluation import encode_prompts, first_token_ids
+from .model import find_decoder_layers, get_concept_ablation
+
+METRICS = ("logit_diff", "loss")
+
+
+@dataclass(frozen=True)
+class LatentEffect:
+    """One row of an attribution table."""
+
+    layer: int
+    latent: int
+    effect: float
+
+
+def _metric(model, batch: dict[str, torch.Tensor], metric: str, answers=None, distractors=None) -> torch.Tensor:
+    if metric == "logit_diff":
+        logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
+        return (logits.gather(1, answers[:, None]) - logits.gather(1, distractors[:, None])).sum()
+    logits = model(**batch).logits[:, :-1].float()
+    labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+
+
+def _keep_mask(batch: dict[str, torch.Tensor], skip_ids: Sequence[int]) -> torch.Tensor:
+    keep = batch["attention_mask"].bool()
+    if skip_ids:
+        keep &= ~torch.isin(batch["input_ids"], torch.tensor(list(skip_ids), device=keep.device))
+    return keep
+
+
+def attribute_latents(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: datasets.Dataset,
+    saes: Mapping[int, SAE],
+    *,
+    metric: str = "logit_diff",
+    batch_size: int = 8,
+    top: int | None = 100,
+) -> list[LatentEffect]:
+    """Rank the latents of `saes` (layer -> SAE on that layer's output) by |effect| on the metric.
+
+    `dataset` has ``prompt``, ``answer``, ``distractor`` columns for ``logit_diff``, or a
+    ``text`` column for ``loss``. Returns the `top` latents over all layers (all if None),
+    sign kept. Any injected concept ablation is disabled while attributing.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    column = "prompt" if metric == "logit_diff" else "text"
+    if column not in dataset.column_names:
+        raise ValueError(f"metric {metric!r} needs a {column!r} column; dataset has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError("cannot attribute on an empty dataset")
+    _, decoder_layers = find_decoder_layers(model)
+    skip_ids = [i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
+    answers = first_token_ids(tokenizer, dataset["answer"]) if metric == "logit_diff" else None
+    distractors = first_token_ids(tokenizer, dataset["distractor"]) if metric == "logit_diff" else None
+    device = next(model.parameters()).device
+    totals = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for layer, sae in saes.items()}
+    outputs: dict[int, torch.Tensor] = {}
+
+    def capture(layer: int):
+        def hook(_module, _args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden.retain_grad()
+            outputs[layer] = hidden
+
+        return hook
+
+    handles = [decoder_layers[layer].register_forward_hook(capture(layer)) for layer in saes]
+    ablation = get_concept_ablation(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with ablation.disabled() if ablation is not None else contextlib.nullcontext():
+            for start in tqdm(range(0, len(dataset), batch_size), desc="attribution", leave=False):
+                batch = encode_prompts(tokenizer, dataset[column][start : start + batch_size], device)
+                a = answers[start : start + batch_size].to(device) if answers is not None else None
+                d = distractors[start : start + batch_size].to(device) if distractors is not None else None
+                model.zero_grad(set_to_none=True)
+                _metric(model, batch, metric, a, d).backward()
+                keep = _keep_mask(batch, skip_ids).unsqueeze(-1)
+                with torch.no_grad():
+                    for layer, sae in saes.items():
+                        x, grad = outputs[layer].detach(), outputs[layer].grad
+                        sae_dtype = sae.W_dec.dtype
+                        acts = sae.encode(x.to(sae_dtype))
+                        grad_dec = grad.to(sae_dtype) @ sae.W_dec.T
+                        totals[layer] += ((grad_dec * acts) * keep).sum(dim=(0, 1)).double().cpu()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    rows = [
+        LatentEffect(layer, int(i), float(v / len(dataset)))
+        for layer, effects in totals.items()
+        for i, v in enumerate(effects)
+    ]
+    rows.sort(key=lambda r: abs(r.effect), reverse=True)
+    return rows[:top] if top is not None else rows
+
+
+def save_attribution(rows: Sequence[LatentEffect], path_stem: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the table as ``<stem>.csv`` and ``<stem>.json`` (atomically); returns both paths."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    tmp = csv_path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["rank", "layer", "latent", "effect"])
+        writer.writeheader()
+        for rank, row in enumerate(rows, 1):
+            writer.writerow({"rank": rank, **asdict(row)})
+    os.replace(tmp, csv_path)
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    os.replace(tmp, json_path)
+    return csv_path, json_path
+
+
+def load_attribution(path: str | os.PathLike) -> list[LatentEffect]:
+    """Read a table written by `save_attribution` (the JSON file)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        return [LatentEffect(int(r["layer"]), int(r["latent"]), float(r["effect"])) for r in data]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not an attribution table written by save_attribution: {err}") from err

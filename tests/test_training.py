@@ -1,0 +1,115 @@
+"""Training with the stock Trainer, the ablation schedule callback, and resume from checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
+from hf_concept_ablation.callbacks import ADAPTER_SUBDIR, AblationSchedule, AblationScheduleCallback
+from hf_concept_ablation.evaluation import evaluate_multiple_choice
+from hf_concept_ablation.training import PRESETS, fine_tune, prepare_model_for_training, training_arguments
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        (AblationSchedule("constant"), [1.0, 1.0, 1.0, 1.0, 1.0]),
+        (AblationSchedule("linear"), [1.0, 0.75, 0.5, 0.25, 0.0]),
+        (AblationSchedule("linear", start=0.5, end=1.0), [1.0, 1.0, 1.0, 0.5, 0.0]),
+        (AblationSchedule("cosine"), [1.0, 0.8535534, 0.5, 0.1464466, 0.0]),
+        (AblationSchedule("step", start=0.5), [1.0, 1.0, 0.0, 0.0, 0.0]),
+        (AblationSchedule("linear", alpha_start=0.0, alpha_end=1.0), [0.0, 0.25, 0.5, 0.75, 1.0]),
+    ],
+)
+def test_schedule_values(schedule, expected):
+    assert [schedule(p) for p in (0.0, 0.25, 0.5, 0.75, 1.0)] == pytest.approx(expected)
+
+
+def test_bad_schedule_is_named():
+    with pytest.raises(ValueError, match=r"schedule must be one of .* got 'exponential'"):
+        AblationSchedule("exponential")
+    with pytest.raises(ValueError, match=r"start=0.8, end=0.2"):
+        AblationSchedule("linear", start=0.8, end=0.2)
+
+
+class _RecordStrength(TrainerCallback):
+    def __init__(self):
+        self.strengths = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.strengths.append(get_concept_ablation(model).strength)
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def _setup():
+    model = make_tiny_model("gemma3")
+    sae = make_sae("standard", seed=1)
+    inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents={1: [1, 2, 3, 50]}), saes={1: sae})
+    return model
+
+
+def _args(tmp_path, **overrides):
+    preset = PRESETS["paper"].replace(learning_rate=1e-3, batch_size=4, epochs=2, warmup_ratio=0.0)
+    return training_arguments(preset, str(tmp_path), seed=3, disable_tqdm=True, logging_steps=100, **overrides)
+
+
+def test_trainer_learns_and_callback_anneals_the_strength(tmp_path):
+    tokenizer, data = make_tiny_tokenizer(), make_tiny_mc_dataset(16)
+    model = _setup()
+    before = evaluate_multiple_choice(model, tokenizer, data)["logit_diff"]
+    recorder = _RecordStrength()
+    fine_tune(model, tokenizer, data, _args(tmp_path),
+              callbacks=[AblationScheduleCallback(AblationSchedule("linear")), recorder])
+    after = evaluate_multiple_choice(model, tokenizer, data)
+    assert after["logit_diff"] > before + 0.5  # it learned the training answers
+    # 16 examples / batch 4 * 2 epochs = 8 steps; strength set at step begin from global_step / 8
+    assert recorder.strengths == pytest.approx([1 - s / 8 for s in range(8)])
+
+
+def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
+    tokenizer, data = make_tiny_tokenizer(), make_tiny_mc_dataset(16)
+    schedule = AblationSchedule("cosine", start=0.25)
+
+    full = _setup()
+    fine_tune(full, tokenizer, data, _args(tmp_path / "full"), callbacks=[AblationScheduleCallback(schedule)])
+
+    part = _setup()
+    fine_tune(part, tokenizer, data, _args(tmp_path / "part", save_strategy="steps", save_steps=100),
+              callbacks=[AblationScheduleCallback(schedule), _StopAt(3)])
+    checkpoint = tmp_path / "part" / "checkpoint-3"
+    assert (checkpoint / ADAPTER_SUBDIR / "concept_ablation_config.json").is_file()
+
+    resumed = make_tiny_model("gemma3")
+    ConceptAblation.from_pretrained(resumed, checkpoint / ADAPTER_SUBDIR)
+    fine_tune(resumed, tokenizer, data, _args(tmp_path / "part"), callbacks=[AblationScheduleCallback(schedule)],
+              resume_from_checkpoint=str(checkpoint))
+    assert get_concept_ablation(resumed).strength == pytest.approx(get_concept_ablation(full).strength)
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_preset_trains_only_adapters(tmp_path):
+    tokenizer, data = make_tiny_tokenizer(), make_tiny_mc_dataset(8)
+    model = prepare_model_for_training(_setup(), PRESETS["paper"].replace(lora_rank=4, freeze_embeddings=True))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    fine_tune(model, tokenizer, data, _args(tmp_path))
+    assert get_concept_ablation(model) is not None
+
+
+def test_multi_token_answers_are_refused(tmp_path):
+    data = make_tiny_mc_dataset(4).map(lambda r: {"answer": " A B"})
+    with pytest.raises(ValueError, match="A B"):
+        fine_tune(_setup(), make_tiny_tokenizer(), data, _args(tmp_path))
