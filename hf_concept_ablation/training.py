@@ -79,15 +79,23 @@ class LastTokenCollator:
 
 
 class LastTokenTrainer(Trainer):
-    """A `Trainer` whose loss is cross-entropy of the last position's logits against the answer token."""
+    """A `Trainer` whose loss is cross-entropy of the last position's logits against the answer token.
+
+    The loss is the mean over the local batch; the Trainer divides by gradient
+    accumulation steps and DDP averages over processes, which gives the global mean.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Our labels are one token per row, not a shifted sequence: keep the Trainer
+        # from counting "items" the causal-LM way and rescaling the loss by them.
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None):
         labels = inputs.pop("labels")
         outputs = model(**inputs, logits_to_keep=1)
-        logits = outputs.logits[:, -1].float()
-        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-        loss = loss / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+        loss = nn.functional.cross_entropy(outputs.logits[:, -1].float(), labels)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -1,0 +1,250 @@
+"""One CAFT experiment: train every condition for every seed on one task and evaluate it.
+
+Conditions (the paper's Figure 2):
+
+* ``none``: plain fine-tuning.
+* ``caft``: fine-tuning with the chosen concepts ablated (a saved adapter).
+* ``caft_annealed``: the same, with the strength annealed to 0 by `AblationScheduleCallback`.
+* ``random``: as many latents as ``caft`` has, drawn at random from the attribution top 100.
+* ``top_k``: the same number of latents, the top ones by attribution.
+* ``test_only``: the ``none`` model evaluated with the ``caft`` ablation applied at test time.
+
+Every trained model is evaluated on ``val`` and ``ood`` with the ablation removed (the
+deployed model) and, where there is one, kept. Results are appended to a JSON file after
+each run (written atomically), so an interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import torch
+from accelerate import PartialState
+
+from .attribution import LatentEffect, load_attribution
+from .callbacks import AblationSchedule, AblationScheduleCallback
+from .config import ConceptAblationConfig, SAESource
+from .evaluation import evaluate_multiple_choice
+from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
+from .models import load_model
+from .training import PRESETS, fine_tune, prepare_model_for_training, training_arguments
+
+CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
+TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one experiment needs; loaded from a recipe's YAML with command-line overrides.
+
+    Args:
+        model: model spec (``"embedded"``, a Hub id, or a folder).
+        seeds: training seeds.
+        conditions: subset of `CONDITIONS`.
+        preset: name in `training.PRESETS`; ``training`` overrides its fields.
+        adapter: folder of the saved `ConceptAblation` used by ``caft`` (and as the
+            latent count and SAE sources of ``random`` / ``top_k``).
+        attribution: attribution table JSON (for ``random`` / ``top_k``).
+        saes: SAE source per layer (`SAESource` fields) for the latents of ``random`` /
+            ``top_k``; layers missing here fall back to the ``caft`` adapter's sources.
+        anneal: the `AblationSchedule` fields of ``caft_annealed``.
+        train_size, eval_size: subsample the splits (None: all).
+        eval_batch_size: batch size of evaluation.
+        output_dir: where results and figures go.
+        dtype: model dtype name.
+    """
+
+    model: str = "embedded"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    conditions: list[str] = field(default_factory=lambda: ["none", "caft", "test_only"])
+    preset: str = "gemma3-270m"
+    training: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+    attribution: str | None = None
+    saes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    anneal: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "start": 0.5, "end": 1.0})
+    train_size: int | None = None
+    eval_size: int | None = None
+    eval_batch_size: int = 32
+    output_dir: str = "outputs/experiment"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        PRESETS[self.preset].replace(**self.training)  # names unknown training settings
+        AblationSchedule(**self.anneal)
+        needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
+        if needs_adapter and not self.adapter:
+            raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")
+        if {"random", "top_k"} & set(self.conditions) and not self.attribution:
+            raise ValueError("conditions 'random' and 'top_k' need `attribution` (an attribution table JSON)")
+        if "test_only" in self.conditions and "none" not in self.conditions:
+            raise ValueError("condition 'test_only' evaluates the 'none' model: add 'none' to conditions")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
+        """Build from a mapping; unknown keys raise an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown experiment setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def subsample(data: datasets.Dataset, size: int | None, seed: int = 0) -> datasets.Dataset:
+    """A seeded random subset of `size` rows (all rows if None or larger)."""
+    if size is None or size >= len(data):
+        return data
+    return data.shuffle(seed=seed).select(range(size))
+
+
+def _adapter_latent_count(config: ConceptAblationConfig) -> int:
+    return sum(len(v) for v in config.latents.values()) + sum(len(v) for v in config.directions.values())
+
+
+def latents_for_condition(condition: str, table: list[LatentEffect], count: int, seed: int) -> dict[int, list[int]]:
+    """``top_k``: the first `count` rows of the attribution table; ``random``: `count` drawn from its top 100."""
+    pool = table[:100]
+    if count > len(pool):
+        raise ValueError(f"{condition}: needs {count} latents but the attribution table has {len(pool)}")
+    rows = pool[:count] if condition == "top_k" else random.Random(seed).sample(pool, count)
+    chosen: dict[int, list[int]] = {}
+    for row in rows:
+        chosen.setdefault(row.layer, []).append(row.latent)
+    return chosen
+
+
+class ResultsFile:
+    """The experiment's JSON results, rewritten atomically after every run."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {**header, "runs": []}
+
+    def done(self, condition: str, seed: int) -> bool:
+        return any(r["condition"] == condition and r["seed"] == seed for r in self.data["runs"])
+
+    def add(self, run: dict[str, Any]) -> None:
+        self.data["runs"].append(run)
+        self.data["summary"] = summarize(self.data["runs"])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
+            json.dump(self.data, tmp, indent=2)
+        os.replace(tmp.name, self.path)
+
+
+def _mean_sem(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, (var / len(values)) ** 0.5
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per condition: per-seed val and OOD accuracy (ablation removed), their means and OOD standard error."""
+    summary: dict[str, dict[str, Any]] = {}
+    for condition in CONDITIONS:
+        rows = sorted((r for r in runs if r["condition"] == condition), key=lambda r: r["seed"])
+        if not rows:
+            continue
+        val = [r["val"]["accuracy"] for r in rows]
+        ood = [r["ood"]["accuracy"] for r in rows]
+        ood_mean, ood_sem = _mean_sem(ood)
+        entry = {"seeds": [r["seed"] for r in rows], "val": val, "ood": ood,
+                 "val_mean": _mean_sem(val)[0], "ood_mean": ood_mean, "ood_sem": ood_sem}
+        if all("ood_ablated" in r for r in rows):
+            entry["ood_ablated"] = [r["ood_ablated"]["accuracy"] for r in rows]
+            entry["val_ablated"] = [r["val_ablated"]["accuracy"] for r in rows]
+        summary[condition] = entry
+    return summary
+
+
+def _evaluate(model, tokenizer, splits: dict[str, datasets.Dataset], batch_size: int, ablated: bool) -> dict:
+    out = {}
+    for name, data in splits.items():
+        out[name] = evaluate_multiple_choice(model, tokenizer, data, batch_size=batch_size, ablation=False,
+                                             desc=f"eval {name}")
+        if ablated:
+            out[f"{name}_ablated"] = evaluate_multiple_choice(model, tokenizer, data, batch_size=batch_size,
+                                                              ablation=True, desc=f"eval {name} (ablated)")
+    return out
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    data: datasets.DatasetDict,
+    *,
+    name: str,
+    results_path: Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every (seed, condition) not yet in the results file; return the results data."""
+    state = PartialState()
+    out_dir = Path(config.output_dir)
+    results = ResultsFile(results_path or out_dir / f"{name}.json",
+                          {"name": name, "config": dataclasses.asdict(config)})
+    train = subsample(data["train"], config.train_size)
+    evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
+    preset = PRESETS[config.preset].replace(**config.training)
+    table = load_attribution(config.attribution) if config.attribution else None
+    for seed in config.seeds:
+        for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
+            if results.done(condition, seed):
+                progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
+                continue
+            progress(f"[{name}] training {condition}, seed {seed} ({len(train)} examples)")
+            torch.manual_seed(seed)
+            model, tokenizer = load_model(config.model, dtype=getattr(torch, config.dtype))
+            callbacks = []
+            if condition in ("caft", "caft_annealed"):
+                ConceptAblation.from_pretrained(model, config.adapter)
+                schedule = AblationSchedule(**config.anneal) if condition == "caft_annealed" else AblationSchedule()
+                callbacks.append(AblationScheduleCallback(schedule))
+            elif condition in ("random", "top_k"):
+                reference = ConceptAblation.from_pretrained(model, config.adapter)
+                count = _adapter_latent_count(reference.config)
+                sources = {**reference.config.saes, **{int(k): SAESource(**v) for k, v in config.saes.items()}}
+                reference.remove()
+                latents = latents_for_condition(condition, table, count, seed)
+                inject_concept_ablation(model, _latent_config(latents, sources, model))
+                callbacks.append(AblationScheduleCallback())
+            model = prepare_model_for_training(model, preset)
+            with tempfile.TemporaryDirectory() as scratch:
+                args = training_arguments(preset, scratch, seed=seed, num_processes=state.num_processes)
+                fine_tune(model, tokenizer, train, args, callbacks=callbacks)
+            if state.is_main_process:
+                handle = get_concept_ablation(model)
+                run = {"condition": condition, "seed": seed,
+                       **_evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=handle is not None)}
+                if handle is not None:
+                    run["ablation"] = handle.config.to_dict()
+                results.add(run)
+                if condition == "none" and "test_only" in config.conditions and not results.done("test_only", seed):
+                    ConceptAblation.from_pretrained(model, config.adapter)
+                    test_only = _evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=True)
+                    results.add({"condition": "test_only", "seed": seed, "val": test_only["val_ablated"],
+                                 "ood": test_only["ood_ablated"], "deployed": {k: test_only[k] for k in ("val", "ood")}})
+                progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, ood {run['ood']['accuracy']:.3f}")
+            state.wait_for_everyone()
+    return results.data
+
+
+def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model) -> ConceptAblationConfig:
+    missing = sorted(set(latents) - set(sources))
+    if missing:
+        raise ValueError(f"no SAE source for layer(s) {missing}: set `saes` in the experiment config (known: {sorted(sources)})")
+    return ConceptAblationConfig(layers=sorted(latents), latents=latents, saes={l: sources[l] for l in latents},
+                                 base_model_name_or_path=model.config.name_or_path)

@@ -1,0 +1,59 @@
+"""Shared command line of the recipes: a YAML config plus ``key=value`` overrides.
+
+``python recipes/gender_bias.py --config my.yaml seeds=[0,1,2] training.learning_rate=1e-5``.
+Values are parsed as YAML (numbers, lists, null); dotted keys reach into sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .experiment import ExperimentConfig
+
+
+def apply_override(config: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; a malformed one raises an error naming it."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not of the form key=value")
+    key, raw = assignment.split("=", 1)
+    *parents, leaf = key.strip().split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def load_recipe_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a recipe YAML (sections ``task`` and ``experiment``) and apply overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe config {path} does not exist")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from err
+    for assignment in overrides:
+        apply_override(config, assignment)
+    unknown = sorted(set(config) - {"task", "experiment"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; expected 'task' and 'experiment'")
+    return config
+
+
+def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str] | None = None
+                      ) -> tuple[dict[str, Any], ExperimentConfig]:
+    """Parse ``--config`` and overrides; return the task settings and the experiment config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(default_config), help="recipe YAML (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] experiment.train_size=64")
+    args = parser.parse_args(argv)
+    overrides = [o if o.split("=", 1)[0].split(".")[0] in ("task", "experiment") else f"experiment.{o}"
+                 for o in args.overrides]
+    config = load_recipe_config(args.config, overrides)
+    return dict(config.get("task") or {}), ExperimentConfig.from_dict(dict(config.get("experiment") or {}))

@@ -1,0 +1,90 @@
+"""CAFT on double multiple choice: answer the intended question, ignore the other one.
+
+Run: ``accelerate launch recipes/double_mc.py [--config recipes/configs/double_mc.yaml] [key=value ...]``.
+
+Task settings (``task:`` section):
+  mode: ``pairs`` (train the experiment's conditions on each combination) or ``skyline``
+      (plain fine-tuning on each source set alone, the paper's Table 1; its ``ood`` entry
+      holds the held-out test questions).
+  combinations: list of keys like ``verbs|sentiment|sentiment`` or ``all`` (the 24).
+  sources: source sets for ``skyline`` mode.
+  adapters_dir: folder with one sub-folder per combination (key with ``|`` -> ``-``) holding
+      the ``caft`` adapter and ``attribution.json``, as written by the directions search.
+  answer_form, max_examples, seed, source_files: passed to the dataset builders.
+Writes one results JSON and PNG per combination (or source) and ``double_mc_summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import datasets
+from accelerate import PartialState
+
+from hf_concept_ablation.experiment import run_experiment
+from hf_concept_ablation.recipe import parse_recipe_args
+from hf_concept_ablation.report import markdown_table, plot_accuracy
+from hf_concept_ablation.tasks import (
+    ALL_COMBINATIONS,
+    SOURCE_SETS,
+    build_double_mc_datasets,
+    build_skyline_datasets,
+    combination_key,
+    parse_combination_key,
+)
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "double_mc.yaml"
+BUILDER_KEYS = ("answer_form", "max_examples", "seed", "source_files")
+
+
+def file_name(key: str) -> str:
+    """A file-system friendly name for a combination key."""
+    return key.replace("|", "-")
+
+
+def _runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
+    """(name, data, per-run experiment changes) for every combination or skyline source."""
+    builder_args = {k: task[k] for k in BUILDER_KEYS if k in task and not (k == "max_examples" and task.get("mode") == "skyline")}
+    if task.get("mode", "pairs") == "skyline":
+        sources = task.get("sources") or list(SOURCE_SETS)
+        runs = []
+        for source in sources:
+            split = build_skyline_datasets(source, **builder_args)
+            runs.append((f"skyline-{source}", datasets.DatasetDict(train=split["train"], val=split["val"], ood=split["test"]), {}))
+        return runs
+    keys = task.get("combinations", "all")
+    keys = [combination_key(*c) for c in ALL_COMBINATIONS] if keys == "all" else keys
+    runs = []
+    for key in keys:
+        changes = {}
+        if task.get("adapters_dir"):
+            folder = Path(task["adapters_dir"]) / file_name(key)
+            changes = {"adapter": str(folder), "attribution": str(folder / "attribution.json")}
+        runs.append((file_name(key), build_double_mc_datasets(*parse_combination_key(key), **builder_args), changes))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    task, config = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    unknown = sorted(set(task) - {"mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS})
+    if unknown:
+        raise ValueError(f"unknown task setting(s) {unknown} for double_mc")
+    summary = {}
+    for name, data, changes in _runs(task):
+        run_config = dataclasses.replace(config, **{k: v for k, v in changes.items() if getattr(config, k) is None})
+        results = run_experiment(run_config, data, name=name)
+        summary[name] = results["summary"]
+        if PartialState().is_main_process:
+            plot_accuracy(results["summary"], Path(config.output_dir) / f"{name}.png", name)
+            print(f"## {name}\n{markdown_table(results['summary'])}")
+    if PartialState().is_main_process:
+        path = Path(config.output_dir) / "double_mc_summary.json"
+        path.write_text(json.dumps(summary, indent=2))
+        print(f"summary: {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

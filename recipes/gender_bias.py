@@ -1,0 +1,33 @@
+"""CAFT on the gender-bias task: learn pronoun grammar, not the profession's stereotyped gender.
+
+Run: ``accelerate launch recipes/gender_bias.py [--config recipes/configs/gender_bias.yaml] [key=value ...]``
+(or plain ``python``). Writes ``<output_dir>/gender_bias.json`` and ``gender_bias.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import PartialState
+
+from hf_concept_ablation.experiment import run_experiment
+from hf_concept_ablation.recipe import parse_recipe_args
+from hf_concept_ablation.report import markdown_table, plot_accuracy
+from hf_concept_ablation.tasks import build_gender_datasets
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    task, config = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    data = build_gender_datasets(**task)
+    results = run_experiment(config, data, name="gender_bias")
+    if PartialState().is_main_process:
+        figure = plot_accuracy(results["summary"], Path(config.output_dir) / "gender_bias.png", "Gender bias")
+        print(markdown_table(results["summary"]))
+        print(f"results: {Path(config.output_dir) / 'gender_bias.json'}\nfigure: {figure}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

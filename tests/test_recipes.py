@@ -1,0 +1,129 @@
+"""The recipes end to end on a tiny model folder: every condition, results JSON, figure, resume, and DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import ConceptAblationConfig, SAESource, inject_concept_ablation
+from hf_concept_ablation.attribution import attribute_latents, save_attribution
+from hf_concept_ablation.tasks import build_gender_datasets
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "recipes"))
+import double_mc  # noqa: E402
+import gender_bias  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A tiny Gemma 3 model folder, a caft adapter from a real sae-lens SAE folder, and an attribution table."""
+    root = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    sources = {}
+    saes = {}
+    for layer in (1, 2):
+        saes[layer] = make_sae("standard", d_sae=128, seed=layer, layer=layer)
+        saes[layer].save_model(root / f"sae_{layer}")
+        sources[layer] = SAESource(path=str(root / f"sae_{layer}"))
+    data = build_gender_datasets()["train"].select(range(16))
+    table = attribute_latents(model, tokenizer, data, saes, top=100)
+    save_attribution(table, root / "attribution")
+    chosen = {1: [table[0].latent if table[0].layer == 1 else 0, 5]}
+    ablation = inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents=chosen, saes={1: sources[1]}))
+    ablation.save_pretrained(root / "adapter")
+    return root
+
+
+def _config(root: Path, out: Path, conditions, **experiment) -> Path:
+    config = {
+        "task": {"seed": 0},
+        "experiment": {
+            "model": str(root / "model"),
+            "seeds": [0],
+            "conditions": conditions,
+            "preset": "paper",
+            "training": {"learning_rate": 1e-3, "batch_size": 4, "epochs": 1, "warmup_ratio": 0.0},
+            "adapter": str(root / "adapter"),
+            "attribution": str(root / "attribution.json"),
+            "saes": {layer: {"path": str(root / f"sae_{layer}")} for layer in (1, 2)},
+            "train_size": 16,
+            "eval_size": 8,
+            "output_dir": str(out),
+            **experiment,
+        },
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, capsys):
+    conditions = ["none", "caft", "caft_annealed", "random", "top_k", "test_only"]
+    config = _config(tiny_setup, tmp_path / "out", conditions)
+    results = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
+    summary = results["summary"]
+    assert set(summary) == set(conditions)
+    for entry in summary.values():
+        assert len(entry["val"]) == len(entry["ood"]) == 2
+        assert 0.0 <= entry["ood_mean"] <= 1.0 and entry["ood_sem"] >= 0.0
+    runs = {(r["condition"], r["seed"]): r for r in results["runs"]}
+    assert "ood_ablated" in runs[("caft", 0)] and "ood_ablated" not in runs[("none", 0)]
+    assert runs[("random", 0)]["ablation"]["latents"] != runs[("random", 1)]["ablation"]["latents"]
+    assert runs[("caft_annealed", 0)]["ablation"]["alpha"] < 1.0
+    saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
+    assert saved["summary"] == summary
+    assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000
+
+    again = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
+    assert again["runs"] == results["runs"]
+    assert "already in" in capsys.readouterr().out
+
+
+def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
+    config = _config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
+    summary = double_mc.main(["--config", str(config), "task.mode=skyline", "task.sources=[verbs]"])
+    assert set(summary) == {"skyline-verbs"}
+    summary = double_mc.main(["--config", str(config), "task.combinations=[verbs|sentiment|sentiment]"])
+    assert set(summary) == {"verbs-sentiment-sentiment"}
+    assert (tmp_path / "dmc" / "verbs-sentiment-sentiment.png").is_file()
+
+
+def test_recipe_settings_are_checked(tiny_setup, tmp_path):
+    config = _config(tiny_setup, tmp_path / "bad", ["none"])
+    with pytest.raises(ValueError, match=r"unknown condition\(s\) \['magic'\]"):
+        gender_bias.main(["--config", str(config), "conditions=[magic]"])
+    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['lr'\]"):
+        gender_bias.main(["--config", str(config), "training.lr=0.1"])
+    with pytest.raises(ValueError, match=r"unknown experiment setting\(s\) \['epochs'\]"):
+        gender_bias.main(["--config", str(config), "epochs=3"])
+    with pytest.raises(ValueError, match=r"'test_only' evaluates the 'none' model"):
+        gender_bias.main(["--config", str(config), "conditions=[test_only]"])
+
+
+def _launch(config: Path, processes: int) -> dict:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "recipes" / "gender_bias.py"), "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
+    return json.loads((config.with_suffix("") / "gender_bias.json").read_text())
+
+
+def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
+    one = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
+    two = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
+    for a, b in zip(one["runs"], two["runs"]):
+        assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
+        for split in ("val", "ood"):
+            assert a[split]["accuracy"] == b[split]["accuracy"]
+            assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)
