@@ -82,6 +82,18 @@ def make_sae(architecture: str, d_in: int = HIDDEN, d_sae: int = 256, seed: int 
     return sae.eval()
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """Tiny models run fastest on one thread (and are not slowed by a busy machine); the real model uses all."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(params=["gemma2", "gemma3", "llama", "gpt2"])
 def family(request) -> str:
     return request.param

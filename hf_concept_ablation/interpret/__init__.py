@@ -1,0 +1,60 @@
+"""Finding the concept to ablate: activation cache, dashboard, automated interpretation, contrast.
+
+- :mod:`.cache`: top-activating and quantile-sampled contexts of latents over a corpus.
+- :mod:`.dashboard`: a single-file HTML page to choose latents by hand; exports a config.
+- :mod:`.explain`: LLM explanations (OpenAI-compatible endpoint or local model),
+  simulation and relevance scoring, embedding filter.
+- :mod:`.contrast`: rank latents by how they tell two text sets apart; combine with attribution.
+
+PCA directions live in :mod:`hf_concept_ablation.pca`, the whole search in
+:mod:`hf_concept_ablation.directions`. See ``docs/finding_concepts.md``.
+"""
+
+from .cache import ActivationCache, ContextExample, build_activation_cache
+from .contrast import (
+    ContrastScore,
+    SelectedLatent,
+    cohens_d,
+    combine_with_attribution,
+    contrast_directions,
+    contrast_latents,
+    paired_d,
+    save_contrast,
+)
+from .dashboard import config_from_selection, neuronpedia_url, render_dashboard, save_selection_config
+from .explain import (
+    EmbeddingFilter,
+    LatentExplanation,
+    OpenAIChat,
+    TransformersChat,
+    explain_examples,
+    explain_latents,
+    relevance_score,
+    simulation_score,
+)
+
+__all__ = [
+    "ActivationCache",
+    "ContextExample",
+    "ContrastScore",
+    "EmbeddingFilter",
+    "LatentExplanation",
+    "OpenAIChat",
+    "SelectedLatent",
+    "TransformersChat",
+    "build_activation_cache",
+    "cohens_d",
+    "combine_with_attribution",
+    "config_from_selection",
+    "contrast_directions",
+    "contrast_latents",
+    "explain_examples",
+    "explain_latents",
+    "neuronpedia_url",
+    "paired_d",
+    "relevance_score",
+    "render_dashboard",
+    "save_contrast",
+    "save_selection_config",
+    "simulation_score",
+]

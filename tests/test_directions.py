@@ -1,0 +1,110 @@
+"""The whole concept search writes a report, a dashboard and a loadable adapter (tiny model, random SAEs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import ConceptAblation
+from hf_concept_ablation.directions import TaskData, find_concept_latents, find_pca_directions, main, task_data
+from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
+
+from test_interpret_contrast import PLANTED, _planted_sae, _sets
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    texts_a, texts_b = _sets(seed=0)
+    task = TaskData("tiny", make_tiny_mc_dataset(12), texts_a, texts_b, "the words w50 and w51", "planted words")
+    saes = {1: make_sae("jumprelu", layer=1, seed=2), 2: _planted_sae(model, tokenizer, 2)}
+    return model, tokenizer, task, saes
+
+
+def test_latent_search_selects_the_planted_latent_and_writes_a_loadable_adapter(tiny, tmp_path):
+    model, tokenizer, task, saes = tiny
+    result = find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, max_selected=5, progress=False)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"attribution.csv", "attribution.json", "contrast.json", "activation_cache.safetensors",
+            "activation_cache.json", "dashboard.html", "selection.json", "concept_ablation_config.json",
+            "concept_ablation.safetensors"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    report = json.loads((tmp_path / "selection.json").read_text())
+    chosen = [(s["layer"], s["latent"]) for s in report["selected"]]
+    assert (2, PLANTED) in chosen and len(chosen) <= 5
+    assert all(abs(s["contrast"]) >= 1.0 and s["by"] == ["contrast"] for s in report["selected"])
+    effects = [abs(s["effect"]) for s in report["selected"]]
+    assert effects == sorted(effects, reverse=True)
+    assert result.config.latents == {layer: sorted(i for l, i in chosen if l == layer) for layer in {l for l, _ in chosen}}
+    # the dashboard opens with the automatic choice ticked
+    page = (tmp_path / "dashboard.html").read_text()
+    assert f'data-layer="2" data-latent="{PLANTED}" checked' in page
+    # the folder is an adapter: it loads without SAEs and ablates the chosen latents
+    handle = ConceptAblation.from_pretrained(model, tmp_path)
+    assert sorted(handle.layers) == sorted({l for l, _ in chosen})
+    ids = torch.tensor([[2, 50, 7, 51, 9]])
+    with handle.disabled():
+        base = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
+    ablated = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
+    handle.remove()
+    assert not torch.allclose(base, ablated)
+
+
+def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
+    model, tokenizer, task, saes = tiny
+    result = find_concept_latents(
+        model, tokenizer, task, saes, tmp_path, top=20, explainer=TransformersChat(model, tokenizer, max_new_tokens=6),
+        embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1, min_similarity=-1.0, select_by="explanation",
+        progress=False,
+    )
+    report = result.report
+    assert report["explainer"]["backend"] == "transformers"
+    assert len(report["explanations"]) == 2
+    assert all(-1 <= e["similarity"] <= 1 for e in report["explanations"])
+    assert len(result.selected) == 2
+    assert all(s["by"][-1] == "explanation" and s["explanation"] for s in result.selected)
+    with pytest.raises(ValueError, match="needs an explainer"):
+        find_concept_latents(model, tokenizer, task, saes, tmp_path, select_by="union")
+
+
+def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
+    model, tokenizer, task, _ = tiny
+    result = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path, n_components=4, min_contrast=0.0,
+                                 max_selected=2, progress=False)
+    assert result.config.mode == "projection"
+    assert sum(len(v) for v in result.config.directions.values()) == 2
+    assert (tmp_path / "pca.safetensors").is_file() and (tmp_path / "pca.json").is_file()
+    assert len(result.selected) == 2 and result.selected[0]["top_examples"]
+    handle = ConceptAblation.from_pretrained(model, tmp_path)
+    assert handle.config.mode == "projection"
+    handle.remove()
+
+
+def test_task_contrasts():
+    gender = task_data("gender_bias")
+    assert gender.query == "gender" and len(gender.concept_a) == len(gender.concept_b) >= 20
+    assert {"prompt", "answer", "distractor"} <= set(gender.train.column_names)
+    double = task_data("double_mc:verbs|sentiment|sentiment")
+    assert "subject-verb" in double.query  # the unintended question type is the concept to remove
+    assert "unintended 'verbs'" in double.description and not double.two_sided and gender.two_sided
+    assert all("___" not in t for t in double.concept_a + double.concept_b)
+    with pytest.raises(ValueError, match="unknown task"):
+        task_data("nope")
+
+
+def test_command_line_on_a_local_model_folder(tmp_path, capsys):
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    code = main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "pca", "--layers", "1",
+                 "--pca-components", "3", "--pca-texts", "16", "--pca-indices", "1:0,2", "--out", str(tmp_path / "out")])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_selected"] == 2
+    config = json.loads((tmp_path / "out" / "concept_ablation_config.json").read_text())
+    assert config["mode"] == "projection" and config["directions"] == [1]
+    with pytest.raises(SystemExit):
+        main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--layers", "1", "--out", str(tmp_path / "x")])

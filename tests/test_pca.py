@@ -1,0 +1,113 @@
+"""PCA directions: a planted direction is recovered (in plain data, in a model, and in a model difference)."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from conftest import HIDDEN, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import ConceptAblation, find_decoder_layers, inject_concept_ablation
+from hf_concept_ablation.pca import (
+    contrast_pca,
+    directions_config,
+    load_pca,
+    pca,
+    pca_directions,
+    save_pca,
+    select_directions,
+)
+
+
+def _unit(d, seed):
+    v = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    return v / v.norm()
+
+
+def _texts(n=24, seed=0, extra=None):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [f"w{rng.randrange(6, 100)}" for _ in range(rng.randrange(4, 12))]
+        if extra:
+            words.insert(rng.randrange(len(words)), extra)
+        out.append(" ".join(words))
+    return out
+
+
+def test_pca_recovers_a_planted_direction_in_synthetic_data():
+    gen = torch.Generator().manual_seed(0)
+    planted = _unit(32, 1)
+    x = 0.3 * torch.randn(2000, 32, generator=gen) + 5.0 * torch.randn(2000, 1, generator=gen) * planted + 3.0
+    components, variance, ratio, mean = pca(x, 4)
+    assert components.shape == (4, 32)
+    assert abs(float(components[0] @ planted)) > 0.99
+    assert torch.allclose(components @ components.T, torch.eye(4), atol=1e-5)
+    assert variance[0] > 10 * variance[1] and ratio[0] > 0.8
+    assert torch.allclose(mean, x.mean(0), atol=1e-4)
+    # sign convention: the largest absolute projection is positive
+    proj = (x - mean) @ components[0]
+    assert proj[proj.abs().argmax()] > 0
+    with pytest.raises(ValueError, match="PCA needs"):
+        pca(x[:1], 2)
+
+
+def test_difference_pca_recovers_a_direction_added_by_the_other_model(tmp_path):
+    model, tokenizer = make_tiny_model("gemma2"), make_tiny_tokenizer()
+    other = copy.deepcopy(model)
+    planted = _unit(HIDDEN, 7)
+    _, layers = find_decoder_layers(other)
+
+    def add_planted(_module, _args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        coef = 3.0 * torch.randn(hidden.shape[:2], generator=torch.Generator().manual_seed(hidden.shape[1]))
+        hidden = hidden + coef[..., None] * planted
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    layers[2].register_forward_hook(add_planted)
+    results = pca_directions(model, tokenizer, _texts(), [2], n_components=3, other_model=other, progress=False)
+    result = results[2]
+    assert abs(float(result.components[0] @ planted)) > 0.99
+    assert result.explained_variance_ratio[0] > 0.9
+    assert len(result.top_examples[0]) == 5 and len(result.bottom_examples[0]) == 5
+    top = result.top_examples[0][0]
+    assert top.value == pytest.approx(max(top.acts)) and top.value >= result.bottom_examples[0][0].value
+
+
+def test_components_are_selectable_by_contrast_and_index_and_ablate_in_projection_mode(tmp_path):
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    texts = _texts(30, seed=1) + _texts(30, seed=2, extra="w120")
+    results = pca_directions(model, tokenizer, texts, [1, 3], n_components=6, n_examples=2, progress=False)
+    assert set(results) == {1, 3} and results[1].components.shape == (6, HIDDEN)
+    assert results[1].top_examples[0][0].kind == "top" and results[1].bottom_examples[0][0].kind == "bottom"
+
+    contrast = contrast_pca(model, tokenizer, _texts(12, seed=3, extra="w120"), _texts(12, seed=3), results)
+    assert len(contrast) == 12 and abs(contrast[0].score) >= abs(contrast[-1].score)
+    chosen = select_directions(results, contrast=contrast, min_contrast=0.0, max_selected=3)
+    assert sum(map(len, chosen.values())) == 3
+    best = contrast[0]
+    assert best.latent in chosen[best.layer]
+    assert select_directions(results, indices={3: [2, 0]}) == {3: [0, 2]}
+    with pytest.raises(ValueError, match="out of range"):
+        select_directions(results, indices={3: [6]})
+    with pytest.raises(ValueError, match="either indices or contrast"):
+        select_directions(results)
+
+    config = directions_config(results, {3: [0, 2]}, description="test")
+    assert config.mode == "projection" and config.layers == [3]
+    handle = inject_concept_ablation(model, config)
+    handle.save_pretrained(tmp_path / "adapter")
+    handle.remove()
+    loaded = ConceptAblation.from_pretrained(model, tmp_path / "adapter")
+    q = loaded.layers[3].Q.double()
+    basis = results[3].components[[0, 2]]
+    # the saved projection spans exactly the chosen components
+    assert torch.allclose(q @ (q.T @ basis.T.double()), basis.T.double(), atol=1e-5)
+    loaded.remove()
+
+    weights, sidecar = save_pca(results, tmp_path / "pca")
+    again = load_pca(weights)
+    assert torch.equal(again[1].components, results[1].components)
+    assert sidecar.is_file()
