@@ -1,13 +1,15 @@
 """Step-time and peak-memory overhead of concept ablation against plain fine-tuning.
 
 Modes: ``latent`` (exact sparse), ``projection``, and ``naive`` (full SAE encode, zero,
-decode, plus error term at every hooked layer). Each is a ratio to plain fine-tuning
-measured in the same run:
+decode, plus error term at every hooked layer), each as a ratio to plain fine-tuning; and
+``attribution`` (equation 1 over all hooked layers' SAEs) as a ratio to a plain forward
+and backward pass over the same prompts. Ratios are measured in the same run:
 
 * step time: all modes run in one process, interleaved round by round, so a change in
   machine load hits every mode alike; the ratio is of medians over rounds;
 * peak memory: each mode runs a few steps in its own subprocess; the ratio is of the
-  processes' peak resident memory (``ru_maxrss``; on a GPU, ``max_memory_allocated``).
+  processes' peak resident memory during those steps (sampled; on a GPU,
+  ``max_memory_allocated``).
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
 weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 4096 16384] ...``;
@@ -21,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -97,20 +98,43 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
-    """Median step time of each (mode, width), interleaved round by round in this process."""
-    model, _ = load_model(args.model, device=args.device)
-    model.train()
+ATTRIBUTION_MODES = ("forward_backward", "attribution")
+BASELINE = {"latent": "plain", "projection": "plain", "naive": "plain", "attribution": "forward_backward"}
+
+
+def make_step(model, tokenizer, mode: str, width: int, args):
+    """A zero-argument function running one step of `mode`, and a function undoing its set-up.
+
+    Fine-tuning modes run a CAFT training step on a random-token batch; ``forward_backward``
+    and ``attribution`` run `attribute_latents` on real gender prompts, without and with SAEs.
+    """
     device = next(model.parameters()).device
+    if mode in ATTRIBUTION_MODES:
+        from hf_concept_ablation.attribution import attribute_latents
+        from hf_concept_ablation.tasks import build_gender_datasets
+
+        data = build_gender_datasets()["train"].select(range(args.batch))
+        d_model = model.config.get_text_config().hidden_size
+        saes = {l: random_sae(d_model, width, seed=l).to(device) for l in args.layers} if mode == "attribution" else {}
+        return (lambda: attribute_latents(model, tokenizer, data, saes, batch_size=args.batch)), (lambda: None)
+    detach = attach(model, mode, width, args.layers)
     batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # real step cost; weights stay put
+    return (lambda: train_step(model, optimizer, batch)), detach
+
+
+def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+    """Median step time of each (mode, width), interleaved round by round in this process."""
+    model, tokenizer = load_model(args.model, device=args.device)
+    model.train()
+    device = next(model.parameters()).device
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for round_index in tqdm(range(args.warmup + args.rounds), desc="timing rounds"):
         for mode, width in configs:
-            detach = attach(model, mode, width, args.layers)
+            step, detach = make_step(model, tokenizer, mode, width, args)
             _sync(device)
             start = time.perf_counter()
-            train_step(model, optimizer, batch)
+            step()
             _sync(device)
             if round_index >= args.warmup:
                 times[(mode, width)].append(time.perf_counter() - start)
@@ -128,19 +152,41 @@ def peak_memory_of(args, mode: str, width: int) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        import threading
+
+        import psutil
+
+        self.peak, self._stop = 0, threading.Event()
+        process = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self.peak = max(self.peak, process.memory_info().rss)
+                time.sleep(0.005)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def memory_probe(args, mode: str, width: int) -> None:
-    model, _ = load_model(args.model, device=args.device)
+    """Print the peak memory of two steps of one mode (run in its own process)."""
+    model, tokenizer = load_model(args.model, device=args.device)
     model.train()
+    step, _ = make_step(model, tokenizer, mode, width, args)
+    with PeakRSS() as rss:
+        for _ in range(2):
+            step()
     device = next(model.parameters()).device
-    attach(model, mode, width, args.layers)
-    batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    for _ in range(2):
-        train_step(model, optimizer, batch)
-    if device.type == "cuda":
-        print(torch.cuda.max_memory_allocated())
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak)
 
 
 def device_name(device: str | None) -> str:
@@ -164,7 +210,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--device", default=None)
     parser.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--modes", nargs="+", default=["latent", "projection", "naive"])
+    parser.add_argument("--modes", nargs="+", default=["latent", "projection", "naive", "attribution"])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11, 15])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=48)
@@ -175,24 +221,27 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args, args.memory_probe[0], int(args.memory_probe[1]))
         return
-    configs = [("plain", 0)] + [(m, w) for w in args.widths for m in args.modes]
+    configs = [("plain", 0), ("forward_backward", 0)]
+    configs += [(m, w) for w in args.widths for m in args.modes]
     step = time_modes(args, configs)
     memory = {c: peak_memory_of(args, *c) for c in tqdm(configs, desc="peak memory")}
-    base = ("plain", 0)
-    records = [
-        {
+    records = []
+    for mode, width in configs:
+        if mode not in BASELINE:
+            continue
+        base = (BASELINE[mode], 0)
+        records.append({
             "device": device_name(args.device),
             "model": base_model_id(args.model),
             "sae_width": width,
             "mode": mode,
+            "baseline": BASELINE[mode],
             "layers": args.layers,
-            "batch": f"{args.batch}x{args.seq}",
+            "batch": f"{args.batch}x{args.seq}" if mode not in ATTRIBUTION_MODES else f"{args.batch} gender prompts",
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
             "peak_memory_ratio": round(memory[(mode, width)] / memory[base], 4),
-            "plain_step_s": round(step[base], 4),
-        }
-        for mode, width in configs[1:]
-    ]
+            "baseline_step_s": round(step[base], 4),
+        })
     merge_records(records)
     for r in records:
         print(f"{r['mode']:>10} width {r['sae_width']:>6}: step x{r['step_time_ratio']:.3f}  memory x{r['peak_memory_ratio']:.3f}")
