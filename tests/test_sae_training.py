@@ -1,0 +1,175 @@
+"""SAE training on a tiny random model: activation cache, training, resume, quality measures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sae_lens import TopKSAE, TopKSAEConfig
+
+from hf_concept_ablation import sae_training as st
+from hf_concept_ablation.config import SAESource
+from hf_concept_ablation.saes import check_sae_fits, load_sae
+
+from conftest import HIDDEN, make_tiny_model
+
+
+class CharTokenizer:
+    """A minimal tokenizer: one token per character (ids 3..122), BOS 2, padding 0."""
+
+    bos_token_id = 2
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + ord(c) % 120 for c in text]}
+
+
+TEXTS = [f"text number {i}: " + "lorem ipsum dolor sit amet " * (1 + i % 4) for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_model("llama"), CharTokenizer()
+
+
+def _cache(tiny, folder, max_tokens=3000, **kwargs):
+    model, tok = tiny
+    return st.cache_activations(model, tok, TEXTS, [1, 2], folder, max_tokens=max_tokens, context_size=32,
+                                shard_tokens=500, group_texts=8, **kwargs)
+
+
+def test_cached_activations_match_hidden_states_and_skip_bos_and_padding(tiny, tmp_path):
+    model, tok = tiny
+    cache = _cache(tiny, tmp_path / "acts", max_tokens=10**6)
+    acts = st.load_cached_activations(cache, 1)
+    assert acts.dtype == torch.float16 and acts.shape[1] == HIDDEN
+    chunks = list(st.tokenize_chunks(tok, TEXTS, 32))
+    assert all(c[0] == tok.bos_token_id and len(c) <= 32 for c in chunks)
+    assert len(acts) == sum(len(c) - 1 for c in chunks)  # every token but BOS, no padding
+    # the first chunk of the first group (sorted by length) matches hidden_states[L + 1]
+    group = sorted(st.tokenize_chunks(tok, TEXTS[:8], 32), key=len)
+    ids = torch.tensor([group[0]])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0, 1:]
+    torch.testing.assert_close(acts[: len(hidden)].float(), hidden, atol=1e-2, rtol=1e-2)
+
+
+def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny, tmp_path, monkeypatch):
+    full = _cache(tiny, tmp_path / "full")
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["tokens"] == 3000 and len(manifest["shards"]) > 1
+
+    real = st.residual_activations
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "residual_activations", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _cache(tiny, tmp_path / "part")
+    partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert not partial["complete"] and 0 < partial["tokens"] < 3000
+    monkeypatch.setattr(st, "residual_activations", real)
+    _cache(tiny, tmp_path / "part")
+    assert json.loads((tmp_path / "part" / "manifest.json").read_text())["tokens"] == 3000
+    torch.testing.assert_close(st.load_cached_activations(tmp_path / "part", 2), st.load_cached_activations(full, 2))
+
+
+def _train(acts, folder, **overrides):
+    cfg = st.SAETrainingConfig(d_sae=128, k=8, training_tokens=256 * 12, batch_size=256, n_checkpoints=3,
+                               lr=3e-3, lr_warm_up_steps=2, model_name="tiny/llama", **overrides)
+    return st.train_sae(acts, 1, folder, cfg)
+
+
+def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
+    acts = st.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
+    _train(acts, tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    assert cfg["dtype"] == "float16" and cfg["architecture"] == "topk" and cfg["normalize_activations"] == "none"
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["metadata"]["model_name"] == "tiny/llama"
+    weights = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert all(w.dtype == torch.float16 for w in weights.values())
+    sae = load_sae(SAESource(path=str(tmp_path / "sae")))
+    check_sae_fits(sae, layer=1, num_layers=4, hidden_size=HIDDEN, model_name="tiny/llama")
+    with pytest.raises(ValueError, match="layer 1"):
+        check_sae_fits(sae, layer=2, num_layers=4, hidden_size=HIDDEN)
+    # the input scale used in training is folded in: the SAE reconstructs raw activations
+    x = acts[:1000].float()
+    ev = st.explained_variance(x, sae.decode(sae.encode(x)).detach())
+    print("EV", ev)
+    assert ev > 0.1
+
+
+def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
+    acts = st.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
+    whole = _train(acts, tmp_path / "whole")
+    # an "interrupted" run: keep only the first checkpoint, no final SAE
+    _train(acts, tmp_path / "resumed")
+    ckpts = sorted((tmp_path / "resumed" / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    assert len(ckpts) == 3
+    for p in ckpts[1:]:
+        shutil.rmtree(p)
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        (tmp_path / "resumed" / name).unlink()
+    resumed = _train(acts, tmp_path / "resumed")
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-4, rtol=1e-3)
+
+
+def _identity_topk_sae(d: int) -> TopKSAE:
+    """A TopK SAE that reconstructs its input exactly: latents are the positive and negative parts."""
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=2 * d, k=d))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def test_explained_variance_known_cases():
+    x = torch.randn(100, 8)
+    assert st.explained_variance(x, x) == pytest.approx(1.0)
+    assert st.explained_variance(x, x.mean(0).expand_as(x)) == pytest.approx(0.0, abs=1e-9)
+    assert st.explained_variance(x, x.mean(0) + 0.5 * (x - x.mean(0))) == pytest.approx(0.75)
+
+
+def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
+    model, tok = tiny
+    perfect = st.evaluate_sae(model, tok, _identity_topk_sae(HIDDEN), 1, TEXTS[:8], context_size=32)
+    assert perfect.explained_variance == pytest.approx(1.0, abs=1e-5)
+    assert perfect.ce_loss_recovered == pytest.approx(1.0, abs=1e-4)
+    assert perfect.ce_zero != pytest.approx(perfect.ce_clean)
+    assert 0 < perfect.l0 <= HIDDEN and perfect.n_tokens > 0
+    # an SAE whose reconstruction is always zero recovers nothing
+    zero = _identity_topk_sae(HIDDEN)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+    nothing = st.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32)
+    assert nothing.ce_loss_recovered == pytest.approx(0.0, abs=1e-5)
+    assert nothing.explained_variance < 0
+
+
+def test_shipped_sae_source_points_into_the_package():
+    for layer in st.SHIPPED_LAYERS:
+        source = st.shipped_sae_source(layer)
+        assert source.path.endswith(f"gemma-3-270m/layer_{layer}")
+    with pytest.raises(ValueError, match="no shipped SAE"):
+        st.shipped_sae_source(17)
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        st.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--layers" in out and "--architecture" in out and "--activations" in out and "--jobs" in out
