@@ -30,7 +30,8 @@ def run_demo(output_dir: Path, threads: int | None = None) -> dict:
     search_dir = output_dir / "search"
     if not (search_dir / "concept_ablation_config.json").is_file():
         print(f"== 1/2 concept search -> {search_dir}", flush=True)
-        args = ["--task", "gender_bias", "--out", str(search_dir), "--max-examples", "64", "--batch-size", "16"]
+        args = ["--task", "gender_bias", "--out", str(search_dir), "--max-examples", "64", "--batch-size", "16",
+                "--min-contrast", "0.5"]
         if threads:
             args += ["--threads", str(threads)]
         directions.main(args)

@@ -1,0 +1,48 @@
+"""Projection mode: the output has no component along the directions, and applying it twice changes nothing."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import HIDDEN, make_sae
+from hf_concept_ablation.layer import ConceptAblationLayer, orthonormal_basis
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(3, 7, HIDDEN, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_no_component_along_sae_decoder_rows_and_idempotent():
+    sae = make_sae("jumprelu").double()
+    latents = [4, 9, 100, 200]
+    layer = ConceptAblationLayer.from_sae(sae, latents, mode="projection", dtype=torch.float64)
+    x = _x()
+    once = layer(x)
+    assert (once @ sae.W_dec[latents].T).abs().max() < 1e-10
+    torch.testing.assert_close(layer(once), once, rtol=0, atol=1e-12)
+    # the part removed lies in the span of the directions: what remains of x is unchanged
+    residual = x - once
+    basis = orthonormal_basis(sae.W_dec[latents].detach())
+    torch.testing.assert_close(residual, (x @ basis) @ basis.T)
+
+
+def test_dependent_directions_are_reduced_to_an_orthonormal_basis():
+    d = torch.randn(2, HIDDEN, dtype=torch.float64)
+    directions = torch.stack([d[0], d[1], d[0] + 2 * d[1]])
+    q = orthonormal_basis(directions)
+    assert q.shape == (HIDDEN, 2)
+    torch.testing.assert_close(q.T @ q, torch.eye(2, dtype=torch.float64))
+    layer = ConceptAblationLayer.from_directions(directions, dtype=torch.float64)
+    out = layer(_x())
+    assert (out @ directions.T).abs().max() < 1e-10
+
+
+def test_strength_scales_the_removed_part_and_keep_mask_leaves_positions_alone():
+    layer = ConceptAblationLayer.from_directions(torch.randn(3, HIDDEN, dtype=torch.float64), dtype=torch.float64)
+    x = _x()
+    full = x - layer(x)
+    layer.set_alpha(0.25)
+    torch.testing.assert_close(x - layer(x), 0.25 * full)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[:, 0] = False
+    torch.testing.assert_close(layer(x, keep)[:, 0], x[:, 0])
