@@ -57,8 +57,7 @@ def first_token_ids(tokenizer: Any, strings: list[str]) -> torch.Tensor:
 
 def encode_prompts(tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Left-padded batch encoding, so the last position is every prompt's last token."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     return {k: v.to(device) for k, v in batch.items()}
 
 

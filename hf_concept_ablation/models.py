@@ -86,8 +86,6 @@ def load_model(
     embedded model, ``google/gemma-3-270m``), so saved adapters and model cards name it.
     """
     path = resolve_model_path(spec)
-    if not (spec == EMBEDDED or Path(spec).exists() or "/" in spec):
-        raise ValueError(f"model spec {spec!r} is neither 'embedded', an existing folder, nor a Hub id like 'org/name'")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if device is not None:
