@@ -172,6 +172,19 @@ class ConceptAblationConfig:
         os.replace(tmp, path)
 
     @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ConceptAblationConfig:
+        """Read a saved adapter's config; explicit directions come from its safetensors file (as an orthonormal basis)."""
+        directory = Path(directory)
+        data = cls.read_json(directory / CONFIG_NAME)
+        directions = {}
+        if data.get("directions"):
+            from safetensors import safe_open
+
+            with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+                directions = {int(layer): f.get_tensor(f"layers.{layer}.Q").T for layer in data["directions"]}
+        return cls.from_dict(data, directions=directions)
+
+    @classmethod
     def read_json(cls, path: str | os.PathLike) -> dict[str, Any]:
         """Read a config file into a dict; a file that is not a JSON object raises an error naming it."""
         path = Path(path)

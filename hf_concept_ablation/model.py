@@ -168,10 +168,13 @@ class ConceptAblation:
         setattr(self._stack, _HANDLE_ATTR, None)
 
     # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write ``concept_ablation_config.json`` and ``concept_ablation.safetensors`` (atomically)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, model_card: str | None = None) -> None:
+        """Write ``concept_ablation_config.json`` and ``concept_ablation.safetensors`` (atomically),
+        and `model_card` (markdown, e.g. from `report.render_model_card`) as ``README.md``."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if model_card is not None:
+            (directory / "README.md").write_text(model_card)
         tensors, metadata = {}, {}
         for index, module in self.layers.items():
             for name, tensor in module.state_tensors().items():
@@ -182,14 +185,15 @@ class ConceptAblation:
         os.replace(tmp, directory / WEIGHTS_NAME)
         self.config.to_json_file(directory / CONFIG_NAME)
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation") -> str:
-        """Upload the adapter files to a Hub model repo (token from the environment); returns the commit URL."""
+    def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation",
+                    model_card: str | None = None) -> str:
+        """Upload the adapter files (and a model card) to a Hub model repo; the token comes from the environment."""
         from huggingface_hub import HfApi
 
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
+            self.save_pretrained(tmp, model_card=model_card)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
         return str(info)
 
@@ -210,7 +214,7 @@ class ConceptAblation:
             prefix = f"layers.{index}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             layers[index] = ConceptAblationLayer(**json.loads(meta), tensors=state)
-        explicit = {i: m.Q for i, m in layers.items() if i in set(data.get("directions", []))}
+        explicit = {i: m.Q.T for i, m in layers.items() if i in set(data.get("directions", []))}
         config = ConceptAblationConfig.from_dict(data, directions=explicit)
         missing = sorted(set(config.layers) - set(layers))
         if missing:

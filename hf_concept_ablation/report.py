@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
+from string import Template
 from typing import Any, Mapping
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .config import ConceptAblationConfig  # noqa: E402
 
 CONDITION_LABELS = {
     "none": "plain FT",
@@ -58,3 +63,67 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
             e = summary[condition]
             lines.append(f"| {label} | {e['val_mean']:.3f} | {e['ood_mean']:.3f} ± {e['ood_sem']:.3f} | {len(e['ood'])} |")
     return "\n".join(lines)
+
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "caft_model_card.md"
+
+
+def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] | None) -> str:
+    details = {(s["layer"], s.get("latent", s.get("component"))): s for s in (selection or {}).get("selected", [])}
+    lines = ["| layer | latent / direction | attribution | contrast | explanation |", "|---|---|---|---|---|"]
+    for layer in config.layers:
+        ids = config.latents.get(layer) or list(range(len(config.directions.get(layer, []))))
+        for i in ids:
+            d = details.get((layer, i), {})
+            effect = f"{d['effect']:+.3f}" if "effect" in d else ""
+            contrast = f"{d['contrast']:+.2f}" if "contrast" in d else ""
+            lines.append(f"| {layer} | {i} | {effect} | {contrast} | {d.get('explanation', '')} |")
+    return "\n".join(lines)
+
+
+def render_model_card(
+    results: Mapping[str, Any],
+    config: ConceptAblationConfig,
+    *,
+    title: str,
+    task: str,
+    command: str,
+    selection: Mapping[str, Any] | None = None,
+    figure: str | None = None,
+    template: str | os.PathLike = MODEL_CARD_TEMPLATE,
+) -> str:
+    """Fill the model card template from an experiment's results and the adapter's config."""
+    sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
+    training = results.get("config", {})
+    training_rows = ["| setting | value |", "|---|---|"] + [
+        f"| {k} | `{training[k]}` |" for k in ("preset", "training", "train_size", "seeds") if k in training
+    ]
+    return Template(Path(template).read_text()).substitute(
+        title=title,
+        base_model=config.base_model_name_or_path or "unknown",
+        task=task,
+        sae_source=", ".join(f"`{s}`" for s in sources),
+        mode=config.mode,
+        layers=", ".join(map(str, config.layers)),
+        latents_table=_latents_table(config, selection),
+        training_table="\n".join(training_rows),
+        results_table=markdown_table(results["summary"]),
+        figure=f"![accuracy by condition]({figure})" if figure else "",
+        command=command,
+    )
+
+
+def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
+                         figure: Path | None = None) -> Path | None:
+    """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter; returns its path."""
+    if not experiment.adapter:
+        return None
+    adapter = Path(experiment.adapter)
+    config = ConceptAblationConfig.from_pretrained(adapter)
+    selection = json.loads((adapter / "selection.json").read_text()) if (adapter / "selection.json").is_file() else None
+    card = render_model_card(results, config, title=title, task=task, selection=selection,
+                             command=" ".join(["accelerate launch", *sys.argv]),
+                             figure=figure.name if figure else None)
+    path = Path(experiment.output_dir) / "model_card.md"
+    path.write_text(card)
+    return path

@@ -12,7 +12,7 @@ from accelerate import PartialState
 
 from hf_concept_ablation.experiment import run_experiment
 from hf_concept_ablation.recipe import parse_recipe_args
-from hf_concept_ablation.report import markdown_table, plot_accuracy
+from hf_concept_ablation.report import markdown_table, plot_accuracy, write_run_model_card
 from hf_concept_ablation.tasks import build_gender_datasets
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_experiment(config, data, name="gender_bias")
     if PartialState().is_main_process:
         figure = plot_accuracy(results["summary"], Path(config.output_dir) / "gender_bias.png", "Gender bias")
+        write_run_model_card(results, config, title="Gemma fine-tuned with CAFT on gender-bias data",
+                             task="choose the grammatical pronoun (subject vs object case), not the "
+                                  "profession's stereotyped gender", figure=figure)
         print(markdown_table(results["summary"]))
         print(f"results: {Path(config.output_dir) / 'gender_bias.json'}\nfigure: {figure}")
     return results

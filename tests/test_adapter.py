@@ -172,6 +172,10 @@ def test_explicit_directions_in_projection_mode(tmp_path):
     fresh = make_tiny_model("llama")
     ConceptAblation.from_pretrained(fresh, tmp_path)
     torch.testing.assert_close(_logits(fresh), ablated)
+    # the saved config alone re-creates the same ablation (directions stored as an orthonormal basis)
+    again = make_tiny_model("llama")
+    inject_concept_ablation(again, ConceptAblationConfig.from_pretrained(tmp_path))
+    torch.testing.assert_close(_logits(again), ablated)
 
 
 def test_second_injection_is_refused():

@@ -83,6 +83,9 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
     assert saved["summary"] == summary
     assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000
+    card = (tmp_path / "out" / "model_card.md").read_text()
+    assert "base_model: " in card and "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
+    assert "$" not in card.split("```")[0]  # every template field filled
 
     again = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
     assert again["runs"] == results["runs"]
