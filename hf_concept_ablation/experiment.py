@@ -200,6 +200,9 @@ def run_experiment(
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
     preset = PRESETS[config.preset].replace(**config.training)
     table = load_attribution(config.attribution) if config.attribution else None
+    caft_config = ConceptAblationConfig.from_pretrained(config.adapter) if config.adapter else None
+    sae_sources = {**(caft_config.saes if caft_config else {}),
+                   **{int(k): SAESource(**v) for k, v in config.saes.items()}}
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
             if results.done(condition, seed):
@@ -214,12 +217,8 @@ def run_experiment(
                 schedule = AblationSchedule(**config.anneal) if condition == "caft_annealed" else AblationSchedule()
                 callbacks.append(AblationScheduleCallback(schedule))
             elif condition in ("random", "top_k"):
-                reference = ConceptAblation.from_pretrained(model, config.adapter)
-                count = _adapter_latent_count(reference.config)
-                sources = {**reference.config.saes, **{int(k): SAESource(**v) for k, v in config.saes.items()}}
-                reference.remove()
-                latents = latents_for_condition(condition, table, count, seed)
-                inject_concept_ablation(model, _latent_config(latents, sources, model))
+                latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
+                inject_concept_ablation(model, _latent_config(latents, sae_sources, model))
                 callbacks.append(AblationScheduleCallback())
             model = prepare_model_for_training(model, preset)
             with tempfile.TemporaryDirectory() as scratch:

@@ -44,7 +44,7 @@ def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
     keep = diag > diag.max() * 1e-6
     if not bool(keep.all()):
         q = q[:, keep]  # drop dependent directions so Q stays orthonormal
-    return q
+    return q.contiguous()  # QR returns column-major storage
 
 
 class ConceptAblationLayer(nn.Module):
