@@ -34,7 +34,7 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from tqdm import tqdm
 
 from hf_concept_ablation import ConceptAblationConfig, find_decoder_layers, inject_concept_ablation
-from hf_concept_ablation.layer import full_sae_ablation
+from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
 from hf_concept_ablation.models import base_model_id, load_model
 
 RESULTS = Path(__file__).with_name("ablation_overhead.json")
@@ -64,9 +64,7 @@ def attach(model, mode: str, width: int, layers: list[int]):
 
         def hook_for(sae):
             def hook(_module, _args, output):
-                hidden = output[0] if isinstance(output, tuple) else output
-                new = full_sae_ablation(sae, latents, hidden)
-                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+                return with_layer_hidden(output, full_sae_ablation(sae, latents, layer_hidden(output)))
 
             return hook
 

@@ -24,6 +24,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from .evaluation import encode_prompts, first_token_ids
+from .layer import keep_positions, layer_hidden, special_token_ids
 from .model import find_decoder_layers, get_concept_ablation
 
 METRICS = ("logit_diff", "loss")
@@ -45,13 +46,6 @@ def _metric(model, batch: dict[str, torch.Tensor], metric: str, answers=None, di
     logits = model(**batch).logits[:, :-1].float()
     labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
     return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-
-
-def _keep_mask(batch: dict[str, torch.Tensor], skip_ids: Sequence[int]) -> torch.Tensor:
-    keep = batch["attention_mask"].bool()
-    if skip_ids:
-        keep &= ~torch.isin(batch["input_ids"], torch.tensor(list(skip_ids), device=keep.device))
-    return keep
 
 
 def attribute_latents(
@@ -78,7 +72,7 @@ def attribute_latents(
     if len(dataset) == 0:
         raise ValueError("cannot attribute on an empty dataset")
     _, decoder_layers = find_decoder_layers(model)
-    skip_ids = [i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None]
+    skip_ids = special_token_ids(tokenizer)
     answers = first_token_ids(tokenizer, dataset["answer"]) if metric == "logit_diff" else None
     distractors = first_token_ids(tokenizer, dataset["distractor"]) if metric == "logit_diff" else None
     device = next(model.parameters()).device
@@ -87,7 +81,7 @@ def attribute_latents(
 
     def capture(layer: int):
         def hook(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = layer_hidden(output)
             hidden.retain_grad()
             outputs[layer] = hidden
 
@@ -105,7 +99,7 @@ def attribute_latents(
                 d = distractors[start : start + batch_size].to(device) if distractors is not None else None
                 model.zero_grad(set_to_none=True)
                 _metric(model, batch, metric, a, d).backward()
-                keep = _keep_mask(batch, skip_ids).unsqueeze(-1)
+                keep = keep_positions(batch["input_ids"], batch["attention_mask"], skip_ids).unsqueeze(-1)
                 with torch.no_grad():
                     for layer, sae in saes.items():
                         x, grad = outputs[layer].detach(), outputs[layer].grad

@@ -18,7 +18,7 @@ base model's ``state_dict``; `ConceptAblation.save_pretrained` stores them apart
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from sae_lens import SAE
@@ -33,6 +33,35 @@ _BUFFERS = {
     "topk": ("W_enc", "b_enc", "b_in", "W_dec", "latent_ids", "decoder_norm"),
     "projection": ("Q",),
 }
+
+
+def layer_hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a decoder layer's output (a tensor in transformers 5.x, a tuple in 4.x)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_layer_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """A decoder layer's output with its hidden state replaced, in the same form (tensor or tuple)."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def special_token_ids(source: Any) -> list[int]:
+    """BOS and padding token ids of a tokenizer or model config: positions that are never ablated or counted."""
+    return sorted({i for i in (source.bos_token_id, source.pad_token_id) if isinstance(i, int)})
+
+
+def keep_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, skip_ids: Sequence[int]) -> torch.Tensor:
+    """``[batch, seq]`` bool: true where the token is not in `skip_ids` and not masked out.
+
+    A 2-D `attention_mask` longer than `input_ids` (generation with a KV cache) is
+    aligned on its last columns.
+    """
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    if skip_ids:
+        keep &= ~torch.isin(input_ids, torch.tensor(list(skip_ids), device=input_ids.device))
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        keep &= attention_mask[:, -input_ids.shape[1]:].bool()
+    return keep
 
 
 def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from sae_lens import SAE
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig
-from .layer import ConceptAblationLayer
+from .layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids, with_layer_hidden
 from .saes import check_sae_fits, load_sae
 
 _HANDLE_ATTR = "_concept_ablation"
@@ -65,16 +65,7 @@ class _PositionMask:
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        attention_mask = kwargs.get("attention_mask")
-        keep = None
-        if input_ids is not None:
-            keep = torch.ones_like(input_ids, dtype=torch.bool)
-            if self.skip_token_ids:
-                skip = torch.tensor(self.skip_token_ids, device=input_ids.device)
-                keep &= ~torch.isin(input_ids, skip)
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
-                keep &= attention_mask[:, -input_ids.shape[1]:].bool()
-        self.keep = keep
+        self.keep = None if input_ids is None else keep_positions(input_ids, kwargs.get("attention_mask"), self.skip_token_ids)
 
     def for_shape(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.keep is None or self.keep.shape != hidden.shape[:2]:
@@ -96,10 +87,7 @@ class ConceptAblation:
         stack, decoder_layers = find_decoder_layers(model)
         if getattr(stack, _HANDLE_ATTR, None) is not None:
             raise ValueError("this model already has a concept ablation; call .remove() on it first")
-        skip = config.skip_token_ids
-        if skip is None:
-            text_config = _text_config(model)
-            skip = sorted({i for i in (text_config.bos_token_id, text_config.pad_token_id) if isinstance(i, int)})
+        skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(_text_config(model))
         self._mask = _PositionMask(list(skip))
         self._stack = stack
         param = next(model.parameters())
@@ -116,9 +104,8 @@ class ConceptAblation:
         def hook(_layer: nn.Module, _args: tuple, output):
             if not self.enabled:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            ablated = module(hidden, self._mask.for_shape(hidden))
-            return (ablated,) + tuple(output[1:]) if isinstance(output, tuple) else ablated
+            hidden = layer_hidden(output)
+            return with_layer_hidden(output, module(hidden, self._mask.for_shape(hidden)))
 
         return hook
 

@@ -55,6 +55,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SAESource
+from .layer import keep_positions, layer_hidden, special_token_ids, with_layer_hidden
+from .model import find_decoder_layers
 
 # --------------------------------------------------------------------------- the shipped suite
 
@@ -85,35 +87,8 @@ def hook_name(layer: int) -> str:
 # --------------------------------------------------------------------------- model plumbing
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of decoder layers (named ``layers``, ``h`` or ``blocks``)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = config.num_hidden_layers
-    found = [
-        (name.count("."), child)
-        for name, module in model.named_modules()
-        for child_name, child in module.named_children()
-        if isinstance(child, nn.ModuleList) and len(child) == n and child_name in ("layers", "h", "blocks")
-    ]
-    if not found:
-        raise ValueError(f"could not find the decoder layers of {type(model).__name__}")
-    return min(found, key=lambda c: c[0])[1]
-
-
 class _StopForward(Exception):
     pass
-
-
-def _output_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _replace_output(output: Any, new: torch.Tensor) -> Any:
-    return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    return {i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if i is not None}
 
 
 def tokenize_chunks(tokenizer: Any, texts: Iterable[str], context_size: int) -> Iterator[list[int]]:
@@ -140,9 +115,7 @@ def _pad_batch(chunks: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, 
 
 def _keep_mask(ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> torch.Tensor:
     """True at real tokens that are neither BOS nor padding (and never at position 0)."""
-    keep = mask.bool().clone()
-    for special in _special_ids(tokenizer):
-        keep &= ids != special
+    keep = keep_positions(ids, mask, special_token_ids(tokenizer))
     keep[:, 0] = False
     return keep
 
@@ -155,13 +128,13 @@ def residual_activations(
 
     The forward pass is stopped after the deepest requested layer.
     """
-    blocks = decoder_layers(model)
+    blocks = find_decoder_layers(model)[1]
     captured: dict[int, torch.Tensor] = {}
     last = max(layers)
 
     def make_hook(layer: int):
         def hook(module, args, output):
-            captured[layer] = _output_tensor(output).detach()
+            captured[layer] = layer_hidden(output).detach()
             if layer == last:
                 raise _StopForward
 
@@ -479,7 +452,7 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 def _ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> tuple[float, int]:
     targets = ids[:, 1:].clone()
     valid = mask[:, 1:].bool()
-    for special in _special_ids(tokenizer):
+    for special in special_token_ids(tokenizer):
         valid &= targets != special
     targets[~valid] = -100
     loss = torch.nn.functional.cross_entropy(
@@ -512,7 +485,7 @@ def evaluate_sae(
     sae_dtype = next(sae.parameters()).dtype
     device = next(model.parameters()).device
     sae.to(device)
-    block = decoder_layers(model)[layer]
+    block = find_decoder_layers(model)[1][layer]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chunks = list(tokenize_chunks(tokenizer, texts, context_size))
     state: dict[str, Any] = {"mode": "clean", "keep": None}
@@ -522,7 +495,7 @@ def evaluate_sae(
     def hook(module, args, output):
         if state["mode"] == "clean":
             return None
-        hidden = _output_tensor(output)
+        hidden = layer_hidden(output)
         keep = state["keep"].unsqueeze(-1)
         if state["mode"] == "zero":
             new = torch.where(keep, torch.zeros_like(hidden), hidden)
@@ -536,7 +509,7 @@ def evaluate_sae(
             fired.logical_or_((feats != 0).any(0).cpu())
             new = hidden.clone()
             new[state["keep"]] = x_hat
-        return _replace_output(output, new)
+        return with_layer_hidden(output, new)
 
     ce_max_tokens = max_tokens if ce_max_tokens is None else ce_max_tokens
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_sae, make_tiny_model
 from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
-from hf_concept_ablation.layer import full_sae_ablation
+from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
 from hf_concept_ablation.model import find_decoder_layers
 
 LATENTS = [3, 17, 40, 99, 128, 200]
@@ -22,9 +22,7 @@ def _full_sae_hook(sae, latents):
     """Reference: the naive ablation with a full sae-lens SAE and a non-detached error term."""
 
     def hook(_module, _args, output):
-        x = output[0] if isinstance(output, tuple) else output
-        new = full_sae_ablation(sae, latents, x)
-        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+        return with_layer_hidden(output, full_sae_ablation(sae, latents, layer_hidden(output)))
 
     return hook
 

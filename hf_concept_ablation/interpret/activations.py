@@ -17,7 +17,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..layer import ConceptAblationLayer
+from ..layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids
 from ..model import find_decoder_layers, get_concept_ablation
 from ..saes import PER_LATENT_ARCHITECTURES
 
@@ -58,11 +58,6 @@ def as_text_list(texts: Any, column: str = "text") -> list[str]:
     return texts
 
 
-def skip_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids whose positions are never counted: BOS and padding."""
-    return sorted({i for i in (tokenizer.bos_token_id, tokenizer.pad_token_id) if isinstance(i, int)})
-
-
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
     """Right-padded, truncated batch encoding (special tokens such as BOS added as the tokenizer does)."""
     if tokenizer.pad_token_id is None:
@@ -91,15 +86,14 @@ def iter_residuals(
     bad = [layer for layer in layers if not 0 <= layer < len(decoder_layers)]
     if bad:
         raise ValueError(f"layer(s) {bad} do not exist: the model has {len(decoder_layers)} decoder layers")
-    skip = torch.tensor(skip_token_ids(tokenizer), dtype=torch.long)
+    skip = special_token_ids(tokenizer)
     device = next(model.parameters()).device
     captured: dict[int, torch.Tensor] = {}
     deepest = layers[-1]
 
     def capture(layer: int):
         def hook(_module, _args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            captured[layer] = hidden.detach().float()
+            captured[layer] = layer_hidden(output).detach().float()
             if layer == deepest:
                 raise _StopForward
 
@@ -109,7 +103,7 @@ def iter_residuals(
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=not progress):
         batch = tokenize(tokenizer, texts[start : start + batch_size], max_length)
         input_ids = batch["input_ids"]
-        keep = batch["attention_mask"].bool() & ~torch.isin(input_ids, skip)
+        keep = keep_positions(input_ids, batch["attention_mask"], skip)
         captured.clear()
         # hooks, eval mode, no-grad and the disabled ablation last only for this forward pass,
         # so nothing leaks into the caller's code between batches or if it stops early
