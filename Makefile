@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench reproduce clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ablation_overhead.py
+
+# The paper's experiments (GPU: full size; CPU: reduced size). Resumable; e.g.
+# make reproduce REPRODUCE_ARGS="--tasks gender_bias --seeds 0 1 2"
+reproduce: $(STAMP)
+	$(PY) -m hf_concept_ablation.reproduce --out results $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

@@ -24,6 +24,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from .evaluation import encode_prompts, first_token_ids
+from .files import write_json_atomic
 from .layer import keep_positions, layer_hidden, special_token_ids
 from .model import find_decoder_layers, get_concept_ablation
 
@@ -133,9 +134,7 @@ def save_attribution(rows: Sequence[LatentEffect], path_stem: str | os.PathLike)
         for rank, row in enumerate(rows, 1):
             writer.writerow({"rank": rank, **asdict(row)})
     os.replace(tmp, csv_path)
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
-    os.replace(tmp, json_path)
+    write_json_atomic(json_path, [asdict(r) for r in rows])
     return csv_path, json_path
 
 

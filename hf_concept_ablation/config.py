@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .files import write_json_atomic
+
 CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
 
@@ -166,10 +168,7 @@ class ConceptAblationConfig:
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write the config as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ConceptAblationConfig:

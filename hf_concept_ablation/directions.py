@@ -55,6 +55,7 @@ from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
 from .config import ConceptAblationConfig, SAESource
+from .files import write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import RULES, combine_with_attribution, contrast_latents, save_contrast
 from .interpret.dashboard import config_from_selection, render_dashboard
@@ -140,12 +141,6 @@ class SearchResult:
     config: ConceptAblationConfig | None
     selected: list[dict[str, Any]]
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def _save_adapter(model, config: ConceptAblationConfig, out: Path, saes: Mapping[int, SAE] | None = None) -> None:
@@ -281,7 +276,7 @@ def find_concept_latents(
         "adapter": str(out) if config else None,
         "note": None if chosen_keys else "no latent passed the selection; lower min_contrast or inspect dashboard.html",
     }
-    _write_json(out / "selection.json", report)
+    write_json_atomic(out / "selection.json", report, default=str)
     return SearchResult(out, config, selected, report)
 
 
@@ -340,7 +335,7 @@ def find_pca_directions(
         "adapter": str(out) if config else None,
         "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
     }
-    _write_json(out / "selection.json", report)
+    write_json_atomic(out / "selection.json", report, default=str)
     return SearchResult(out, config, selected, report)
 
 

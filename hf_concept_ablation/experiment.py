@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
 from .config import ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
+from .files import write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model
 from .training import PRESETS, fine_tune, prepare_model_for_training, training_arguments
@@ -139,10 +139,7 @@ class ResultsFile:
     def add(self, run: dict[str, Any]) -> None:
         self.data["runs"].append(run)
         self.data["summary"] = summarize(self.data["runs"])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as tmp:
-            json.dump(self.data, tmp, indent=2)
-        os.replace(tmp.name, self.path)
+        write_json_atomic(self.path, self.data, indent=2)
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -205,10 +202,12 @@ def run_experiment(
                    **{int(k): SAESource(**v) for k, v in config.saes.items()}}
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
-            if results.done(condition, seed):
+            needs_test_only = condition == "none" and "test_only" in config.conditions and not results.done("test_only", seed)
+            if results.done(condition, seed) and not needs_test_only:
                 progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
                 continue
-            progress(f"[{name}] training {condition}, seed {seed} ({len(train)} examples)")
+            why = " again, for test_only" if results.done(condition, seed) else ""
+            progress(f"[{name}] training {condition}{why}, seed {seed} ({len(train)} examples)")
             torch.manual_seed(seed)
             model, tokenizer = load_model(config.model, dtype=getattr(torch, config.dtype))
             callbacks = []
@@ -225,18 +224,20 @@ def run_experiment(
                 args = training_arguments(preset, scratch, seed=seed, num_processes=state.num_processes)
                 fine_tune(model, tokenizer, train, args, callbacks=callbacks)
             if state.is_main_process:
-                handle = get_concept_ablation(model)
-                run = {"condition": condition, "seed": seed,
-                       **_evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=handle is not None)}
-                if handle is not None:
-                    run["ablation"] = handle.config.to_dict()
-                results.add(run)
-                if condition == "none" and "test_only" in config.conditions and not results.done("test_only", seed):
+                if not results.done(condition, seed):
+                    handle = get_concept_ablation(model)
+                    run = {"condition": condition, "seed": seed,
+                           **_evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=handle is not None)}
+                    if handle is not None:
+                        run["ablation"] = handle.config.to_dict()
+                    results.add(run)
+                    progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, "
+                             f"ood {run['ood']['accuracy']:.3f}")
+                if needs_test_only:
                     ConceptAblation.from_pretrained(model, config.adapter)
                     test_only = _evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=True)
                     results.add({"condition": "test_only", "seed": seed, "val": test_only["val_ablated"],
                                  "ood": test_only["ood_ablated"], "deployed": {k: test_only[k] for k in ("val", "ood")}})
-                progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, ood {run['ood']['accuracy']:.3f}")
             state.wait_for_everyone()
     return results.data
 

@@ -16,7 +16,6 @@ absolute projection over the data is positive.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConceptAblationConfig
+from .files import write_json_atomic
 from .interpret.activations import as_text_list, iter_residuals
 from .interpret.cache import ContextExample
 from .interpret.contrast import ContrastScore, contrast_directions
@@ -272,9 +272,7 @@ def save_pca(results: Mapping[int, PCAResult], path: str | os.PathLike) -> tuple
         }
         for layer, r in results.items()
     }
-    tmp = sidecar.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, sidecar)
+    write_json_atomic(sidecar, meta)
     return weights, sidecar
 
 

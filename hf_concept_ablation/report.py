@@ -46,6 +46,33 @@ def plot_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_overview(per_combination: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | os.PathLike) -> Path:
+    """OOD accuracy (mean, standard error) of every condition on every double multiple-choice combination."""
+    keys = [k for k, s in per_combination.items() if s]
+    conditions = [c for c in CONDITION_LABELS if any(c in per_combination[k] for k in keys)]
+    if not conditions:
+        raise ValueError("nothing to plot: no combination has results")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys) + 2), 3.8))
+    width = 0.8 / len(conditions)
+    for j, condition in enumerate(conditions):
+        xs = [i for i, k in enumerate(keys) if condition in per_combination[k]]
+        entries = [per_combination[keys[i]][condition] for i in xs]
+        ax.bar([x - 0.4 + width * (j + 0.5) for x in xs], [e["ood_mean"] for e in entries], width,
+               yerr=[e["ood_sem"] for e in entries], capsize=2, label=CONDITION_LABELS[condition])
+    ax.set_xticks(range(len(keys)), [k.replace("|", "\n") for k in keys], fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel("OOD accuracy on the intended question")
+    ax.set_title("Double multiple choice (no ablation at test)")
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)

@@ -41,7 +41,6 @@ feature, such as the projections on PCA directions (`contrast_directions`).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 from sae_lens import SAE
 
 from ..attribution import LatentEffect
+from ..files import write_json_atomic
 from .activations import as_text_list, encoders_for, iter_residuals
 
 REDUCTIONS = ("mean", "max")
@@ -234,9 +234,4 @@ def combine_with_attribution(
 
 def save_contrast(rows: Sequence[ContrastScore], path: str | os.PathLike) -> Path:
     """Write contrast scores as JSON (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, [asdict(r) for r in rows])

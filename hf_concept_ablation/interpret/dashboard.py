@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..attribution import LatentEffect
 from ..config import ConceptAblationConfig, SAESource
+from ..files import write_text_atomic
 from .cache import ActivationCache, ContextExample
 
 NEURONPEDIA_URL = "https://www.neuronpedia.org"
@@ -327,9 +328,4 @@ def render_dashboard(
 <script>{_JS}</script>
 </body></html>
 """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, page)

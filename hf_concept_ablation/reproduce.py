@@ -1,0 +1,291 @@
+"""``make reproduce``: the paper's experiments (gender bias and double multiple choice), resumable.
+
+For each task, in order:
+
+1. **concept search** (`hf_concept_ablation.directions`): attribution of the SAE latents on
+   ``D_amb``, contrast selection, a saved adapter in ``<out>/search/<task>/``;
+2. **validity scan** (double multiple choice only): plain fine-tuning with the first seed on
+   every requested combination; a combination is kept only when that run's OOD accuracy on
+   the intended question is at most `MAX_PLAIN_OOD` (``<out>/validity.json``);
+3. **experiment**: every condition x seed (`hf_concept_ablation.experiment.run_experiment`),
+   one results file per task in ``<out>/runs/`` (the scan's runs are reused, not repeated);
+4. **report**: ``<out>/summary.json``, figures in ``<out>/figures/``, ``<out>/README.md`` and
+   the results table of the repository README (between ``<!-- results:start -->`` and
+   ``<!-- results:end -->``).
+
+Sizes: ``full`` (all data, the preset's epochs; meant for a GPU) and ``cpu`` (256 training
+examples, 3 epochs, 150 evaluation questions per split, searches on 64 prompts).
+``--size auto`` picks ``full`` when CUDA is available. Everything already on disk is
+reused, so an interrupted run (or a run with more seeds) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import datasets
+import torch
+from accelerate import PartialState
+
+from .experiment import CONDITIONS, ExperimentConfig, run_experiment
+from .files import write_json_atomic
+from .report import CONDITION_LABELS, plot_accuracy, plot_overview
+from .tasks import ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, parse_combination_key
+
+MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
+README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+TASKS = ("gender_bias", "double_mc")
+REPO_README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@dataclass(frozen=True)
+class ReproduceSize:
+    """How big the runs are.
+
+    Attributes:
+        train_size, eval_size: subsample sizes (None: all rows).
+        epochs: training epochs (None: the preset's).
+        search_examples: ``D_amb`` prompts used for attribution (None: all).
+        min_contrast: |Cohen's d| a latent needs to be selected.
+        training: further `TrainingPreset` overrides (e.g. a learning rate).
+    """
+
+    train_size: int | None
+    eval_size: int | None
+    epochs: float | None
+    search_examples: int | None
+    min_contrast: float
+    training: Mapping[str, Any] = field(default_factory=dict)
+
+
+SIZES = {
+    "full": ReproduceSize(train_size=None, eval_size=None, epochs=None, search_examples=None, min_contrast=0.5),
+    "cpu": ReproduceSize(train_size=256, eval_size=150, epochs=3, search_examples=64, min_contrast=0.5),
+}
+
+
+def file_name(key: str) -> str:
+    """A file-system friendly name for a task or combination key (``|`` -> ``-``)."""
+    return key.replace("|", "-")
+
+
+def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "embedded",
+                   search_args: Sequence[str] = ()) -> Path:
+    """Run (or reuse) the automatic SAE-latent search for `task`; return the adapter folder.
+
+    `search_args` are extra `hf_concept_ablation.directions` options (e.g. ``--sae 6=PATH``).
+    """
+    from . import directions
+
+    if not (out_dir / "concept_ablation_config.json").is_file():
+        args = ["--task", task, "--out", str(out_dir), "--model", model, "--batch-size", "16",
+                "--min-contrast", str(size.min_contrast)]
+        if size.search_examples:
+            args += ["--max-examples", str(size.search_examples)]
+        args += list(search_args)
+        if directions.main(args) != 0:
+            raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
+    return out_dir
+
+
+def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
+                      adapter: Path | None = None, model: str = "embedded") -> ExperimentConfig:
+    """The `ExperimentConfig` of one task at `size`."""
+    return ExperimentConfig(
+        model=model, seeds=list(seeds), conditions=list(conditions),
+        training={**({"epochs": size.epochs} if size.epochs else {}), **size.training},
+        adapter=str(adapter) if adapter else None,
+        attribution=str(adapter / "attribution.json") if adapter else None,
+        train_size=size.train_size, eval_size=size.eval_size, output_dir=str(output_dir),
+    )
+
+
+def task_datasets(task: str, seed: int = 0) -> datasets.DatasetDict:
+    """The splits of ``gender_bias`` or of a double multiple-choice combination key."""
+    if task == "gender_bias":
+        return build_gender_datasets(seed=seed)
+    return build_double_mc_datasets(*parse_combination_key(task), seed=seed)
+
+
+def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int, model: str = "embedded"
+                  ) -> dict[str, dict[str, Any]]:
+    """Plain fine-tuning with `seed` on each combination; write and return ``validity.json``'s content."""
+    path = out / "validity.json"
+    validity = json.loads(path.read_text()) if path.is_file() else {}
+    for key in keys:
+        if key in validity:
+            continue
+        config = experiment_config(size, [seed], ["none"], out / "runs", model=model)
+        results = run_experiment(config, task_datasets(key), name=file_name(key))
+        none = results["summary"]["none"]
+        validity[key] = {"seed": seed, "val": none["val"][0], "ood": none["ood"][0],
+                         "valid": none["ood"][0] <= MAX_PLAIN_OOD}
+        if PartialState().is_main_process:
+            write_json_atomic(path, validity)
+    return validity
+
+
+def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    """``summary.json``: task -> (combination ->) condition -> per-seed ``val``/``ood`` and means."""
+    def read(name: str) -> dict[str, Any]:
+        path = out / "runs" / f"{file_name(name)}.json"
+        return json.loads(path.read_text())["summary"] if path.is_file() else {}
+
+    summary: dict[str, Any] = {}
+    if "gender_bias" in tasks:
+        summary["gender_bias"] = read("gender_bias")
+    if "double_mc" in tasks:
+        summary["double_mc"] = {key: read(key) for key in tasks["double_mc"]}
+    return summary
+
+
+def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per condition: mean OOD accuracy over combinations and the share where it beats ``none``."""
+    means: dict[str, dict[str, float]] = {}
+    for condition in CONDITIONS:
+        rows = [s for s in per_combination.values() if condition in s]
+        if not rows:
+            continue
+        entry = {"ood_mean": sum(s[condition]["ood_mean"] for s in rows) / len(rows), "n": len(rows)}
+        paired = [s for s in rows if "none" in s]
+        if condition != "none" and paired:
+            entry["beats_none"] = sum(s[condition]["ood_mean"] > s["none"]["ood_mean"] for s in paired) / len(paired)
+        means[condition] = entry
+    return means
+
+
+def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], command: str) -> str:
+    """The results table (validation / OOD accuracy, ablation removed) for the README."""
+    conditions = [c for c in CONDITION_LABELS if any(c in s for s in _task_summaries(summary))]
+    head = "| task | " + " | ".join(CONDITION_LABELS[c] for c in conditions) + " |"
+    lines = [f"Produced by `{command}`; val / OOD accuracy with the ablation removed, mean over seeds "
+             "(± standard error of OOD).", "", head, "|---" * (len(conditions) + 1) + "|"]
+    for name, s in _named_summaries(summary):
+        cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
+                 if c in s else "" for c in conditions]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if summary.get("double_mc"):
+        means = double_mc_means(summary["double_mc"])
+        lines += ["", "Double multiple choice over the valid combinations: mean OOD accuracy "
+                  + ", ".join(f"{CONDITION_LABELS[c]} {m['ood_mean']:.2f}"
+                              + (f" (beats plain on {m['beats_none']:.0%})" if "beats_none" in m else "")
+                              for c, m in means.items()) + "."]
+    dropped = sorted(k for k, v in validity.items() if not v["valid"])
+    if dropped:
+        lines += ["", f"Dropped (plain fine-tuning OOD > {MAX_PLAIN_OOD}): "
+                  + ", ".join(f"`{k}` ({validity[k]['ood']:.2f})" for k in dropped) + "."]
+    return "\n".join(lines)
+
+
+def _named_summaries(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    named = [("gender bias", summary["gender_bias"])] if summary.get("gender_bias") else []
+    named += [(f"`{key}`", s) for key, s in (summary.get("double_mc") or {}).items() if s]
+    return named
+
+
+def _task_summaries(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [s for _, s in _named_summaries(summary)]
+
+
+def update_readme(readme: Path, table: str) -> bool:
+    """Replace the text between the README's results markers with `table`; False if there are no markers."""
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return False
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    readme.write_text(f"{before}{start}\n{table}\n{end}{after}")
+    return True
+
+
+def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, Any], command: str,
+                 readme: Path | None) -> str:
+    """Write summary.json, the figures and README.md in `out` (and the repository README's table)."""
+    write_json_atomic(out / "summary.json", summary)
+    for name, s in _named_summaries(summary):
+        plot_accuracy(s, out / "figures" / f"{file_name(name.strip('`')).replace(' ', '_')}.png", name.strip("`"))
+    if summary.get("double_mc"):
+        plot_overview(summary["double_mc"], out / "figures" / "double_mc_overview.png")
+    table = results_markdown(summary, validity, command)
+    (out / "README.md").write_text(f"# Results\n\n{table}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
+    if readme is not None and readme.is_file():
+        update_readme(readme, table)
+    return table
+
+
+def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str],
+              combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
+              search_args: Sequence[str] = (), readme: Path | None = None) -> dict[str, Any]:
+    """Run every step of the module doc; return the summary."""
+    state = PartialState()
+    done: dict[str, list[str]] = {}
+    validity: dict[str, Any] = {}
+    if "gender_bias" in tasks:
+        adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, search_args)
+        run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
+                       task_datasets("gender_bias"), name="gender_bias")
+        done["gender_bias"] = ["gender_bias"]
+    if "double_mc" in tasks:
+        validity = scan_validity(combinations, out, size, seeds[0], model)
+        valid = [key for key in combinations if validity[key]["valid"]]
+        for key in valid:
+            adapter = concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model, search_args)
+            run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
+                           task_datasets(key), name=file_name(key))
+        done["double_mc"] = valid
+    summary = collect_summary(out, done)
+    if state.is_main_process:
+        write_report(out, summary, validity, command_line(out, size, seeds, tasks), readme)
+    return summary
+
+
+def command_line(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str]) -> str:
+    """The command that reproduces a report (for its header)."""
+    name = next((k for k, v in SIZES.items() if v == size), "custom")
+    return (f"python -m hf_concept_ablation.reproduce --out {out} --size {name} --seeds {' '.join(map(str, seeds))}"
+            f" --tasks {' '.join(tasks)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--size", choices=("auto", *SIZES), default="auto")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--combinations", nargs="+", help="double-MC keys like verbs|sentiment|sentiment (default: all 24)")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--search-args", default="", help="extra options of the concept search, e.g. '--sae 6=PATH'")
+    p.add_argument("--readme", type=Path, default=REPO_README, help="README whose results table is updated")
+    p.add_argument("--report-only", action="store_true", help="only rebuild summary, figures and tables from disk")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = SIZES["full" if torch.cuda.is_available() else "cpu"] if args.size == "auto" else SIZES[args.size]
+    combinations = args.combinations or [combination_key(*c) for c in ALL_COMBINATIONS]
+    bad = [k for k in combinations if k not in {combination_key(*c) for c in ALL_COMBINATIONS}]
+    if bad:
+        raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
+    if args.report_only:
+        validity = json.loads((args.out / "validity.json").read_text()) if (args.out / "validity.json").is_file() else {}
+        tasks = {t: (["gender_bias"] if t == "gender_bias" else [k for k in combinations if validity.get(k, {}).get("valid")])
+                 for t in args.tasks}
+        summary = collect_summary(args.out, tasks)
+        print(write_report(args.out, summary, validity, command_line(args.out, size, args.seeds, args.tasks),
+                           args.readme))
+        return 0
+    reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
+              shlex.split(args.search_args), args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

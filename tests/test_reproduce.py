@@ -1,0 +1,84 @@
+"""`make reproduce` end to end on a tiny model: search, validity scan, every condition, summary, figures, README."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import reproduce
+from hf_concept_ablation.experiment import CONDITIONS
+
+KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_reproduce")
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    search_args = ["--layers", "1", "2"]
+    for layer in (1, 2):
+        make_sae("standard", d_sae=128, seed=layer, layer=layer).save_model(root / f"sae_{layer}")
+        search_args += ["--sae", f"{layer}={root / f'sae_{layer}'}"]
+    return root, search_args
+
+
+def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_path):
+    root, search_args = tiny_folders
+    size = reproduce.ReproduceSize(train_size=16, eval_size=8, epochs=1, search_examples=16, min_contrast=0.0,
+                                   training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{reproduce.README_MARKERS[0]}\nold table\n{reproduce.README_MARKERS[1]}\n\nmore\n")
+    out = tmp_path / "results"
+    summary = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
+                                  search_args=search_args, readme=readme)
+
+    validity = json.loads((out / "validity.json").read_text())
+    assert set(validity) == set(KEYS)
+    for entry in validity.values():
+        assert entry["valid"] == (entry["ood"] <= reproduce.MAX_PLAIN_OOD) and entry["seed"] == 0
+    valid = [k for k in KEYS if validity[k]["valid"]]
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == summary and set(saved) == {"gender_bias", "double_mc"}
+    assert list(saved["double_mc"]) == valid
+    for per_condition in [saved["gender_bias"], *saved["double_mc"].values()]:
+        assert set(per_condition) == set(CONDITIONS)
+        for entry in per_condition.values():
+            assert len(entry["val"]) == len(entry["ood"]) == 2
+            assert entry["ood_mean"] == pytest.approx(sum(entry["ood"]) / 2) and entry["ood_sem"] >= 0
+    # the scan's plain run is reused as seed 0 of `none`, not trained again
+    for key in valid:
+        runs = json.loads((out / "runs" / f"{reproduce.file_name(key)}.json").read_text())["runs"]
+        assert sum(r["condition"] == "none" and r["seed"] == 0 for r in runs) == 1
+        assert saved["double_mc"][key]["none"]["ood"][0] == validity[key]["ood"]
+    for key in set(KEYS) - set(valid):
+        assert not (out / "search" / reproduce.file_name(key)).exists()
+
+    assert (out / "figures" / "gender_bias.png").stat().st_size > 5000
+    if valid:
+        assert (out / "figures" / "double_mc_overview.png").stat().st_size > 5000
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# Title") and text.endswith("more\n")
+    assert "| gender bias |" in text and "python -m hf_concept_ablation.reproduce" in text
+    assert (out / "README.md").read_text().count("| gender bias |") == 1
+
+    again = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
+                                search_args=search_args, readme=readme)
+    assert again == summary  # everything reused
+
+
+def test_results_table_names_dropped_combinations_and_double_mc_means():
+    entry = lambda ood: {"val": [1.0], "ood": [ood], "val_mean": 1.0, "ood_mean": ood, "ood_sem": 0.0}  # noqa: E731
+    summary = {"gender_bias": {"none": entry(0.1), "caft": entry(0.8)},
+               "double_mc": {"a|b|b": {"none": entry(0.2), "caft": entry(0.6)},
+                             "b|a|a": {"none": entry(0.4), "caft": entry(0.3)}}}
+    validity = {"a|b|b": {"ood": 0.2, "valid": True}, "b|a|a": {"ood": 0.4, "valid": True},
+                "c|a|a": {"ood": 0.97, "valid": False}}
+    table = reproduce.results_markdown(summary, validity, "cmd")
+    assert "`c|a|a` (0.97)" in table
+    assert "CAFT 0.45 (beats plain on 50%)" in table and "plain FT 0.30" in table
+    assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
