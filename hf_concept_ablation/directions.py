@@ -29,6 +29,11 @@ PCA directions (``--source pca``): principal components of the layers' activatio
 projection-mode adapter, with ``pca.safetensors``/``.json`` (components, top and bottom
 examples) and ``selection.json``.
 
+Concept directions (``--source concept``): per layer (default: every layer but the last),
+the top components of the differences between the task's two concept text sets
+(`hf_concept_ablation.pca.concept_directions`; for the paired gender sentences, the
+"female minus male" direction and the next ones), all written as a projection adapter.
+
 Task contrasts: for ``gender_bias`` the paired female/male sentences of
 `build_gender_concept_texts` (query "gender"). For double multiple choice
 (``double_mc:<first>|<second>|<intended>``) the concept to remove is the *unintended*
@@ -60,10 +65,12 @@ from .interpret.cache import build_activation_cache
 from .interpret.contrast import RULES, combine_with_attribution, contrast_latents, save_contrast
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
-from .model import inject_concept_ablation
-from .pca import contrast_pca, directions_config, pca_directions, save_pca, select_directions
+from .model import find_decoder_layers, inject_concept_ablation
+from .pca import concept_directions, contrast_pca, directions_config, pca_directions, save_pca, select_directions
 
 SELECT_BY = ("contrast", "explanation", "union")
+BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
+CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
@@ -93,14 +100,17 @@ def _fill(question: dict[str, str]) -> str:
     return text.replace("___", question["correct"]) if "___" in text else text
 
 
-def task_data(task: str, seed: int = 0) -> TaskData:
-    """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc)."""
+def task_data(task: str, seed: int = 0, answer_form: str = "letters") -> TaskData:
+    """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc).
+
+    `answer_form` is that of the training prompts (``"words"`` exists for gender only).
+    """
     from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
 
     if task in ("gender_bias", "gender"):
         concept = build_gender_concept_texts()
-        return TaskData("gender_bias", build_gender_datasets(seed=seed)["train"], list(concept.female),
-                        list(concept.male), "gender",
+        train = build_gender_datasets(seed=seed, answer_form=answer_form)["train"]
+        return TaskData("gender_bias", train, list(concept.female), list(concept.male), "gender",
                         "contrast: paired female-themed vs male-themed sentences (build_gender_concept_texts)",
                         paired=True)
     if task.startswith("double_mc:"):
@@ -108,7 +118,7 @@ def task_data(task: str, seed: int = 0) -> TaskData:
 
         first, second, intended = parse_combination_key(task.split(":", 1)[1])
         unintended = second if intended == first else first
-        data = build_double_mc_datasets(first, second, intended, seed=seed)
+        data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form)
         a = [_fill(q) for q in load_source_set(unintended)]
         b = [_fill(q) for q in load_source_set(intended)]
         return TaskData(task, data["train"], a, b, SOURCE_QUERIES.get(unintended, unintended),
@@ -293,16 +303,30 @@ def find_pca_directions(
     min_contrast: float = 1.0,
     max_selected: int = 10,
     reduce: str = "mean",
+    basis: str = "prompts",
     batch_size: int = 8,
     progress: bool = True,
 ) -> SearchResult:
-    """PCA of activations on D_amb prompts, components chosen by contrast (or `indices`), saved as a projection adapter."""
+    """Directions saved as a projection adapter, from one of two bases.
+
+    ``basis="prompts"``: PCA of activations on D_amb prompts, components chosen by contrast
+    (or `indices`). ``basis="concept"``: `concept_directions` of the task's two concept text
+    sets (`n_components` per layer), all of them chosen unless `indices` says otherwise.
+    """
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = list(task.train["prompt"][: n_texts or len(task.train)])
     start = time.time()
-    results = pca_directions(model, tokenizer, prompts, layers, n_components=n_components, batch_size=batch_size,
-                             progress=progress)
+    if basis == "prompts":
+        results = pca_directions(model, tokenizer, prompts, layers, n_components=n_components, batch_size=batch_size,
+                                 progress=progress)
+    else:
+        results = concept_directions(model, tokenizer, task.concept_a, task.concept_b, layers,
+                                     n_components=n_components if task.paired else 1, paired=task.paired,
+                                     batch_size=batch_size)
+        indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
     save_pca(results, out / "pca")
     contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
                             paired=task.paired, batch_size=batch_size)
@@ -315,18 +339,20 @@ def find_pca_directions(
     selected = [
         {"layer": layer, "component": i, "contrast": score[(layer, i)],
          "explained_variance_ratio": float(results[layer].explained_variance_ratio[i]),
-         "top_examples": [e.text() for e in results[layer].top_examples[i][:3]],
-         "bottom_examples": [e.text() for e in results[layer].bottom_examples[i][:3]]}
+         "top_examples": [e.text() for e in results[layer].top_examples[i][:3]] if results[layer].top_examples else [],
+         "bottom_examples": ([e.text() for e in results[layer].bottom_examples[i][:3]]
+                             if results[layer].bottom_examples else [])}
         for layer, ids in chosen.items() for i in ids
     ]
     config = None
     if chosen:
         how = f"indices {dict(indices)}" if indices is not None else f"|contrast| >= {min_contrast}"
+        kind = "PCA" if basis == "prompts" else "concept"
         config = directions_config(results, chosen, base_model_name_or_path=getattr(model.config, "name_or_path", None),
-                                   description=f"{task.name}: {sum(map(len, chosen.values()))} PCA directions ({how})")
+                                   description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions ({how})")
         _save_adapter(model, config, out)
     report = {
-        "task": task.name, "source": "pca", "contrast_texts": task.description, "paired_contrast": task.paired,
+        "task": task.name, "source": "pca" if basis == "prompts" else "concept", "contrast_texts": task.description, "paired_contrast": task.paired,
         "layers": sorted(results),
         "n_texts": len(prompts), "settings": {"n_components": n_components, "min_contrast": min_contrast,
                                               "max_selected": max_selected, "reduce": reduce,
@@ -366,12 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
     p.add_argument("--out", required=True, help="output folder (becomes a loadable adapter)")
     p.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder")
-    p.add_argument("--source", choices=("sae", "pca"), default="sae")
-    p.add_argument("--layers", type=int, nargs="+", help="decoder layers (default: the shipped SAE layers)")
+    p.add_argument("--source", choices=("sae", "pca", "concept"), default="sae",
+                   help="sae: SAE latents; pca: PCA of task prompts; concept: PCA of concept-text differences")
+    p.add_argument("--layers", type=int, nargs="+",
+                   help="decoder layers (default: the shipped SAE layers; for --source concept, every layer but the last)")
     p.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH", help="a local SAE folder for a layer")
     p.add_argument("--sae-release", help="sae-lens release for every layer, e.g. gemma-scope-2b-pt-res-canonical")
     p.add_argument("--sae-id-template", help="sae id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
     p.add_argument("--seed", type=int, default=0, help="task data seed")
+    p.add_argument("--answer-form", choices=("letters", "words"), default="letters",
+                   help="answer form of the task prompts (words: gender only)")
     p.add_argument("--top", type=int, default=100, help="latents kept from attribution")
     p.add_argument("--max-examples", type=int, help="D_amb examples used for attribution (default all)")
     p.add_argument("--rule", choices=RULES, default="threshold")
@@ -388,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-similarity", type=float, default=0.3)
     p.add_argument("--min-relevance", type=float)
     p.add_argument("--explain-top", type=int, default=30)
-    p.add_argument("--pca-components", type=int, default=10)
+    p.add_argument("--pca-components", type=int,
+                   help=f"components per layer (default: 10 for pca, {CONCEPT_COMPONENTS} for concept)")
     p.add_argument("--pca-texts", type=int, default=256)
     p.add_argument("--pca-indices", help="choose components by index, e.g. '6:0,2;9:1'")
     p.add_argument("--batch-size", type=int, default=8)
@@ -404,14 +435,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import load_model
     from .saes import load_sae
 
-    task = task_data(args.task, seed=args.seed)
+    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form)
     if args.query:
         task.query = args.query
     model, tokenizer = load_model(args.model, device=args.device)
     layers = args.layers or list(default_layers())
-    if args.source == "pca":
+    if args.source == "concept" and not args.layers:
+        layers = list(range(len(find_decoder_layers(model)[1]) - 1))
+    if args.source in ("pca", "concept"):
         result = find_pca_directions(
-            model, tokenizer, task, layers, args.out, n_components=args.pca_components, n_texts=args.pca_texts,
+            model, tokenizer, task, layers, args.out, basis="prompts" if args.source == "pca" else "concept",
+            n_components=args.pca_components or (10 if args.source == "pca" else CONCEPT_COMPONENTS),
+            n_texts=args.pca_texts,
             indices=_parse_indices(args.pca_indices) if args.pca_indices else None, min_contrast=args.min_contrast,
             max_selected=args.max_selected, reduce=args.reduce, batch_size=args.batch_size,
         )

@@ -28,7 +28,7 @@ from .config import ConceptAblationConfig
 from .files import write_json_atomic
 from .interpret.activations import as_text_list, iter_residuals
 from .interpret.cache import ContextExample
-from .interpret.contrast import ContrastScore, contrast_directions
+from .interpret.contrast import ContrastScore, contrast_directions, per_text_values
 
 
 @dataclass
@@ -184,6 +184,57 @@ def pca_directions(
             result.top_examples.append(tops)
             result.bottom_examples.append(bottoms)
         results[layer] = result
+    return results
+
+
+def concept_directions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts_a: Any,
+    texts_b: Any,
+    layers: Sequence[int],
+    *,
+    n_components: int = 1,
+    paired: bool = False,
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> dict[int, PCAResult]:
+    """Directions that separate two concept text sets, per layer (e.g. female- vs male-themed sentences).
+
+    Each text is reduced to its mean residual vector over the counted tokens. Paired sets
+    (``texts_a[i]`` mirrors ``texts_b[i]``): the uncentred PCA of the differences
+    ``a_i - b_i``, so component 0 is close to the mean difference and the next ones carry
+    the rest of the concept's variation. Unpaired sets: the difference of the two sets' means
+    (one direction; `n_components` must be 1). Every component points from b to a.
+    """
+    texts_a, texts_b = as_text_list(texts_a), as_text_list(texts_b)
+    layers = sorted({int(layer) for layer in layers})
+    if not paired and n_components != 1:
+        raise ValueError(f"unpaired concept texts give one direction per layer (their mean difference), "
+                         f"not n_components={n_components}")
+
+    def featurize(hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([hidden[layer] for layer in layers], dim=-1)
+
+    a, b = (per_text_values(model, tokenizer, texts, layers, featurize, "mean", batch_size, max_length, desc)
+            for texts, desc in ((texts_a, "concept a"), (texts_b, "concept b")))
+    results = {}
+    for k, layer in enumerate(layers):
+        width = a.shape[1] // len(layers)
+        a_l, b_l = a[:, k * width:(k + 1) * width], b[:, k * width:(k + 1) * width]
+        if paired:
+            if a_l.shape != b_l.shape:
+                raise ValueError(f"paired concept texts need equal counts, got {a_l.shape[0]} and {b_l.shape[0]}")
+            diffs = a_l - b_l
+            components, variance, ratio, _ = pca(diffs, n_components, center=False)
+        else:
+            diffs = (a_l.mean(dim=0) - b_l.mean(dim=0))[None]
+            components = diffs / diffs.norm().clamp(min=1e-12)
+            variance, ratio = diffs.norm()[None] ** 2, torch.ones(1)
+        mean_diff = diffs.mean(dim=0)
+        components = components * torch.where(components @ mean_diff < 0, -1.0, 1.0)[:, None]
+        results[layer] = PCAResult(layer, components, variance, ratio, torch.zeros(a_l.shape[1]),
+                                   n_tokens=a_l.shape[0] + b_l.shape[0])
     return results
 
 

@@ -108,3 +108,10 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     assert config["mode"] == "projection" and config["directions"] == [1]
     with pytest.raises(SystemExit):
         main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--layers", "1", "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "concept",
+                 "--out", str(tmp_path / "concept")]) == 0
+    config = json.loads((tmp_path / "concept" / "concept_ablation_config.json").read_text())
+    assert config["mode"] == "projection" and config["directions"] == [0, 1, 2]  # every layer but the last
+    selection = json.loads((tmp_path / "concept" / "selection.json").read_text())
+    assert selection["source"] == "concept" and len(selection["selected"]) == 3 * 2

@@ -10,7 +10,9 @@ import torch
 
 from conftest import HIDDEN, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation, find_decoder_layers, inject_concept_ablation
+from hf_concept_ablation.interpret.activations import iter_residuals
 from hf_concept_ablation.pca import (
+    concept_directions,
     contrast_pca,
     directions_config,
     load_pca,
@@ -111,3 +113,34 @@ def test_components_are_selectable_by_contrast_and_index_and_ablate_in_projectio
     again = load_pca(weights)
     assert torch.equal(again[1].components, results[1].components)
     assert sidecar.is_file()
+
+
+def _mean_vectors(model, tokenizer, texts, layer):
+    rows = []
+    for batch in iter_residuals(model, tokenizer, texts, [layer], progress=False):
+        keep = batch.keep[..., None].float()
+        rows.append((batch.hidden[layer] * keep).sum(1) / keep.sum(1))
+    return torch.cat(rows).double()
+
+
+def test_concept_directions_are_the_pca_of_paired_differences_pointing_from_b_to_a():
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    b = _texts(16, seed=4)
+    a = [text.replace(text.split()[0], "w120", 1) for text in b]  # a mirrors b with one word swapped
+    results = concept_directions(model, tokenizer, a, b, [1, 2], n_components=3, paired=True)
+    assert set(results) == {1, 2}
+    diffs = _mean_vectors(model, tokenizer, a, 2) - _mean_vectors(model, tokenizer, b, 2)
+    expected, _, ratio, _ = pca(diffs, 3, center=False)
+    got = results[2].components.double()
+    assert got.shape == (3, HIDDEN)
+    assert torch.allclose(got.abs(), expected.double().abs(), atol=1e-4)
+    assert torch.all(got @ diffs.mean(0) > 0)  # oriented from b to a
+    assert torch.allclose(results[2].explained_variance_ratio, ratio, atol=1e-5)
+
+    unpaired = concept_directions(model, tokenizer, a, b[:10], [2])
+    mean_diff = _mean_vectors(model, tokenizer, a, 2).mean(0) - _mean_vectors(model, tokenizer, b[:10], 2).mean(0)
+    assert torch.allclose(unpaired[2].components[0].double(), mean_diff / mean_diff.norm(), atol=1e-5)
+    with pytest.raises(ValueError, match="n_components=2"):
+        concept_directions(model, tokenizer, a, b, [2], n_components=2)
+    with pytest.raises(ValueError, match="equal counts"):
+        concept_directions(model, tokenizer, a, b[:10], [2], paired=True)

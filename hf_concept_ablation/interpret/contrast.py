@@ -115,7 +115,10 @@ def _per_text(values: torch.Tensor, keep: torch.Tensor, reduce: str) -> torch.Te
     return values.masked_fill(~mask, float("-inf")).max(dim=1).values.nan_to_num(0.0, neginf=0.0)
 
 
-def _feature_values(model, tokenizer, texts, layers, featurize, reduce, batch_size, max_length, desc):
+def per_text_values(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int],
+                    featurize: Any, reduce: str = "mean", batch_size: int = 8, max_length: int = 128,
+                    desc: str = "activations") -> torch.Tensor:
+    """``featurize(hidden)`` (layer -> ``[batch, seq, d]`` to ``[batch, seq, K]``) reduced per text: ``[n_texts, K]``."""
     rows = []
     for batch in iter_residuals(model, tokenizer, texts, layers, batch_size=batch_size, max_length=max_length,
                                 desc=desc, progress=False):
@@ -148,8 +151,8 @@ def contrast_latents(
     def featurize(hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([enc(hidden[layer]) for layer, enc in encoders.items()], dim=-1)
 
-    a = _feature_values(model, tokenizer, texts_a, list(encoders), featurize, reduce, batch_size, max_length, "contrast a")
-    b = _feature_values(model, tokenizer, texts_b, list(encoders), featurize, reduce, batch_size, max_length, "contrast b")
+    a = per_text_values(model, tokenizer, texts_a, list(encoders), featurize, reduce, batch_size, max_length, "contrast a")
+    b = per_text_values(model, tokenizer, texts_b, list(encoders), featurize, reduce, batch_size, max_length, "contrast b")
     return _scores(order, a, b, paired)
 
 
@@ -182,8 +185,8 @@ def contrast_directions(
     def featurize(hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([(hidden[layer] - means[layer]) @ dirs[layer].T for layer in layers], dim=-1)
 
-    a = _feature_values(model, tokenizer, texts_a, layers, featurize, reduce, batch_size, max_length, "contrast a")
-    b = _feature_values(model, tokenizer, texts_b, layers, featurize, reduce, batch_size, max_length, "contrast b")
+    a = per_text_values(model, tokenizer, texts_a, layers, featurize, reduce, batch_size, max_length, "contrast a")
+    b = per_text_values(model, tokenizer, texts_b, layers, featurize, reduce, batch_size, max_length, "contrast b")
     return _scores(order, a, b, paired)
 
 
