@@ -7,6 +7,7 @@ Values are parsed as YAML (numbers, lists, null); dotted keys reach into section
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +27,19 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(raw)
+    node[leaf] = yaml.load(raw, Loader=RecipeLoader)
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also reads ``5e-5`` and ``1E3`` as floats (YAML 1.1 wants a dot)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$|^[-+]?[0-9][0-9_]*\.[0-9_]*$|^[-+]?\.[0-9_]+$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
 
 
 def load_recipe_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -35,7 +48,7 @@ def load_recipe_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[
     if not path.is_file():
         raise FileNotFoundError(f"recipe config {path} does not exist")
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from err
     for assignment in overrides:

@@ -14,6 +14,7 @@ import yaml
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, SAESource, inject_concept_ablation
 from hf_concept_ablation.attribution import attribute_latents, save_attribution
+from hf_concept_ablation.recipe import load_recipe_config
 from hf_concept_ablation.tasks import build_gender_datasets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +112,15 @@ def test_recipe_settings_are_checked(tiny_setup, tmp_path):
         gender_bias.main(["--config", str(config), "epochs=3"])
     with pytest.raises(ValueError, match=r"'test_only' evaluates the 'none' model"):
         gender_bias.main(["--config", str(config), "conditions=[test_only]"])
+
+
+def test_numbers_in_exponent_form_are_floats(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("experiment:\n  training:\n    learning_rate: 5e-5\n")
+    config = load_recipe_config(path, ["experiment.training.weight_decay=1E-2", "experiment.output_dir=1e-5x",
+                                       "experiment.seeds=[0,1]"])["experiment"]
+    assert config["training"] == {"learning_rate": 5e-5, "weight_decay": 0.01}
+    assert config["output_dir"] == "1e-5x" and config["seeds"] == [0, 1]
 
 
 def _launch(config: Path, processes: int) -> dict:
