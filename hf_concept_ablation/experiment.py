@@ -60,6 +60,9 @@ class ExperimentConfig:
         eval_batch_size: batch size of evaluation.
         output_dir: where results and figures go.
         dtype: model dtype name.
+        save_models: conditions whose trained models are saved (every seed), in
+            ``<output_dir>/models/<name>/<condition>-seed<seed>/`` (``save_pretrained`` of the
+            model and tokenizer, plus the ablation in ``concept_ablation/`` where there is one).
     """
 
     model: str = "embedded"
@@ -76,9 +79,10 @@ class ExperimentConfig:
     eval_batch_size: int = 32
     output_dir: str = "outputs/experiment"
     dtype: str = "float32"
+    save_models: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        bad = [c for c in self.conditions if c not in CONDITIONS]
+        bad = [c for c in [*self.conditions, *self.save_models] if c not in CONDITIONS]
         if bad:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
         if self.preset not in PRESETS:
@@ -231,6 +235,8 @@ def run_experiment(
                     if handle is not None:
                         run["ablation"] = handle.config.to_dict()
                     results.add(run)
+                    if condition in config.save_models:
+                        save_checkpoint(model, tokenizer, checkpoint_dir(config, name, condition, seed))
                     progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, "
                              f"ood {run['ood']['accuracy']:.3f}")
                 if needs_test_only:
@@ -240,6 +246,20 @@ def run_experiment(
                                  "ood": test_only["ood_ablated"], "deployed": {k: test_only[k] for k in ("val", "ood")}})
             state.wait_for_everyone()
     return results.data
+
+
+def checkpoint_dir(config: ExperimentConfig, name: str, condition: str, seed: int) -> Path:
+    """Where `run_experiment` saves the model of (`name`, `condition`, `seed`) when asked to."""
+    return Path(config.output_dir) / "models" / name / f"{condition}-seed{seed}"
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Save a fine-tuned model and tokenizer (and its concept ablation, if any, in ``concept_ablation/``)."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    handle = get_concept_ablation(model)
+    if handle is not None:
+        handle.save_pretrained(directory / "concept_ablation")
 
 
 def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model) -> ConceptAblationConfig:

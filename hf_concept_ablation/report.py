@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import ConceptAblationConfig  # noqa: E402
+from .files import write_text_atomic  # noqa: E402
 
 CONDITION_LABELS = {
     "none": "plain FT",
@@ -142,7 +143,8 @@ def render_model_card(
 
 def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
                          figure: Path | None = None) -> Path | None:
-    """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter; returns its path."""
+    """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter, and as ``README.md``
+    in every checkpoint the experiment saved (``save_models``); returns the first path."""
     if not experiment.adapter:
         return None
     adapter = Path(experiment.adapter)
@@ -151,6 +153,7 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
     card = render_model_card(results, config, title=title, task=task, selection=selection,
                              command=" ".join(["accelerate launch", *sys.argv]),
                              figure=figure.name if figure else None)
-    path = Path(experiment.output_dir) / "model_card.md"
-    path.write_text(card)
+    path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card)
+    for checkpoint in sorted((Path(experiment.output_dir) / "models" / results["name"]).glob("*-seed*")):
+        write_text_atomic(checkpoint / "README.md", card)  # the card beside every saved checkpoint
     return path

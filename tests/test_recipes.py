@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblationConfig, SAESource, inject_concept_ablation
+from transformers import AutoModelForCausalLM
+
+from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
 from hf_concept_ablation.attribution import attribute_latents, save_attribution
 from hf_concept_ablation.recipe import load_recipe_config
 from hf_concept_ablation.tasks import build_gender_datasets
@@ -71,7 +73,7 @@ def _config(root: Path, out: Path, conditions, **experiment) -> Path:
 def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, capsys):
     conditions = ["none", "caft", "caft_annealed", "random", "top_k", "test_only"]
     config = _config(tiny_setup, tmp_path / "out", conditions)
-    results = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
+    results = gender_bias.main(["--config", str(config), "seeds=[0,1]", "save_models=[caft]"])
     summary = results["summary"]
     assert set(summary) == set(conditions)
     for entry in summary.values():
@@ -87,6 +89,13 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "base_model: " in card and "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
     assert "$" not in card.split("```")[0]  # every template field filled
+    saved_models = sorted(p.name for p in (tmp_path / "out" / "models" / "gender_bias").iterdir())
+    assert saved_models == ["caft-seed0", "caft-seed1"]
+    checkpoint = tmp_path / "out" / "models" / "gender_bias" / "caft-seed1"
+    assert (checkpoint / "README.md").read_text() == card
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    ablation = ConceptAblation.from_pretrained(reloaded, checkpoint / "concept_ablation")
+    assert ablation.config.latents == {1: runs[("caft", 1)]["ablation"]["latents"]["1"]}
 
     again = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
     assert again["runs"] == results["runs"]
