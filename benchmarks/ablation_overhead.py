@@ -12,7 +12,7 @@ and backward pass over the same prompts. Ratios are measured in the same run:
   ``max_memory_allocated``).
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
-weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 4096 16384] ...``;
+weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 262144] [--model gemma-2-2b-shape --device cuda] ...``;
 records are merged into ``benchmarks/ablation_overhead.json`` (same device/model/width/mode
 records are replaced).
 """
@@ -35,10 +35,30 @@ from tqdm import tqdm
 
 from hf_concept_ablation import ConceptAblationConfig, find_decoder_layers, inject_concept_ablation
 from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
-from hf_concept_ablation.models import base_model_id, load_model
+from hf_concept_ablation.files import write_json_atomic
+from hf_concept_ablation.models import base_model_id, load_model, resolve_model_path
 
 RESULTS = Path(__file__).with_name("ablation_overhead.json")
 NUM_LATENTS = 10
+#: ``--model`` names of randomly initialised models with a public model's shape (the embedded
+#: model's tokenizer; vocabulary padded to its size). Cost does not depend on the weights.
+SHAPES = {
+    "gemma-2-2b-shape": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=256, vocab_size=262144),
+}
+
+
+def load_bench_model(spec: str, device: str | None):
+    """The model to benchmark: a `load_model` spec, or a name in `SHAPES` (random weights, built on `device`)."""
+    if spec not in SHAPES:
+        return load_model(spec, device=device)
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    with torch.device(device or "cpu"):
+        model = Gemma2ForCausalLM(Gemma2Config(**SHAPES[spec]))
+    model.config.name_or_path = spec
+    return model, tokenizer
 
 
 def random_sae(d_in: int, width: int, seed: int) -> JumpReLUSAE:
@@ -123,7 +143,7 @@ def make_step(model, tokenizer, mode: str, width: int, args):
 
 def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
     """Median step time of each (mode, width), interleaved round by round in this process."""
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_bench_model(args.model, args.device)
     model.train()
     device = next(model.parameters()).device
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
@@ -177,7 +197,7 @@ class PeakRSS:
 
 def memory_probe(args, mode: str, width: int) -> None:
     """Print the peak memory of two steps of one mode (run in its own process)."""
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_bench_model(args.model, args.device)
     model.train()
     step, _ = make_step(model, tokenizer, mode, width, args)
     with PeakRSS() as rss:
@@ -198,16 +218,14 @@ def merge_records(new: list[dict]) -> None:
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     keys = {(r["device"], r["model"], r["sae_width"], r["mode"]) for r in new}
     kept = [r for r in old if (r["device"], r["model"], r["sae_width"], r["mode"]) not in keys]
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(kept + new, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    write_json_atomic(RESULTS, kept + new, indent=2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--model", default="embedded", help=f"a model spec, or one of {sorted(SHAPES)}")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--widths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--widths", type=int, nargs="+", default=[16384, 65536, 262144])
     parser.add_argument("--modes", nargs="+", default=["latent", "projection", "naive", "attribution"])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11, 15])
     parser.add_argument("--batch", type=int, default=8)
@@ -230,7 +248,7 @@ def main() -> None:
         base = (BASELINE[mode], 0)
         records.append({
             "device": device_name(args.device),
-            "model": base_model_id(args.model),
+            "model": args.model if args.model in SHAPES else base_model_id(args.model),
             "sae_width": width,
             "mode": mode,
             "baseline": BASELINE[mode],
