@@ -13,8 +13,8 @@ and backward pass over the same prompts. Ratios are measured in the same run:
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
 weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 262144]
-[--model gemma-2-2b-shape --device cuda] ...``; records are merged into ``benchmarks/ablation_overhead.json`` (same device/model/width/mode
-records are replaced).
+[--model gemma-2-2b-shape --device cuda] ...``; records are merged into
+``benchmarks/ablation_overhead.json`` (same device/model/width/mode records are replaced).
 """
 
 from __future__ import annotations
