@@ -5,7 +5,9 @@ Conditions (the paper's Figure 2):
 * ``none``: plain fine-tuning.
 * ``caft``: fine-tuning with the chosen concepts ablated (a saved adapter).
 * ``caft_annealed``: the same, with the strength annealed to 0 by `AblationScheduleCallback`.
-* ``random``: as many latents as ``caft`` has, drawn at random from the attribution top 100.
+* ``random``: as many latents as ``caft`` has, drawn at random from the attribution top 100;
+  when ``caft`` removes directions (projection mode, e.g. PCA or concept directions), as many
+  random unit directions at the same layers instead (a random subspace of the same size).
 * ``top_k``: the same number of latents, the top ones by attribution.
 * ``test_only``: the ``none`` model evaluated with the ``caft`` ablation applied at test time.
 
@@ -92,8 +94,8 @@ class ExperimentConfig:
         needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
         if needs_adapter and not self.adapter:
             raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")
-        if {"random", "top_k"} & set(self.conditions) and not self.attribution:
-            raise ValueError("conditions 'random' and 'top_k' need `attribution` (an attribution table JSON)")
+        if "top_k" in self.conditions and not self.attribution:
+            raise ValueError("condition 'top_k' needs `attribution` (an attribution table JSON)")
         if "test_only" in self.conditions and "none" not in self.conditions:
             raise ValueError("condition 'test_only' evaluates the 'none' model: add 'none' to conditions")
 
@@ -219,7 +221,13 @@ def run_experiment(
                 ConceptAblation.from_pretrained(model, config.adapter)
                 schedule = AblationSchedule(**config.anneal) if condition == "caft_annealed" else AblationSchedule()
                 callbacks.append(AblationScheduleCallback(schedule))
+            elif condition == "random" and caft_config.directions:
+                inject_concept_ablation(model, random_directions_config(caft_config, seed))
+                callbacks.append(AblationScheduleCallback())
             elif condition in ("random", "top_k"):
+                if table is None:
+                    raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
+                                     "(an attribution table JSON)")
                 latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model))
                 callbacks.append(AblationScheduleCallback())
@@ -246,6 +254,16 @@ def run_experiment(
                                  "ood": test_only["ood_ablated"], "deployed": {k: test_only[k] for k in ("val", "ood")}})
             state.wait_for_everyone()
     return results.data
+
+
+def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:
+    """As many random unit directions per layer as `config` removes there (seeded), in projection mode."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = {layer: torch.nn.functional.normalize(torch.randn(d.shape, generator=generator), dim=-1)
+                  for layer, d in sorted(config.directions.items())}
+    return ConceptAblationConfig(layers=sorted(directions), mode="projection", directions=directions,
+                                 base_model_name_or_path=config.base_model_name_or_path,
+                                 description=f"random directions, seed {seed}")
 
 
 def checkpoint_dir(config: ExperimentConfig, name: str, condition: str, seed: int) -> Path:

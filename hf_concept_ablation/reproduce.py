@@ -95,20 +95,24 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
                       adapter: Path | None = None, model: str = "embedded") -> ExperimentConfig:
-    """The `ExperimentConfig` of one task at `size`."""
+    """The `ExperimentConfig` of one task at `size` (``top_k`` is left out when the adapter has no attribution table)."""
+    attribution = adapter / "attribution.json" if adapter else None
+    if attribution is not None and not attribution.is_file():
+        attribution = None
+        conditions = [c for c in conditions if c != "top_k"]
     return ExperimentConfig(
         model=model, seeds=list(seeds), conditions=list(conditions),
         training={**({"epochs": size.epochs} if size.epochs else {}), **size.training},
         adapter=str(adapter) if adapter else None,
-        attribution=str(adapter / "attribution.json") if adapter else None,
+        attribution=str(attribution) if attribution else None,
         train_size=size.train_size, eval_size=size.eval_size, output_dir=str(output_dir),
     )
 
 
-def task_datasets(task: str, seed: int = 0) -> datasets.DatasetDict:
-    """The splits of ``gender_bias`` or of a double multiple-choice combination key."""
+def task_datasets(task: str, seed: int = 0, answer_form: str = "letters") -> datasets.DatasetDict:
+    """The splits of ``gender_bias`` (in `answer_form`) or of a double multiple-choice combination key."""
     if task == "gender_bias":
-        return build_gender_datasets(seed=seed)
+        return build_gender_datasets(seed=seed, answer_form=answer_form)
     return build_double_mc_datasets(*parse_combination_key(task), seed=seed)
 
 
@@ -221,15 +225,21 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
 
 def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str],
               combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
-              search_args: Sequence[str] = (), readme: Path | None = None) -> dict[str, Any]:
-    """Run every step of the module doc; return the summary."""
+              search_args: Sequence[str] = (), readme: Path | None = None, gender_source: str = "sae",
+              gender_answer_form: str = "letters") -> dict[str, Any]:
+    """Run every step of the module doc; return the summary.
+
+    `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
+    `gender_answer_form` its prompts' answer form (``letters`` or ``words``).
+    """
     state = PartialState()
     done: dict[str, list[str]] = {}
     validity: dict[str, Any] = {}
     if "gender_bias" in tasks:
-        adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, search_args)
+        gender_args = [*search_args, "--source", gender_source, "--answer-form", gender_answer_form]
+        adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender_args)
         run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
-                       task_datasets("gender_bias"), name="gender_bias")
+                       task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias")
         done["gender_bias"] = ["gender_bias"]
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model)
@@ -262,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
     p.add_argument("--model", default="embedded")
     p.add_argument("--search-args", default="", help="extra options of the concept search, e.g. '--sae 6=PATH'")
+    p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
+                   help="where the gender concept comes from (see hf_concept_ablation.directions)")
+    p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
     p.add_argument("--readme", type=Path, default=REPO_README, help="README whose results table is updated")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary, figures and tables from disk")
     return p
@@ -283,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            args.readme))
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
-              shlex.split(args.search_args), args.readme)
+              shlex.split(args.search_args), args.readme, args.gender_source, args.gender_answer_form)
     return 0
 
 

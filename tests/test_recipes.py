@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
 from hf_concept_ablation.attribution import attribute_latents, save_attribution
+from hf_concept_ablation.experiment import random_directions_config
 from hf_concept_ablation.recipe import load_recipe_config
 from hf_concept_ablation.tasks import build_gender_datasets
 
@@ -121,6 +123,27 @@ def test_recipe_settings_are_checked(tiny_setup, tmp_path):
         gender_bias.main(["--config", str(config), "epochs=3"])
     with pytest.raises(ValueError, match=r"'test_only' evaluates the 'none' model"):
         gender_bias.main(["--config", str(config), "conditions=[test_only]"])
+
+
+def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_setup, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    directions = {1: torch.nn.functional.normalize(torch.randn(3, 64), dim=-1), 2: torch.randn(1, 64)}
+    handle = inject_concept_ablation(model, ConceptAblationConfig(layers=[1, 2], mode="projection", directions=directions))
+    handle.save_pretrained(tmp_path / "directions")
+    config = _config(tiny_setup, tmp_path / "out", ["none", "random", "test_only"],
+                     adapter=str(tmp_path / "directions"), attribution=None)
+    runs = {(r["condition"], r["seed"]): r for r in gender_bias.main(["--config", str(config), "seeds=[0,1]"])["runs"]}
+    assert set(runs) == {(c, s) for c in ("none", "random", "test_only") for s in (0, 1)}
+    for seed in (0, 1):
+        ablation = runs[("random", seed)]["ablation"]
+        assert ablation["mode"] == "projection" and ablation["layers"] == [1, 2] and ablation["directions"] == [1, 2]
+    drawn = [random_directions_config(ConceptAblationConfig.from_pretrained(tmp_path / "directions"), s) for s in (0, 0, 1)]
+    assert {k: v.shape for k, v in drawn[0].directions.items()} == {1: (3, 64), 2: (1, 64)}
+    assert torch.allclose(drawn[0].directions[1].norm(dim=-1), torch.ones(3))
+    assert torch.equal(drawn[0].directions[1], drawn[1].directions[1])
+    assert not torch.equal(drawn[0].directions[1], drawn[2].directions[1])
+    with pytest.raises(ValueError, match="'top_k' needs `attribution`"):
+        gender_bias.main(["--config", str(config), "conditions=[top_k]"])
 
 
 def test_numbers_in_exponent_form_are_floats(tmp_path):

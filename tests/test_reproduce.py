@@ -82,3 +82,18 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     assert "`c|a|a` (0.97)" in table
     assert "CAFT 0.45 (beats plain on 50%)" in table and "plain FT 0.30" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
+
+
+def test_reproduce_with_concept_directions_for_gender(tiny_folders, tmp_path):
+    root, search_args = tiny_folders
+    size = reproduce.ReproduceSize(train_size=8, eval_size=4, epochs=1, search_examples=8, min_contrast=0.0,
+                                   training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
+    summary = reproduce.reproduce(tmp_path / "r", size, [0], ["gender_bias"], [], CONDITIONS, model=str(root / "model"),
+                                  search_args=["--layers", "1", "2"], gender_source="concept",
+                                  gender_answer_form="words")
+    assert set(summary) == {"gender_bias"}
+    assert set(summary["gender_bias"]) == set(CONDITIONS) - {"top_k"}  # no attribution table for top-k
+    selection = json.loads((tmp_path / "r" / "search" / "gender_bias" / "selection.json").read_text())
+    assert selection["source"] == "concept" and len(selection["selected"]) == 2 * 2
+    runs = json.loads((tmp_path / "r" / "runs" / "gender_bias.json").read_text())
+    assert runs["runs"][0]["val"]["n"] == 4
