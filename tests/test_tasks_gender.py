@@ -79,6 +79,15 @@ def test_gender_composition_of_each_split(data):
         assert set(r["profession"] for r in rows) == doctors | nurses
 
 
+def test_skyline_trains_on_every_group_with_both_genders(data):
+    skyline = build_gender_datasets(seed=0, skyline=True)
+    rows = skyline["train"].to_list()
+    assert Counter((r["profession_group"], r["gender"]) for r in rows) == {
+        (g, s): len(rows) // 4 for g in ("doctor", "nurse") for s in ("male", "female")}
+    assert {r["template_id"] for r in rows} == set(data["train"]["template_id"])
+    assert skyline["val"]["prompt"] == data["val"]["prompt"] and skyline["ood"]["prompt"] == data["ood"]["prompt"]
+
+
 def test_prompt_format_and_targets_are_exact(data):
     for split in data:
         for row in data[split]:

@@ -59,6 +59,8 @@ SPLIT_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "val": (("doctor", "male"), ("nurse", "female")),
     "ood": (("doctor", "female"), ("nurse", "male")),
 }
+#: the training rule of the skyline: every (group, gender) pair, so only grammar predicts the answer
+SKYLINE_TRAIN_RULE = SPLIT_RULES["train"] + SPLIT_RULES["ood"]
 
 _PLACEHOLDERS = ("{profession}", "{pronoun}")
 
@@ -155,8 +157,13 @@ def build_gender_datasets(
     val_fraction: float = 0.2,
     templates_file: PathLike | None = None,
     answer_form: AnswerForm = "letters",
+    skyline: bool = False,
 ) -> DatasetDict:
     """Build ``train`` (D_amb), ``val`` (D_val) and ``ood`` (D_ood) for the gender task.
+
+    With ``skyline=True`` the training split has every profession group with both genders
+    (:data:`SKYLINE_TRAIN_RULE`, the paper's skyline: can the model learn the intended rule
+    when nothing else predicts the answer?); ``val`` and ``ood`` are unchanged.
 
     Templates are split by template within each case (``val_fraction`` held out;
     ``val`` and ``ood`` share the held-out templates). Every template yields one
@@ -174,7 +181,7 @@ def build_gender_datasets(
         rng = random.Random(f"gender:{seed}:{split}")
         rows = []
         for template in templates:
-            for group, gender in SPLIT_RULES[split]:
+            for group, gender in (SKYLINE_TRAIN_RULE if skyline and split == "train" else SPLIT_RULES[split]):
                 profession = rng.choice(PROFESSION_GROUPS[group])
                 row = make_gender_example(template, profession, gender, rng, answer_form)
                 rows.append({**row, "profession_group": group})
