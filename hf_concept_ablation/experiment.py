@@ -135,9 +135,20 @@ def latents_for_condition(condition: str, table: list[LatentEffect], count: int,
 class ResultsFile:
     """The experiment's JSON results, rewritten atomically after every run."""
 
+    #: settings that must match for runs to be mixed in one file (``adapter`` only where both name one)
+    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter")
+
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
         self.data = json.loads(path.read_text()) if path.exists() else {**header, "runs": []}
+        old, new = self.data.get("config", {}), header["config"]
+        differ = [k for k in self.SAME_SETTINGS if k in old and old[k] != new.get(k)
+                  and not (k == "adapter" and None in (old[k], new.get(k)))]
+        if differ:
+            changes = ", ".join(f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in differ)
+            raise ValueError(f"{path} holds runs made with other settings ({changes}); "
+                             "use another output_dir or delete the file")
+        self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
 
     def done(self, condition: str, seed: int) -> bool:
         return any(r["condition"] == condition and r["seed"] == seed for r in self.data["runs"])

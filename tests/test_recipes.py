@@ -102,6 +102,8 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     again = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
     assert again["runs"] == results["runs"]
     assert "already in" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"other settings \(train_size: 16 there, 12 now\)"):
+        gender_bias.main(["--config", str(config), "train_size=12"])
 
 
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
