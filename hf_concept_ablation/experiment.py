@@ -24,7 +24,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import datasets
 import torch
@@ -203,15 +203,28 @@ def run_experiment(
     *,
     name: str,
     results_path: Path | None = None,
+    siblings: Mapping[str, datasets.DatasetDict] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every (seed, condition) not yet in the results file; return the results data."""
+    """Run every (seed, condition) not yet in the results file; return the results data.
+
+    `siblings` are other tasks with the same training set (e.g. the other intended question
+    of a double multiple-choice pair): each ``none`` model is also evaluated on their splits
+    and recorded in their results files (``<output_dir>/<sibling>.json``), so it is trained once.
+    """
     state = PartialState()
     out_dir = Path(config.output_dir)
-    results = ResultsFile(results_path or out_dir / f"{name}.json",
-                          {"name": name, "config": dataclasses.asdict(config)})
+    header = {"config": dataclasses.asdict(config)}
+    results = ResultsFile(results_path or out_dir / f"{name}.json", {"name": name, **header})
     train = subsample(data["train"], config.train_size)
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
+    sibling_files = {n: ResultsFile(out_dir / f"{n}.json", {"name": n, **header}) for n in siblings or {}}
+    sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
+                     for n, d in (siblings or {}).items()}
+    for n, d in (siblings or {}).items():
+        other = subsample(d["train"], config.train_size)
+        if other["prompt"] != train["prompt"] or other["answer"] != train["answer"]:
+            raise ValueError(f"sibling task {n!r} does not have the same training set as {name!r}")
     preset = PRESETS[config.preset].replace(**config.training)
     table = load_attribution(config.attribution) if config.attribution else None
     caft_config = ConceptAblationConfig.from_pretrained(config.adapter) if config.adapter else None
@@ -220,7 +233,8 @@ def run_experiment(
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
             needs_test_only = condition == "none" and "test_only" in config.conditions and not results.done("test_only", seed)
-            if results.done(condition, seed) and not needs_test_only:
+            pending_siblings = [n for n, f in sibling_files.items() if condition == "none" and not f.done("none", seed)]
+            if results.done(condition, seed) and not needs_test_only and not pending_siblings:
                 progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
                 continue
             why = " again, for test_only" if results.done(condition, seed) else ""
@@ -258,6 +272,12 @@ def run_experiment(
                         save_checkpoint(model, tokenizer, checkpoint_dir(config, name, condition, seed))
                     progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, "
                              f"ood {run['ood']['accuracy']:.3f}")
+                for sibling in pending_siblings:
+                    run = {"condition": condition, "seed": seed, "trained_for": name,
+                           **_evaluate(model, tokenizer, sibling_evals[sibling], config.eval_batch_size, ablated=False)}
+                    sibling_files[sibling].add(run)
+                    progress(f"[{sibling}] {condition} seed {seed} (the model of {name}): "
+                             f"val {run['val']['accuracy']:.3f}, ood {run['ood']['accuracy']:.3f}")
                 if needs_test_only:
                     ConceptAblation.from_pretrained(model, config.adapter)
                     test_only = _evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=True)

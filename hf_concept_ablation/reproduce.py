@@ -118,17 +118,26 @@ def task_datasets(task: str, seed: int = 0, answer_form: str = "letters") -> dat
 
 def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int, model: str = "embedded"
                   ) -> dict[str, dict[str, Any]]:
-    """Plain fine-tuning with `seed` on each combination; write and return ``validity.json``'s content."""
+    """Plain fine-tuning with `seed` on each combination; write and return ``validity.json``'s content.
+
+    The two intended questions of a (first, second) pair share their training set, so each
+    pair is trained once and evaluated on both combinations' splits.
+    """
     path = out / "validity.json"
     validity = json.loads(path.read_text()) if path.is_file() else {}
-    for key in keys:
-        if key in validity:
-            continue
-        config = experiment_config(size, [seed], ["none"], out / "runs", model=model)
-        results = run_experiment(config, task_datasets(key), name=file_name(key))
-        none = results["summary"]["none"]
-        validity[key] = {"seed": seed, "val": none["val"][0], "ood": none["ood"][0],
-                         "valid": none["ood"][0] <= MAX_PLAIN_OOD}
+    todo = [key for key in keys if key not in validity]
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for key in todo:
+        pairs.setdefault(parse_combination_key(key)[:2], []).append(key)
+    config = experiment_config(size, [seed], ["none"], out / "runs", model=model)
+    for first_key, *other_keys in pairs.values():
+        run_experiment(config, task_datasets(first_key), name=file_name(first_key),
+                       siblings={file_name(k): task_datasets(k) for k in other_keys})
+        for key in (first_key, *other_keys):
+            none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
+            index = none["seeds"].index(seed)
+            validity[key] = {"seed": seed, "val": none["val"][index], "ood": none["ood"][index],
+                             "valid": none["ood"][index] <= MAX_PLAIN_OOD}
         if PartialState().is_main_process:
             write_json_atomic(path, validity)
     return validity
@@ -277,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
     p.add_argument("--readme", type=Path, default=REPO_README, help="README whose results table is updated")
     p.add_argument("--report-only", action="store_true", help="only rebuild summary, figures and tables from disk")
+    p.add_argument("--scan-only", action="store_true",
+                   help="only the validity scan of the double multiple-choice combinations (validity.json)")
     return p
 
 
@@ -294,6 +305,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = collect_summary(args.out, tasks)
         print(write_report(args.out, summary, validity, command_line(args.out, size, args.seeds, args.tasks),
                            args.readme))
+        return 0
+    if args.scan_only:
+        validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)
+        for key in combinations:
+            entry = validity[key]
+            print(f"{key}: val {entry['val']:.3f}, OOD {entry['ood']:.3f} -> {'valid' if entry['valid'] else 'dropped'}")
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
               shlex.split(args.search_args), args.readme, args.gender_source, args.gender_answer_form)

@@ -97,3 +97,19 @@ def test_reproduce_with_concept_directions_for_gender(tiny_folders, tmp_path):
     assert selection["source"] == "concept" and len(selection["selected"]) == 2 * 2
     runs = json.loads((tmp_path / "r" / "runs" / "gender_bias.json").read_text())
     assert runs["runs"][0]["val"]["n"] == 4
+
+
+def test_validity_scan_trains_each_pair_once_for_both_intended_questions(tiny_folders, tmp_path, capsys):
+    root, _ = tiny_folders
+    size = reproduce.ReproduceSize(train_size=8, eval_size=4, epochs=1, search_examples=8, min_contrast=0.0,
+                                   training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
+    keys = ["verbs|sentiment|verbs", "verbs|sentiment|sentiment"]
+    validity = reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"))
+    assert set(validity) == set(keys)
+    assert capsys.readouterr().out.count("training none") == 1
+    sibling = json.loads((tmp_path / "runs" / "verbs-sentiment-sentiment.json").read_text())
+    (run,) = sibling["runs"]
+    assert run["trained_for"] == "verbs-sentiment-verbs" and run["ood"]["n"] == 4
+    assert validity["verbs|sentiment|sentiment"]["ood"] == run["ood"]["accuracy"]
+    first = json.loads((tmp_path / "runs" / "verbs-sentiment-verbs.json").read_text())
+    assert first["runs"][0]["val"] == run["val"]  # same model, same D_val

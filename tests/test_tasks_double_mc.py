@@ -139,6 +139,14 @@ def test_metadata_columns_and_determinism(data):
     assert set(other["train"]["question_first"]) != set(data["train"]["question_first"])
 
 
+def test_both_intended_questions_share_the_ambiguous_splits(data):
+    other = build_double_mc_datasets("verbs", "sentiment", "verbs", seed=0)
+    for split in ("train", "val"):
+        assert other[split]["prompt"] == data[split]["prompt"]
+        assert other[split]["answer"] == data[split]["answer"]
+    assert other["ood"]["answer"] != data["ood"]["answer"]
+
+
 def test_every_combination_builds(sources):
     for first, second, intended in ALL_COMBINATIONS:
         data = build_double_mc_datasets(first, second, intended, max_examples=40)

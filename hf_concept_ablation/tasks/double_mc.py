@@ -180,9 +180,11 @@ def build_double_mc_datasets(
         raise ValueError(f"source set names must not contain {KEY_SEPARATOR!r}")
     parts_a = split_questions(load_source_set(first, source_files), splits, seed, first)
     parts_b = split_questions(load_source_set(second, source_files), splits, seed, second)
-    key = combination_key(first, second, intended)
     result = {}
     for split, fraction, a, b in zip(DOUBLE_MC_SPLITS, splits, parts_a, parts_b):
+        # The ambiguous splits do not depend on the intended question, so (first, second, first)
+        # and (first, second, second) share D_amb and D_val: one plain run serves both.
+        key = combination_key(first, second, intended) if split == "ood" else f"{first}{KEY_SEPARATOR}{second}"
         rng = random.Random(f"double_mc:{seed}:{key}:{split}")
         rows = []
         for i, j in _pair_indices(len(a), len(b), max(1, round(max_examples * fraction)), rng):
