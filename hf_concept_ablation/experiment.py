@@ -218,7 +218,8 @@ def run_experiment(
     results = ResultsFile(results_path or out_dir / f"{name}.json", {"name": name, **header})
     train = subsample(data["train"], config.train_size)
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
-    sibling_files = {n: ResultsFile(out_dir / f"{n}.json", {"name": n, **header}) for n in siblings or {}}
+    plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
+    sibling_files = {n: ResultsFile(out_dir / f"{n}.json", {"name": n, **plain_header}) for n in siblings or {}}
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     for n, d in (siblings or {}).items():

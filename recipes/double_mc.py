@@ -66,15 +66,30 @@ def _runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
     return runs
 
 
+def _later_pair_mates(runs: list[tuple[str, datasets.DatasetDict, dict]]) -> dict[str, dict[str, datasets.DatasetDict]]:
+    """For each combination, the later ones of the same (first, second) pair: they share its training set."""
+    def pair(data: datasets.DatasetDict) -> tuple[str, str] | None:
+        row = data["train"][0]
+        return (row["first"], row["second"]) if "first" in row else None  # skyline data has no pair
+
+    mates: dict[str, dict[str, datasets.DatasetDict]] = {}
+    for i, (name, data, _) in enumerate(runs):
+        mates[name] = {other: other_data for other, other_data, _ in runs[i + 1:]
+                       if pair(data) is not None and pair(other_data) == pair(data)}
+    return mates
+
+
 def main(argv: list[str] | None = None) -> dict:
     task, config = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
     unknown = sorted(set(task) - {"mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS})
     if unknown:
         raise ValueError(f"unknown task setting(s) {unknown} for double_mc")
     summary = {}
-    for name, data, changes in _runs(task):
+    runs = _runs(task)
+    mates = _later_pair_mates(runs)
+    for name, data, changes in runs:
         run_config = dataclasses.replace(config, **{k: v for k, v in changes.items() if getattr(config, k) is None})
-        results = run_experiment(run_config, data, name=name)
+        results = run_experiment(run_config, data, name=name, siblings=mates[name])
         summary[name] = results["summary"]
         if PartialState().is_main_process:
             plot_accuracy(results["summary"], Path(config.output_dir) / f"{name}.png", name)

@@ -110,9 +110,13 @@ def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
     summary = double_mc.main(["--config", str(config), "task.mode=skyline", "task.sources=[verbs]"])
     assert set(summary) == {"skyline-verbs"}
-    summary = double_mc.main(["--config", str(config), "task.combinations=[verbs|sentiment|sentiment]"])
-    assert set(summary) == {"verbs-sentiment-sentiment"}
+    summary = double_mc.main(["--config", str(config),
+                              "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"])
+    assert set(summary) == {"verbs-sentiment-sentiment", "verbs-sentiment-verbs"}
     assert (tmp_path / "dmc" / "verbs-sentiment-sentiment.png").is_file()
+    # one plain model serves both intended questions (they share D_amb)
+    (sibling,) = json.loads((tmp_path / "dmc" / "verbs-sentiment-verbs.json").read_text())["runs"]
+    assert sibling["trained_for"] == "verbs-sentiment-sentiment"
 
 
 def test_recipe_settings_are_checked(tiny_setup, tmp_path):
