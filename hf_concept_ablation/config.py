@@ -71,6 +71,12 @@ class ConceptAblationConfig:
         directions: per layer, explicit directions ``[n, d_model]`` (e.g. principal
             components) for ``projection`` mode, instead of SAE latents. Tensors
             are stored in the safetensors file, not in the JSON.
+        centers: per layer, a point ``c`` ``[d_model]`` for ``projection`` mode: the
+            component along the removed span is set to ``c``'s instead of to zero,
+            ``x' = x - ((x - c) @ Q) @ Q.T``. With ``c`` the mean activation this is mean
+            ablation, which keeps the large constant part of a residual-stream direction
+            (zero ablation can move activations far off their distribution). Layers
+            without a center use zero. Tensors are stored in the safetensors file.
         alpha: strength in [0, 1] multiplying the removed part (1 = full ablation).
         skip_token_ids: positions holding these token ids are left alone. ``None``
             means the model's BOS and padding tokens; ``[]`` ablates everywhere.
@@ -88,6 +94,7 @@ class ConceptAblationConfig:
     latents: dict[int, list[int]] = field(default_factory=dict)
     saes: dict[int, SAESource] = field(default_factory=dict)
     directions: dict[int, Any] = field(default_factory=dict, repr=False)
+    centers: dict[int, Any] = field(default_factory=dict, repr=False)
     alpha: float = 1.0
     skip_token_ids: list[int] | None = None
     base_model_name_or_path: str | None = None
@@ -102,6 +109,7 @@ class ConceptAblationConfig:
             int(k): v if isinstance(v, SAESource) else SAESource(**v) for k, v in self.saes.items()
         }
         self.directions = {int(k): v for k, v in self.directions.items()}
+        self.centers = {int(k): v for k, v in self.centers.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -114,7 +122,10 @@ class ConceptAblationConfig:
             raise ValueError(f"layers has duplicates: {self.layers}")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        for name, mapping in (("latents", self.latents), ("saes", self.saes), ("directions", self.directions)):
+        if self.centers and self.mode != "projection":
+            raise ValueError(f"centers apply to mode='projection' only, got mode={self.mode!r}")
+        for name, mapping in (("latents", self.latents), ("saes", self.saes), ("directions", self.directions),
+                              ("centers", self.centers)):
             extra = sorted(set(mapping) - set(self.layers))
             if extra:
                 raise ValueError(f"{name} names layer(s) {extra} that are not in layers={self.layers}")
@@ -142,7 +153,7 @@ class ConceptAblationConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "directions":
+            if f.name in ("directions", "centers"):
                 value = sorted(value)  # only the layers; tensors go to safetensors
             elif f.name == "saes":
                 value = {str(k): dataclasses.asdict(v) for k, v in value.items()}
@@ -152,19 +163,22 @@ class ConceptAblationConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], directions: dict[int, Any] | None = None) -> ConceptAblationConfig:
-        """Build a config from `to_dict` output; unknown fields raise an error naming them."""
+    def from_dict(cls, data: dict[str, Any], directions: dict[int, Any] | None = None,
+                  centers: dict[int, Any] | None = None) -> ConceptAblationConfig:
+        """Build a config from `to_dict` output and the tensors it lists; unknown fields raise an error naming them."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown field(s) {unknown} in concept ablation config; known fields: {sorted(known)}")
         data = dict(data)
-        direction_layers = [int(x) for x in data.pop("directions", [])]
-        directions = directions or {}
-        missing = sorted(set(direction_layers) - set(directions))
-        if missing:
-            raise ValueError(f"config lists explicit directions for layer(s) {missing} but no tensors were given")
-        return cls(**data, directions={k: directions[k] for k in direction_layers})
+        tensors = {}
+        for name, given in (("directions", directions or {}), ("centers", centers or {})):
+            layers = [int(x) for x in data.pop(name, [])]
+            missing = sorted(set(layers) - set(given))
+            if missing:
+                raise ValueError(f"config lists {name} for layer(s) {missing} but no tensors were given")
+            tensors[name] = {k: given[k] for k in layers}
+        return cls(**data, **tensors)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write the config as JSON, atomically."""
@@ -172,16 +186,18 @@ class ConceptAblationConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> ConceptAblationConfig:
-        """Read a saved adapter's config; explicit directions come from its safetensors file (as an orthonormal basis)."""
+        """Read a saved adapter's config; explicit directions (as an orthonormal basis) and centers come from
+        its safetensors file."""
         directory = Path(directory)
         data = cls.read_json(directory / CONFIG_NAME)
-        directions = {}
-        if data.get("directions"):
+        directions, centers = {}, {}
+        if data.get("directions") or data.get("centers"):
             from safetensors import safe_open
 
             with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-                directions = {int(layer): f.get_tensor(f"layers.{layer}.Q").T for layer in data["directions"]}
-        return cls.from_dict(data, directions=directions)
+                directions = {int(layer): f.get_tensor(f"layers.{layer}.Q").T for layer in data.get("directions", [])}
+                centers = {int(layer): f.get_tensor(f"layers.{layer}.center") for layer in data.get("centers", [])}
+        return cls.from_dict(data, directions=directions, centers=centers)
 
     @classmethod
     def read_json(cls, path: str | os.PathLike) -> dict[str, Any]:

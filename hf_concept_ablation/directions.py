@@ -66,11 +66,20 @@ from .interpret.contrast import RULES, combine_with_attribution, contrast_latent
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
 from .model import find_decoder_layers, inject_concept_ablation
-from .pca import concept_directions, contrast_pca, directions_config, pca_directions, save_pca, select_directions
+from .pca import (
+    concept_directions,
+    contrast_pca,
+    directions_config,
+    mean_activations,
+    pca_directions,
+    save_pca,
+    select_directions,
+)
 
 SELECT_BY = ("contrast", "explanation", "union")
 BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
+ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
@@ -304,6 +313,7 @@ def find_pca_directions(
     max_selected: int = 10,
     reduce: str = "mean",
     basis: str = "prompts",
+    ablation: str = "mean",
     batch_size: int = 8,
     progress: bool = True,
 ) -> SearchResult:
@@ -312,9 +322,13 @@ def find_pca_directions(
     ``basis="prompts"``: PCA of activations on D_amb prompts, components chosen by contrast
     (or `indices`). ``basis="concept"``: `concept_directions` of the task's two concept text
     sets (`n_components` per layer), all of them chosen unless `indices` says otherwise.
+    ``ablation="mean"`` sets the removed components to their mean over the D_amb prompts
+    (mean ablation); ``"zero"`` removes them outright.
     """
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = list(task.train["prompt"][: n_texts or len(task.train)])
@@ -348,13 +362,21 @@ def find_pca_directions(
     if chosen:
         how = f"indices {dict(indices)}" if indices is not None else f"|contrast| >= {min_contrast}"
         kind = "PCA" if basis == "prompts" else "concept"
-        config = directions_config(results, chosen, base_model_name_or_path=getattr(model.config, "name_or_path", None),
-                                   description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions ({how})")
+        centers = None
+        if ablation == "mean":
+            centers = ({layer: r.mean for layer, r in results.items()} if basis == "prompts" else
+                       mean_activations(model, tokenizer, prompts, list(chosen), batch_size=batch_size,
+                                        progress=progress))
+        config = directions_config(results, chosen, centers=centers,
+                                   base_model_name_or_path=getattr(model.config, "name_or_path", None),
+                                   description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions "
+                                               f"({how}, {ablation} ablation)")
         _save_adapter(model, config, out)
     report = {
         "task": task.name, "source": "pca" if basis == "prompts" else "concept", "contrast_texts": task.description, "paired_contrast": task.paired,
         "layers": sorted(results),
         "n_texts": len(prompts), "settings": {"n_components": n_components, "min_contrast": min_contrast,
+                                              "ablation": ablation,
                                               "max_selected": max_selected, "reduce": reduce,
                                               "indices": {str(k): list(v) for k, v in indices.items()} if indices else None},
         "selected": selected, "timings": {"total_s": round(time.time() - start, 1)},
@@ -422,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"components per layer (default: 10 for pca, {CONCEPT_COMPONENTS} for concept)")
     p.add_argument("--pca-texts", type=int, default=256)
     p.add_argument("--pca-indices", help="choose components by index, e.g. '6:0,2;9:1'")
+    p.add_argument("--ablation", choices=ABLATIONS, default="mean",
+                   help="pca/concept directions: set their component to its mean over the task prompts, or to zero")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -448,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_components=args.pca_components or (10 if args.source == "pca" else CONCEPT_COMPONENTS),
             n_texts=args.pca_texts,
             indices=_parse_indices(args.pca_indices) if args.pca_indices else None, min_contrast=args.min_contrast,
+            ablation=args.ablation,
             max_selected=args.max_selected, reduce=args.reduce, batch_size=args.batch_size,
         )
     else:

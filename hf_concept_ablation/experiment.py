@@ -289,11 +289,13 @@ def run_experiment(
 
 
 def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:
-    """As many random unit directions per layer as `config` removes there (seeded), in projection mode."""
+    """As many random unit directions per layer as `config` removes there (seeded), in projection mode
+    with the same centers (mean or zero ablation alike)."""
     generator = torch.Generator().manual_seed(seed)
     directions = {layer: torch.nn.functional.normalize(torch.randn(d.shape, generator=generator), dim=-1)
                   for layer, d in sorted(config.directions.items())}
     return ConceptAblationConfig(layers=sorted(directions), mode="projection", directions=directions,
+                                 centers={layer: c for layer, c in config.centers.items() if layer in directions},
                                  base_model_name_or_path=config.base_model_name_or_path,
                                  description=f"random directions, seed {seed}")
 

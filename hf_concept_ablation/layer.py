@@ -8,8 +8,10 @@ are not left alone:
   SAE encode, zeroing of ``S``, decode, plus the (non-detached) error term.
 * ``topk`` (latent mode for TopK SAEs): which latents fire depends on all of them,
   so the full encoder is kept; only ``W_dec[S]`` is used for the removal.
-* ``projection``: ``r(x) = (x @ Q) @ Q.T`` with ``Q`` an orthonormal basis of the
-  directions (SAE decoder rows or explicit directions such as PCA components).
+* ``projection``: ``r(x) = ((x - c) @ Q) @ Q.T`` with ``Q`` an orthonormal basis of the
+  directions (SAE decoder rows or explicit directions such as PCA components) and ``c``
+  a center: zero (zero ablation) or the mean activation (mean ablation: the component
+  along the directions is set to the mean's instead of to zero).
 
 Tensors are buffers (never parameters), non-persistent so they stay out of the
 base model's ``state_dict``; `ConceptAblation.save_pretrained` stores them apart.
@@ -31,7 +33,7 @@ _BUFFERS = {
     "relu": ("W_enc", "b_enc", "b_in", "W_dec"),
     "jumprelu": ("W_enc", "b_enc", "b_in", "W_dec", "threshold"),
     "topk": ("W_enc", "b_enc", "b_in", "W_dec", "latent_ids", "decoder_norm"),
-    "projection": ("Q",),
+    "projection": ("Q", "center"),
 }
 
 
@@ -91,6 +93,8 @@ class ConceptAblationLayer(nn.Module):
         missing = [name for name in _BUFFERS[kind] if name not in tensors]
         if missing:
             raise ValueError(f"ablation kind {kind!r} needs tensors {missing}")
+        if kind == "projection" and "center" not in tensors:  # adapters saved before centers existed
+            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
         if kind == "topk" and not k:
             raise ValueError("a topk ablation needs k, the number of active latents")
         self.kind = kind
@@ -101,13 +105,16 @@ class ConceptAblationLayer(nn.Module):
 
     @classmethod
     def from_sae(
-        cls, sae: SAE, latents: Sequence[int], mode: str, dtype: torch.dtype = torch.float32
+        cls, sae: SAE, latents: Sequence[int], mode: str, dtype: torch.dtype = torch.float32,
+        center: torch.Tensor | None = None,
     ) -> ConceptAblationLayer:
-        """Slice what the ablation of `latents` needs out of a sae-lens SAE."""
+        """Slice what the ablation of `latents` needs out of a sae-lens SAE (`center`: projection mode only)."""
         ids = torch.as_tensor(list(latents), dtype=torch.long, device=sae.W_dec.device)
         W_dec = sae.W_dec.detach()[ids].to(dtype)
         if mode == "projection":
-            return cls("projection", {"Q": orthonormal_basis(W_dec).to(dtype)})
+            return cls.from_directions(W_dec, dtype=dtype, center=center)
+        if center is not None:
+            raise ValueError("a center applies to projection mode only")
         architecture = sae.cfg.architecture()
         b_in = sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
         if architecture in PER_LATENT_ARCHITECTURES:
@@ -137,9 +144,18 @@ class ConceptAblationLayer(nn.Module):
         raise ValueError(f"cannot ablate latents of a {architecture!r} SAE")
 
     @classmethod
-    def from_directions(cls, directions: torch.Tensor, dtype: torch.dtype = torch.float32) -> ConceptAblationLayer:
-        """A projection ablation of explicit directions ``[n, d_model]`` (e.g. principal components)."""
-        return cls("projection", {"Q": orthonormal_basis(directions.detach()).to(dtype)})
+    def from_directions(cls, directions: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        center: torch.Tensor | None = None) -> ConceptAblationLayer:
+        """A projection ablation of explicit directions ``[n, d_model]`` (e.g. principal components).
+
+        `center` ``[d_model]``: the point whose component along the directions is kept (e.g.
+        the mean activation, for mean ablation); None means zero.
+        """
+        q = orthonormal_basis(directions.detach()).to(dtype)
+        center = q.new_zeros(q.shape[0]) if center is None else center.detach().to(q.device, dtype).clone()
+        if center.shape != (q.shape[0],):
+            raise ValueError(f"center has shape {tuple(center.shape)}, expected [{q.shape[0]}] (d_model)")
+        return cls("projection", {"Q": q, "center": center})
 
     @property
     def d_model(self) -> int:
@@ -168,7 +184,7 @@ class ConceptAblationLayer(nn.Module):
     def removed_part(self, x: torch.Tensor) -> torch.Tensor:
         """What the ablation subtracts from `x` at full strength."""
         if self.kind == "projection":
-            return (x @ self.Q) @ self.Q.T
+            return (x @ self.Q - self.center @ self.Q) @ self.Q.T
         return self.latent_activations(x) @ self.W_dec
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

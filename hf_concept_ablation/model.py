@@ -202,7 +202,8 @@ class ConceptAblation:
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             layers[index] = ConceptAblationLayer(**json.loads(meta), tensors=state)
         explicit = {i: m.Q.T for i, m in layers.items() if i in set(data.get("directions", []))}
-        config = ConceptAblationConfig.from_dict(data, directions=explicit)
+        centers = {i: m.center for i, m in layers.items() if i in set(data.get("centers", []))}
+        config = ConceptAblationConfig.from_dict(data, directions=explicit, centers=centers)
         missing = sorted(set(config.layers) - set(layers))
         if missing:
             raise ValueError(f"{weights} has no tensors for layer(s) {missing} named in {CONFIG_NAME}")
@@ -275,7 +276,7 @@ def inject_concept_ablation(
                     f"layer {index}: directions have shape {tuple(directions.shape)}, expected "
                     f"[n, {text_config.hidden_size}]"
                 )
-            layers[index] = ConceptAblationLayer.from_directions(directions)
+            layers[index] = ConceptAblationLayer.from_directions(directions, center=_center(config, index))
             continue
         if index not in saes and index not in config.saes:
             raise ValueError(f"layer {index}: no SAE given (config.saes has none for it and saes= has none)")
@@ -290,8 +291,13 @@ def inject_concept_ablation(
             model_name=config.base_model_name_or_path if config.check_model_name else None,
             source=source,
         )
-        layers[index] = ConceptAblationLayer.from_sae(sae, config.latents[index], config.mode)
+        layers[index] = ConceptAblationLayer.from_sae(sae, config.latents[index], config.mode,
+                                                      center=_center(config, index))
     return ConceptAblation(model, config, _cast_like_model(model, layers, config))
+
+
+def _center(config: ConceptAblationConfig, index: int) -> torch.Tensor | None:
+    return torch.as_tensor(config.centers[index], dtype=torch.float32) if index in config.centers else None
 
 
 def get_concept_ablation(model: nn.Module) -> ConceptAblation | None:

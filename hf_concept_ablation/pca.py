@@ -187,6 +187,31 @@ def pca_directions(
     return results
 
 
+def mean_activations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Any,
+    layers: Sequence[int],
+    *,
+    batch_size: int = 8,
+    max_length: int = 128,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Per layer, the mean output ``[d_model]`` over every counted token (not BOS, not padding) of `texts`."""
+    layers = sorted({int(layer) for layer in layers})
+    sums = {layer: None for layer in layers}
+    count = 0
+    for batch in iter_residuals(model, tokenizer, as_text_list(texts), layers, batch_size=batch_size,
+                                max_length=max_length, desc="mean activations", progress=progress):
+        for layer in layers:
+            total = batch.hidden[layer][batch.keep].double().sum(dim=0)
+            sums[layer] = total if sums[layer] is None else sums[layer] + total
+        count += int(batch.keep.sum())
+    if count == 0:
+        raise ValueError("no counted tokens in the texts: cannot take a mean activation")
+    return {layer: (total / count).float() for layer, total in sums.items()}
+
+
 def concept_directions(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -286,15 +311,20 @@ def directions_config(
     results: Mapping[int, PCAResult],
     chosen: Mapping[int, Sequence[int]],
     *,
+    centers: Mapping[int, torch.Tensor] | None = None,
     base_model_name_or_path: str | None = None,
     description: str = "",
 ) -> ConceptAblationConfig:
-    """A projection-mode `ConceptAblationConfig` removing the chosen components."""
+    """A projection-mode `ConceptAblationConfig` removing the chosen components.
+
+    `centers` (layer -> ``[d_model]``, e.g. from `mean_activations`) makes it a mean ablation.
+    """
     if not chosen:
         raise ValueError("no directions chosen")
     directions = {int(layer): results[layer].components[list(ids)].clone() for layer, ids in chosen.items()}
     return ConceptAblationConfig(
         layers=sorted(directions), mode="projection", directions=directions,
+        centers={layer: centers[layer].clone() for layer in directions} if centers else {},
         base_model_name_or_path=base_model_name_or_path, description=description,
     )
 

@@ -178,6 +178,37 @@ def test_explicit_directions_in_projection_mode(tmp_path):
     torch.testing.assert_close(_logits(again), ablated)
 
 
+def test_mean_ablation_centers_are_saved_and_reloaded(tmp_path):
+    model = make_tiny_model("llama")
+    directions = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(0))
+    centers = {1: torch.randn(HIDDEN, generator=torch.Generator().manual_seed(1)) * 3}
+    config = ConceptAblationConfig(layers=[1, 2], mode="projection", directions={1: directions, 2: directions},
+                                   centers=centers)
+    ablation = inject_concept_ablation(model, config)
+    ablated = _logits(model)
+    ablation.remove()
+    inject_concept_ablation(model, ConceptAblationConfig(layers=[1, 2], mode="projection",
+                                                         directions={1: directions, 2: directions}))
+    assert not torch.allclose(_logits(model), ablated)  # the center matters
+    ablation.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["centers"] == [1]
+    fresh = make_tiny_model("llama")
+    reloaded = ConceptAblation.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(_logits(fresh), ablated)
+    torch.testing.assert_close(reloaded.config.centers[1], centers[1])
+    again = make_tiny_model("llama")
+    inject_concept_ablation(again, ConceptAblationConfig.from_pretrained(tmp_path))
+    torch.testing.assert_close(_logits(again), ablated)
+
+
+def test_centers_need_projection_mode_and_their_layers():
+    with pytest.raises(ValueError, match="centers apply to mode='projection' only"):
+        ConceptAblationConfig(layers=[1], latents={1: [0]}, centers={1: torch.zeros(HIDDEN)})
+    with pytest.raises(ValueError, match=r"centers names layer\(s\) \[3\]"):
+        ConceptAblationConfig(layers=[1], mode="projection", directions={1: torch.ones(1, HIDDEN)},
+                              centers={3: torch.zeros(HIDDEN)})
+
+
 def test_second_injection_is_refused():
     model = make_tiny_model("llama")
     inject_concept_ablation(model, _config(), saes=_saes())

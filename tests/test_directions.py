@@ -11,6 +11,7 @@ from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_
 from hf_concept_ablation import ConceptAblation
 from hf_concept_ablation.directions import TaskData, find_concept_latents, find_pca_directions, main, task_data
 from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
+from hf_concept_ablation.pca import mean_activations
 
 from test_interpret_contrast import PLANTED, _planted_sae, _sets
 
@@ -81,6 +82,13 @@ def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
     handle = ConceptAblation.from_pretrained(model, tmp_path)
     assert handle.config.mode == "projection"
     handle.remove()
+    # mean ablation by default: each layer's center is the mean activation over the task prompts
+    means = mean_activations(model, tokenizer, list(task.train["prompt"][:256]), [1, 2], progress=False)
+    for layer, center in result.config.centers.items():
+        torch.testing.assert_close(center, means[layer], rtol=1e-4, atol=1e-4)
+    zero = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "zero", n_components=4, min_contrast=0.0,
+                               max_selected=2, ablation="zero", progress=False)
+    assert zero.config.centers == {} and zero.report["settings"]["ablation"] == "zero"
 
 
 def test_task_contrasts():

@@ -46,3 +46,29 @@ def test_strength_scales_the_removed_part_and_keep_mask_leaves_positions_alone()
     keep = torch.ones(3, 7, dtype=torch.bool)
     keep[:, 0] = False
     torch.testing.assert_close(layer(x, keep)[:, 0], x[:, 0])
+
+
+def test_mean_ablation_sets_the_component_to_the_centers_and_keeps_the_rest():
+    directions = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    center = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5
+    layer = ConceptAblationLayer.from_directions(directions, dtype=torch.float64, center=center)
+    x = _x()
+    out = layer(x)
+    # along the directions every position now sits where the center does
+    torch.testing.assert_close(out @ directions.T, (center @ directions.T).expand(3, 7, 2))
+    # orthogonal to them nothing moved, and applying it again changes nothing
+    basis = orthonormal_basis(directions)
+    rest = lambda t: t - (t @ basis) @ basis.T  # noqa: E731
+    torch.testing.assert_close(rest(out), rest(x))
+    torch.testing.assert_close(layer(out), out)
+    # a center already orthogonal to the span is the same as zero ablation
+    zero = ConceptAblationLayer.from_directions(directions, dtype=torch.float64)
+    torch.testing.assert_close(
+        ConceptAblationLayer.from_directions(directions, dtype=torch.float64, center=rest(center))(x), zero(x))
+
+
+def test_center_of_the_wrong_size_is_named():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"center has shape \(3,\), expected \[64\]"):
+        ConceptAblationLayer.from_directions(torch.randn(2, HIDDEN), center=torch.zeros(3))

@@ -134,7 +134,9 @@ def test_recipe_settings_are_checked(tiny_setup, tmp_path):
 def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_setup, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
     directions = {1: torch.nn.functional.normalize(torch.randn(3, 64), dim=-1), 2: torch.randn(1, 64)}
-    handle = inject_concept_ablation(model, ConceptAblationConfig(layers=[1, 2], mode="projection", directions=directions))
+    centers = {1: torch.randn(64)}  # mean ablation at layer 1, zero ablation at layer 2
+    handle = inject_concept_ablation(model, ConceptAblationConfig(layers=[1, 2], mode="projection", directions=directions,
+                                                                  centers=centers))
     handle.save_pretrained(tmp_path / "directions")
     config = _config(tiny_setup, tmp_path / "out", ["none", "random", "test_only"],
                      adapter=str(tmp_path / "directions"), attribution=None)
@@ -146,6 +148,7 @@ def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_s
     drawn = [random_directions_config(ConceptAblationConfig.from_pretrained(tmp_path / "directions"), s) for s in (0, 0, 1)]
     assert {k: v.shape for k, v in drawn[0].directions.items()} == {1: (3, 64), 2: (1, 64)}
     assert torch.allclose(drawn[0].directions[1].norm(dim=-1), torch.ones(3))
+    assert set(drawn[0].centers) == {1} and torch.allclose(drawn[0].centers[1], centers[1])
     assert torch.equal(drawn[0].directions[1], drawn[1].directions[1])
     assert not torch.equal(drawn[0].directions[1], drawn[2].directions[1])
     with pytest.raises(ValueError, match="'top_k' needs `attribution`"):
