@@ -5,8 +5,10 @@ For each task, in order:
 1. **concept search** (`hf_concept_ablation.directions`): attribution of the SAE latents on
    ``D_amb``, contrast selection, a saved adapter in ``<out>/search/<task>/``;
 2. **validity scan** (double multiple choice only): plain fine-tuning with the first seed on
-   every requested combination; a combination is kept only when that run's OOD accuracy on
-   the intended question is at most `MAX_PLAIN_OOD` (``<out>/validity.json``);
+   every requested combination; a combination is kept only when that run learned the
+   ambiguous task (validation accuracy at least `MIN_PLAIN_VAL`) and its OOD accuracy on the
+   intended question is at most `MAX_PLAIN_OOD` (``<out>/validity.json``; the verdict is
+   recomputed from the stored accuracies, so it follows these constants);
 3. **experiment**: every condition x seed (`hf_concept_ablation.experiment.run_experiment`),
    one results file per task in ``<out>/runs/`` (the scan's runs are reused, not repeated);
 4. **report**: ``<out>/summary.json``, figures in ``<out>/figures/``, ``<out>/README.md`` and
@@ -38,6 +40,7 @@ from .report import CONDITION_LABELS, plot_accuracy, plot_overview
 from .tasks import ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, parse_combination_key
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
+MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 TASKS = ("gender_bias", "double_mc")
 REPO_README = Path(__file__).resolve().parent.parent / "README.md"
@@ -124,7 +127,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
     pair is trained once and evaluated on both combinations' splits.
     """
     path = out / "validity.json"
-    validity = json.loads(path.read_text()) if path.is_file() else {}
+    validity = read_validity(path)
     todo = [key for key in keys if key not in validity]
     pairs: dict[tuple[str, str], list[str]] = {}
     for key in todo:
@@ -136,11 +139,21 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
         for key in (first_key, *other_keys):
             none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
             index = none["seeds"].index(seed)
-            validity[key] = {"seed": seed, "val": none["val"][index], "ood": none["ood"][index],
-                             "valid": none["ood"][index] <= MAX_PLAIN_OOD}
+            validity[key] = judge({"seed": seed, "val": none["val"][index], "ood": none["ood"][index]})
         if PartialState().is_main_process:
             write_json_atomic(path, validity)
     return validity
+
+
+def judge(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A validity entry with its verdict: ``learned`` (val >= `MIN_PLAIN_VAL`) and ``valid``."""
+    learned = entry["val"] >= MIN_PLAIN_VAL
+    return {**entry, "learned": learned, "valid": learned and entry["ood"] <= MAX_PLAIN_OOD}
+
+
+def read_validity(path: Path) -> dict[str, dict[str, Any]]:
+    """``validity.json`` with every verdict recomputed from its accuracies (empty if there is none)."""
+    return {key: judge(entry) for key, entry in json.loads(path.read_text()).items()} if path.is_file() else {}
 
 
 def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, Any]:
@@ -188,10 +201,14 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
                   + ", ".join(f"{CONDITION_LABELS[c]} {m['ood_mean']:.2f}"
                               + (f" (beats plain on {m['beats_none']:.0%})" if "beats_none" in m else "")
                               for c, m in means.items()) + "."]
-    dropped = sorted(k for k, v in validity.items() if not v["valid"])
-    if dropped:
-        lines += ["", f"Dropped (plain fine-tuning OOD > {MAX_PLAIN_OOD}): "
-                  + ", ".join(f"`{k}` ({validity[k]['ood']:.2f})" for k in dropped) + "."]
+    shortcut_free = sorted(k for k, v in validity.items() if v["learned"] and not v["valid"])
+    if shortcut_free:
+        lines += ["", f"Dropped (plain fine-tuning already reaches OOD > {MAX_PLAIN_OOD}): "
+                  + ", ".join(f"`{k}` ({validity[k]['ood']:.2f})" for k in shortcut_free) + "."]
+    unlearned = sorted(k for k, v in validity.items() if not v["learned"])
+    if unlearned:
+        lines += ["", f"Dropped (plain fine-tuning did not learn the task, val < {MIN_PLAIN_VAL}): "
+                  + ", ".join(f"`{k}` (val {validity[k]['val']:.2f})" for k in unlearned) + "."]
     return "\n".join(lines)
 
 
@@ -299,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
     if args.report_only:
-        validity = json.loads((args.out / "validity.json").read_text()) if (args.out / "validity.json").is_file() else {}
+        validity = read_validity(args.out / "validity.json")
         tasks = {t: (["gender_bias"] if t == "gender_bias" else [k for k in combinations if validity.get(k, {}).get("valid")])
                  for t in args.tasks}
         summary = collect_summary(args.out, tasks)
@@ -310,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)
         for key in combinations:
             entry = validity[key]
-            print(f"{key}: val {entry['val']:.3f}, OOD {entry['ood']:.3f} -> {'valid' if entry['valid'] else 'dropped'}")
+            verdict = "valid" if entry["valid"] else "dropped (not learned)" if not entry["learned"] else "dropped"
+            print(f"{key}: val {entry['val']:.3f}, OOD {entry['ood']:.3f} -> {verdict}")
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
               shlex.split(args.search_args), args.readme, args.gender_source, args.gender_answer_form)

@@ -26,8 +26,9 @@ def tiny_folders(tmp_path_factory):
     return root, search_args
 
 
-def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_path):
+def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_path, monkeypatch):
     root, search_args = tiny_folders
+    monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 0.0)  # one epoch of a tiny random model learns little
     size = reproduce.ReproduceSize(train_size=16, eval_size=8, epochs=1, search_examples=16, min_contrast=0.0,
                                    training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
     readme = tmp_path / "README.md"
@@ -39,8 +40,10 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     validity = json.loads((out / "validity.json").read_text())
     assert set(validity) == set(KEYS)
     for entry in validity.values():
-        assert entry["valid"] == (entry["ood"] <= reproduce.MAX_PLAIN_OOD) and entry["seed"] == 0
+        assert entry["learned"] == (entry["val"] >= reproduce.MIN_PLAIN_VAL) and entry["seed"] == 0
+        assert entry["valid"] == (entry["learned"] and entry["ood"] <= reproduce.MAX_PLAIN_OOD)
     valid = [k for k in KEYS if validity[k]["valid"]]
+    assert valid, validity  # the tiny model must leave something to run CAFT on
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary and set(saved) == {"gender_bias", "double_mc"}
@@ -76,10 +79,12 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     summary = {"gender_bias": {"none": entry(0.1), "caft": entry(0.8)},
                "double_mc": {"a|b|b": {"none": entry(0.2), "caft": entry(0.6)},
                              "b|a|a": {"none": entry(0.4), "caft": entry(0.3)}}}
-    validity = {"a|b|b": {"ood": 0.2, "valid": True}, "b|a|a": {"ood": 0.4, "valid": True},
-                "c|a|a": {"ood": 0.97, "valid": False}}
+    validity = {k: reproduce.judge({"val": val, "ood": ood})
+                for k, val, ood in (("a|b|b", 1.0, 0.2), ("b|a|a", 0.95, 0.4), ("c|a|a", 1.0, 0.97), ("a|c|c", 0.6, 0.3))}
+    assert [v["valid"] for v in validity.values()] == [True, True, False, False]
     table = reproduce.results_markdown(summary, validity, "cmd")
-    assert "`c|a|a` (0.97)" in table
+    assert "OOD > 0.9): `c|a|a` (0.97)." in table
+    assert "did not learn the task, val < 0.9): `a|c|c` (val 0.60)." in table
     assert "CAFT 0.45 (beats plain on 50%)" in table and "plain FT 0.30" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
 
