@@ -194,7 +194,7 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
                  if c in s else "" for c in conditions]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_table_cell(name)} | " + " | ".join(cells) + " |")
     if summary.get("double_mc"):
         means = double_mc_means(summary["double_mc"])
         lines += ["", "Double multiple choice over the valid combinations: mean OOD accuracy "
@@ -210,6 +210,21 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
         lines += ["", f"Dropped (plain fine-tuning did not learn the task, val < {MIN_PLAIN_VAL}): "
                   + ", ".join(f"`{k}` (val {validity[k]['val']:.2f})" for k in unlearned) + "."]
     return "\n".join(lines)
+
+
+def validity_markdown(validity: Mapping[str, Mapping[str, Any]]) -> str:
+    """The validity scan as a table: plain fine-tuning's val and OOD accuracy per combination, and the verdict."""
+    lines = ["| combination (first \\| second \\| intended) | plain val | plain OOD (intended) | verdict |",
+             "|---|---|---|---|"]
+    for key, v in validity.items():
+        verdict = "valid" if v["valid"] else "dropped: not learned" if not v["learned"] else "dropped: no shortcut"
+        lines.append(f"| {_table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def _table_cell(text: str) -> str:
+    """`text` safe inside a Markdown table cell (pipes escaped, also inside code spans)."""
+    return text.replace("|", "\\|")
 
 
 def _named_summaries(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -243,7 +258,8 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
     if summary.get("double_mc"):
         plot_overview(summary["double_mc"], out / "figures" / "double_mc_overview.png")
     table = results_markdown(summary, validity, command)
-    (out / "README.md").write_text(f"# Results\n\n{table}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
+    scan = f"\n\n## Validity scan (seed {next(iter(validity.values()))['seed']})\n\n{validity_markdown(validity)}" if validity else ""
+    (out / "README.md").write_text(f"# Results\n\n{table}{scan}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
     if readme is not None and readme.is_file():
         update_readme(readme, table)
     return table
@@ -325,10 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.scan_only:
         validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)
-        for key in combinations:
-            entry = validity[key]
-            verdict = "valid" if entry["valid"] else "dropped (not learned)" if not entry["learned"] else "dropped"
-            print(f"{key}: val {entry['val']:.3f}, OOD {entry['ood']:.3f} -> {verdict}")
+        print(validity_markdown({key: validity[key] for key in combinations}))
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
               shlex.split(args.search_args), args.readme, args.gender_source, args.gender_answer_form)

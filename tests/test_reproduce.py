@@ -85,6 +85,11 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     table = reproduce.results_markdown(summary, validity, "cmd")
     assert "OOD > 0.9): `c|a|a` (0.97)." in table
     assert "did not learn the task, val < 0.9): `a|c|c` (val 0.60)." in table
+    scan = reproduce.validity_markdown(validity)
+    assert "| `a\\|b\\|b` | 1.00 | 0.20 | valid |" in scan
+    assert "| `c\\|a\\|a` | 1.00 | 0.97 | dropped: no shortcut |" in scan
+    assert "| `a\\|c\\|c` | 0.60 | 0.30 | dropped: not learned |" in scan
+    assert "| `a\\|b\\|b` | 1.00 / 0.20" in table
     assert "CAFT 0.45 (beats plain on 50%)" in table and "plain FT 0.30" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
 
