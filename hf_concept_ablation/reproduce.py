@@ -24,8 +24,9 @@ reused, so an interrupted run (or a run with more seeds) continues where it stop
 from __future__ import annotations
 
 import argparse
-import shlex
+import dataclasses
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -128,6 +129,12 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
     """
     path = out / "validity.json"
     validity = read_validity(path)
+    stamp = {"seed": seed, "model": model, "size": dataclasses.asdict(size)}
+    differ = [key for key in keys if key in validity and {k: validity[key].get(k) for k in stamp} != stamp]
+    if differ:
+        old = {k: validity[differ[0]].get(k) for k in stamp}
+        raise ValueError(f"{path} holds scans made with other settings ({differ[0]}: {old}, now {stamp}); "
+                         "use another --out (e.g. results-full) or delete it")
     todo = [key for key in keys if key not in validity]
     pairs: dict[tuple[str, str], list[str]] = {}
     for key in todo:
@@ -139,7 +146,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
         for key in (first_key, *other_keys):
             none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
             index = none["seeds"].index(seed)
-            validity[key] = judge({"seed": seed, "val": none["val"][index], "ood": none["ood"][index]})
+            validity[key] = judge({**stamp, "val": none["val"][index], "ood": none["ood"][index]})
         if PartialState().is_main_process:
             write_json_atomic(path, validity)
     return validity
