@@ -160,14 +160,18 @@ def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], fl
     return {c: statistics.median(v) for c, v in times.items()}
 
 
-def peak_memory_of(args, mode: str, width: int) -> float:
-    """Peak memory (bytes) of a subprocess running a few steps of one mode."""
+def peak_memory_of(args, mode: str, width: int) -> float | str:
+    """Peak memory (bytes) of a subprocess running a few steps of one mode, or why it failed
+    (e.g. killed for lack of memory: a result too, recorded instead of a ratio)."""
     cmd = [sys.executable, __file__, "--_memory-probe", mode, str(width), "--model", args.model,
            "--batch", str(args.batch), "--seq", str(args.seq), "--layers", *map(str, args.layers)]
     if args.device:
         cmd += ["--device", args.device]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
+        return "out of memory" if killed else f"failed (exit {done.returncode}): {done.stderr.strip()[-200:]}"
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 class PeakRSS:
@@ -255,12 +259,13 @@ def main() -> None:
             "layers": args.layers,
             "batch": f"{args.batch}x{args.seq}" if mode not in ATTRIBUTION_MODES else f"{args.batch} gender prompts",
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
-            "peak_memory_ratio": round(memory[(mode, width)] / memory[base], 4),
+            "peak_memory_ratio": (round(memory[(mode, width)] / memory[base], 4)
+                                  if isinstance(memory[(mode, width)], float) else memory[(mode, width)]),
             "baseline_step_s": round(step[base], 4),
         })
     merge_records(records)
     for r in records:
-        print(f"{r['mode']:>10} width {r['sae_width']:>6}: step x{r['step_time_ratio']:.3f}  memory x{r['peak_memory_ratio']:.3f}")
+        print(f"{r['mode']:>10} width {r['sae_width']:>6}: step x{r['step_time_ratio']:.3f}  memory x{r['peak_memory_ratio']}")
 
 
 if __name__ == "__main__":
