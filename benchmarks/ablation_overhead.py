@@ -8,8 +8,10 @@ and backward pass over the same prompts. Ratios are measured in the same run:
 * step time: all modes run in one process, interleaved round by round, so a change in
   machine load hits every mode alike; the ratio is of medians over rounds;
 * peak memory: each mode runs a few steps in its own subprocess; the ratio is of the
-  processes' peak resident memory during those steps (sampled; on a GPU,
-  ``max_memory_allocated``).
+  processes' peak resident memory during those steps (sampled).
+
+  On a GPU both come from ``max_memory_allocated`` in the timing process itself (each
+  mode's objects are freed before the next is measured), which saves a model load per mode.
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
 weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 262144]
@@ -20,6 +22,7 @@ weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -48,26 +51,27 @@ SHAPES = {
 }
 
 
-def load_bench_model(spec: str, device: str | None):
-    """The model to benchmark: a `load_model` spec, or a name in `SHAPES` (random weights, built on `device`)."""
+def load_bench_model(spec: str, device: str | None, tokenizer_path: str | None = None):
+    """The model to benchmark: a `load_model` spec, or a name in `SHAPES` (random weights, built on
+    `device`, with the tokenizer at `tokenizer_path`, by default the embedded model's)."""
     if spec not in SHAPES:
         return load_model(spec, device=device)
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("embedded"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path("embedded"))
     with torch.device(device or "cpu"):
         model = Gemma2ForCausalLM(Gemma2Config(**SHAPES[spec]))
     model.config.name_or_path = spec
     return model, tokenizer
 
 
-def random_sae(d_in: int, width: int, seed: int) -> JumpReLUSAE:
-    """A JumpReLU SAE with random weights of the given width."""
-    gen = torch.Generator().manual_seed(seed)
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=width))
+def random_sae(d_in: int, width: int, seed: int, device: torch.device) -> JumpReLUSAE:
+    """A JumpReLU SAE with random weights of the given width, made on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=width, device=str(device)))
     with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, width, generator=gen) / d_in**0.5)
-        sae.W_dec.copy_(torch.randn(width, d_in, generator=gen) / width**0.5)
+        sae.W_enc.copy_(torch.randn(d_in, width, generator=gen, device=device) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(width, d_in, generator=gen, device=device) / width**0.5)
         sae.threshold.fill_(0.5)
     return sae
 
@@ -77,7 +81,7 @@ def attach(model, mode: str, width: int, layers: list[int]):
     if mode == "plain":
         return lambda: None
     d_model = model.config.get_text_config().hidden_size
-    saes = {layer: random_sae(d_model, width, seed=layer).to(model.device) for layer in layers}
+    saes = {layer: random_sae(d_model, width, seed=layer, device=model.device) for layer in layers}
     latents = list(range(0, width, width // NUM_LATENTS))[:NUM_LATENTS]
     if mode == "naive":
         _, decoder_layers = find_decoder_layers(model)
@@ -133,7 +137,7 @@ def make_step(model, tokenizer, mode: str, width: int, args):
 
         data = build_gender_datasets()["train"].select(range(args.batch))
         d_model = model.config.get_text_config().hidden_size
-        saes = {l: random_sae(d_model, width, seed=l).to(device) for l in args.layers} if mode == "attribution" else {}
+        saes = {l: random_sae(d_model, width, seed=l, device=device) for l in args.layers} if mode == "attribution" else {}
         return (lambda: attribute_latents(model, tokenizer, data, saes, batch_size=args.batch)), (lambda: None)
     detach = attach(model, mode, width, args.layers)
     batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
@@ -141,10 +145,8 @@ def make_step(model, tokenizer, mode: str, width: int, args):
     return (lambda: train_step(model, optimizer, batch)), detach
 
 
-def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
     """Median step time of each (mode, width), interleaved round by round in this process."""
-    model, tokenizer = load_bench_model(args.model, args.device)
-    model.train()
     device = next(model.parameters()).device
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for round_index in tqdm(range(args.warmup + args.rounds), desc="timing rounds"):
@@ -157,7 +159,27 @@ def time_modes(args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], fl
             if round_index >= args.warmup:
                 times[(mode, width)].append(time.perf_counter() - start)
             detach()
+            del step, detach  # free this mode's SAEs and optimizer state before the next one is built
     return {c: statistics.median(v) for c, v in times.items()}
+
+
+def cuda_peak_memory(model, tokenizer, args, mode: str, width: int) -> float | str:
+    """Peak GPU memory (bytes) of two steps of one mode in this process (model weights included), or
+    "out of memory"."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step, detach = make_step(model, tokenizer, mode, width, args)
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError:
+        return "out of memory"
+    peak = float(torch.cuda.max_memory_allocated())
+    detach()
+    del step, detach
+    return peak
 
 
 def peak_memory_of(args, mode: str, width: int) -> float | str:
@@ -167,6 +189,8 @@ def peak_memory_of(args, mode: str, width: int) -> float | str:
            "--batch", str(args.batch), "--seq", str(args.seq), "--layers", *map(str, args.layers)]
     if args.device:
         cmd += ["--device", args.device]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
@@ -200,15 +224,14 @@ class PeakRSS:
 
 
 def memory_probe(args, mode: str, width: int) -> None:
-    """Print the peak memory of two steps of one mode (run in its own process)."""
-    model, tokenizer = load_bench_model(args.model, args.device)
+    """Print the peak resident memory of two steps of one mode (run in its own process)."""
+    model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
     model.train()
     step, _ = make_step(model, tokenizer, mode, width, args)
     with PeakRSS() as rss:
         for _ in range(2):
             step()
-    device = next(model.parameters()).device
-    print(torch.cuda.max_memory_allocated() if device.type == "cuda" else rss.peak)
+    print(rss.peak)
 
 
 def device_name(device: str | None) -> str:
@@ -229,6 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help=f"a model spec, or one of {sorted(SHAPES)}")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the shape models (default: the embedded model's)")
     parser.add_argument("--widths", type=int, nargs="+", default=[16384, 65536, 262144])
     parser.add_argument("--modes", nargs="+", default=["latent", "projection", "naive", "attribution"])
     parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11, 15])
@@ -243,8 +267,15 @@ def main() -> None:
         return
     configs = [("plain", 0), ("forward_backward", 0)]
     configs += [(m, w) for w in args.widths for m in args.modes]
-    step = time_modes(args, configs)
-    memory = {c: peak_memory_of(args, *c) for c in tqdm(configs, desc="peak memory")}
+    model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
+    model.train()
+    step = time_modes(model, tokenizer, args, configs)
+    if next(model.parameters()).device.type == "cuda":
+        memory = {c: cuda_peak_memory(model, tokenizer, args, *c) for c in tqdm(configs, desc="peak memory")}
+    else:
+        del model
+        gc.collect()
+        memory = {c: peak_memory_of(args, *c) for c in tqdm(configs, desc="peak memory")}
     records = []
     for mode, width in configs:
         if mode not in BASELINE:

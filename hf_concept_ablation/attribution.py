@@ -113,13 +113,23 @@ def attribute_latents(
             handle.remove()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    rows = [
-        LatentEffect(layer, int(i), float(v / len(dataset)))
-        for layer, effects in totals.items()
-        for i, v in enumerate(effects)
-    ]
-    rows.sort(key=lambda r: abs(r.effect), reverse=True)
-    return rows[:top] if top is not None else rows
+    return _ranked(totals, len(dataset), top)
+
+
+def _ranked(totals: Mapping[int, torch.Tensor], count: int, top: int | None) -> list[LatentEffect]:
+    """The latents of `totals` (layer -> summed effects) by descending |mean effect|, ties in layer
+    then latent order; sorted in torch so that only the returned rows become Python objects."""
+    layers = list(totals)
+    if not layers:
+        return []
+    effects = torch.cat([totals[layer] for layer in layers]) / count
+    order = torch.sort(effects.abs(), descending=True, stable=True).indices
+    if top is not None:
+        order = order[:top]
+    starts = torch.tensor([0] + [totals[layer].numel() for layer in layers]).cumsum(0)
+    positions = (torch.searchsorted(starts, order, right=True) - 1).tolist()
+    starts_list, values = starts.tolist(), effects[order].tolist()
+    return [LatentEffect(layers[p], i - starts_list[p], v) for i, p, v in zip(order.tolist(), positions, values)]
 
 
 def save_attribution(rows: Sequence[LatentEffect], path_stem: str | os.PathLike) -> tuple[Path, Path]:

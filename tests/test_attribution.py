@@ -47,3 +47,13 @@ def test_attribution_ranks_like_exact_zero_ablation(tmp_path):
 def test_attribution_rejects_a_dataset_without_the_metric_column():
     with pytest.raises(ValueError, match=r"needs a 'text' column"):
         attribute_latents(make_tiny_model("llama"), make_tiny_tokenizer(), make_tiny_mc_dataset(), {}, metric="loss")
+
+
+def test_attribution_lists_every_latent_once_sorted_and_top_is_a_prefix():
+    model, tokenizer, dataset = make_tiny_model("llama"), make_tiny_tokenizer(), make_tiny_mc_dataset()
+    saes = {2: make_sae("standard", d_sae=48, seed=2), 1: make_sae("standard", d_sae=64, seed=1)}
+    rows = attribute_latents(model, tokenizer, dataset, saes, batch_size=5, top=None)
+    assert sorted((r.layer, r.latent) for r in rows) == [(1, i) for i in range(64)] + [(2, i) for i in range(48)]
+    magnitudes = [abs(r.effect) for r in rows]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+    assert attribute_latents(model, tokenizer, dataset, saes, batch_size=5, top=7) == rows[:7]
