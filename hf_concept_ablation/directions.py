@@ -41,7 +41,12 @@ question type, so set ``a`` is the unintended source set's questions (blanks fil
 the correct answer) and set ``b`` the intended source set's, and the contrast is
 one-sided (``TaskData.two_sided=False``): a latent is chosen only if it fires more on the
 unintended task (``d >= min_contrast``), so latents needed by both tasks, or preferring
-the intended one, are never removed.
+the intended one, are never removed. That is ``contrast="topic"``. With ``contrast="value"``
+the concept is what the unintended question's *answer* says (`answer_value`: positive or
+negative sentiment, the pronoun's gender, the verb's number, the sport): the unintended
+source set's questions are grouped by that value and the contrast is two-sided, between the
+two groups, or for more groups (sports) each group against the rest, a latent scoring its
+largest ``|d|`` over those contrasts (`more_contrasts`; SAE source only).
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ from .attribution import attribute_latents, save_attribution
 from .config import ConceptAblationConfig, SAESource
 from .files import write_json_atomic
 from .interpret.cache import build_activation_cache
-from .interpret.contrast import RULES, combine_with_attribution, contrast_latents, save_contrast
+from .interpret.contrast import RULES, ContrastScore, combine_with_attribution, contrast_latents, save_contrast
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
 from .model import find_decoder_layers, inject_concept_ablation
@@ -77,6 +82,7 @@ from .pca import (
 )
 
 SELECT_BY = ("contrast", "explanation", "union")
+CONTRASTS = ("topic", "value")
 BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
@@ -102,6 +108,8 @@ class TaskData:
     description: str = ""
     two_sided: bool = True  #: both signs of the contrast carry the concept (False: only latents preferring a)
     paired: bool = False  #: concept_a[i] mirrors concept_b[i] (paired effect size)
+    #: further (a, b) text sets; a latent's contrast is its largest |d| over all of them
+    more_contrasts: list[tuple[list[str], list[str]]] = field(default_factory=list)
 
 
 def _fill(question: dict[str, str]) -> str:
@@ -109,12 +117,18 @@ def _fill(question: dict[str, str]) -> str:
     return text.replace("___", question["correct"]) if "___" in text else text
 
 
-def task_data(task: str, seed: int = 0, answer_form: str = "letters") -> TaskData:
+def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic") -> TaskData:
     """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc).
 
-    `answer_form` is that of the training prompts (``"words"`` exists for gender only).
+    `answer_form` is that of the training prompts (``"words"`` exists for gender only);
+    `contrast` (double multiple choice) is ``"topic"`` or ``"value"``.
     """
     from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
+
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+    if contrast != "topic" and not task.startswith("double_mc:"):
+        raise ValueError(f"contrast={contrast!r} is for double multiple choice tasks, not {task!r}")
 
     if task in ("gender_bias", "gender"):
         concept = build_gender_concept_texts()
@@ -128,12 +142,47 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters") -> TaskDat
         first, second, intended = parse_combination_key(task.split(":", 1)[1])
         unintended = second if intended == first else first
         data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form)
+        if contrast == "value":
+            return _value_task_data(task, data["train"], unintended, load_source_set(unintended))
         a = [_fill(q) for q in load_source_set(unintended)]
         b = [_fill(q) for q in load_source_set(intended)]
         return TaskData(task, data["train"], a, b, SOURCE_QUERIES.get(unintended, unintended),
                         f"contrast: unintended '{unintended}' questions vs intended '{intended}' questions",
                         two_sided=False)
     raise ValueError(f"unknown task {task!r}: use 'gender_bias' or 'double_mc:<first>|<second>|<intended>'")
+
+
+def _value_task_data(name: str, train: Any, source: str, questions: Sequence[dict[str, str]]) -> TaskData:
+    """The ``contrast="value"`` `TaskData`: `source`'s questions grouped by `answer_value`."""
+    from .tasks import answer_value
+
+    groups: dict[str, list[str]] = {}
+    for q in questions:
+        groups.setdefault(answer_value(source, q), []).append(_fill(q))
+    values = sorted(groups)
+    if len(values) < 2:
+        raise ValueError(f"a value contrast needs at least two answer values in {source!r}, found {values}")
+    if len(values) == 2:
+        contrasts = [(groups[values[0]], groups[values[1]])]
+    else:
+        contrasts = [(groups[v], [t for w in values if w != v for t in groups[w]]) for v in values]
+    how = " vs ".join(values) if len(values) == 2 else f"each of {', '.join(values)} vs the rest"
+    return TaskData(name, train, *contrasts[0], SOURCE_QUERIES.get(source, source),
+                    f"contrast: the unintended '{source}' question's answer value, {how}",
+                    more_contrasts=contrasts[1:])
+
+
+def _contrast_scores(model, tokenizer, task: TaskData, saes: Mapping[int, SAE], keys: Sequence[tuple[int, int]],
+                     reduce: str, batch_size: int) -> list[ContrastScore]:
+    """Each latent's contrast over the task's text sets: the score with the largest |d| of any of its contrasts."""
+    best: dict[tuple[int, int], ContrastScore] = {}
+    for a, b in [(task.concept_a, task.concept_b), *task.more_contrasts]:
+        for row in contrast_latents(model, tokenizer, a, b, saes, keys, reduce=reduce, paired=task.paired,
+                                    batch_size=batch_size):
+            key = (row.layer, row.latent)
+            if key not in best or abs(row.score) > abs(best[key].score):
+                best[key] = row
+    return sorted(best.values(), key=lambda r: abs(r.score), reverse=True)
 
 
 def default_layers() -> tuple[int, ...]:
@@ -215,8 +264,7 @@ def find_concept_latents(
 
     start = time.time()
     keys = [(r.layer, r.latent) for r in rows]
-    contrast = contrast_latents(model, tokenizer, task.concept_a, task.concept_b, saes, keys, reduce=reduce,
-                                paired=task.paired, batch_size=batch_size)
+    contrast = _contrast_scores(model, tokenizer, task, saes, keys, reduce, batch_size)
     save_contrast(contrast, out / "contrast.json")
     contrast_map = {(c.layer, c.latent): c.score for c in contrast}
     timings["contrast_s"] = time.time() - start
@@ -327,6 +375,9 @@ def find_pca_directions(
     """
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if task.more_contrasts:
+        raise ValueError(f"{task.name}: a contrast of more than two text sets ({task.description}) works with SAE "
+                         "latents only")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
     out = Path(out_dir)
@@ -424,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="task data seed")
     p.add_argument("--answer-form", choices=("letters", "words"), default="letters",
                    help="answer form of the task prompts (words: gender only)")
+    p.add_argument("--contrast", choices=CONTRASTS, default="topic",
+                   help="double MC: contrast the unintended question's topic with the intended one's, or its answer values")
     p.add_argument("--top", type=int, default=100, help="latents kept from attribution")
     p.add_argument("--max-examples", type=int, help="D_amb examples used for attribution (default all)")
     p.add_argument("--rule", choices=RULES, default="threshold")
@@ -459,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import load_model
     from .saes import load_sae
 
-    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form)
+    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast)
     if args.query:
         task.query = args.query
     model, tokenizer = load_model(args.model, device=args.device)

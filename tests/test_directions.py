@@ -10,6 +10,7 @@ import torch
 from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation
 from hf_concept_ablation.directions import TaskData, find_concept_latents, find_pca_directions, main, task_data
+from hf_concept_ablation.tasks import answer_value
 from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
 from hf_concept_ablation.pca import mean_activations
 
@@ -101,6 +102,55 @@ def test_task_contrasts():
     assert all("___" not in t for t in double.concept_a + double.concept_b)
     with pytest.raises(ValueError, match="unknown task"):
         task_data("nope")
+
+
+def test_value_contrast_groups_the_unintended_questions_by_what_their_answer_says():
+    sentiment = task_data("double_mc:verbs|sentiment|verbs", contrast="value")
+    assert sentiment.two_sided and not sentiment.more_contrasts
+    assert "'sentiment' question's answer value, negative vs positive" in sentiment.description
+    assert "sentiment" in sentiment.query and min(len(sentiment.concept_a), len(sentiment.concept_b)) >= 100
+    verbs = task_data("double_mc:verbs|sentiment|sentiment", contrast="value")
+    assert "plural vs singular" in verbs.description
+    pronouns = task_data("double_mc:pronouns|verbs|verbs", contrast="value")
+    assert "female vs male" in pronouns.description and all("___" not in t for t in pronouns.concept_a)
+    sports = task_data("double_mc:sports|verbs|verbs", contrast="value")
+    contrasts = [(sports.concept_a, sports.concept_b), *sports.more_contrasts]
+    assert len(contrasts) == 7  # one sport against the six others, for each sport
+    assert all(sorted(a + b) == sorted(sports.concept_a + sports.concept_b) for a, b in contrasts)
+    with pytest.raises(ValueError, match="for double multiple choice"):
+        task_data("gender_bias", contrast="value")
+    with pytest.raises(ValueError, match="contrast must be one of"):
+        task_data("double_mc:verbs|sentiment|verbs", contrast="colour")
+
+
+@pytest.mark.parametrize(("source", "question", "value"), [
+    ("verbs", {"correct": "is", "incorrect": "are"}, "singular"),
+    ("verbs", {"correct": "were", "incorrect": "was"}, "plural"),
+    ("verbs", {"correct": "looks", "incorrect": "look"}, "singular"),
+    ("verbs", {"correct": "need", "incorrect": "needs"}, "plural"),
+    ("pronouns", {"correct": "him", "incorrect": "her"}, "male"),
+    ("pronouns", {"correct": "She", "incorrect": "he"}, "female"),
+    ("sentiment", {"correct": "negative", "incorrect": "positive"}, "negative"),
+    ("sports", {"correct": "golf", "incorrect": "boxing"}, "golf"),
+])
+def test_answer_value(source, question, value):
+    assert answer_value(source, question) == value
+
+
+def test_search_scores_each_latent_by_its_strongest_contrast(tiny, tmp_path):
+    model, tokenizer, task, saes = tiny
+    half = len(task.concept_b) // 2
+    # the first contrast carries no concept (two halves of the same set); the planted one comes second
+    split = TaskData("tiny", task.train, task.concept_b[:half], task.concept_b[half:], task.query, "two contrasts",
+                     more_contrasts=[(task.concept_a, task.concept_b)])
+    plain = find_concept_latents(model, tokenizer, task, saes, tmp_path / "one", top=512, max_selected=5,
+                                 progress=False)
+    both = find_concept_latents(model, tokenizer, split, saes, tmp_path / "two", top=512, max_selected=5,
+                                progress=False)
+    planted = {(s["layer"], s["latent"]): s["contrast"] for s in plain.selected}[(2, PLANTED)]
+    assert {(s["layer"], s["latent"]): s["contrast"] for s in both.selected}[(2, PLANTED)] == planted
+    with pytest.raises(ValueError, match="SAE latents only"):
+        find_pca_directions(model, tokenizer, split, [1], tmp_path / "pca", progress=False)
 
 
 def test_command_line_on_a_local_model_folder(tmp_path, capsys):

@@ -11,6 +11,7 @@ Every builder returns a :class:`datasets.DatasetDict` whose rows have
 from .double_mc import (
     ALL_COMBINATIONS,
     SOURCE_SETS,
+    answer_value,
     build_double_mc_datasets,
     build_skyline_datasets,
     combination_key,
@@ -52,6 +53,7 @@ __all__ = [
     "GenderTemplate",
     "TaskDataError",
     "answer_strings",
+    "answer_value",
     "build_double_mc_datasets",
     "build_gender_concept_texts",
     "build_gender_datasets",

@@ -79,6 +79,24 @@ def load_source_set(name: str, source_files: Mapping[str, PathLike] | None = Non
     return load_source_file(source_set_path(name))
 
 
+_SINGULAR_VERBS = frozenset({"is", "was", "has"})
+_FEMALE_PRONOUNS = frozenset({"she", "her", "hers", "herself"})
+_MALE_PRONOUNS = frozenset({"he", "him", "his", "himself"})
+
+
+def answer_value(source: str, question: Mapping[str, str]) -> str:
+    """What a question's correct answer says, as far as a shortcut can use it: the verb's number
+    (``singular``/``plural``) for ``verbs``, the pronoun's gender for ``pronouns``, and the answer
+    itself for ``sentiment``, ``sports`` and any other source set."""
+    correct, incorrect = question["correct"].strip().lower(), question["incorrect"].strip().lower()
+    if source == "verbs":
+        singular = correct in _SINGULAR_VERBS or (correct.endswith("s") and not incorrect.endswith("s"))
+        return "singular" if singular else "plural"
+    if source == "pronouns" and correct in _FEMALE_PRONOUNS | _MALE_PRONOUNS:
+        return "female" if correct in _FEMALE_PRONOUNS else "male"
+    return correct
+
+
 def split_questions(
     questions: Sequence[dict[str, str]],
     splits: Sequence[float] = DEFAULT_SPLITS,
