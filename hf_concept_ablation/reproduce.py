@@ -196,17 +196,18 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
     """The results table (validation / OOD accuracy, ablation removed) for the README."""
     conditions = [c for c in CONDITION_LABELS if any(c in s for s in _task_summaries(summary))]
     head = "| task | " + " | ".join(CONDITION_LABELS[c] for c in conditions) + " |"
-    lines = [f"Produced by `{command}`; val / OOD accuracy with the ablation removed, mean over seeds "
-             "(± standard error of OOD).", "", head, "|---" * (len(conditions) + 1) + "|"]
+    lines = [f"Made by `{command}` (from the runs on disk); val / OOD accuracy with the ablation removed, mean over seeds "
+             "(± standard error of OOD; number of seeds in brackets).", "", head, "|---" * (len(conditions) + 1) + "|"]
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
                  if c in s else "" for c in conditions]
         lines.append(f"| {_table_cell(name)} | " + " | ".join(cells) + " |")
     if summary.get("double_mc"):
         means = double_mc_means(summary["double_mc"])
-        lines += ["", "Double multiple choice over the valid combinations: mean OOD accuracy "
-                  + ", ".join(f"{CONDITION_LABELS[c]} {m['ood_mean']:.2f}"
-                              + (f" (beats plain on {m['beats_none']:.0%})" if "beats_none" in m else "")
+        lines += ["", "Double multiple choice, mean OOD accuracy over the valid combinations run so far "
+                  "(how many in brackets; the share where it beats plain fine-tuning on the same combinations): "
+                  + ", ".join(f"{CONDITION_LABELS[c]} {m['ood_mean']:.2f} ({m['n']}"
+                              + (f"; beats plain on {m['beats_none']:.0%}" if "beats_none" in m else "") + ")"
                               for c, m in means.items()) + "."]
     shortcut_free = sorted(k for k, v in validity.items() if v["learned"] and not v["valid"])
     if shortcut_free:
@@ -343,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = {t: (["gender_bias"] if t == "gender_bias" else [k for k in combinations if validity.get(k, {}).get("valid")])
                  for t in args.tasks}
         summary = collect_summary(args.out, tasks)
-        print(write_report(args.out, summary, validity, command_line(args.out, size, args.seeds, args.tasks),
-                           args.readme))
+        command = f"python -m hf_concept_ablation.reproduce --out {args.out} --report-only --tasks {' '.join(args.tasks)}"
+        print(write_report(args.out, summary, validity, command, args.readme))
         return 0
     if args.scan_only:
         validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)

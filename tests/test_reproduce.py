@@ -90,7 +90,7 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     assert "| `c\\|a\\|a` | 1.00 | 0.97 | dropped: no shortcut |" in scan
     assert "| `a\\|c\\|c` | 0.60 | 0.30 | dropped: not learned |" in scan
     assert "| `a\\|b\\|b` | 1.00 / 0.20" in table
-    assert "CAFT 0.45 (beats plain on 50%)" in table and "plain FT 0.30" in table
+    assert "CAFT 0.45 (2; beats plain on 50%)" in table and "plain FT 0.30 (2)" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
 
 
@@ -126,3 +126,19 @@ def test_validity_scan_trains_each_pair_once_for_both_intended_questions(tiny_fo
     other_size = reproduce.ReproduceSize(**{**vars(size), "train_size": 12})
     with pytest.raises(ValueError, match=r"validity.json holds scans made with other settings .*'train_size': 8"):
         reproduce.scan_validity(keys, tmp_path, other_size, seed=0, model=str(root / "model"))
+
+
+def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    summary = {"none": {"val": [1.0, 1.0], "ood": [0.0, 0.2], "val_mean": 1.0, "ood_mean": 0.1, "ood_sem": 0.1}}
+    (runs / "gender_bias.json").write_text(json.dumps({"summary": summary}))
+    readme = tmp_path / "repository_README.md"
+    readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
+    assert reproduce.main(["--out", str(tmp_path), "--report-only", "--tasks", "gender_bias", "--readme", str(readme)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias": summary}
+    text = readme.read_text()
+    assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
+    assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only --tasks gender_bias`" in text
+    assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
+    assert (tmp_path / "figures" / "gender_bias.png").is_file()
