@@ -57,3 +57,4 @@ def test_attribution_lists_every_latent_once_sorted_and_top_is_a_prefix():
     magnitudes = [abs(r.effect) for r in rows]
     assert magnitudes == sorted(magnitudes, reverse=True)
     assert attribute_latents(model, tokenizer, dataset, saes, batch_size=5, top=7) == rows[:7]
+    assert attribute_latents(model, tokenizer, dataset, {}, batch_size=5) == []  # a plain forward and backward

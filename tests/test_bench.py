@@ -1,0 +1,42 @@
+"""The overhead benchmark's machinery runs every mode and writes its records (numbers are not checked here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("ablation_overhead", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_fine_tuning_mode_times_a_step_and_detaches(bench):
+    model, tokenizer = make_tiny_model("llama").train(), make_tiny_tokenizer()
+    args = argparse.Namespace(batch=2, seq=8, layers=[1, 2], rounds=2, warmup=1)
+    configs = [("plain", 0), ("latent", 64), ("projection", 64), ("naive", 64)]
+    times = bench.time_modes(model, tokenizer, args, configs)
+    assert set(times) == set(configs) and all(t > 0 for t in times.values())
+    hooks = [h for layer in model.model.layers for h in (layer._forward_hooks, layer._forward_pre_hooks)]
+    assert not any(hooks)  # every mode removed what it attached
+
+
+def test_records_replace_those_of_the_same_device_model_width_and_mode(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "records.json")
+    record = {"device": "cpu", "model": "m", "sae_width": 16, "mode": "latent", "step_time_ratio": 1.0}
+    other = {**record, "mode": "naive"}
+    bench.merge_records([record, other])
+    bench.merge_records([{**record, "step_time_ratio": 2.0}])
+    saved = json.loads((tmp_path / "records.json").read_text())
+    assert sorted((r["mode"], r["step_time_ratio"]) for r in saved) == [("latent", 2.0), ("naive", 1.0)]
