@@ -52,6 +52,7 @@ largest ``|d|`` over those contrasts (`more_contrasts`; SAE source only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -330,6 +331,7 @@ def find_concept_latents(
         "task": task.name, "source": "sae", "contrast_texts": task.description, "query": task.query,
         "two_sided_contrast": task.two_sided, "paired_contrast": task.paired,
         "layers": sorted(saes), "saes": {str(k): v.describe() for k, v in sae_sources.items()},
+        "sae_sources": {str(k): dataclasses.asdict(v) for k, v in sae_sources.items()},
         "n_attribution_examples": len(train), "settings": {
             "top": top, "rule": rule, "min_contrast": min_contrast, "max_selected": max_selected, "reduce": reduce,
             "select_by": select_by, "explain_top": explain_top if explainer else None,

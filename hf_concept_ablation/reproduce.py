@@ -99,13 +99,19 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
                       adapter: Path | None = None, model: str = "embedded") -> ExperimentConfig:
-    """The `ExperimentConfig` of one task at `size` (``top_k`` is left out when the adapter has no attribution table)."""
+    """The `ExperimentConfig` of one task at `size` (``top_k`` is left out when the adapter has no attribution table).
+
+    ``random`` and ``top_k`` may draw latents at any layer the search attributed, also one where
+    ``caft`` ablates nothing, so every searched layer's SAE source comes from the search's
+    ``selection.json``."""
     attribution = adapter / "attribution.json" if adapter else None
     if attribution is not None and not attribution.is_file():
         attribution = None
         conditions = [c for c in conditions if c != "top_k"]
+    selection = adapter / "selection.json" if adapter else None
+    searched = json.loads(selection.read_text()).get("sae_sources", {}) if selection and selection.is_file() else {}
     return ExperimentConfig(
-        model=model, seeds=list(seeds), conditions=list(conditions),
+        model=model, seeds=list(seeds), conditions=list(conditions), saes=searched,
         training={**({"epochs": size.epochs} if size.epochs else {}), **size.training},
         adapter=str(adapter) if adapter else None,
         attribution=str(attribution) if attribution else None,

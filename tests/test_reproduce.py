@@ -142,3 +142,17 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only --tasks gender_bias`" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
+
+
+def test_random_and_top_k_get_the_sae_of_every_searched_layer(tmp_path):
+    """A search whose chosen latents all sit on layer 3 still lets ``top_k`` use layer 12's SAE."""
+    adapter = tmp_path / "search"
+    adapter.mkdir()
+    sources = {"3": {"release": None, "sae_id": None, "path": "/saes/layer_3"},
+               "12": {"release": None, "sae_id": None, "path": "/saes/layer_12"}}
+    (adapter / "selection.json").write_text(json.dumps({"sae_sources": sources}))
+    (adapter / "attribution.json").write_text("[]")
+    config = reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path / "runs", adapter)
+    assert config.saes == sources and config.conditions == ["none", "top_k"]
+    (adapter / "attribution.json").unlink()
+    assert reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path, adapter).conditions == ["none"]
