@@ -184,7 +184,9 @@ def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, 
 
 
 def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per condition: mean OOD accuracy over combinations and the share where it beats ``none``."""
+    """Per condition: mean OOD accuracy over combinations and the share where it beats ``none``: a higher
+    OOD accuracy *and* the task learned (val >= `MIN_PLAIN_VAL`; a model that learned nothing answers
+    OOD questions at chance, which is no generalization)."""
     means: dict[str, dict[str, float]] = {}
     for condition in CONDITIONS:
         rows = [s for s in per_combination.values() if condition in s]
@@ -193,7 +195,8 @@ def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[st
         entry = {"ood_mean": sum(s[condition]["ood_mean"] for s in rows) / len(rows), "n": len(rows)}
         paired = [s for s in rows if "none" in s]
         if condition != "none" and paired:
-            entry["beats_none"] = sum(s[condition]["ood_mean"] > s["none"]["ood_mean"] for s in paired) / len(paired)
+            entry["beats_none"] = sum(s[condition]["ood_mean"] > s["none"]["ood_mean"]
+                                      and s[condition]["val_mean"] >= MIN_PLAIN_VAL for s in paired) / len(paired)
         means[condition] = entry
     return means
 
@@ -206,12 +209,15 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
              "(± standard error of OOD; number of seeds in brackets).", "", head, "|---" * (len(conditions) + 1) + "|"]
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
-                 if c in s else "" for c in conditions]
+                 + (" †" if s[c]["val_mean"] < MIN_PLAIN_VAL else "") if c in s else "" for c in conditions]
         lines.append(f"| {_table_cell(name)} | " + " | ".join(cells) + " |")
+    lines += ["", f"† val < {MIN_PLAIN_VAL}: the model did not learn the task, so its OOD accuracy is near chance, "
+              "not generalization."]
     if summary.get("double_mc"):
         means = double_mc_means(summary["double_mc"])
         lines += ["", "Double multiple choice, mean OOD accuracy over the valid combinations run so far "
-                  "(how many in brackets; the share where it beats plain fine-tuning on the same combinations): "
+                  "(how many in brackets; the share where it beats plain fine-tuning on the same combinations with val >= "
+                  f"{MIN_PLAIN_VAL}): "
                   + ", ".join(f"{CONDITION_LABELS[c]} {m['ood_mean']:.2f} ({m['n']}"
                               + (f"; beats plain on {m['beats_none']:.0%}" if "beats_none" in m else "") + ")"
                               for c, m in means.items()) + "."]

@@ -91,6 +91,10 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     assert "| `a\\|c\\|c` | 0.60 | 0.30 | dropped: not learned |" in scan
     assert "| `a\\|b\\|b` | 1.00 / 0.20" in table
     assert "CAFT 0.45 (2; beats plain on 50%)" in table and "plain FT 0.30 (2)" in table
+    broken = {"val": [0.5], "ood": [0.55], "val_mean": 0.5, "ood_mean": 0.55, "ood_sem": 0.0}
+    summary["double_mc"]["a|b|b"]["random"] = broken  # learned nothing: chance OOD beats no one
+    table = reproduce.results_markdown(summary, validity, "cmd")
+    assert "0.50 / 0.55 ± 0.00 (1) †" in table and "random latents 0.55 (1; beats plain on 0%)" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
 
 
