@@ -82,18 +82,27 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
                    search_args: Sequence[str] = ()) -> Path:
     """Run (or reuse) the automatic SAE-latent search for `task`; return the adapter folder.
 
+    The folder records the search's options (``search_args.json``); reusing it with other
+    options (another answer form, source or contrast) is refused, naming the folder.
+
     `search_args` are extra `hf_concept_ablation.directions` options (e.g. ``--sae 6=PATH``).
     """
     from . import directions
 
+    args = ["--task", task, "--out", str(out_dir), "--model", model, "--batch-size", "16",
+            "--min-contrast", str(size.min_contrast)]
+    if size.search_examples:
+        args += ["--max-examples", str(size.search_examples)]
+    args += list(search_args)
+    record = out_dir / "search_args.json"
+    if record.is_file() and json.loads(record.read_text()) != args:
+        raise ValueError(f"{out_dir} holds a search made with other options ({json.loads(record.read_text())}, "
+                         f"now {args}); use another --out or delete the folder")
     if not (out_dir / "concept_ablation_config.json").is_file():
-        args = ["--task", task, "--out", str(out_dir), "--model", model, "--batch-size", "16",
-                "--min-contrast", str(size.min_contrast)]
-        if size.search_examples:
-            args += ["--max-examples", str(size.search_examples)]
-        args += list(search_args)
         if directions.main(args) != 0:
             raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
+    if not record.is_file():
+        write_json_atomic(record, args)
     return out_dir
 
 

@@ -160,3 +160,15 @@ def test_random_and_top_k_get_the_sae_of_every_searched_layer(tmp_path):
     assert config.saes == sources and config.conditions == ["none", "top_k"]
     (adapter / "attribution.json").unlink()
     assert reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path, adapter).conditions == ["none"]
+
+
+def test_a_search_folder_is_not_reused_with_other_options(tmp_path):
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "concept_ablation_config.json").write_text("{}")  # a finished search
+    size = reproduce.SIZES["cpu"]
+    assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
+    assert json.loads((out / "search_args.json").read_text())[-2:] == ["--source", "sae"]
+    assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
+    with pytest.raises(ValueError, match="other options"):
+        reproduce.concept_search("gender_bias", out, size, search_args=["--source", "concept"])
