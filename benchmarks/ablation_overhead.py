@@ -169,17 +169,18 @@ def cuda_peak_memory(model, tokenizer, args, mode: str, width: int) -> float | s
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    detach = None
     try:
         step, detach = make_step(model, tokenizer, mode, width, args)
         for _ in range(2):
             step()
         torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated())
     except torch.OutOfMemoryError:
         return "out of memory"
-    peak = float(torch.cuda.max_memory_allocated())
-    detach()
-    del step, detach
-    return peak
+    finally:
+        if detach is not None:
+            detach()  # also after running out of memory, so the next mode starts clean
 
 
 def peak_memory_of(args, mode: str, width: int) -> float | str:
