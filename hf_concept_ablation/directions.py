@@ -68,7 +68,12 @@ from .attribution import attribute_latents, save_attribution
 from .config import ConceptAblationConfig, SAESource
 from .files import write_json_atomic
 from .interpret.cache import build_activation_cache
-from .interpret.contrast import RULES, ContrastScore, combine_with_attribution, contrast_latents, save_contrast
+from .interpret.contrast import (
+    RULES,
+    combine_with_attribution,
+    save_contrast,
+    strongest_contrast_latents,
+)
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
 from .model import find_decoder_layers, inject_concept_ablation
@@ -173,19 +178,6 @@ def _value_task_data(name: str, train: Any, source: str, questions: Sequence[dic
                     more_contrasts=contrasts[1:])
 
 
-def _contrast_scores(model, tokenizer, task: TaskData, saes: Mapping[int, SAE], keys: Sequence[tuple[int, int]],
-                     reduce: str, batch_size: int) -> list[ContrastScore]:
-    """Each latent's contrast over the task's text sets: the score with the largest |d| of any of its contrasts."""
-    best: dict[tuple[int, int], ContrastScore] = {}
-    for a, b in [(task.concept_a, task.concept_b), *task.more_contrasts]:
-        for row in contrast_latents(model, tokenizer, a, b, saes, keys, reduce=reduce, paired=task.paired,
-                                    batch_size=batch_size):
-            key = (row.layer, row.latent)
-            if key not in best or abs(row.score) > abs(best[key].score):
-                best[key] = row
-    return sorted(best.values(), key=lambda r: abs(r.score), reverse=True)
-
-
 def default_layers() -> tuple[int, ...]:
     """Layers of the shipped SAE suite of the embedded model (falls back to (3, 6, 9, 12))."""
     try:
@@ -265,7 +257,8 @@ def find_concept_latents(
 
     start = time.time()
     keys = [(r.layer, r.latent) for r in rows]
-    contrast = _contrast_scores(model, tokenizer, task, saes, keys, reduce, batch_size)
+    contrast = strongest_contrast_latents(model, tokenizer, [(task.concept_a, task.concept_b), *task.more_contrasts],
+                                          saes, keys, reduce=reduce, paired=task.paired, batch_size=batch_size)
     save_contrast(contrast, out / "contrast.json")
     contrast_map = {(c.layer, c.latent): c.score for c in contrast}
     timings["contrast_s"] = time.time() - start

@@ -11,7 +11,13 @@ from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation.attribution import LatentEffect
 from hf_concept_ablation.interpret.activations import iter_residuals
 
-from hf_concept_ablation.interpret.contrast import cohens_d, combine_with_attribution, contrast_latents, paired_d
+from hf_concept_ablation.interpret.contrast import (
+    cohens_d,
+    combine_with_attribution,
+    contrast_latents,
+    paired_d,
+    strongest_contrast_latents,
+)
 
 PLANTED = 123
 CONCEPT_WORDS = ["w50", "w51"]
@@ -93,6 +99,30 @@ def test_combination_rules():
         combine_with_attribution(attribution, {(3, 1): 1.0})
     with pytest.raises(ValueError, match="rule must be"):
         combine_with_attribution(attribution, contrast, rule="vote")
+
+
+def test_strongest_contrast_runs_each_text_once_and_keeps_the_largest_score():
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    saes = {2: _planted_sae(model, tokenizer, 2)}
+    texts_a, texts_b = _sets(seed=0)
+    half = len(texts_b) // 2
+    contrasts = [(texts_b[:half], texts_b[half:]), (texts_a, texts_b), (texts_b, texts_a)]
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    try:
+        merged = strongest_contrast_latents(model, tokenizer, contrasts, saes, batch_size=4)
+    finally:
+        handle.remove()
+    assert sum(seen) == len(set(texts_a + texts_b))  # every distinct text once, not once per contrast
+    separate = [{(r.layer, r.latent): r.score for r in contrast_latents(model, tokenizer, a, b, saes)}
+                for a, b in contrasts]
+    assert len(merged) == 256 and [abs(r.score) for r in merged] == sorted((abs(r.score) for r in merged), reverse=True)
+    for row in merged:
+        strongest = max((scores[(row.layer, row.latent)] for scores in separate), key=abs)
+        assert abs(row.score) == pytest.approx(abs(strongest), rel=1e-4, abs=1e-6)
+    assert (merged[0].layer, merged[0].latent) == (2, PLANTED) and merged[0].score > 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        strongest_contrast_latents(model, tokenizer, [], saes)
 
 
 def test_one_sided_contrast_keeps_only_latents_preferring_the_concept_set():

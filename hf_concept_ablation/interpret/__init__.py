@@ -20,6 +20,7 @@ from .contrast import (
     contrast_latents,
     paired_d,
     save_contrast,
+    strongest_contrast_latents,
 )
 from .dashboard import config_from_selection, neuronpedia_url, render_dashboard, save_selection_config
 from .explain import (
@@ -48,6 +49,7 @@ __all__ = [
     "config_from_selection",
     "contrast_directions",
     "contrast_latents",
+    "strongest_contrast_latents",
     "explain_examples",
     "explain_latents",
     "neuronpedia_url",

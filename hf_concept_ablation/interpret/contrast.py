@@ -143,17 +143,49 @@ def contrast_latents(
 
     `latents`: (layer, latent) pairs to score; ``None`` scores every latent of every SAE.
     """
+    return strongest_contrast_latents(model, tokenizer, [(texts_a, texts_b)], saes, latents, reduce=reduce,
+                                      paired=paired, batch_size=batch_size, max_length=max_length)
+
+
+def strongest_contrast_latents(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    contrasts: Sequence[tuple[Any, Any]],
+    saes: Mapping[int, SAE],
+    latents: Sequence[tuple[int, int]] | None = None,
+    *,
+    reduce: str = "mean",
+    paired: bool = False,
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> list[ContrastScore]:
+    """Each latent's score with the largest ``|d|`` over several ``(a, b)`` text-set pairs, by ``|d|`` descending.
+
+    Every distinct text runs through the model once, however many pairs it is in (one-vs-rest
+    contrasts reuse the same texts).
+    """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
-    texts_a, texts_b = as_text_list(texts_a), as_text_list(texts_b)
+    if not contrasts:
+        raise ValueError("strongest_contrast_latents needs at least one (a, b) pair of text sets")
+    pairs = [(as_text_list(a), as_text_list(b)) for a, b in contrasts]
+    texts = list(dict.fromkeys(t for a, b in pairs for t in (*a, *b)))
+    row_of = {text: i for i, text in enumerate(texts)}
     encoders, order = encoders_for(saes, latents)
 
     def featurize(hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([enc(hidden[layer]) for layer, enc in encoders.items()], dim=-1)
 
-    a = per_text_values(model, tokenizer, texts_a, list(encoders), featurize, reduce, batch_size, max_length, "contrast a")
-    b = per_text_values(model, tokenizer, texts_b, list(encoders), featurize, reduce, batch_size, max_length, "contrast b")
-    return _scores(order, a, b, paired)
+    values = per_text_values(model, tokenizer, texts, list(encoders), featurize, reduce, batch_size, max_length,
+                             "contrast")
+    best: dict[tuple[int, int], ContrastScore] = {}
+    for a, b in pairs:
+        rows = _scores(order, values[[row_of[t] for t in a]], values[[row_of[t] for t in b]], paired)
+        for row in rows:
+            key = (row.layer, row.latent)
+            if key not in best or abs(row.score) > abs(best[key].score):
+                best[key] = row
+    return sorted(best.values(), key=lambda r: abs(r.score), reverse=True)
 
 
 def contrast_directions(
