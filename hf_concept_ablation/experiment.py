@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 import datasets
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
@@ -212,6 +213,10 @@ def run_experiment(
     of a double multiple-choice pair): each ``none`` model is also evaluated on their splits
     and recorded in their results files (``<output_dir>/<sibling>.json``), so it is trained once.
     """
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise ValueError("run_experiment evaluates each trained model on the main process only, which an FSDP-sharded "
+                         "model cannot do (ACCELERATE_USE_FSDP=true): launch the recipes single-process or with DDP "
+                         "(`accelerate launch` without --use_fsdp)")
     state = PartialState()
     out_dir = Path(config.output_dir)
     header = {"config": dataclasses.asdict(config)}

@@ -1,0 +1,92 @@
+"""FSDP2 (``fully_shard``) on two CPU processes (gloo): the ablation's hooks and buffers survive sharding.
+
+Every decoder layer and the whole model are sharded, as accelerate's FSDP2 plugin does with a
+transformer auto-wrap policy; logits and every parameter's gradient must match the unsharded model.
+accelerate itself only applies FSDP on accelerators; the recipes, which evaluate on the main
+process only, refuse an FSDP launch with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
+
+from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
+from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+
+def _ablated_model(mode: str) -> torch.nn.Module:
+    model = make_tiny_model("gemma3").train()
+    if mode == "latent":
+        config = ConceptAblationConfig(layers=[1, 2], latents={1: [3, 5], 2: [7]})
+        inject_concept_ablation(model, config, saes={1: make_sae("jumprelu", seed=1, layer=1),
+                                                     2: make_sae("standard", seed=2, layer=2)})
+    else:
+        directions = {1: torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(1))}
+        inject_concept_ablation(model, ConceptAblationConfig(layers=[1], mode="projection", directions=directions))
+    return model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return make_tiny_tokenizer()(["w1 w2 w3 w4 w9", "w5 w6 w7"], return_tensors="pt", padding=True)
+
+
+def _loss(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(**_batch()).logits
+    return logits, logits.float().pow(2).mean()
+
+
+def _worker(rank: int, port: int, mode: str, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = _ablated_model(mode)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        logits, loss = _loss(model)
+        loss.backward()
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        if rank == 0:
+            results.update(logits=logits.detach(), grads=grads,
+                           enabled=get_concept_ablation(model).config.layers)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["latent", "projection"])
+def test_fully_sharded_ablated_model_matches_the_unsharded_one(mode):
+    reference = _ablated_model(mode)
+    logits, loss = _loss(reference)
+    loss.backward()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(_free_port(), mode, results), nprocs=2, join=True)
+        sharded = dict(results)
+    handle = get_concept_ablation(reference)
+    assert sharded["enabled"] == handle.config.layers
+    torch.testing.assert_close(sharded["logits"], logits.detach(), rtol=1e-5, atol=1e-5)
+    handle.disable()
+    assert not torch.allclose(reference(**_batch()).logits, logits)  # the ablation acts
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(sharded["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_recipes_refuse_an_fsdp_launch(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="ACCELERATE_USE_FSDP=true.*without --use_fsdp"):
+        run_experiment(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), {}, name="gender_bias")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
