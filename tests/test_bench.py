@@ -40,3 +40,15 @@ def test_records_replace_those_of_the_same_device_model_width_and_mode(bench, tm
     bench.merge_records([{**record, "step_time_ratio": 2.0}])
     saved = json.loads((tmp_path / "records.json").read_text())
     assert sorted((r["mode"], r["step_time_ratio"]) for r in saved) == [("latent", 2.0), ("naive", 1.0)]
+
+
+def test_random_sae_is_a_working_sae_lens_sae_with_seeded_weights(bench):
+    import torch
+
+    sae = bench.random_sae(16, 64, seed=3, device=torch.device("cpu"))
+    again = bench.random_sae(16, 64, seed=3, device=torch.device("cpu"))
+    assert sae.device == torch.device("cpu") and sae.cfg.device == "cpu"
+    assert torch.equal(sae.W_enc, again.W_enc) and torch.equal(sae.W_dec, again.W_dec)
+    assert not sae.b_enc.any() and not sae.b_dec.any() and torch.all(sae.threshold == 0.5)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sae.encode(x), torch.relu(x @ sae.W_enc) * (x @ sae.W_enc > 0.5))
