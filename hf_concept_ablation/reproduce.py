@@ -137,18 +137,20 @@ def task_datasets(task: str, seed: int = 0, answer_form: str = "letters") -> dat
 
 def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int, model: str = "embedded"
                   ) -> dict[str, dict[str, Any]]:
-    """Plain fine-tuning with `seed` on each combination; write and return ``validity.json``'s content.
+    """Plain fine-tuning with `seed` on each combination not scanned yet; write and return ``validity.json``'s content.
 
     The two intended questions of a (first, second) pair share their training set, so each
-    pair is trained once and evaluated on both combinations' splits.
+    pair is trained once and evaluated on both combinations' splits. Validity belongs to the
+    combination: an entry scanned with another seed is kept (it records its seed), so a later
+    run of more seeds (``--seeds 1``) does not scan again; one of another model or size is refused.
     """
     path = out / "validity.json"
     validity = read_validity(path)
-    stamp = {"seed": seed, "model": model, "size": dataclasses.asdict(size)}
-    differ = [key for key in keys if key in validity and {k: validity[key].get(k) for k in stamp} != stamp]
+    settings = {"model": model, "size": dataclasses.asdict(size)}
+    differ = [key for key in keys if key in validity and {k: validity[key].get(k) for k in settings} != settings]
     if differ:
-        old = {k: validity[differ[0]].get(k) for k in stamp}
-        raise ValueError(f"{path} holds scans made with other settings ({differ[0]}: {old}, now {stamp}); "
+        old = {k: validity[differ[0]].get(k) for k in settings}
+        raise ValueError(f"{path} holds scans made with other settings ({differ[0]}: {old}, now {settings}); "
                          "use another --out (e.g. results-full) or delete it")
     todo = [key for key in keys if key not in validity]
     pairs: dict[tuple[str, str], list[str]] = {}
@@ -161,7 +163,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
         for key in (first_key, *other_keys):
             none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
             index = none["seeds"].index(seed)
-            validity[key] = judge({**stamp, "val": none["val"][index], "ood": none["ood"][index]})
+            validity[key] = judge({"seed": seed, **settings, "val": none["val"][index], "ood": none["ood"][index]})
         if PartialState().is_main_process:
             write_json_atomic(path, validity)
     return validity

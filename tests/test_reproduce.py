@@ -127,6 +127,8 @@ def test_validity_scan_trains_each_pair_once_for_both_intended_questions(tiny_fo
     assert validity["verbs|sentiment|sentiment"]["ood"] == run["ood"]["accuracy"]
     first = json.loads((tmp_path / "runs" / "verbs-sentiment-verbs.json").read_text())
     assert first["runs"][0]["val"] == run["val"]  # same model, same D_val
+    again = reproduce.scan_validity(keys, tmp_path, size, seed=1, model=str(root / "model"))
+    assert again == validity and "training none" not in capsys.readouterr().out  # kept: validity is per combination
     other_size = reproduce.ReproduceSize(**{**vars(size), "train_size": 12})
     with pytest.raises(ValueError, match=r"validity.json holds scans made with other settings .*'train_size': 8"):
         reproduce.scan_validity(keys, tmp_path, other_size, seed=0, model=str(root / "model"))
