@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping
 import datasets
 import torch
 from accelerate import PartialState
+from torch import nn
 from accelerate.utils import parse_flag_from_env
 
 from .attribution import LatentEffect, load_attribution
@@ -198,6 +200,18 @@ def _evaluate(model, tokenizer, splits: dict[str, datasets.Dataset], batch_size:
     return out
 
 
+def _test_only_run(model: nn.Module, tokenizer: Any, adapter: str | os.PathLike, evals: dict[str, datasets.Dataset],
+                   batch_size: int, seed: int) -> dict[str, Any]:
+    """The ``test_only`` run of a plain model: evaluated with `adapter`'s ablation on, which is then removed."""
+    handle = ConceptAblation.from_pretrained(model, adapter)
+    try:
+        scores = _evaluate(model, tokenizer, evals, batch_size, ablated=True)
+    finally:
+        handle.remove()
+    return {"condition": "test_only", "seed": seed, "val": scores["val_ablated"], "ood": scores["ood_ablated"],
+            "deployed": {k: scores[k] for k in ("val", "ood")}}
+
+
 def run_experiment(
     config: ExperimentConfig,
     data: datasets.DatasetDict,
@@ -205,13 +219,16 @@ def run_experiment(
     name: str,
     results_path: Path | None = None,
     siblings: Mapping[str, datasets.DatasetDict] | None = None,
+    sibling_adapters: Mapping[str, str | os.PathLike] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every (seed, condition) not yet in the results file; return the results data.
 
     `siblings` are other tasks with the same training set (e.g. the other intended question
     of a double multiple-choice pair): each ``none`` model is also evaluated on their splits
-    and recorded in their results files (``<output_dir>/<sibling>.json``), so it is trained once.
+    and recorded in their results files (``<output_dir>/<sibling>.json``), so it is trained once;
+    with ``test_only`` among the conditions, a sibling named in `sibling_adapters` also gets its
+    ``test_only`` run from that model, evaluated with the sibling's own adapter.
     """
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):
         raise ValueError("run_experiment evaluates each trained model on the main process only, which an FSDP-sharded "
@@ -227,6 +244,10 @@ def run_experiment(
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json", {"name": n, **plain_header}) for n in siblings or {}}
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
+    sibling_adapters = dict(sibling_adapters or {})
+    unknown = sorted(set(sibling_adapters) - set(sibling_files))
+    if unknown:
+        raise ValueError(f"sibling_adapters names {unknown}, which are not among the siblings {sorted(sibling_files)}")
     for n, d in (siblings or {}).items():
         other = subsample(d["train"], config.train_size)
         if other["prompt"] != train["prompt"] or other["answer"] != train["answer"]:
@@ -238,9 +259,11 @@ def run_experiment(
                    **{int(k): SAESource(**v) for k, v in config.saes.items()}}
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
-            needs_test_only = condition == "none" and "test_only" in config.conditions and not results.done("test_only", seed)
+            test_only_now = condition == "none" and "test_only" in config.conditions
+            needs_test_only = test_only_now and not results.done("test_only", seed)
             pending_siblings = [n for n, f in sibling_files.items() if condition == "none" and not f.done("none", seed)]
-            if results.done(condition, seed) and not needs_test_only and not pending_siblings:
+            sibling_test_only = [n for n in sibling_adapters if test_only_now and not sibling_files[n].done("test_only", seed)]
+            if results.done(condition, seed) and not needs_test_only and not pending_siblings and not sibling_test_only:
                 progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
                 continue
             why = " again, for test_only" if results.done(condition, seed) else ""
@@ -284,11 +307,11 @@ def run_experiment(
                     sibling_files[sibling].add(run)
                     progress(f"[{sibling}] {condition} seed {seed} (the model of {name}): "
                              f"val {run['val']['accuracy']:.3f}, ood {run['ood']['accuracy']:.3f}")
+                for sibling in sibling_test_only:
+                    sibling_files[sibling].add(_test_only_run(model, tokenizer, sibling_adapters[sibling],
+                                                              sibling_evals[sibling], config.eval_batch_size, seed))
                 if needs_test_only:
-                    ConceptAblation.from_pretrained(model, config.adapter)
-                    test_only = _evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=True)
-                    results.add({"condition": "test_only", "seed": seed, "val": test_only["val_ablated"],
-                                 "ood": test_only["ood_ablated"], "deployed": {k: test_only[k] for k in ("val", "ood")}})
+                    results.add(_test_only_run(model, tokenizer, config.adapter, evals, config.eval_batch_size, seed))
             state.wait_for_everyone()
     return results.data
 

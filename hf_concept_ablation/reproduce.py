@@ -10,7 +10,8 @@ For each task, in order:
    intended question is at most `MAX_PLAIN_OOD` (``<out>/validity.json``; the verdict is
    recomputed from the stored accuracies, so it follows these constants);
 3. **experiment**: every condition x seed (`hf_concept_ablation.experiment.run_experiment`),
-   one results file per task in ``<out>/runs/`` (the scan's runs are reused, not repeated);
+   one results file per task in ``<out>/runs/`` (the scan's runs are reused, not repeated, and
+   the two intended questions of a pair share each plain model and its test-time ablations);
 4. **report**: ``<out>/summary.json``, figures in ``<out>/figures/``, ``<out>/README.md`` and
    the results table of the repository README (between ``<!-- results:start -->`` and
    ``<!-- results:end -->``).
@@ -317,10 +318,18 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model)
         valid = [key for key in combinations if validity[key]["valid"]]
+        pairs: dict[tuple[str, str], list[str]] = {}
         for key in valid:
-            adapter = concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model, search_args)
-            run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
-                           task_datasets(key), name=file_name(key))
+            pairs.setdefault(parse_combination_key(key)[:2], []).append(key)
+        for first_key, *other_keys in pairs.values():  # a pair's plain model is trained once, as in the scan
+            adapters = {key: concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model,
+                                            search_args) for key in (first_key, *other_keys)}
+            for key in (first_key, *other_keys):
+                siblings = other_keys if key == first_key else []
+                run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapters[key], model),
+                               task_datasets(key), name=file_name(key),
+                               siblings={file_name(k): task_datasets(k) for k in siblings},
+                               sibling_adapters={file_name(k): adapters[k] for k in siblings})
         done["double_mc"] = valid
     summary = collect_summary(out, done)
     if state.is_main_process:

@@ -87,9 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {}
     runs = _runs(task)
     mates = _later_pair_mates(runs)
-    for name, data, changes in runs:
-        run_config = dataclasses.replace(config, **{k: v for k, v in changes.items() if getattr(config, k) is None})
-        results = run_experiment(run_config, data, name=name, siblings=mates[name])
+    run_configs = {name: dataclasses.replace(config, **{k: v for k, v in changes.items() if getattr(config, k) is None})
+                   for name, _, changes in runs}
+    for name, data, _ in runs:
+        adapters = {mate: run_configs[mate].adapter for mate in mates[name] if run_configs[mate].adapter}
+        results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters)
         summary[name] = results["summary"]
         if PartialState().is_main_process:
             plot_accuracy(results["summary"], Path(config.output_dir) / f"{name}.png", name)

@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM
 
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
 from hf_concept_ablation.attribution import attribute_latents, save_attribution
-from hf_concept_ablation.experiment import random_directions_config
+from hf_concept_ablation.evaluation import evaluate_multiple_choice
+from hf_concept_ablation.experiment import random_directions_config, subsample
 from hf_concept_ablation.recipe import load_recipe_config
-from hf_concept_ablation.tasks import build_gender_datasets
+from hf_concept_ablation.tasks import build_double_mc_datasets, build_gender_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -117,6 +118,28 @@ def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
     # one plain model serves both intended questions (they share D_amb)
     (sibling,) = json.loads((tmp_path / "dmc" / "verbs-sentiment-verbs.json").read_text())["runs"]
     assert sibling["trained_for"] == "verbs-sentiment-sentiment"
+
+
+def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setup, tmp_path, capsys):
+    config = _config(tiny_setup, tmp_path / "dmc", ["none", "test_only"], train_size=8, eval_size=4)
+    keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
+    summary = double_mc.main(["--config", str(config), keys, "save_models=[none]"])
+    assert capsys.readouterr().out.count("training none") == 1
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        assert set(summary[name]) == {"none", "test_only"}
+        runs = {r["condition"]: r for r in json.loads((tmp_path / "dmc" / f"{name}.json").read_text())["runs"]}
+        assert runs["test_only"]["deployed"]["ood"] == runs["none"]["ood"]  # the same plain model, ablation off
+    # the sibling's test_only run is the saved plain model with the adapter injected, on the sibling's splits
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dmc" / "models" / "verbs-sentiment-sentiment" / "none-seed0")
+    ConceptAblation.from_pretrained(plain, tiny_setup / "adapter")
+    val = subsample(build_double_mc_datasets("verbs", "sentiment", "verbs")["val"], 4)
+    expected = evaluate_multiple_choice(plain, make_tiny_tokenizer(), val, ablation=True)
+    recorded = runs["test_only"]["val"]
+    assert recorded["accuracy"] == expected["accuracy"]
+    assert recorded["logit_diff"] == pytest.approx(expected["logit_diff"], abs=1e-5)
+    assert recorded["logit_diff"] != pytest.approx(runs["test_only"]["deployed"]["val"]["logit_diff"], abs=1e-7)
+    double_mc.main(["--config", str(config), keys])
+    assert "training" not in capsys.readouterr().out  # everything was recorded
 
 
 def test_recipe_settings_are_checked(tiny_setup, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import reproduce
 from hf_concept_ablation.experiment import CONDITIONS
 
-KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs"]
+KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +27,30 @@ def tiny_folders(tmp_path_factory):
     return root, search_args
 
 
-def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_path, monkeypatch):
+def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_path, monkeypatch, capsys):
     root, search_args = tiny_folders
-    monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 0.0)  # one epoch of a tiny random model learns little
+    monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 1e-9)  # one epoch of a tiny random model learns little
+    monkeypatch.setattr(reproduce, "MAX_PLAIN_OOD", 1.0)  # ... so keep every combination it scans
     size = reproduce.ReproduceSize(train_size=16, eval_size=8, epochs=1, search_examples=16, min_contrast=0.0,
                                    training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\n{reproduce.README_MARKERS[0]}\nold table\n{reproduce.README_MARKERS[1]}\n\nmore\n")
     out = tmp_path / "results"
-    summary = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
-                                  search_args=search_args, readme=readme)
+    out.mkdir()
+    dropped = "sentiment|verbs|sentiment"  # scanned before, by the same settings: learned nothing
+    stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
+    (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))
+    summary = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, [*KEYS, dropped], CONDITIONS,
+                                  model=str(root / "model"), search_args=search_args, readme=readme)
 
     validity = json.loads((out / "validity.json").read_text())
-    assert set(validity) == set(KEYS)
+    assert set(validity) == {*KEYS, dropped} and not validity.pop(dropped)["valid"]
+    assert not (out / "search" / reproduce.file_name(dropped)).exists()
     for entry in validity.values():
         assert entry["learned"] == (entry["val"] >= reproduce.MIN_PLAIN_VAL) and entry["seed"] == 0
         assert entry["valid"] == (entry["learned"] and entry["ood"] <= reproduce.MAX_PLAIN_OOD)
     valid = [k for k in KEYS if validity[k]["valid"]]
-    assert valid, validity  # the tiny model must leave something to run CAFT on
+    assert valid == KEYS, validity
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary and set(saved) == {"gender_bias", "double_mc"}
@@ -58,14 +65,18 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
         runs = json.loads((out / "runs" / f"{reproduce.file_name(key)}.json").read_text())["runs"]
         assert sum(r["condition"] == "none" and r["seed"] == 0 for r in runs) == 1
         assert saved["double_mc"][key]["none"]["ood"][0] == validity[key]["ood"]
-    for key in set(KEYS) - set(valid):
-        assert not (out / "search" / reproduce.file_name(key)).exists()
+    # the pair's second intended question got every plain model, and its test-time ablations, from the first's
+    mate = json.loads((out / "runs" / "verbs-sentiment-verbs.json").read_text())["runs"]
+    plain = [r for r in mate if r["condition"] in ("none", "test_only")]
+    assert len(plain) == 4 and all(r.get("trained_for") == "verbs-sentiment-sentiment" for r in plain
+                                   if r["condition"] == "none")
+    assert capsys.readouterr().out.count("[verbs-sentiment-verbs] training none") == 0
 
     assert (out / "figures" / "gender_bias.png").stat().st_size > 5000
-    if valid:
-        assert (out / "figures" / "double_mc_overview.png").stat().st_size > 5000
+    assert (out / "figures" / "double_mc_overview.png").stat().st_size > 5000
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# Title") and text.endswith("more\n")
+    assert "did not learn the task, val < 1e-09): `sentiment|verbs|sentiment` (val 0.00)" in text
     assert "| gender bias |" in text and "python -m hf_concept_ablation.reproduce" in text
     assert (out / "README.md").read_text().count("| gender bias |") == 1
 
