@@ -30,8 +30,8 @@ from typing import Any, Callable, Mapping
 import datasets
 import torch
 from accelerate import PartialState
-from torch import nn
 from accelerate.utils import parse_flag_from_env
+from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback

@@ -136,6 +136,14 @@ def task_datasets(task: str, seed: int = 0, answer_form: str = "letters") -> dat
     return build_double_mc_datasets(*parse_combination_key(task), seed=seed)
 
 
+def by_pair(keys: Sequence[str]) -> list[list[str]]:
+    """`keys` grouped by their (first, second) question pair, which shares one training set; in order."""
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        pairs.setdefault(parse_combination_key(key)[:2], []).append(key)
+    return list(pairs.values())
+
+
 def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int, model: str = "embedded"
                   ) -> dict[str, dict[str, Any]]:
     """Plain fine-tuning with `seed` on each combination not scanned yet; write and return ``validity.json``'s content.
@@ -153,12 +161,8 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
         old = {k: validity[differ[0]].get(k) for k in settings}
         raise ValueError(f"{path} holds scans made with other settings ({differ[0]}: {old}, now {settings}); "
                          "use another --out (e.g. results-full) or delete it")
-    todo = [key for key in keys if key not in validity]
-    pairs: dict[tuple[str, str], list[str]] = {}
-    for key in todo:
-        pairs.setdefault(parse_combination_key(key)[:2], []).append(key)
     config = experiment_config(size, [seed], ["none"], out / "runs", model=model)
-    for first_key, *other_keys in pairs.values():
+    for first_key, *other_keys in by_pair([key for key in keys if key not in validity]):
         run_experiment(config, task_datasets(first_key), name=file_name(first_key),
                        siblings={file_name(k): task_datasets(k) for k in other_keys})
         for key in (first_key, *other_keys):
@@ -318,10 +322,7 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model)
         valid = [key for key in combinations if validity[key]["valid"]]
-        pairs: dict[tuple[str, str], list[str]] = {}
-        for key in valid:
-            pairs.setdefault(parse_combination_key(key)[:2], []).append(key)
-        for first_key, *other_keys in pairs.values():  # a pair's plain model is trained once, as in the scan
+        for first_key, *other_keys in by_pair(valid):  # a pair's plain model is trained once, as in the scan
             adapters = {key: concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model,
                                             search_args) for key in (first_key, *other_keys)}
             for key in (first_key, *other_keys):
