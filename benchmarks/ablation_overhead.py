@@ -82,12 +82,17 @@ def random_sae(d_in: int, width: int, seed: int, device: torch.device) -> JumpRe
     return sae
 
 
-def attach(model, mode: str, width: int, layers: list[int]):
-    """Attach one benchmark mode to `model`; returns a function that detaches it."""
+def random_saes(model, width: int, layers: list[int]) -> dict[int, JumpReLUSAE]:
+    """One seeded random SAE of `width` per layer, on the model's device."""
+    d_model = model.config.get_text_config().hidden_size
+    return {layer: random_sae(d_model, width, seed=layer, device=model.device) for layer in layers}
+
+
+def attach(model, mode: str, width: int, layers: list[int], saes: dict[int, JumpReLUSAE] | None = None):
+    """Attach one benchmark mode to `model` (with `saes`, or new random ones); returns a function that detaches it."""
     if mode == "plain":
         return lambda: None
-    d_model = model.config.get_text_config().hidden_size
-    saes = {layer: random_sae(d_model, width, seed=layer, device=model.device) for layer in layers}
+    saes = saes or random_saes(model, width, layers)
     latents = list(range(0, width, width // NUM_LATENTS))[:NUM_LATENTS]
     if mode == "naive":
         _, decoder_layers = find_decoder_layers(model)
@@ -127,10 +132,11 @@ def _sync(device) -> None:
 
 
 ATTRIBUTION_MODES = ("forward_backward", "attribution")
+UNHOOKED = ("plain", "forward_backward")  #: modes that use no SAE
 BASELINE = {"latent": "plain", "projection": "plain", "naive": "plain", "attribution": "forward_backward"}
 
 
-def make_step(model, tokenizer, mode: str, width: int, args):
+def make_step(model, tokenizer, mode: str, width: int, args, saes: dict[int, JumpReLUSAE] | None = None):
     """A zero-argument function running one step of `mode`, and a function undoing its set-up.
 
     Fine-tuning modes run a CAFT training step on a random-token batch; ``forward_backward``
@@ -142,10 +148,9 @@ def make_step(model, tokenizer, mode: str, width: int, args):
         from hf_concept_ablation.tasks import build_gender_datasets
 
         data = build_gender_datasets()["train"].select(range(args.batch))
-        d_model = model.config.get_text_config().hidden_size
-        saes = {l: random_sae(d_model, width, seed=l, device=device) for l in args.layers} if mode == "attribution" else {}
+        saes = (saes or random_saes(model, width, args.layers)) if mode == "attribution" else {}
         return (lambda: attribute_latents(model, tokenizer, data, saes, batch_size=args.batch)), (lambda: None)
-    detach = attach(model, mode, width, args.layers)
+    detach = attach(model, mode, width, args.layers, saes)
     batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # real step cost; weights stay put
     return (lambda: train_step(model, optimizer, batch)), detach
@@ -154,15 +159,17 @@ def make_step(model, tokenizer, mode: str, width: int, args):
 def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
     """Median step time of each (mode, width), interleaved round by round in this process.
 
-    Each round builds the mode, runs one untimed step, then times the next one: the
-    steady-state step, not the first one, which allocates the optimizer state right after the
-    set-up has freed gigabytes of SAE weights (262k wide).
+    Each width's random SAEs are built once and kept through the rounds (at 262k they are
+    gigabytes: building and freeing them between timed steps made the CPU timings swing with
+    the allocator, latent mode 1.10x one run and 0.54x the next). Each round attaches the mode,
+    runs one untimed step (it allocates the optimizer state), then times the next one.
     """
     device = next(model.parameters()).device
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    saes = {w: random_saes(model, w, args.layers) for w in sorted({w for m, w in configs if m not in UNHOOKED})}
     for round_index in tqdm(range(args.warmup + args.rounds), desc="timing rounds"):
         for mode, width in configs:
-            step, detach = make_step(model, tokenizer, mode, width, args)
+            step, detach = make_step(model, tokenizer, mode, width, args, saes.get(width))
             step()  # untimed: allocates optimizer state and settles the allocator after the set-up's frees
             _sync(device)
             start = time.perf_counter()
@@ -171,7 +178,7 @@ def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[t
             if round_index >= args.warmup:
                 times[(mode, width)].append(time.perf_counter() - start)
             detach()
-            del step, detach  # free this mode's SAEs and optimizer state before the next one is built
+            del step, detach  # free this mode's optimizer state before the next one is built
     return {c: statistics.median(v) for c, v in times.items()}
 
 
