@@ -159,10 +159,10 @@ def make_step(model, tokenizer, mode: str, width: int, args, saes: dict[int, Jum
 def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
     """Median step time of each (mode, width), interleaved round by round in this process.
 
-    Each width's random SAEs are built once and kept through the rounds (at 262k they are
-    gigabytes: building and freeing them between timed steps made the CPU timings swing with
-    the allocator, latent mode 1.10x one run and 0.54x the next). Each round attaches the mode,
-    runs one untimed step (it allocates the optimizer state), then times the next one.
+    Each width's random SAEs are built once, before the rounds, and kept (at 262k they are
+    gigabytes; a run that built them each round gave latent mode 0.54x, against 1.10x and 1.12x
+    otherwise). Each round attaches the mode, runs one untimed step (it allocates the optimizer
+    state), then times the next one.
     """
     device = next(model.parameters()).device
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
@@ -170,7 +170,7 @@ def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[t
     for round_index in tqdm(range(args.warmup + args.rounds), desc="timing rounds"):
         for mode, width in configs:
             step, detach = make_step(model, tokenizer, mode, width, args, saes.get(width))
-            step()  # untimed: allocates optimizer state and settles the allocator after the set-up's frees
+            step()  # untimed: the first step allocates the optimizer state
             _sync(device)
             start = time.perf_counter()
             step()
