@@ -107,6 +107,11 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     table = reproduce.results_markdown(summary, validity, "cmd")
     assert "0.50 / 0.55 ± 0.00 (1) †" in table and "random latents 0.55 (1; beats plain on 0%)" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
+    flipped = {"val": [1.0, 1.0], "ood": [0.85, 1.0], "val_mean": 1.0, "ood_mean": 0.925, "ood_sem": 0.075}
+    summary["double_mc"]["b|a|a"]["none"] = flipped  # valid by its first seed, not by the mean of both
+    table = reproduce.results_markdown(summary, validity, "cmd")
+    assert "CAFT 0.60 (1; beats plain on 100%)" in table and "plain FT 0.20 (1)" in table
+    assert "averaged over its seeds): `b|a|a` (1.00 / 0.93, 2 seeds)." in table
 
 
 def test_reproduce_with_concept_directions_for_gender(tiny_folders, tmp_path):
