@@ -31,10 +31,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_concept_ablation import ConceptAblationConfig, find_decoder_layers, inject_concept_ablation
 from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
@@ -51,7 +53,8 @@ SHAPES = {
 }
 
 
-def load_bench_model(spec: str, device: str | None, tokenizer_path: str | None = None):
+def load_bench_model(spec: str, device: str | None, tokenizer_path: str | None = None
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model to benchmark: a `load_model` spec, or a name in `SHAPES` (random weights, built on
     `device`, with the tokenizer at `tokenizer_path`, by default the embedded model's)."""
     if spec not in SHAPES:
@@ -82,13 +85,14 @@ def random_sae(d_in: int, width: int, seed: int, device: torch.device) -> JumpRe
     return sae
 
 
-def random_saes(model, width: int, layers: list[int]) -> dict[int, JumpReLUSAE]:
+def random_saes(model: PreTrainedModel, width: int, layers: list[int]) -> dict[int, JumpReLUSAE]:
     """One seeded random SAE of `width` per layer, on the model's device."""
     d_model = model.config.get_text_config().hidden_size
     return {layer: random_sae(d_model, width, seed=layer, device=model.device) for layer in layers}
 
 
-def attach(model, mode: str, width: int, layers: list[int], saes: dict[int, JumpReLUSAE] | None = None):
+def attach(model: PreTrainedModel, mode: str, width: int, layers: list[int],
+           saes: dict[int, JumpReLUSAE] | None = None) -> Callable[[], object]:
     """Attach one benchmark mode to `model` (with `saes`, or new random ones); returns a function that detaches it."""
     if mode == "plain":
         return lambda: None
@@ -111,13 +115,14 @@ def attach(model, mode: str, width: int, layers: list[int], saes: dict[int, Jump
     return ablation.remove
 
 
-def make_batch(vocab: int, batch: int, seq: int, device) -> dict:
+def make_batch(vocab: int, batch: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A fixed random-token batch; the label is the last token (the loss is taken at the last position)."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(10, vocab, (batch, seq), generator=gen).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, -1]}
 
 
-def train_step(model, optimizer, batch) -> None:
+def train_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> None:
     """One fine-tuning step with the CAFT loss (cross-entropy at the last position)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1).logits
     loss = torch.nn.functional.cross_entropy(logits[:, -1].float(), batch["labels"])
@@ -126,7 +131,7 @@ def train_step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _sync(device) -> None:
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -136,7 +141,8 @@ UNHOOKED = ("plain", "forward_backward")  #: modes that use no SAE
 BASELINE = {"latent": "plain", "projection": "plain", "naive": "plain", "attribution": "forward_backward"}
 
 
-def make_step(model, tokenizer, mode: str, width: int, args, saes: dict[int, JumpReLUSAE] | None = None):
+def make_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode: str, width: int,
+              args: argparse.Namespace, saes: dict[int, JumpReLUSAE] | None = None) -> tuple[Callable[[], object], Callable[[], object]]:
     """A zero-argument function running one step of `mode`, and a function undoing its set-up.
 
     Fine-tuning modes run a CAFT training step on a random-token batch; ``forward_backward``
@@ -156,7 +162,8 @@ def make_step(model, tokenizer, mode: str, width: int, args, saes: dict[int, Jum
     return (lambda: train_step(model, optimizer, batch)), detach
 
 
-def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
+def time_modes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace,
+               configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
     """Median step time of each (mode, width), interleaved round by round in this process.
 
     Each width's random SAEs are built once, before the rounds, and kept (at 262k they are
@@ -182,7 +189,8 @@ def time_modes(model, tokenizer, args, configs: list[tuple[str, int]]) -> dict[t
     return {c: statistics.median(v) for c, v in times.items()}
 
 
-def cuda_peak_memory(model, tokenizer, args, mode: str, width: int) -> float | str:
+def cuda_peak_memory(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace,
+                     mode: str, width: int) -> float | str:
     """Peak GPU memory (bytes) of two steps of one mode in this process (model weights included), or
     "out of memory"."""
     gc.collect()
@@ -202,7 +210,7 @@ def cuda_peak_memory(model, tokenizer, args, mode: str, width: int) -> float | s
             detach()  # also after running out of memory, so the next mode starts clean
 
 
-def peak_memory_of(args, mode: str, width: int) -> float | str:
+def peak_memory_of(args: argparse.Namespace, mode: str, width: int) -> float | str:
     """Peak memory (bytes) of a subprocess running a few steps of one mode, or why it failed
     (e.g. killed for lack of memory: a result too, recorded instead of a ratio)."""
     cmd = [sys.executable, __file__, "--_memory-probe", mode, str(width), "--model", args.model,
@@ -243,7 +251,7 @@ class PeakRSS:
         self._thread.join()
 
 
-def memory_probe(args, mode: str, width: int) -> None:
+def memory_probe(args: argparse.Namespace, mode: str, width: int) -> None:
     """Print the peak resident memory of two steps of one mode (run in its own process)."""
     model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
     model.train()
@@ -255,6 +263,7 @@ def memory_probe(args, mode: str, width: int) -> None:
 
 
 def device_name(device: str | None) -> str:
+    """The device as recorded in the results (GPU name, or CPU architecture, cores and torch threads)."""
     if device and device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -269,6 +278,7 @@ def merge_records(new: list[dict]) -> None:
 
 
 def main() -> None:
+    """Time every (mode, width), measure its peak memory, and merge the ratios into the results file."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help=f"a model spec, or one of {sorted(SHAPES)}")
     parser.add_argument("--device", default=None)

@@ -47,7 +47,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,6 +57,9 @@ from tqdm.auto import tqdm
 from .config import SAESource
 from .layer import keep_positions, layer_hidden, special_token_ids, with_layer_hidden
 from .model import find_decoder_layers
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 # --------------------------------------------------------------------------- the shipped suite
 
@@ -364,7 +367,7 @@ def train_sae(
     out_dir: str | os.PathLike,
     cfg: SAETrainingConfig,
     checkpoint_dir: str | os.PathLike | None = None,
-):
+) -> SAE:
     """Train one SAE on ``acts`` (``[n, d_in]``, raw activations of ``layer``); save it to ``out_dir``.
 
     Checkpoints go to ``checkpoint_dir`` (default ``<out_dir>/checkpoints``); if
