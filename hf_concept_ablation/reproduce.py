@@ -246,13 +246,12 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
                   + ", ".join(f"{CONDITION_LABELS[c]} {m['ood_mean']:.2f} ({m['n']}"
                               + (f"; beats plain on {m['beats_none']:.0%}" if "beats_none" in m else "") + ")"
                               for c, m in means.items()) + "."]
-        by_mean = [key for key, s in summary["double_mc"].items() if key not in valid]
-        if by_mean:
+        left_out = {key: s["none"] for key, s in summary["double_mc"].items() if key not in valid}
+        if left_out:
             lines += ["", "Left out of these means (valid by the scan's seed, but not with plain fine-tuning's val / OOD "
                       "averaged over its seeds): " + ", ".join(
-                          f"`{k}` ({summary['double_mc'][k]['none']['val_mean']:.2f} / "
-                          f"{summary['double_mc'][k]['none']['ood_mean']:.2f}, "
-                          f"{len(summary['double_mc'][k]['none']['ood'])} seeds)" for k in by_mean) + "."]
+                          f"`{k}` ({p['val_mean']:.2f} / {p['ood_mean']:.2f}, {len(p['ood'])} seeds)"
+                          for k, p in left_out.items()) + "."]
     shortcut_free = sorted(k for k, v in validity.items() if v["learned"] and not v["valid"])
     if shortcut_free:
         lines += ["", f"Dropped (plain fine-tuning already reaches OOD > {MAX_PLAIN_OOD}): "
