@@ -11,7 +11,11 @@ For each task, in order:
    recomputed from the stored accuracies, so it follows these constants);
 3. **experiment**: every condition x seed (`hf_concept_ablation.experiment.run_experiment`),
    one results file per task in ``<out>/runs/`` (the scan's runs are reused, not repeated, and
-   the two intended questions of a pair share each plain model and its test-time ablations);
+   the two intended questions of a pair share each plain model and its test-time ablations).
+   Every plain model is also evaluated on its pair's dropped combination, so validity is judged
+   again on plain fine-tuning's accuracies averaged over all seeds (`plain_verdicts`): a
+   combination the scan's seed dropped but the mean admits is studied too, and the report's
+   means keep only the combinations valid by the mean;
 4. **report**: ``<out>/summary.json``, figures in ``<out>/figures/``, ``<out>/README.md`` and
    the results table of the repository README (between ``<!-- results:start -->`` and
    ``<!-- results:end -->``).
@@ -185,6 +189,25 @@ def read_validity(path: Path) -> dict[str, dict[str, Any]]:
     return {key: judge(entry) for key, entry in json.loads(path.read_text()).items()} if path.is_file() else {}
 
 
+def plain_verdicts(out: Path, validity: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each scanned combination judged on plain fine-tuning's val / OOD averaged over all its seeds in
+    ``<out>/runs/`` (``seeds`` lists them); the scan's entry where no runs file has plain results."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for key, entry in validity.items():
+        path = out / "runs" / f"{file_name(key)}.json"
+        plain = json.loads(path.read_text()).get("summary", {}).get("none") if path.is_file() else None
+        verdicts[key] = (judge({**entry, "val": plain["val_mean"], "ood": plain["ood_mean"], "seeds": plain["seeds"]})
+                         if plain else {**entry, "seeds": [entry["seed"]]})
+    return verdicts
+
+
+def studied_combinations(keys: Sequence[str], validity: Mapping[str, Mapping[str, Any]],
+                         verdicts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The `keys` that get every condition: valid by the scan's seed or by the mean of the plain seeds
+    (the report's means keep only the latter, `valid_by_plain_mean`)."""
+    return [k for k in keys if k in validity and (validity[k]["valid"] or verdicts[k]["valid"])]
+
+
 def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, Any]:
     """``summary.json``: task -> (combination ->) condition -> per-seed ``val``/``ood`` and means."""
     def read(name: str) -> dict[str, Any]:
@@ -225,8 +248,9 @@ def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[st
     return means
 
 
-def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], command: str) -> str:
-    """The results table (validation / OOD accuracy, ablation removed) for the README."""
+def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], command: str) -> str:
+    """The results table (validation / OOD accuracy, ablation removed) for the README; `verdicts`
+    (`plain_verdicts`) name the scanned combinations left out of it."""
     conditions = [c for c in CONDITION_LABELS if any(c in s for s in _task_summaries(summary))]
     head = "| task | " + " | ".join(CONDITION_LABELS[c] for c in conditions) + " |"
     lines = [f"Made by `{command}` (from the runs on disk); val / OOD accuracy with the ablation removed, mean over seeds "
@@ -248,18 +272,19 @@ def results_markdown(summary: Mapping[str, Any], validity: Mapping[str, Any], co
                               for c, m in means.items()) + "."]
         left_out = {key: s["none"] for key, s in summary["double_mc"].items() if key not in valid}
         if left_out:
-            lines += ["", "Left out of these means (valid by the scan's seed, but not with plain fine-tuning's val / OOD "
+            lines += ["", "Left out of these means (studied, but not valid with plain fine-tuning's val / OOD "
                       "averaged over its seeds): " + ", ".join(
                           f"`{k}` ({p['val_mean']:.2f} / {p['ood_mean']:.2f}, {len(p['ood'])} seeds)"
                           for k, p in left_out.items()) + "."]
-    shortcut_free = sorted(k for k, v in validity.items() if v["learned"] and not v["valid"])
+    dropped = {k: v for k, v in verdicts.items() if k not in (summary.get("double_mc") or {})}
+    shortcut_free = sorted(k for k, v in dropped.items() if v["learned"])
     if shortcut_free:
         lines += ["", f"Dropped (plain fine-tuning already reaches OOD > {MAX_PLAIN_OOD}): "
-                  + ", ".join(f"`{k}` ({validity[k]['ood']:.2f})" for k in shortcut_free) + "."]
-    unlearned = sorted(k for k, v in validity.items() if not v["learned"])
+                  + ", ".join(f"`{k}` ({dropped[k]['ood']:.2f}{_seed_count(dropped[k])})" for k in shortcut_free) + "."]
+    unlearned = sorted(k for k, v in dropped.items() if not v["learned"])
     if unlearned:
         lines += ["", f"Dropped (plain fine-tuning did not learn the task, val < {MIN_PLAIN_VAL}): "
-                  + ", ".join(f"`{k}` (val {validity[k]['val']:.2f})" for k in unlearned) + "."]
+                  + ", ".join(f"`{k}` (val {dropped[k]['val']:.2f}{_seed_count(dropped[k])})" for k in unlearned) + "."]
     return "\n".join(lines)
 
 
@@ -271,6 +296,11 @@ def validity_markdown(validity: Mapping[str, Mapping[str, Any]]) -> str:
         verdict = "valid" if v["valid"] else "dropped: not learned" if not v["learned"] else "dropped: no shortcut"
         lines.append(f"| {_table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
     return "\n".join(lines)
+
+
+def _seed_count(verdict: Mapping[str, Any]) -> str:
+    """", N seeds" for a verdict on the mean of several seeds, else nothing."""
+    return f", {len(verdict['seeds'])} seeds" if len(verdict.get("seeds", ())) > 1 else ""
 
 
 def _table_cell(text: str) -> str:
@@ -308,7 +338,7 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
         plot_accuracy(s, out / "figures" / f"{file_name(name.strip('`')).replace(' ', '_')}.png", name.strip("`"))
     if summary.get("double_mc"):
         plot_overview(summary["double_mc"], out / "figures" / "double_mc_overview.png")
-    table = results_markdown(summary, validity, command)
+    table = results_markdown(summary, plain_verdicts(out, validity), command)
     scan = f"\n\n## Validity scan (seed {next(iter(validity.values()))['seed']})\n\n{validity_markdown(validity)}" if validity else ""
     (out / "README.md").write_text(f"# Results\n\n{table}{scan}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
     if readme is not None and readme.is_file():
@@ -336,17 +366,23 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
         done["gender_bias"] = ["gender_bias"]
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model)
-        valid = [key for key in combinations if validity[key]["valid"]]
-        for first_key, *other_keys in by_pair(valid):  # a pair's plain model is trained once, as in the scan
-            adapters = {key: concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model,
-                                            search_args) for key in (first_key, *other_keys)}
-            for key in (first_key, *other_keys):
-                siblings = other_keys if key == first_key else []
-                run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapters[key], model),
-                               task_datasets(key), name=file_name(key),
-                               siblings={file_name(k): task_datasets(k) for k in siblings},
-                               sibling_adapters={file_name(k): adapters[k] for k in siblings})
-        done["double_mc"] = valid
+        studied: list[str] = []
+        # plain runs of a pair judge its dropped combination again, which may admit it: study until nothing is new
+        while pending := [k for k in studied_combinations(combinations, validity, plain_verdicts(out, validity))
+                          if k not in studied]:
+            studied += pending
+            for first_key, *other_keys in by_pair(pending):  # a pair's plain model is trained once, as in the scan
+                adapters = {key: concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model,
+                                                search_args) for key in (first_key, *other_keys)}
+                pair = parse_combination_key(first_key)[:2]
+                unstudied = [k for k in combinations if parse_combination_key(k)[:2] == pair and k not in studied]
+                for key in (first_key, *other_keys):
+                    siblings = [*other_keys, *unstudied] if key == first_key else []
+                    run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapters[key], model),
+                                   task_datasets(key), name=file_name(key),
+                                   siblings={file_name(k): task_datasets(k) for k in siblings},
+                                   sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters})
+        done["double_mc"] = [k for k in combinations if k in studied]
     summary = collect_summary(out, done)
     if state.is_main_process:
         write_report(out, summary, validity, command_line(out, size, seeds, tasks), readme)
@@ -389,8 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
     if args.report_only:
         validity = read_validity(args.out / "validity.json")
-        tasks = {t: (["gender_bias"] if t == "gender_bias" else [k for k in combinations if validity.get(k, {}).get("valid")])
-                 for t in args.tasks}
+        studied = studied_combinations(combinations, validity, plain_verdicts(args.out, validity))
+        tasks = {t: (["gender_bias"] if t == "gender_bias" else studied) for t in args.tasks}
         summary = collect_summary(args.out, tasks)
         command = f"python -m hf_concept_ablation.reproduce --out {args.out} --report-only --tasks {' '.join(args.tasks)}"
         print(write_report(args.out, summary, validity, command, args.readme))

@@ -37,7 +37,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     readme.write_text(f"# Title\n\n{reproduce.README_MARKERS[0]}\nold table\n{reproduce.README_MARKERS[1]}\n\nmore\n")
     out = tmp_path / "results"
     out.mkdir()
-    dropped = "sentiment|verbs|sentiment"  # scanned before, by the same settings: learned nothing
+    dropped = "pronouns|verbs|pronouns"  # scanned before, by the same settings: learned nothing (and no pair here)
     stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
     (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))
     summary = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, [*KEYS, dropped], CONDITIONS,
@@ -76,7 +76,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     assert (out / "figures" / "double_mc_overview.png").stat().st_size > 5000
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# Title") and text.endswith("more\n")
-    assert "did not learn the task, val < 1e-09): `sentiment|verbs|sentiment` (val 0.00)" in text
+    assert "did not learn the task, val < 1e-09): `pronouns|verbs|pronouns` (val 0.00)" in text
     assert "| gender bias |" in text and "python -m hf_concept_ablation.reproduce" in text
     assert (out / "README.md").read_text().count("| gender bias |") == 1
 
@@ -92,9 +92,10 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
                              "b|a|a": {"none": entry(0.4), "caft": entry(0.3)}}}
     validity = {k: reproduce.judge({"val": val, "ood": ood})
                 for k, val, ood in (("a|b|b", 1.0, 0.2), ("b|a|a", 0.95, 0.4), ("c|a|a", 1.0, 0.97), ("a|c|c", 0.6, 0.3))}
-    assert [v["valid"] for v in validity.values()] == [True, True, False, False]
+    validity["a|d|d"] = reproduce.judge({"val": 1.0, "ood": 0.95, "seeds": [0, 1, 2]})
+    assert [v["valid"] for v in validity.values()] == [True, True, False, False, False]
     table = reproduce.results_markdown(summary, validity, "cmd")
-    assert "OOD > 0.9): `c|a|a` (0.97)." in table
+    assert "OOD > 0.9): `a|d|d` (0.95, 3 seeds), `c|a|a` (0.97)." in table
     assert "did not learn the task, val < 0.9): `a|c|c` (val 0.60)." in table
     scan = reproduce.validity_markdown(validity)
     assert "| `a\\|b\\|b` | 1.00 | 0.20 | valid |" in scan
@@ -112,6 +113,34 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     table = reproduce.results_markdown(summary, validity, "cmd")
     assert "CAFT 0.60 (1; beats plain on 100%)" in table and "plain FT 0.20 (1)" in table
     assert "averaged over its seeds): `b|a|a` (1.00 / 0.93, 2 seeds)." in table
+
+
+def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_when_it_passes(tiny_folders, tmp_path,
+                                                                                          monkeypatch):
+    root, search_args = tiny_folders
+    monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 1e-9)
+    monkeypatch.setattr(reproduce, "MAX_PLAIN_OOD", 1.0)
+    size = reproduce.ReproduceSize(train_size=8, eval_size=4, epochs=1, search_examples=8, min_contrast=0.0,
+                                   training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
+    out = tmp_path / "results"
+    out.mkdir()
+    kept, dropped = "verbs|sentiment|verbs", "verbs|sentiment|sentiment"  # one pair: one training set
+    stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
+    (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))  # the scan's verdict
+    summary = reproduce.reproduce(out, size, [0, 1], ["double_mc"], [kept, dropped], ["none", "caft"],
+                                  model=str(root / "model"), search_args=search_args, readme=None)
+
+    assert not reproduce.read_validity(out / "validity.json")[dropped]["valid"]  # the scan's record is kept
+    verdict = reproduce.plain_verdicts(out, reproduce.read_validity(out / "validity.json"))[dropped]
+    assert verdict["valid"] and verdict["seeds"] == [0, 1] and verdict["val"] > 0  # the mean of the pair's plain models
+    assert list(summary["double_mc"]) == [kept, dropped]  # so it is studied, with every condition and seed
+    runs = json.loads((out / "runs" / f"{reproduce.file_name(dropped)}.json").read_text())["runs"]
+    assert sorted((r["condition"], r["seed"]) for r in runs) == [("caft", 0), ("caft", 1), ("none", 0), ("none", 1)]
+    assert all(r["trained_for"] == reproduce.file_name(kept) for r in runs if r["condition"] == "none")
+    assert (out / "search" / reproduce.file_name(dropped) / "concept_ablation_config.json").is_file()
+    kept_runs = json.loads((out / "runs" / f"{reproduce.file_name(kept)}.json").read_text())["runs"]
+    assert sum(r["condition"] == "none" and r["seed"] == 0 for r in kept_runs) == 1
+    assert "Dropped" not in (out / "README.md").read_text()
 
 
 def test_reproduce_with_concept_directions_for_gender(tiny_folders, tmp_path):
