@@ -1,14 +1,9 @@
 """Train sae-lens SAEs on the residual stream of any transformers causal LM, fully offline.
 
-Three steps, each usable alone:
+The whole pipeline (:func:`train_saes`, also the CLI) has three steps, each usable alone:
 
-1. :func:`cache_activations` runs the model once over a text corpus and stores
-   the residual stream after every requested decoder layer (the output of
-   layer ``L``, i.e. ``hidden_states[L + 1]``, sae-lens hook
-   ``blocks.{L}.hook_resid_post``) as float16 safetensors shards. BOS and
-   padding positions are left out (BOS has a huge norm and would wreck
-   training). The forward pass stops after the deepest requested layer.
-   Resumable: finished shards are kept and their texts are skipped.
+1. :func:`~hf_concept_ablation.activation_store.cache_activations` stores the residual stream
+   of a text corpus after every requested layer (``activation_store``);
 2. :func:`train_sae` trains one sae-lens SAE (TopK or JumpReLU) on one layer's
    cached activations with sae-lens's own `SAETrainer` (no wandb, no
    TransformerLens), with a tqdm progress bar and checkpoints; rerunning after
@@ -17,19 +12,9 @@ Three steps, each usable alone:
    into the weights at the end, so the saved SAE takes raw activations.
    The result is saved in sae-lens format (``cfg.json`` +
    ``sae_weights.safetensors``, float16 by default) with ``hook_name`` and
-   ``model_name`` in its metadata.
-3. :func:`evaluate_sae` measures quality on held-out text:
-
-   - explained variance: ``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2``
-     over all (non-BOS, non-padding) tokens, ``mean`` the mean activation of
-     those tokens;
-   - L0: the mean number of non-zero latents per token;
-   - cross-entropy loss recovered: ``(CE_zero - CE_sae) / (CE_zero - CE_clean)``,
-     where ``CE_clean`` is the model's next-token loss, ``CE_sae`` the loss with
-     the layer's output replaced by the SAE reconstruction, and ``CE_zero`` the
-     loss with the layer's output replaced by zeros, in each case at non-BOS,
-     non-padding positions only. The loss is the token mean over every
-     position whose target is a real token.
+   ``model_name`` in its metadata;
+3. :func:`~hf_concept_ablation.sae_quality.evaluate_sae` measures explained variance, L0 and
+   cross-entropy loss recovered on held-out text (``sae_quality``).
 
 The suite shipped with the package (:data:`SHIPPED_LAYERS`, found by
 :func:`shipped_sae_source`) was made with this module; see ``docs/saes.md``.
@@ -45,18 +30,15 @@ import math
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm.auto import tqdm
 
+from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
 from .config import SAESource
-from .layer import keep_positions, layer_hidden, special_token_ids, with_layer_hidden
-from .model import find_decoder_layers
+from .sae_quality import SAEQuality, evaluate_sae
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -85,212 +67,6 @@ def shipped_sae_source(layer: int) -> SAESource:
 def hook_name(layer: int) -> str:
     """sae-lens hook name of the residual stream after decoder layer ``layer``."""
     return f"blocks.{layer}.hook_resid_post"
-
-
-# --------------------------------------------------------------------------- model plumbing
-
-
-class _StopForward(Exception):
-    pass
-
-
-def tokenize_chunks(tokenizer: Any, texts: Iterable[str], context_size: int) -> Iterator[list[int]]:
-    """Token ids of each text, cut into pieces of at most ``context_size`` tokens, each starting with BOS."""
-    bos = tokenizer.bos_token_id
-    body = context_size - (1 if bos is not None else 0)
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), body):
-            piece = ids[start : start + body]
-            if len(piece) >= 2:
-                yield ([bos] if bos is not None else []) + piece
-
-
-def _pad_batch(chunks: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(c) for c in chunks)
-    ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunks), width), dtype=torch.long)
-    for i, c in enumerate(chunks):
-        ids[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
-    return ids, mask
-
-
-def _keep_mask(ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> torch.Tensor:
-    """True at real tokens that are neither BOS nor padding (and never at position 0)."""
-    keep = keep_positions(ids, mask, special_token_ids(tokenizer))
-    keep[:, 0] = False
-    return keep
-
-
-@torch.no_grad()
-def residual_activations(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, layers: Sequence[int]
-) -> dict[int, torch.Tensor]:
-    """Residual stream after each layer in ``layers``: ``{layer: [batch, seq, d_model]}``.
-
-    The forward pass is stopped after the deepest requested layer.
-    """
-    blocks = find_decoder_layers(model)[1]
-    captured: dict[int, torch.Tensor] = {}
-    last = max(layers)
-
-    def make_hook(layer: int):
-        def hook(module, args, output):
-            captured[layer] = layer_hidden(output).detach()
-            if layer == last:
-                raise _StopForward
-
-        return hook
-
-    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
-# --------------------------------------------------------------------------- activation cache
-
-
-def cache_activations(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    layers: Sequence[int],
-    out_dir: str | os.PathLike,
-    max_tokens: int,
-    context_size: int = 128,
-    batch_size: int = 16,
-    shard_tokens: int = 32768,
-    dtype: torch.dtype = torch.float16,
-    group_texts: int = 64,
-) -> Path:
-    """Store the residual stream at ``layers`` for up to ``max_tokens`` kept tokens of ``texts``.
-
-    Writes ``shard_00000.safetensors``, ... (one tensor ``layer_{L}`` of shape
-    ``[n_tokens, d_model]`` per layer) and ``manifest.json``. Rerunning with the
-    same arguments continues after the last finished shard. Texts are read in
-    groups of ``group_texts`` whose chunks are sorted by length (little padding);
-    a shard is written once ``shard_tokens`` are buffered, at a group boundary.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    settings = {"layers": list(layers), "context_size": context_size, "max_tokens": max_tokens,
-                "n_texts": len(texts), "dtype": str(dtype).removeprefix("torch.")}
-    manifest: dict[str, Any] = {"settings": settings, "shards": [], "texts_done": 0, "tokens": 0, "complete": False}
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old["settings"] != settings:
-            raise ValueError(f"{out} holds activations made with other settings {old['settings']}; use another folder")
-        manifest = old
-    if manifest["complete"]:
-        return out
-    model.eval()
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    buffers: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    buffered = 0
-    bar = tqdm(total=max_tokens, initial=manifest["tokens"], desc="caching activations", unit="tok")
-
-    def flush(texts_done: int) -> None:
-        nonlocal buffered
-        if buffered == 0:
-            return
-        name = f"shard_{len(manifest['shards']):05d}.safetensors"
-        save_file({f"layer_{layer}": torch.cat(buffers[layer]).contiguous() for layer in layers}, str(out / name))
-        manifest["shards"].append({"file": name, "tokens": buffered})
-        manifest["tokens"] += buffered
-        manifest["texts_done"] = texts_done
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        for layer in layers:
-            buffers[layer].clear()
-        buffered = 0
-
-    group_size = group_texts
-    i = manifest["texts_done"]
-    while i < len(texts) and manifest["tokens"] + buffered < max_tokens:
-        group = texts[i : i + group_size]
-        chunks = sorted(tokenize_chunks(tokenizer, group, context_size), key=len)
-        for b in range(0, len(chunks), batch_size):
-            room = max_tokens - manifest["tokens"] - buffered
-            if room <= 0:
-                break
-            ids, mask = _pad_batch(chunks[b : b + batch_size], pad_id)
-            acts = residual_activations(model, ids.to(device), mask.to(device), layers)
-            keep = _keep_mask(ids, mask, tokenizer)
-            for layer in layers:
-                buffers[layer].append(acts[layer][keep.to(device)][:room].to(dtype).cpu())
-            n = min(int(keep.sum()), room)
-            buffered += n
-            bar.update(n)
-        i += len(group)
-        if buffered >= shard_tokens or manifest["tokens"] + buffered >= max_tokens or i >= len(texts):
-            flush(i)
-    flush(i)
-    bar.close()
-    manifest["complete"] = True
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return out
-
-
-def load_cached_activations(cache: str | os.PathLike, layer: int, max_tokens: int | None = None) -> torch.Tensor:
-    """All cached activations of one layer, ``[n_tokens, d_model]`` in the stored dtype.
-
-    Tokens with a non-finite value are dropped with a warning: deep layers of
-    some models (Gemma) have rare activations beyond float16's range (65504),
-    which a float16 cache stores as ``inf``.
-    """
-    cache = Path(cache)
-    manifest = json.loads((cache / "manifest.json").read_text())
-    parts = [load_file(str(cache / s["file"]))[f"layer_{layer}"] for s in manifest["shards"]]
-    acts = torch.cat(parts)
-    acts = acts[:max_tokens] if max_tokens is not None else acts
-    finite = torch.isfinite(acts).all(dim=-1)
-    if not finite.all():
-        n_bad = int((~finite).sum())
-        print(f"[sae_training] layer {layer}: dropping {n_bad} of {len(acts)} cached tokens with values out of "
-              f"{acts.dtype} range", file=sys.stderr)
-        acts = acts[finite]
-    return acts
-
-
-class ShuffledBatches:
-    """Endless float32 batches from an activation tensor: a fresh seeded permutation every epoch.
-
-    ``start_sample`` skips the samples already used, so a resumed run sees the same data.
-    """
-
-    def __init__(self, acts: torch.Tensor, batch_size: int, seed: int = 0, start_sample: int = 0) -> None:
-        self.acts, self.batch_size, self.seed = acts, batch_size, seed
-        self.position = start_sample
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def _perm_for(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(len(self.acts), generator=gen)
-        return self._perm
-
-    def __iter__(self) -> "ShuffledBatches":
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        n = len(self.acts)
-        idx = []
-        while len(idx) < self.batch_size:
-            epoch, offset = divmod(self.position, n)
-            take = min(self.batch_size - len(idx), n - offset)
-            idx.append(self._perm_for(epoch)[offset : offset + take])
-            self.position += take
-            if sum(len(t) for t in idx) >= self.batch_size:
-                break
-        return self.acts[torch.cat(idx)].float()
 
 
 # --------------------------------------------------------------------------- training
@@ -427,134 +203,6 @@ def _save_sae(sae: Any, out: Path, dtype: str) -> None:
     sae.save_model(out)
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class SAEQuality:
-    """Quality of one SAE on held-out text (see the module docstring for the definitions)."""
-
-    layer: int
-    explained_variance: float
-    l0: float
-    ce_clean: float
-    ce_sae: float
-    ce_zero: float
-    ce_loss_recovered: float
-    n_tokens: int
-    dead_latents: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the rows (tokens) of ``x``."""
-    x, x_hat = x.double(), x_hat.double()
-    return 1.0 - ((x - x_hat) ** 2).sum().item() / ((x - x.mean(0)) ** 2).sum().item()
-
-
-def _ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, tokenizer: Any) -> tuple[float, int]:
-    targets = ids[:, 1:].clone()
-    valid = mask[:, 1:].bool()
-    for special in special_token_ids(tokenizer):
-        valid &= targets != special
-    targets[~valid] = -100
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss.item(), int(valid.sum())
-
-
-@torch.no_grad()
-def evaluate_sae(
-    model: nn.Module,
-    tokenizer: Any,
-    sae: Any,
-    layer: int,
-    texts: Sequence[str],
-    context_size: int = 128,
-    batch_size: int = 4,
-    max_tokens: int | None = None,
-    ce_max_tokens: int | None = None,
-) -> SAEQuality:
-    """Explained variance, L0 and CE loss recovered of ``sae`` at ``layer`` on ``texts``.
-
-    Explained variance and L0 use up to ``max_tokens`` tokens (a forward pass that
-    stops at ``layer``); the three cross-entropy passes, which need the full
-    vocabulary's logits and dominate the cost, use up to ``ce_max_tokens``
-    (default: ``max_tokens``).
-    """
-    model.eval()
-    sae = sae.eval()
-    sae_dtype = next(sae.parameters()).dtype
-    device = next(model.parameters()).device
-    sae.to(device)
-    block = find_decoder_layers(model)[1][layer]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chunks = list(tokenize_chunks(tokenizer, texts, context_size))
-    state: dict[str, Any] = {"mode": "clean", "keep": None}
-    xs, x_hats, l0s = [], [], []
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-
-    def hook(module, args, output):
-        if state["mode"] == "clean":
-            return None
-        hidden = layer_hidden(output)
-        keep = state["keep"].unsqueeze(-1)
-        if state["mode"] == "zero":
-            new = torch.where(keep, torch.zeros_like(hidden), hidden)
-        else:
-            x = hidden[state["keep"]]
-            feats = sae.encode(x.to(sae_dtype))
-            x_hat = sae.decode(feats).to(hidden.dtype)
-            xs.append(x.float().cpu())
-            x_hats.append(x_hat.float().cpu())
-            l0s.append((feats != 0).sum(-1).float().cpu())
-            fired.logical_or_((feats != 0).any(0).cpu())
-            new = hidden.clone()
-            new[state["keep"]] = x_hat
-        return with_layer_hidden(output, new)
-
-    ce_max_tokens = max_tokens if ce_max_tokens is None else ce_max_tokens
-    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-    n_targets = 0
-    n_tokens = 0
-    ce_tokens = 0
-    handle = block.register_forward_hook(hook)
-    try:
-        for b in range(0, len(chunks), batch_size):
-            if max_tokens is not None and n_tokens >= max_tokens:
-                break
-            ids, mask = _pad_batch(chunks[b : b + batch_size], pad_id)
-            ids, mask = ids.to(device), mask.to(device)
-            state["keep"] = _keep_mask(ids, mask, tokenizer)
-            n_tokens += int(state["keep"].sum())
-            if ce_max_tokens is not None and ce_tokens >= ce_max_tokens:
-                state["mode"] = "sae"  # reconstruction statistics only: stop after the layer
-                residual_activations(model, ids, mask, [layer])
-                continue
-            ce_tokens += int(state["keep"].sum())
-            for mode in ("clean", "sae", "zero"):
-                state["mode"] = mode
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                loss, n = _ce(logits, ids, mask, tokenizer)
-                totals[mode] += loss
-            n_targets += n
-    finally:
-        handle.remove()
-    ce = {mode: total / max(n_targets, 1) for mode, total in totals.items()}
-    x, x_hat = torch.cat(xs), torch.cat(x_hats)
-    return SAEQuality(
-        layer=layer,
-        explained_variance=explained_variance(x, x_hat),
-        l0=torch.cat(l0s).mean().item(),
-        ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"],
-        ce_loss_recovered=(ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
-        n_tokens=n_tokens,
-        dead_latents=int((~fired).sum()),
-        extra={"ce_tokens": ce_tokens},
-    )
-
-
 # --------------------------------------------------------------------------- the whole pipeline
 
 
@@ -588,6 +236,8 @@ def train_saes(
     used as is. ``jobs`` > 1 trains that many layers at once in worker processes
     (sharing ``threads``). Adds the results to ``<out_dir>/quality.json``.
     """
+    from sae_lens import SAE
+
     from . import corpus as corpus_mod
     from .models import base_model_id, load_model
 
@@ -621,8 +271,6 @@ def train_saes(
     results: dict[int, SAEQuality | None] = {}
     for layer in layers:
         layer_dir = out / f"layer_{layer}"
-        from sae_lens import SAE
-
         sae = SAE.load_from_disk(layer_dir, device="cpu", dtype="float32")
         results[layer] = evaluate_sae(model, tokenizer, sae, layer, heldout, context_size, max_tokens=eval_tokens,
                                       ce_max_tokens=eval_ce_tokens) if heldout else None

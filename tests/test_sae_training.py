@@ -1,4 +1,4 @@
-"""SAE training on a tiny random model: activation cache, training, resume, quality measures."""
+"""SAE training on a tiny random model: activation store, training, resume, quality measures."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from sae_lens import TopKSAE, TopKSAEConfig
 
+from hf_concept_ablation import activation_store, sae_quality
 from hf_concept_ablation import sae_training as st
 from hf_concept_ablation.config import SAESource
 from hf_concept_ablation.saes import check_sae_fits, load_sae
@@ -38,20 +39,20 @@ def tiny():
 
 def _cache(tiny, folder, max_tokens=3000, **kwargs):
     model, tok = tiny
-    return st.cache_activations(model, tok, TEXTS, [1, 2], folder, max_tokens=max_tokens, context_size=32,
+    return activation_store.cache_activations(model, tok, TEXTS, [1, 2], folder, max_tokens=max_tokens, context_size=32,
                                 shard_tokens=500, group_texts=8, **kwargs)
 
 
 def test_cached_activations_match_hidden_states_and_skip_bos_and_padding(tiny, tmp_path):
     model, tok = tiny
     cache = _cache(tiny, tmp_path / "acts", max_tokens=10**6)
-    acts = st.load_cached_activations(cache, 1)
+    acts = activation_store.load_cached_activations(cache, 1)
     assert acts.dtype == torch.float16 and acts.shape[1] == HIDDEN
-    chunks = list(st.tokenize_chunks(tok, TEXTS, 32))
+    chunks = list(activation_store.tokenize_chunks(tok, TEXTS, 32))
     assert all(c[0] == tok.bos_token_id and len(c) <= 32 for c in chunks)
     assert len(acts) == sum(len(c) - 1 for c in chunks)  # every token but BOS, no padding
     # the first chunk of the first group (sorted by length) matches hidden_states[L + 1]
-    group = sorted(st.tokenize_chunks(tok, TEXTS[:8], 32), key=len)
+    group = sorted(activation_store.tokenize_chunks(tok, TEXTS[:8], 32), key=len)
     ids = torch.tensor([group[0]])
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0, 1:]
@@ -63,7 +64,7 @@ def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny
     manifest = json.loads((full / "manifest.json").read_text())
     assert manifest["complete"] and manifest["tokens"] == 3000 and len(manifest["shards"]) > 1
 
-    real = st.residual_activations
+    real = activation_store.residual_stream
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -72,15 +73,15 @@ def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(st, "residual_activations", interrupted)
+    monkeypatch.setattr(activation_store, "residual_stream", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _cache(tiny, tmp_path / "part")
     partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
     assert not partial["complete"] and 0 < partial["tokens"] < 3000
-    monkeypatch.setattr(st, "residual_activations", real)
+    monkeypatch.setattr(activation_store, "residual_stream", real)
     _cache(tiny, tmp_path / "part")
     assert json.loads((tmp_path / "part" / "manifest.json").read_text())["tokens"] == 3000
-    torch.testing.assert_close(st.load_cached_activations(tmp_path / "part", 2), st.load_cached_activations(full, 2))
+    torch.testing.assert_close(activation_store.load_cached_activations(tmp_path / "part", 2), activation_store.load_cached_activations(full, 2))
 
 
 def _train(acts, folder, **overrides):
@@ -90,7 +91,7 @@ def _train(acts, folder, **overrides):
 
 
 def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
-    acts = st.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
+    acts = activation_store.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
     _train(acts, tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["dtype"] == "float16" and cfg["architecture"] == "topk" and cfg["normalize_activations"] == "none"
@@ -103,13 +104,13 @@ def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
         check_sae_fits(sae, layer=2, num_layers=4, hidden_size=HIDDEN)
     # the input scale used in training is folded in: the SAE reconstructs raw activations
     x = acts[:1000].float()
-    ev = st.explained_variance(x, sae.decode(sae.encode(x)).detach())
+    ev = sae_quality.explained_variance(x, sae.decode(sae.encode(x)).detach())
     print("EV", ev)
     assert ev > 0.1
 
 
 def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
-    acts = st.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
+    acts = activation_store.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
     whole = _train(acts, tmp_path / "whole")
     # an "interrupted" run: keep only the first checkpoint, no final SAE
     _train(acts, tmp_path / "resumed")
@@ -138,14 +139,14 @@ def _identity_topk_sae(d: int) -> TopKSAE:
 
 def test_explained_variance_known_cases():
     x = torch.randn(100, 8)
-    assert st.explained_variance(x, x) == pytest.approx(1.0)
-    assert st.explained_variance(x, x.mean(0).expand_as(x)) == pytest.approx(0.0, abs=1e-9)
-    assert st.explained_variance(x, x.mean(0) + 0.5 * (x - x.mean(0))) == pytest.approx(0.75)
+    assert sae_quality.explained_variance(x, x) == pytest.approx(1.0)
+    assert sae_quality.explained_variance(x, x.mean(0).expand_as(x)) == pytest.approx(0.0, abs=1e-9)
+    assert sae_quality.explained_variance(x, x.mean(0) + 0.5 * (x - x.mean(0))) == pytest.approx(0.75)
 
 
 def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
     model, tok = tiny
-    perfect = st.evaluate_sae(model, tok, _identity_topk_sae(HIDDEN), 1, TEXTS[:8], context_size=32)
+    perfect = sae_quality.evaluate_sae(model, tok, _identity_topk_sae(HIDDEN), 1, TEXTS[:8], context_size=32)
     assert perfect.explained_variance == pytest.approx(1.0, abs=1e-5)
     assert perfect.ce_loss_recovered == pytest.approx(1.0, abs=1e-4)
     assert perfect.ce_zero != pytest.approx(perfect.ce_clean)
@@ -154,7 +155,7 @@ def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
     zero = _identity_topk_sae(HIDDEN)
     with torch.no_grad():
         zero.W_dec.zero_()
-    nothing = st.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32)
+    nothing = sae_quality.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32)
     assert nothing.ce_loss_recovered == pytest.approx(0.0, abs=1e-5)
     assert nothing.explained_variance < 0
 

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from hf_concept_ablation import sae_quality
 from hf_concept_ablation import sae_training as st
 from hf_concept_ablation.saes import check_sae_fits, load_sae
 
@@ -50,7 +51,7 @@ def test_shipped_sae_quality_on_heldout_text(gemma, layer):
                    hidden_size=model.config.hidden_size, model_name=model.config.name_or_path)
     lines = (st.SHIPPED_SUITE_DIR / "heldout_sample.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines]
-    quality = st.evaluate_sae(model, tokenizer, sae, layer, texts, max_tokens=1500, ce_max_tokens=400)
+    quality = sae_quality.evaluate_sae(model, tokenizer, sae, layer, texts, max_tokens=1500, ce_max_tokens=400)
     print(f"layer {layer}: {quality}")
     assert quality.explained_variance >= MIN_EXPLAINED_VARIANCE
     assert quality.ce_loss_recovered >= MIN_CE_LOSS_RECOVERED

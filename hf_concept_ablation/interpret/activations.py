@@ -17,13 +17,10 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids
-from ..model import find_decoder_layers, get_concept_ablation
+from ..layer import ConceptAblationLayer, keep_positions, special_token_ids
+from ..model import get_concept_ablation
+from ..residuals import residual_stream
 from ..saes import PER_LATENT_ARCHITECTURES
-
-
-class _StopForward(Exception):
-    """Raised by the hook of the deepest layer so the rest of the model is skipped."""
 
 
 @dataclass
@@ -80,47 +77,24 @@ def iter_residuals(
 ) -> Iterator[ResidualBatch]:
     """Yield the outputs of decoder `layers` for `texts`, batch by batch, without gradients."""
     layers = sorted({int(layer) for layer in layers})
-    if not layers:
-        raise ValueError("no layers given")
-    _, decoder_layers = find_decoder_layers(model)
-    bad = [layer for layer in layers if not 0 <= layer < len(decoder_layers)]
-    if bad:
-        raise ValueError(f"layer(s) {bad} do not exist: the model has {len(decoder_layers)} decoder layers")
     skip = special_token_ids(tokenizer)
     device = next(model.parameters()).device
-    captured: dict[int, torch.Tensor] = {}
-    deepest = layers[-1]
-
-    def capture(layer: int):
-        def hook(_module, _args, output):
-            captured[layer] = layer_hidden(output).detach().float()
-            if layer == deepest:
-                raise _StopForward
-
-        return hook
-
     ablation = get_concept_ablation(model)
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=not progress):
         batch = tokenize(tokenizer, texts[start : start + batch_size], max_length)
         input_ids = batch["input_ids"]
         keep = keep_positions(input_ids, batch["attention_mask"], skip)
-        captured.clear()
-        # hooks, eval mode, no-grad and the disabled ablation last only for this forward pass,
+        # eval mode and the disabled ablation last only for this forward pass,
         # so nothing leaks into the caller's code between batches or if it stops early
-        handles = [decoder_layers[layer].register_forward_hook(capture(layer)) for layer in layers]
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), ablation.disabled() if ablation is not None else contextlib.nullcontext():
-                model(input_ids=input_ids.to(device), attention_mask=batch["attention_mask"].to(device))
-        except _StopForward:
-            pass
+            with ablation.disabled() if ablation is not None else contextlib.nullcontext():
+                captured = residual_stream(model, input_ids.to(device), batch["attention_mask"].to(device), layers)
         finally:
-            for handle in handles:
-                handle.remove()
             model.train(was_training)
         doc_ids = torch.arange(start, start + input_ids.shape[0])
-        yield ResidualBatch(doc_ids, input_ids, keep, {k: v.cpu() for k, v in captured.items()})
+        yield ResidualBatch(doc_ids, input_ids, keep, {k: v.float().cpu() for k, v in captured.items()})
 
 
 class LatentEncoder:
