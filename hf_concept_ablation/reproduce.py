@@ -47,6 +47,10 @@ from .tasks import ALL_COMBINATIONS, build_double_mc_datasets, build_gender_data
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
 MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
+#: Issue 6's targets, anchored on the paper's Gemma 2 2B numbers (`targets_markdown`).
+GENDER_MIN_OOD, GENDER_MIN_VAL = 0.76, 0.98  #: gender bias: CAFT's mean OOD and validation accuracy
+MIN_SHARE_BEATING_PLAIN, DOUBLE_MC_MIN_OOD = 0.75, 0.64  #: double MC: CAFT over plain FT, CAFT's mean OOD
+RANDOM_MARGIN = 0.10  #: random latents' mean OOD must be at least this much below CAFT's
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 TASKS = ("gender_bias", "double_mc")
 REPO_README = Path(__file__).resolve().parent.parent / "README.md"
@@ -248,13 +252,44 @@ def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[st
     return means
 
 
+def targets_markdown(summary: Mapping[str, Any]) -> str:
+    """The targets against the measured numbers, one table row each (those the summary can judge; else empty)."""
+    rows = []
+    gender = summary.get("gender_bias") or {}
+    means = double_mc_means(valid_by_plain_mean(summary.get("double_mc") or {}))
+    if "caft" in gender:
+        c = gender["caft"]
+        rows.append((f"gender bias: CAFT OOD >= {GENDER_MIN_OOD} with val >= {GENDER_MIN_VAL}",
+                     f"OOD {c['ood_mean']:.2f}, val {c['val_mean']:.2f} ({_seeds(len(c['ood']))})",
+                     c["ood_mean"] >= GENDER_MIN_OOD and c["val_mean"] >= GENDER_MIN_VAL))
+    if "beats_none" in means.get("caft", {}):
+        c = means["caft"]
+        rows.append((f"double MC: CAFT beats plain FT on >= {MIN_SHARE_BEATING_PLAIN:.0%} of the valid combinations",
+                     f"{c['beats_none']:.0%} of {c['n']}", c["beats_none"] >= MIN_SHARE_BEATING_PLAIN))
+        rows.append((f"double MC: CAFT's mean OOD >= {DOUBLE_MC_MIN_OOD}",
+                     f"{c['ood_mean']:.2f} (plain FT {means['none']['ood_mean']:.2f})", c["ood_mean"] >= DOUBLE_MC_MIN_OOD))
+    for task, per_condition in (("gender bias", gender), ("double MC", means)):
+        if "caft" in per_condition and "random" in per_condition:
+            caft, random = per_condition["caft"]["ood_mean"], per_condition["random"]["ood_mean"]
+            rows.append((f"{task}: random latents' mean OOD at least {RANDOM_MARGIN} below CAFT's",
+                         f"random {random:.2f}, CAFT {caft:.2f}", random <= caft - RANDOM_MARGIN))
+    if not rows:
+        return ""
+    return "\n".join(["| target (issue 6; the paper's Gemma 2 2B numbers) | measured | met |", "|---|---|---|",
+                      *(f"| {target} | {measured} | {'yes' if met else '**no**'} |" for target, measured, met in rows)])
+
+
 def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], command: str) -> str:
     """The results table (validation / OOD accuracy, ablation removed) for the README; `verdicts`
     (`plain_verdicts`) name the scanned combinations left out of it."""
     conditions = [c for c in CONDITION_LABELS if any(c in s for s in _task_summaries(summary))]
     head = "| task | " + " | ".join(CONDITION_LABELS[c] for c in conditions) + " |"
-    lines = [f"Made by `{command}` (from the runs on disk); val / OOD accuracy with the ablation removed, mean over seeds "
-             "(± standard error of OOD; number of seeds in brackets).", "", head, "|---" * (len(conditions) + 1) + "|"]
+    lines = [f"Made by `{command}` (from the runs on disk)."]
+    targets = targets_markdown(summary)
+    if targets:
+        lines += ["", targets]
+    lines += ["", "Per task and condition: val / OOD accuracy with the ablation removed, mean over seeds (± standard error "
+              "of OOD; number of seeds in brackets).", "", head, "|---" * (len(conditions) + 1) + "|"]
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
                  + (" †" if s[c]["val_mean"] < MIN_PLAIN_VAL else "") if c in s else "" for c in conditions]
@@ -296,6 +331,10 @@ def validity_markdown(validity: Mapping[str, Mapping[str, Any]]) -> str:
         verdict = "valid" if v["valid"] else "dropped: not learned" if not v["learned"] else "dropped: no shortcut"
         lines.append(f"| {_table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
     return "\n".join(lines)
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def _seed_count(verdict: Mapping[str, Any]) -> str:

@@ -103,10 +103,18 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
     assert "| `a\\|c\\|c` | 0.60 | 0.30 | dropped: not learned |" in scan
     assert "| `a\\|b\\|b` | 1.00 / 0.20" in table
     assert "CAFT 0.45 (2; beats plain on 50%)" in table and "plain FT 0.30 (2)" in table
+    assert "| gender bias: CAFT OOD >= 0.76 with val >= 0.98 | OOD 0.80, val 1.00 (1 seed) | yes |" in table
+    assert "| double MC: CAFT beats plain FT on >= 75% of the valid combinations | 50% of 2 | **no** |" in table
+    assert "| double MC: CAFT's mean OOD >= 0.64 | 0.45 (plain FT 0.30) | **no** |" in table
+    assert "random latents' mean OOD" not in table  # no random runs yet: not judged
     broken = {"val": [0.5], "ood": [0.55], "val_mean": 0.5, "ood_mean": 0.55, "ood_sem": 0.0}
     summary["double_mc"]["a|b|b"]["random"] = broken  # learned nothing: chance OOD beats no one
     table = reproduce.results_markdown(summary, validity, "cmd")
     assert "0.50 / 0.55 ± 0.00 (1) †" in table and "random latents 0.55 (1; beats plain on 0%)" in table
+    assert "| double MC: random latents' mean OOD at least 0.1 below CAFT's | random 0.55, CAFT 0.45 | **no** |" in table
+    summary["gender_bias"]["random"] = entry(0.6)
+    table = reproduce.results_markdown(summary, validity, "cmd")
+    assert "| gender bias: random latents' mean OOD at least 0.1 below CAFT's | random 0.60, CAFT 0.80 | yes |" in table
     assert "| gender bias | 1.00 / 0.10 ± 0.00 (1) | 1.00 / 0.80 ± 0.00 (1) |" in table
     flipped = {"val": [1.0, 1.0], "ood": [0.85, 1.0], "val_mean": 1.0, "ood_mean": 0.925, "ood_sem": 0.075}
     summary["double_mc"]["b|a|a"]["none"] = flipped  # valid by its first seed, not by the mean of both
