@@ -436,14 +436,18 @@ def command_line(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Se
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--size", choices=("auto", *SIZES), default="auto")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("results"),
+                   help="results folder: search/, runs/, validity.json, summary.json, figures/, README.md")
+    p.add_argument("--size", choices=("auto", *SIZES), default="auto",
+                   help="full (all data; for a GPU), cpu (256 examples, 3 epochs, 150 questions); auto picks by CUDA")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="training seeds; the first also seeds the validity scan")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     p.add_argument("--combinations", nargs="+", help="double-MC keys like verbs|sentiment|sentiment (default: all 24)")
-    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS))
-    p.add_argument("--model", default="embedded")
+    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS),
+                   help="test_only evaluates the none model, so it needs none too")
+    p.add_argument("--model", default="embedded", help="'embedded' (Gemma 3 270M), a Hub id or a local folder")
     p.add_argument("--search-args", default="", help="extra options of the concept search, e.g. '--sae 6=PATH'")
     p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
                    help="where the gender concept comes from (see hf_concept_ablation.directions)")
@@ -456,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "test_only" in args.conditions and "none" not in args.conditions:
+        parser.error("--conditions test_only evaluates the plain (none) model: add none")
     size = SIZES["full" if torch.cuda.is_available() else "cpu"] if args.size == "auto" else SIZES[args.size]
     combinations = args.combinations or [combination_key(*c) for c in ALL_COMBINATIONS]
     bad = [k for k in combinations if k not in {combination_key(*c) for c in ALL_COMBINATIONS}]

@@ -227,3 +227,10 @@ def test_a_search_folder_is_not_reused_with_other_options(tmp_path):
     assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
     with pytest.raises(ValueError, match="other options"):
         reproduce.concept_search("gender_bias", out, size, search_args=["--source", "concept"])
+
+
+def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path), "--conditions", "test_only", "--tasks", "double_mc"])
+    assert "--conditions test_only evaluates the plain (none) model: add none" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
