@@ -22,7 +22,11 @@ SAE latents (``--source sae``, the default):
    pre-ticked), ``selection.json`` (the report: latents chosen, with scores and
    explanations, and every setting), and the chosen latents as a saved adapter
    (``concept_ablation_config.json`` + ``concept_ablation.safetensors``), so ``out`` loads
-   with ``ConceptAblation.from_pretrained(model, out)``.
+   with ``ConceptAblation.from_pretrained(model, out)``;
+6. **erasure check** of the saved adapter (`hf_concept_ablation.interpret.erasure`): how well a
+   linear probe still tells the two concept text sets apart at each ablated layer with the
+   ablation on, against the same probe with it off (``selection.json``'s ``erasure``; also
+   printed). A concept that stays decodable is still there for fine-tuning to use.
 
 PCA directions (``--source pca``): principal components of the layers' activations on
 ``D_amb`` prompts, ranked by the same contrast score, the chosen ones written as a
@@ -75,6 +79,7 @@ from .interpret.contrast import (
     strongest_contrast_latents,
 )
 from .interpret.dashboard import config_from_selection, render_dashboard
+from .interpret.erasure import concept_decodability, describe_decodability
 from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
 from .model import find_decoder_layers, inject_concept_ablation
 from .pca import (
@@ -93,6 +98,7 @@ BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
+ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
     "verbs": "subject-verb agreement, singular or plural verbs",
@@ -204,12 +210,18 @@ class SearchResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def _save_adapter(model, config: ConceptAblationConfig, out: Path, saes: Mapping[int, SAE] | None = None) -> None:
+def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,
+                  saes: Mapping[int, SAE] | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """Save the adapter in `out`; return its erasure check on the task's concept texts (`concept_decodability`
+    at the ablated layers, at most `ERASURE_TEXTS` texts of each set)."""
     handle = inject_concept_ablation(model, config, saes=saes)
     try:
         handle.save_pretrained(out)
+        decodability = concept_decodability(model, tokenizer, task.concept_a[:ERASURE_TEXTS],
+                                            task.concept_b[:ERASURE_TEXTS], config.layers, batch_size=batch_size)
     finally:
         handle.remove()
+    return {str(layer): {k: round(v, 3) for k, v in scores.items()} for layer, scores in decodability.items()}
 
 
 def find_concept_latents(
@@ -312,14 +324,14 @@ def find_concept_latents(
                      sae_sources=sae_sources, preselected=chosen_keys,
                      base_model_name_or_path=getattr(model.config, "name_or_path", None),
                      title=f"Concept ablation: {task.name}", max_latents=top)
-    config = None
+    config, erasure = None, None
     if chosen_keys:
         description = (f"{task.name}: {len(chosen_keys)} latents chosen automatically (select_by={select_by}, "
                        f"rule={rule}, min_contrast={min_contrast}) from the attribution top {top}")
         config = config_from_selection(chosen_keys, sae_sources,
                                        base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                        description=description)
-        _save_adapter(model, config, out, saes)
+        erasure = _save_adapter(model, tokenizer, config, out, task, saes, batch_size)
     report = {
         "task": task.name, "source": "sae", "contrast_texts": task.description, "query": task.query,
         "two_sided_contrast": task.two_sided, "paired_contrast": task.paired,
@@ -333,6 +345,7 @@ def find_concept_latents(
         },
         "explainer": explainer.describe() if explainer is not None else None,
         "selected": selected,
+        "erasure": erasure,
         "explanations": [e.to_dict() for e in explanations],
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "adapter": str(out) if config else None,
@@ -404,7 +417,7 @@ def find_pca_directions(
                              if results[layer].bottom_examples else [])}
         for layer, ids in chosen.items() for i in ids
     ]
-    config = None
+    config, erasure = None, None
     if chosen:
         how = f"indices {dict(indices)}" if indices is not None else f"|contrast| >= {min_contrast}"
         kind = "PCA" if basis == "prompts" else "concept"
@@ -417,7 +430,7 @@ def find_pca_directions(
                                    base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                    description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions "
                                                f"({how}, {ablation} ablation)")
-        _save_adapter(model, config, out)
+        erasure = _save_adapter(model, tokenizer, config, out, task, batch_size=batch_size)
     report = {
         "task": task.name, "source": "pca" if basis == "prompts" else "concept", "contrast_texts": task.description, "paired_contrast": task.paired,
         "layers": sorted(results),
@@ -425,7 +438,7 @@ def find_pca_directions(
                                               "ablation": ablation,
                                               "max_selected": max_selected, "reduce": reduce,
                                               "indices": {str(k): list(v) for k, v in indices.items()} if indices else None},
-        "selected": selected, "timings": {"total_s": round(time.time() - start, 1)},
+        "selected": selected, "erasure": erasure, "timings": {"total_s": round(time.time() - start, 1)},
         "adapter": str(out) if config else None,
         "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
     }
@@ -560,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.config is None:
         print(result.report.get("note"), file=sys.stderr)
         return 2
+    print(describe_decodability(result.report["erasure"]), file=sys.stderr)
     return 0
 
 

@@ -41,6 +41,10 @@ def test_latent_search_selects_the_planted_latent_and_writes_a_loadable_adapter(
     effects = [abs(s["effect"]) for s in report["selected"]]
     assert effects == sorted(effects, reverse=True)
     assert result.config.latents == {layer: sorted(i for l, i in chosen if l == layer) for layer in {l for l, _ in chosen}}
+    # the erasure check probes the concept texts at every ablated layer, with the ablation off and on
+    assert set(report["erasure"]) == {str(l) for l, _ in chosen}
+    for scores in report["erasure"].values():
+        assert scores["chance"] == 0.5 and 0.0 <= scores["after"] <= 1.0 and 0.0 <= scores["before"] <= 1.0
     # the dashboard opens with the automatic choice ticked
     page = (tmp_path / "dashboard.html").read_text()
     assert f'data-layer="2" data-latent="{PLANTED}" checked' in page
@@ -160,8 +164,10 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     code = main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "pca", "--layers", "1",
                  "--pca-components", "3", "--pca-texts", "16", "--pca-indices", "1:0,2", "--out", str(tmp_path / "out")])
     assert code == 0
-    printed = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
     assert printed["n_selected"] == 2
+    assert "erasure check (probe accuracy on the concept texts, ablation off -> on; chance 0.50): layer 1 " in out.err
     config = json.loads((tmp_path / "out" / "concept_ablation_config.json").read_text())
     assert config["mode"] == "projection" and config["directions"] == [1]
     with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@
 - :mod:`.explain`: LLM explanations (OpenAI-compatible endpoint or local model),
   simulation and relevance scoring, embedding filter.
 - :mod:`.contrast`: rank latents by how they tell two text sets apart; combine with attribution.
+- :mod:`.erasure`: does an ablation erase the concept? Linear probes with the ablation off and on.
 
 PCA directions live in :mod:`hf_concept_ablation.pca`, the whole search in
 :mod:`hf_concept_ablation.directions`. See ``docs/finding_concepts.md``.
@@ -23,6 +24,7 @@ from .contrast import (
     strongest_contrast_latents,
 )
 from .dashboard import config_from_selection, neuronpedia_url, render_dashboard, save_selection_config
+from .erasure import concept_decodability, describe_decodability, probe_accuracy
 from .explain import (
     EmbeddingFilter,
     LatentExplanation,
@@ -46,14 +48,17 @@ __all__ = [
     "build_activation_cache",
     "cohens_d",
     "combine_with_attribution",
+    "concept_decodability",
     "config_from_selection",
     "contrast_directions",
     "contrast_latents",
+    "describe_decodability",
     "strongest_contrast_latents",
     "explain_examples",
     "explain_latents",
     "neuronpedia_url",
     "paired_d",
+    "probe_accuracy",
     "relevance_score",
     "render_dashboard",
     "save_contrast",

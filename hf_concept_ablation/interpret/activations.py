@@ -74,8 +74,10 @@ def iter_residuals(
     max_length: int = 128,
     desc: str = "activations",
     progress: bool = True,
+    ablated: bool = False,
 ) -> Iterator[ResidualBatch]:
-    """Yield the outputs of decoder `layers` for `texts`, batch by batch, without gradients."""
+    """Yield the outputs of decoder `layers` for `texts`, batch by batch, without gradients (`ablated`: with the
+    model's concept ablation kept on, instead of the base model's activations)."""
     layers = sorted({int(layer) for layer in layers})
     skip = special_token_ids(tokenizer)
     device = next(model.parameters()).device
@@ -89,7 +91,7 @@ def iter_residuals(
         was_training = model.training
         model.eval()
         try:
-            with ablation.disabled() if ablation is not None else contextlib.nullcontext():
+            with ablation.disabled() if ablation is not None and not ablated else contextlib.nullcontext():
                 captured = residual_stream(model, input_ids.to(device), batch["attention_mask"].to(device), layers)
         finally:
             model.train(was_training)

@@ -117,11 +117,12 @@ def _per_text(values: torch.Tensor, keep: torch.Tensor, reduce: str) -> torch.Te
 
 def per_text_values(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], layers: Sequence[int],
                     featurize: Any, reduce: str = "mean", batch_size: int = 8, max_length: int = 128,
-                    desc: str = "activations") -> torch.Tensor:
-    """``featurize(hidden)`` (layer -> ``[batch, seq, d]`` to ``[batch, seq, K]``) reduced per text: ``[n_texts, K]``."""
+                    desc: str = "activations", ablated: bool = False) -> torch.Tensor:
+    """``featurize(hidden)`` (layer -> ``[batch, seq, d]`` to ``[batch, seq, K]``) reduced per text: ``[n_texts, K]``
+    (`ablated`: with the model's concept ablation on)."""
     rows = []
     for batch in iter_residuals(model, tokenizer, texts, layers, batch_size=batch_size, max_length=max_length,
-                                desc=desc, progress=False):
+                                desc=desc, progress=False, ablated=ablated):
         rows.append(_per_text(featurize(batch.hidden), batch.keep, reduce))
     return torch.cat(rows)
 
