@@ -4,7 +4,7 @@ The demo is the whole CAFT pipeline on the embedded Gemma 3 270M, at a size that
 on two CPU cores in about a quarter of an hour:
 
 1. concept search on the gender-bias task (attribution of the shipped SAEs' latents,
-   contrast with female/male sentences, selection) -> a saved adapter;
+   contrast with female/male sentences, selection) -> a saved adapter, and its erasure check;
 2. plain fine-tuning and CAFT with that adapter (the gender recipe's quick preset),
    evaluated on validation and OOD data with the ablation removed;
 3. a results JSON, a figure and a table.
