@@ -99,6 +99,7 @@ CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
+MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
     "verbs": "subject-verb agreement, singular or plural verbs",
@@ -211,12 +212,14 @@ class SearchResult:
 
 
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,
-                  saes: Mapping[int, SAE] | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+                  saes: Mapping[int, SAE] | None = None, batch_size: int = 8) -> dict[str, dict[str, float]] | None:
     """Save the adapter in `out`; return its erasure check on the task's concept texts (`concept_decodability`
-    at the ablated layers, at most `ERASURE_TEXTS` texts of each set)."""
+    at the ablated layers, at most `ERASURE_TEXTS` texts of each set; None with fewer than `MIN_ERASURE_TEXTS`)."""
     handle = inject_concept_ablation(model, config, saes=saes)
     try:
         handle.save_pretrained(out)
+        if min(len(task.concept_a), len(task.concept_b)) < MIN_ERASURE_TEXTS:
+            return None
         decodability = concept_decodability(model, tokenizer, task.concept_a[:ERASURE_TEXTS],
                                             task.concept_b[:ERASURE_TEXTS], config.layers, batch_size=batch_size)
     finally:
@@ -573,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.config is None:
         print(result.report.get("note"), file=sys.stderr)
         return 2
-    print(describe_decodability(result.report["erasure"]), file=sys.stderr)
+    erasure = result.report["erasure"]
+    print(describe_decodability(erasure) if erasure else
+          f"erasure check skipped: fewer than {MIN_ERASURE_TEXTS} concept texts in a set", file=sys.stderr)
     return 0
 
 
