@@ -266,7 +266,8 @@ def run_experiment(
             if results.done(condition, seed) and not needs_test_only and not pending_siblings and not sibling_test_only:
                 progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
                 continue
-            why = " again, for test_only" if results.done(condition, seed) else ""
+            reasons = (["test_only"] if needs_test_only or sibling_test_only else []) + pending_siblings
+            why = f" again, for {', '.join(reasons)}" if results.done(condition, seed) else ""
             progress(f"[{name}] training {condition}{why}, seed {seed} ({len(train)} examples)")
             torch.manual_seed(seed)
             model, tokenizer = load_model(config.model, dtype=getattr(torch, config.dtype))

@@ -124,7 +124,7 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
 
 
 def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_when_it_passes(tiny_folders, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, capsys):
     root, search_args = tiny_folders
     monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 1e-9)
     monkeypatch.setattr(reproduce, "MAX_PLAIN_OOD", 1.0)
@@ -149,6 +149,8 @@ def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_whe
     kept_runs = json.loads((out / "runs" / f"{reproduce.file_name(kept)}.json").read_text())["runs"]
     assert sum(r["condition"] == "none" and r["seed"] == 0 for r in kept_runs) == 1
     assert "Dropped" not in (out / "README.md").read_text()
+    # the scan's plain model of seed 0 is trained again only to score the dropped combination, and says so
+    assert f"[{reproduce.file_name(kept)}] training none again, for {reproduce.file_name(dropped)}, seed 0" in capsys.readouterr().out
 
 
 def test_reproduce_with_concept_directions_for_gender(tiny_folders, tmp_path):
