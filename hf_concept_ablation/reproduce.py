@@ -339,7 +339,7 @@ def _seeds(n: int) -> str:
 
 def _seed_count(verdict: Mapping[str, Any]) -> str:
     """", N seeds" for a verdict on the mean of several seeds, else nothing."""
-    return f", {len(verdict['seeds'])} seeds" if len(verdict.get("seeds", ())) > 1 else ""
+    return f", {_seeds(len(verdict['seeds']))}" if len(verdict.get("seeds", ())) > 1 else ""
 
 
 def _table_cell(text: str) -> str:
