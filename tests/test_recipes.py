@@ -204,3 +204,18 @@ def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
         for split in ("val", "ood"):
             assert a[split]["accuracy"] == b[split]["accuracy"]
             assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)
+
+
+
+def test_shipped_recipe_configs_point_at_what_the_search_writes():
+    """The search writes the adapter into its ``--out`` folder and the attribution table beside it."""
+    checked = []
+    for path in sorted((REPO / "recipes" / "configs").glob("*.yaml")):
+        experiment = load_recipe_config(path, [])["experiment"]
+        if experiment.get("adapter") is None:
+            continue
+        adapter = experiment["adapter"]
+        assert f"--out {adapter}\n" in path.read_text(), f"{path.name}: its search command writes elsewhere than {adapter}"
+        assert Path(experiment["attribution"]) == Path(adapter) / "attribution.json"
+        checked.append(path.name)
+    assert "gender_bias.yaml" in checked
