@@ -93,7 +93,8 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "caft_model_card.md"
+#: packaged with the library; the repository's `model_cards/` links to it
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "assets" / "model_cards" / "caft_model_card.md"
 
 
 def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] | None) -> str:

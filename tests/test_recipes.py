@@ -219,3 +219,19 @@ def test_shipped_recipe_configs_point_at_what_the_search_writes():
         assert Path(experiment["attribution"]) == Path(adapter) / "attribution.json"
         checked.append(path.name)
     assert "gender_bias.yaml" in checked
+
+
+def test_the_model_card_template_ships_inside_the_package():
+    """A non-editable install has only the package: the template must be package data, not a repository file."""
+    import configparser
+
+    import hf_concept_ablation
+    from hf_concept_ablation.report import MODEL_CARD_TEMPLATE
+
+    package = Path(hf_concept_ablation.__file__).resolve().parent
+    relative = MODEL_CARD_TEMPLATE.relative_to(package)
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    globs = setup["options.package_data"]["hf_concept_ablation"].replace(",", " ").split()
+    assert "assets/**/*" in globs and relative.parts[0] == "assets"
+    assert (REPO / "model_cards" / MODEL_CARD_TEMPLATE.name).read_text() == MODEL_CARD_TEMPLATE.read_text()
