@@ -28,7 +28,7 @@ def run_demo(output_dir: Path, threads: int | None = None) -> dict:
     from . import directions
 
     search_dir = output_dir / "search"
-    if not (search_dir / "concept_ablation_config.json").is_file():
+    if not directions.search_finished(search_dir):
         print(f"== 1/2 concept search -> {search_dir}", flush=True)
         args = ["--task", "gender_bias", "--out", str(search_dir), "--max-examples", "64", "--batch-size", "16",
                 "--min-contrast", "0.5"]

@@ -211,6 +211,12 @@ class SearchResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def search_finished(out: str | os.PathLike) -> bool:
+    """Whether a search in `out` ran to the end: ``selection.json`` is written last, after the adapter
+    and its erasure check (an adapter alone may be left by an interrupted search)."""
+    return (Path(out) / "selection.json").is_file()
+
+
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,
                   saes: Mapping[int, SAE] | None = None, batch_size: int = 8) -> dict[str, dict[str, float]] | None:
     """Save the adapter in `out`; return its erasure check on the task's concept texts (`concept_decodability`

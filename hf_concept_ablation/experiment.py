@@ -284,7 +284,7 @@ def run_experiment(
                     raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
                                      "(an attribution table JSON)")
                 latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
-                inject_concept_ablation(model, _latent_config(latents, sae_sources, model))
+                inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
                 callbacks.append(AblationScheduleCallback())
             model = prepare_model_for_training(model, preset)
             with tempfile.TemporaryDirectory() as scratch:
@@ -297,9 +297,9 @@ def run_experiment(
                            **_evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=handle is not None)}
                     if handle is not None:
                         run["ablation"] = handle.config.to_dict()
-                    results.add(run)
-                    if condition in config.save_models:
+                    if condition in config.save_models:  # before the run is recorded, so a crash here redoes both
                         save_checkpoint(model, tokenizer, checkpoint_dir(config, name, condition, seed))
+                    results.add(run)
                     progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, "
                              f"ood {run['ood']['accuracy']:.3f}")
                 for sibling in pending_siblings:
@@ -343,9 +343,10 @@ def save_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path) -> 
         handle.save_pretrained(directory / "concept_ablation")
 
 
-def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model) -> ConceptAblationConfig:
+def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model,
+                   mode: str = "latent") -> ConceptAblationConfig:
     missing = sorted(set(latents) - set(sources))
     if missing:
         raise ValueError(f"no SAE source for layer(s) {missing}: set `saes` in the experiment config (known: {sorted(sources)})")
     return ConceptAblationConfig(layers=sorted(latents), latents=latents, saes={l: sources[l] for l in latents},
-                                 base_model_name_or_path=model.config.name_or_path)
+                                 mode=mode, base_model_name_or_path=model.config.name_or_path)

@@ -40,6 +40,7 @@ import datasets
 import torch
 from accelerate import PartialState
 
+from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
 from .files import write_json_atomic
 from .report import CONDITION_LABELS, plot_accuracy, plot_overview
@@ -107,9 +108,10 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
     if record.is_file() and json.loads(record.read_text()) != args:
         raise ValueError(f"{out_dir} holds a search made with other options ({json.loads(record.read_text())}, "
                          f"now {args}); use another --out or delete the folder")
-    if not (out_dir / "concept_ablation_config.json").is_file():
-        if directions.main(args) != 0:
-            raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
+    if not directions.search_finished(out_dir):
+        directions.main(args)
+    if not (out_dir / CONFIG_NAME).is_file():
+        raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
     if not record.is_file():
         write_json_atomic(record, args)
     return out_dir

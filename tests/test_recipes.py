@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -176,6 +177,16 @@ def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_s
     assert not torch.equal(drawn[0].directions[1], drawn[2].directions[1])
     with pytest.raises(ValueError, match="'top_k' needs `attribution`"):
         gender_bias.main(["--config", str(config), "conditions=[top_k]"])
+
+
+def test_baselines_of_a_projection_mode_sae_adapter_ablate_in_projection_mode(tiny_setup, tmp_path):
+    adapter = ConceptAblationConfig.from_pretrained(tiny_setup / "adapter")
+    model = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
+    projection = dataclasses.replace(adapter, mode="projection")
+    inject_concept_ablation(model, projection).save_pretrained(tmp_path / "projection")
+    config = _config(tiny_setup, tmp_path / "out", ["random", "top_k"], adapter=str(tmp_path / "projection"))
+    runs = gender_bias.main(["--config", str(config)])["runs"]
+    assert {r["condition"]: r["ablation"]["mode"] for r in runs} == {"random": "projection", "top_k": "projection"}
 
 
 def test_numbers_in_exponent_form_are_floats(tmp_path):

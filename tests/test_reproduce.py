@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import reproduce
+from hf_concept_ablation import ConceptAblationConfig, reproduce
 from hf_concept_ablation.experiment import CONDITIONS
 
 KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
@@ -222,13 +222,26 @@ def test_random_and_top_k_get_the_sae_of_every_searched_layer(tmp_path):
 def test_a_search_folder_is_not_reused_with_other_options(tmp_path):
     out = tmp_path / "search"
     out.mkdir()
-    (out / "concept_ablation_config.json").write_text("{}")  # a finished search
+    (out / "concept_ablation_config.json").write_text("{}")  # a finished search: adapter, then selection.json
+    (out / "selection.json").write_text("{}")
     size = reproduce.SIZES["cpu"]
     assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
     assert json.loads((out / "search_args.json").read_text())[-2:] == ["--source", "sae"]
     assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
     with pytest.raises(ValueError, match="other options"):
         reproduce.concept_search("gender_bias", out, size, search_args=["--source", "concept"])
+
+
+def test_an_interrupted_search_is_run_again(tiny_folders, tmp_path):
+    """An adapter without ``selection.json`` is what a search stopped during its erasure check leaves."""
+    root, search_args = tiny_folders
+    out = tmp_path / "search"
+    out.mkdir()
+    (out / "concept_ablation_config.json").write_text("{}")
+    size = reproduce.ReproduceSize(train_size=16, eval_size=8, epochs=1, search_examples=16, min_contrast=0.0)
+    reproduce.concept_search("gender_bias", out, size, model=str(root / "model"), search_args=search_args)
+    assert json.loads((out / "selection.json").read_text())["selected"]
+    assert ConceptAblationConfig.from_pretrained(out).latents
 
 
 def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys):
