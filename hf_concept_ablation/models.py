@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED = "embedded"
@@ -49,6 +50,15 @@ def embedded_model_dir() -> Path:
     target = cache_dir() / "gemma-3-270m"
     if (target / _CACHE_MARKER).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / ".gemma-3-270m.lock"):  # processes of one launch wait for the first to build it
+        if not (target / _CACHE_MARKER).is_file():
+            _dequantize_embedded_model(target)
+    return target
+
+
+def _dequantize_embedded_model(target: Path) -> None:
+    """Write the safetensors copy of the embedded model into `target` (atomically: built beside it, then renamed)."""
     gguf_path = embedded_gguf_path()
     start = time.time()
     print(f"[hf_concept_ablation] dequantizing {gguf_path.name} once (about a minute on 2 CPU cores)...", flush=True)
@@ -59,7 +69,6 @@ def embedded_model_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = EMBEDDED_BASE_MODEL_ID
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".gemma-3-270m-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -73,7 +82,6 @@ def embedded_model_dir() -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"[hf_concept_ablation] cached at {target} ({time.time() - start:.0f} s)", flush=True)
-    return target
 
 
 def resolve_model_path(spec: str) -> str:

@@ -62,3 +62,29 @@ def test_a_gguf_named_by_the_environment_is_used_and_a_missing_one_is_named(tmp_
     copy.write_bytes(b"GGUF")
     monkeypatch.setenv("HF_CONCEPT_ABLATION_GGUF", str(copy))
     assert embedded_gguf_path() == copy
+
+
+def test_processes_of_one_launch_build_the_cache_once(tmp_path, monkeypatch):
+    """Ranks that start together wait for the first one's copy instead of replacing it while it is read."""
+    import threading
+    import time
+
+    from hf_concept_ablation import models
+
+    monkeypatch.setenv("HF_CONCEPT_ABLATION_CACHE", str(tmp_path / "cache"))
+    builds = []
+
+    def slow_build(target):  # stands in for the minute of dequantizing
+        builds.append(target)
+        time.sleep(0.5)
+        target.mkdir()
+        (target / models._CACHE_MARKER).write_text("{}")
+
+    monkeypatch.setattr(models, "_dequantize_embedded_model", slow_build)
+    found = []
+    ranks = [threading.Thread(target=lambda: found.append(models.embedded_model_dir())) for _ in range(3)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join()
+    assert len(builds) == 1 and found == [tmp_path / "cache" / "gemma-3-270m"] * 3
