@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .files import atomic_path, write_json_atomic
 from .layer import keep_positions, special_token_ids
 from .residuals import residual_stream
 
@@ -102,11 +103,12 @@ def cache_activations(
         if buffered == 0:
             return
         name = f"shard_{len(manifest['shards']):05d}.safetensors"
-        save_file({f"layer_{layer}": torch.cat(buffers[layer]).contiguous() for layer in layers}, str(out / name))
+        with atomic_path(out / name) as tmp:
+            save_file({f"layer_{layer}": torch.cat(buffers[layer]).contiguous() for layer in layers}, str(tmp))
         manifest["shards"].append({"file": name, "tokens": buffered})
         manifest["tokens"] += buffered
         manifest["texts_done"] = texts_done
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+        write_json_atomic(manifest_path, manifest, indent=2)
         for layer in layers:
             buffers[layer].clear()
         buffered = 0
@@ -134,7 +136,7 @@ def cache_activations(
     flush(i)
     bar.close()
     manifest["complete"] = True
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_json_atomic(manifest_path, manifest, indent=2)
     return out
 
 

@@ -24,7 +24,7 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 
 from .evaluation import encode_prompts, first_token_ids
-from .files import write_json_atomic
+from .files import atomic_path, write_json_atomic
 from .layer import keep_positions, layer_hidden, special_token_ids
 from .model import find_decoder_layers, get_concept_ablation
 
@@ -135,15 +135,12 @@ def _ranked(totals: Mapping[int, torch.Tensor], count: int, top: int | None) -> 
 def save_attribution(rows: Sequence[LatentEffect], path_stem: str | os.PathLike) -> tuple[Path, Path]:
     """Write the table as ``<stem>.csv`` and ``<stem>.json`` (atomically); returns both paths."""
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["rank", "layer", "latent", "effect"])
         writer.writeheader()
         for rank, row in enumerate(rows, 1):
             writer.writerow({"rank": rank, **asdict(row)})
-    os.replace(tmp, csv_path)
     write_json_atomic(json_path, [asdict(r) for r in rows])
     return csv_path, json_path
 

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .files import atomic_path, write_json_atomic
 from .models import cache_dir
 
 #: Short seed prompts for sampling from the model: many genres and registers.
@@ -220,6 +221,23 @@ def task_prompts() -> list[str]:
     return prompts
 
 
+def _samples_written(out_file: Path) -> list[str]:
+    """The texts an earlier (maybe interrupted) sampling run appended to `out_file`; a last line cut off
+    mid-write is dropped, any other malformed line is an error naming it."""
+    if not out_file.exists():
+        return []
+    lines = out_file.read_text().splitlines()
+    texts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if number == len(lines):
+                break  # torn by an interruption: that batch is sampled again
+            raise ValueError(f"{out_file}:{number} is not a JSON object with a 'text' field: {line[:80]!r}") from err
+    return texts
+
+
 def sample_from_model(
     model: Any,
     tokenizer: Any,
@@ -239,7 +257,7 @@ def sample_from_model(
     import torch
     from tqdm.auto import tqdm
 
-    done = [json.loads(line)["text"] for line in out_file.read_text().splitlines()] if out_file.exists() else []
+    done = _samples_written(out_file)
     rng = random.Random(seed)
     chosen = [rng.choice(prompts) for _ in range(n_samples)]
     tokenizer.padding_side = "left"
@@ -247,8 +265,7 @@ def sample_from_model(
     n_batches = (n_samples + batch_size - 1) // batch_size
     first_batch = len(done) // batch_size
     done = done[: first_batch * batch_size]  # a partial batch is redone
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    with out_file.open("w") as f:
+    with atomic_path(out_file) as tmp, tmp.open("w") as f:
         for text in done:
             f.write(json.dumps({"text": text}) + "\n")
     start = time.time()
@@ -313,14 +330,12 @@ def build_corpus(recipe: CorpusRecipe | None = None, out_dir: Path | None = None
         c["texts"] += 1
         c["chars"] += len(r["text"])
         c["heldout_texts"] += r["split"] == "heldout"
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    tmp.replace(path)
     meta = {"recipe": asdict(recipe), "key": key, "counts": counts, "python": sys.version.split()[0],
             "seed_prompts": len(SEED_PROMPTS)}
-    (out_dir / f"corpus-{key}.recipe.json").write_text(json.dumps(meta, indent=2))
+    write_json_atomic(out_dir / f"corpus-{key}.recipe.json", meta, indent=2)
     return path
 
 

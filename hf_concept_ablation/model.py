@@ -23,6 +23,7 @@ from sae_lens import SAE
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig
+from .files import atomic_path, write_text_atomic
 from .layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids, with_layer_hidden
 from .saes import check_sae_fits, load_sae
 
@@ -161,15 +162,14 @@ class ConceptAblation:
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         if model_card is not None:
-            (directory / "README.md").write_text(model_card)
+            write_text_atomic(directory / "README.md", model_card)
         tensors, metadata = {}, {}
         for index, module in self.layers.items():
             for name, tensor in module.state_tensors().items():
                 tensors[f"layers.{index}.{name}"] = tensor.detach().cpu().contiguous()
             metadata[f"layers.{index}"] = module.metadata()
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, directory / WEIGHTS_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         self.config.to_json_file(directory / CONFIG_NAME)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation",

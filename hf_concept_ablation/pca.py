@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConceptAblationConfig
-from .files import write_json_atomic
+from .files import atomic_path, file_stem, write_json_atomic
 from .interpret.activations import as_text_list, iter_residuals
 from .interpret.cache import ContextExample
 from .interpret.contrast import ContrastScore, contrast_directions, per_text_values
@@ -331,9 +331,7 @@ def directions_config(
 
 def save_pca(results: Mapping[int, PCAResult], path: str | os.PathLike) -> tuple[Path, Path]:
     """Write components/means/variances as ``<stem>.safetensors`` and examples as ``<stem>.json`` (atomically)."""
-    stem = Path(path)
-    stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(path)
     tensors = {}
     for layer, r in results.items():
         tensors[f"layers.{layer}.components"] = r.components.contiguous()
@@ -341,9 +339,8 @@ def save_pca(results: Mapping[int, PCAResult], path: str | os.PathLike) -> tuple
         tensors[f"layers.{layer}.explained_variance"] = r.explained_variance.contiguous()
         tensors[f"layers.{layer}.explained_variance_ratio"] = r.explained_variance_ratio.contiguous()
     weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp))
     meta = {
         str(layer): {
             "n_tokens": r.n_tokens,
@@ -359,8 +356,7 @@ def save_pca(results: Mapping[int, PCAResult], path: str | os.PathLike) -> tuple
 
 def load_pca(path: str | os.PathLike) -> dict[int, PCAResult]:
     """Read components written by `save_pca` (examples are not restored)."""
-    stem = Path(path)
-    stem = stem.with_suffix("") if stem.suffix in (".safetensors", ".json") else stem
+    stem = file_stem(path)
     tensors = load_file(str(stem.with_suffix(".safetensors")))
     layers = sorted({int(k.split(".")[1]) for k in tensors})
     return {

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import ConceptAblationConfig  # noqa: E402
-from .files import write_text_atomic  # noqa: E402
+from .files import atomic_path, write_text_atomic  # noqa: E402
 
 CONDITION_LABELS = {
     "none": "plain FT",
@@ -75,11 +75,11 @@ def plot_overview(per_combination: Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -42,7 +42,7 @@ from accelerate import PartialState
 
 from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
-from .files import write_json_atomic
+from .files import write_json_atomic, write_text_atomic
 from .report import CONDITION_LABELS, plot_accuracy, plot_overview
 from .tasks import ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, parse_combination_key
 
@@ -367,7 +367,7 @@ def update_readme(readme: Path, table: str) -> bool:
         return False
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
-    readme.write_text(f"{before}{start}\n{table}\n{end}{after}")
+    write_text_atomic(readme, f"{before}{start}\n{table}\n{end}{after}")
     return True
 
 
@@ -381,7 +381,7 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
         plot_overview(summary["double_mc"], out / "figures" / "double_mc_overview.png")
     table = results_markdown(summary, plain_verdicts(out, validity), command)
     scan = f"\n\n## Validity scan (seed {next(iter(validity.values()))['seed']})\n\n{validity_markdown(validity)}" if validity else ""
-    (out / "README.md").write_text(f"# Results\n\n{table}{scan}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
+    write_text_atomic(out / "README.md", f"# Results\n\n{table}{scan}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
     if readme is not None and readme.is_file():
         update_readme(readme, table)
     return table

@@ -38,6 +38,7 @@ import torch
 
 from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
 from .config import SAESource
+from .files import write_json_atomic
 from .sae_quality import SAEQuality, evaluate_sae
 
 if TYPE_CHECKING:
@@ -287,7 +288,7 @@ def train_saes(
         "activation_tokens": json.loads((cache / "manifest.json").read_text())["tokens"],
         "quality": quality,
     }
-    report_path.write_text(json.dumps(report, indent=2))
+    write_json_atomic(report_path, report, indent=2)
     return results
 
 

@@ -17,13 +17,13 @@ Writes one results JSON and PNG per combination (or source) and ``double_mc_summ
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import datasets
 from accelerate import PartialState
 
 from hf_concept_ablation.experiment import run_experiment
+from hf_concept_ablation.files import write_json_atomic
 from hf_concept_ablation.recipe import parse_recipe_args
 from hf_concept_ablation.report import markdown_table, plot_accuracy
 from hf_concept_ablation.tasks import (
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"## {name}\n{markdown_table(results['summary'])}")
     if PartialState().is_main_process:
         path = Path(config.output_dir) / "double_mc_summary.json"
-        path.write_text(json.dumps(summary, indent=2))
+        write_json_atomic(path, summary, indent=2)
         print(f"summary: {path}")
     return summary
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 
+from ..files import atomic_path, file_stem, write_json_atomic
 from .activations import as_text_list, encoders_for, iter_residuals
 
 TOP = 0  #: example kind code of a top-activating context; quantile bins are 1..n_quantiles (1 = lowest)
@@ -66,11 +67,6 @@ class ContextExample:
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "acts": [round(a, 4) for a in self.acts], "center": self.center,
                 "value": round(self.value, 4), "doc": self.doc, "kind": self.kind}
-
-
-def _stem(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
 @dataclass
@@ -133,22 +129,18 @@ class ActivationCache:
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns both paths."""
-        stem = _stem(path)
-        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem = file_stem(path)
         weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-        tmp = weights.with_suffix(".safetensors.tmp")
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata={"format": "activation_cache"})
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata={"format": "activation_cache"})
         meta = {"info": self.info, "latents": self.latents, "vocab": {str(k): v for k, v in self.vocab.items()}}
-        tmp = sidecar.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
-        os.replace(tmp, sidecar)
+        write_json_atomic(sidecar, meta)
         return weights, sidecar
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ActivationCache:
         """Read a cache written by `save` (give the stem or either file)."""
-        stem = _stem(path)
+        stem = file_stem(path)
         weights, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
         for file in (weights, sidecar):
             if not file.is_file():

@@ -1,0 +1,34 @@
+"""Sampling the SAE corpus from a model resumes after an interruption, also one that cut a line in half."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation.corpus import sample_from_model
+
+PROMPTS = ("w6 w7", "w8 w9 w10", "w11")
+
+
+def _sample(path, n_samples=6):
+    return sample_from_model(make_tiny_model("gemma3"), make_tiny_tokenizer(), path, n_samples=n_samples,
+                             max_new_tokens=4, batch_size=2, prompts=PROMPTS)
+
+
+def test_sampling_resumes_after_a_torn_last_line(tmp_path):
+    whole = _sample(tmp_path / "whole.jsonl")
+    assert len(whole) == 6
+    torn = tmp_path / "torn.jsonl"
+    lines = (tmp_path / "whole.jsonl").read_text().splitlines()
+    torn.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # stopped while writing the second batch
+    assert _sample(torn) == whole
+    assert [json.loads(line)["text"] for line in torn.read_text().splitlines()] == whole
+
+
+def test_a_malformed_line_before_the_last_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "w6"}\nnot json\n{"text": "w7"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON object"):
+        _sample(path)
