@@ -49,6 +49,16 @@ def test_attribution_rejects_a_dataset_without_the_metric_column():
         attribute_latents(make_tiny_model("llama"), make_tiny_tokenizer(), make_tiny_mc_dataset(), {}, metric="loss")
 
 
+def test_attribution_checks_each_sae_against_the_model_before_it_starts():
+    model, tokenizer, data = make_tiny_model("gemma3"), make_tiny_tokenizer(), make_tiny_mc_dataset()
+    with pytest.raises(ValueError, match=r"layer 9 does not exist: the model has 4 decoder layers"):
+        attribute_latents(model, tokenizer, data, {9: make_sae("jumprelu")})
+    with pytest.raises(ValueError, match=r"the SAE given for layer 1 has input size d_in=32, but the model's hidden size is 64"):
+        attribute_latents(model, tokenizer, data, {1: make_sae("jumprelu", d_in=32)})
+    with pytest.raises(ValueError, match=r"trained on layer 3 .*, not layer 1"):
+        attribute_latents(model, tokenizer, data, {1: make_sae("jumprelu", layer=3)})
+
+
 def test_attribution_lists_every_latent_once_sorted_and_top_is_a_prefix():
     model, tokenizer, dataset = make_tiny_model("llama"), make_tiny_tokenizer(), make_tiny_mc_dataset()
     saes = {2: make_sae("standard", d_sae=48, seed=2), 1: make_sae("standard", d_sae=64, seed=1)}
