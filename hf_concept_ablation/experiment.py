@@ -87,6 +87,18 @@ class ExperimentConfig:
     save_models: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name in ("seeds", "conditions", "save_models"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {getattr(self, name)!r} (e.g. {name}=[...])")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for name in ("train_size", "eval_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer{'' if name == 'eval_batch_size' else ' or null'}, "
+                                 f"got {value!r}")
+        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (e.g. float32, bfloat16)")
         bad = [c for c in [*self.conditions, *self.save_models] if c not in CONDITIONS]
         if bad:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")

@@ -27,7 +27,10 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {part!r} is not a section")
-    node[leaf] = yaml.load(raw, Loader=RecipeLoader)
+    try:
+        node[leaf] = yaml.load(raw, Loader=RecipeLoader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {assignment!r}: the value is not valid YAML ({err.problem or err})") from err
 
 
 class RecipeLoader(yaml.SafeLoader):

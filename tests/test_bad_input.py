@@ -121,3 +121,23 @@ def test_sae_source_needs_a_release_and_id_or_a_path():
         SAESource(release="gemma-scope-2b-pt-res-canonical")
     with pytest.raises(ValueError, match="not both"):
         SAESource(release="r", sae_id="i", path="/tmp")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(conditions="caft"), r"conditions must be a list, got 'caft'"),
+        (dict(seeds=0), r"seeds must be a list, got 0"),
+        (dict(seeds=[]), r"seeds must be a non-empty list of integers, got \[\]"),
+        (dict(seeds=["a"]), r"seeds must be a non-empty list of integers, got \['a'\]"),
+        (dict(eval_batch_size=0), r"eval_batch_size must be a positive integer, got 0"),
+        (dict(train_size=-5), r"train_size must be a positive integer or null, got -5"),
+        (dict(dtype="foo"), r"dtype 'foo' is not a torch dtype name"),
+        (dict(dtype="nn"), r"dtype 'nn' is not a torch dtype name"),
+    ],
+)
+def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, message):
+    from hf_concept_ablation.experiment import ExperimentConfig
+
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig(conditions=kwargs.pop("conditions", ["none"]), **kwargs)

@@ -180,3 +180,24 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     assert config["mode"] == "projection" and config["directions"] == [0, 1, 2]  # every layer but the last
     selection = json.loads((tmp_path / "concept" / "selection.json").read_text())
     assert selection["source"] == "concept" and len(selection["selected"]) == 3 * 2
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--pca-indices", "6:0;9"], r"--pca-indices: layer 9 names no component in '6:0;9'"),
+        (["--pca-indices", "6:a"], r"--pca-indices takes LAYER:I,J;LAYER:K .* got '6:a'"),
+        (["--sae", "x=/saes/l6"], r"--sae takes LAYER=PATH with a layer number, got 'x=/saes/l6'"),
+        (["--sae", "6"], r"--sae takes LAYER=PATH with a layer number, got '6'"),
+    ],
+)
+def test_malformed_options_are_named_before_the_model_loads(option, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["--task", "gender_bias", "--model", "/no/such/model", "--out", "/tmp/unused", *option])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_counts_must_be_positive_integers(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["--task", "gender_bias", "--out", "/tmp/unused", "--batch-size", value])
+    assert f"argument --batch-size: expected a positive integer, got '{value}'" in capsys.readouterr().err

@@ -246,3 +246,10 @@ def test_the_model_card_template_ships_inside_the_package():
     globs = setup["options.package_data"]["hf_concept_ablation"].replace(",", " ").split()
     assert "assets/**/*" in globs and relative.parts[0] == "assets"
     assert (REPO / "model_cards" / MODEL_CARD_TEMPLATE.name).read_text() == MODEL_CARD_TEMPLATE.read_text()
+
+
+def test_an_override_that_is_not_yaml_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("experiment:\n  seeds: [0]\n")
+    with pytest.raises(ValueError, match=r"override 'experiment.seeds=\[0,1': the value is not valid YAML"):
+        load_recipe_config(path, ["experiment.seeds=[0,1"])
