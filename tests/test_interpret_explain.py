@@ -185,6 +185,18 @@ def test_explain_and_score_through_a_real_openai_compatible_server(server, cache
     assert SECRET not in report.read_text()  # ... but never into results
 
 
+@pytest.mark.parametrize("url, public", [
+    ("https://user:s3cr3t@llm.example.org:8443/v1?api_key=s3cr3t#x", "https://llm.example.org:8443/v1"),
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+    ("http://[::1]:8000/v1?token=s3cr3t", "http://[::1]:8000/v1"),
+    (None, None),
+])
+def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public):
+    client = OpenAIChat("tiny", base_url=url)
+    assert client.describe()["base_url"] == public
+    assert "s3cr3t" not in repr(client) and "s3cr3t" not in json.dumps(client.describe())
+
+
 def test_local_transformers_backend_explains_from_contexts(cache):
     model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
     client = TransformersChat(model, tokenizer)

@@ -28,6 +28,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
@@ -106,10 +107,23 @@ class OpenAIChat:
 
     def describe(self) -> dict[str, Any]:
         """Where explanations came from, for reports (the key's variable name, never the key)."""
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model, "api_key_env": self.api_key_env}
+        return {"backend": "openai", "base_url": public_url(self.base_url), "model": self.model,
+                "api_key_env": self.api_key_env}
 
     def __repr__(self) -> str:
-        return f"OpenAIChat(model={self.model!r}, base_url={self.base_url!r}, api_key_env={self.api_key_env!r})"
+        return (f"OpenAIChat(model={self.model!r}, base_url={public_url(self.base_url)!r}, "
+                f"api_key_env={self.api_key_env!r})")
+
+
+def public_url(url: str | None) -> str | None:
+    """`url` without user info, query or fragment, which may carry credentials (``user:key@host``, ``?api_key=``)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
