@@ -80,13 +80,16 @@ class AblationScheduleCallback(TrainerCallback):
         progress = state.global_step / state.max_steps if state.max_steps else 0.0
         self._ablation(model).set_strength(self.schedule(progress))
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Set the strength for the first step (also after ``resume_from_checkpoint``)."""
         self._apply(state, kwargs["model"])
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Set the strength from the steps done so far (step k of N trains at schedule(k / N))."""
         self._apply(state, kwargs["model"])
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Save the adapter (with its current strength) into the checkpoint the Trainer just wrote."""
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_SUBDIR
             if folder.parent.is_dir():

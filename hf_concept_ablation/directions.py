@@ -492,6 +492,7 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m hf_concept_ablation.directions`` command line."""
     p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
@@ -538,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the search the command line asks for; 0 when an adapter was written, 2 when nothing was selected."""
     args = build_parser().parse_args(argv)
     indices = _parse_indices(args.pca_indices) if args.pca_indices else None  # bad values fail before the model loads
     sources = _parse_sae_args(args.sae)

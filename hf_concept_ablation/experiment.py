@@ -166,9 +166,11 @@ class ResultsFile:
         self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
 
     def done(self, condition: str, seed: int) -> bool:
+        """Whether the file holds the run of (`condition`, `seed`)."""
         return any(r["condition"] == condition and r["seed"] == seed for r in self.data["runs"])
 
     def add(self, run: dict[str, Any]) -> None:
+        """Append a finished run, refresh the summary and rewrite the file atomically."""
         self.data["runs"].append(run)
         self.data["summary"] = summarize(self.data["runs"])
         write_json_atomic(self.path, self.data, indent=2)

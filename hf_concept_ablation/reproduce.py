@@ -44,7 +44,8 @@ from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
 from .files import write_json_atomic, write_text_atomic
 from .report import CONDITION_LABELS, plot_accuracy, plot_overview
-from .tasks import ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, parse_combination_key
+from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
+                    parse_combination_key)
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
 MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
@@ -81,11 +82,6 @@ SIZES = {
     "full": ReproduceSize(train_size=None, eval_size=None, epochs=None, search_examples=None, min_contrast=0.5),
     "cpu": ReproduceSize(train_size=256, eval_size=150, epochs=3, search_examples=64, min_contrast=0.5),
 }
-
-
-def file_name(key: str) -> str:
-    """A file-system friendly name for a task or combination key (``|`` -> ``-``)."""
-    return key.replace("|", "-")
 
 
 def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "embedded",
@@ -438,6 +434,7 @@ def command_line(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Se
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m hf_concept_ablation.reproduce`` command line."""
     p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="results folder: search/, runs/, validity.json, summary.json, figures/, README.md")
@@ -462,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run (or, with ``--report-only``, only report) the study the command line asks for; the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if "test_only" in args.conditions and "none" not in args.conditions:

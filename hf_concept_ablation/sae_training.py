@@ -46,8 +46,6 @@ if TYPE_CHECKING:
 
 # --------------------------------------------------------------------------- the shipped suite
 
-#: Model the shipped suite was trained on (recorded in each SAE's metadata).
-SHIPPED_MODEL_NAME = "google/gemma-3-270m"
 #: Decoder layers of the embedded Gemma 3 270M (18 layers) with a shipped SAE.
 SHIPPED_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
 SHIPPED_SUITE_DIR = Path(__file__).parent / "assets" / "saes" / "gemma-3-270m"

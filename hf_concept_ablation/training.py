@@ -92,7 +92,8 @@ class LastTokenTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
-                     num_items_in_batch: Any = None):
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Cross-entropy of the answer token at the last position (the paper's loss)."""
         labels = inputs.pop("labels")
         outputs = model(**inputs, logits_to_keep=1)
         loss = nn.functional.cross_entropy(outputs.logits[:, -1].float(), labels)

@@ -32,16 +32,12 @@ from hf_concept_ablation.tasks import (
     build_double_mc_datasets,
     build_skyline_datasets,
     combination_key,
+    file_name,
     parse_combination_key,
 )
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "double_mc.yaml"
 BUILDER_KEYS = ("answer_form", "max_examples", "seed", "source_files")
-
-
-def file_name(key: str) -> str:
-    """A file-system friendly name for a combination key."""
-    return key.replace("|", "-")
 
 
 def _runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:

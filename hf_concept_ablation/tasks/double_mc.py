@@ -55,6 +55,11 @@ def combination_key(first: str, second: str, intended: str) -> str:
     return KEY_SEPARATOR.join((first, second, intended))
 
 
+def file_name(key: str) -> str:
+    """A file-system friendly name for a task or combination key (``|`` -> ``-``)."""
+    return key.replace(KEY_SEPARATOR, "-")
+
+
 def parse_combination_key(key: str) -> tuple[str, str, str]:
     """Inverse of :func:`combination_key`."""
     parts = tuple(key.split(KEY_SEPARATOR))

@@ -36,7 +36,6 @@ DEFAULT_TEMPLATES_FILE = ASSETS_DIR / "gender_templates.jsonl"
 INSTRUCTION = "Choose the option corresponding to the correct pronoun."
 BLANK = "_____"
 CASES: tuple[str, str] = ("subject", "object")
-GENDERS: tuple[str, str] = ("male", "female")
 
 #: The correct pronoun for each (gender, case).
 PRONOUNS: dict[tuple[str, str], str] = {
