@@ -19,6 +19,7 @@ each run (written atomically), so an interrupted experiment resumes where it sto
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -164,6 +165,12 @@ class ResultsFile:
             raise ValueError(f"{path} holds runs made with other settings ({changes}); "
                              "use another output_dir or delete the file")
         self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
+        old_data, new_data = self.data.get("data"), header.get("data")
+        if old_data and new_data and old_data != new_data:
+            changed = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
+            raise ValueError(f"{path} holds runs on other data (split(s) {changed} differ: another task setting, such as "
+                             "answer_form, seed or max_examples?); use another output_dir or delete the file")
+        self.data["data"] = new_data or old_data
 
     def done(self, condition: str, seed: int) -> bool:
         """Whether the file holds the run of (`condition`, `seed`)."""
@@ -174,6 +181,12 @@ class ResultsFile:
         self.data["runs"].append(run)
         self.data["summary"] = summarize(self.data["runs"])
         write_json_atomic(self.path, self.data, indent=2)
+
+
+def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
+    """A short hash of each split's prompts and answers, so that runs on other data are never mixed in one file."""
+    return {name: hashlib.sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()).hexdigest()[:16]
+            for name, d in splits.items()}
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -251,13 +264,16 @@ def run_experiment(
     state = PartialState()
     out_dir = Path(config.output_dir)
     header = {"config": dataclasses.asdict(config)}
-    results = ResultsFile(results_path or out_dir / f"{name}.json", {"name": name, **header})
     train = subsample(data["train"], config.train_size)
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
+    results = ResultsFile(results_path or out_dir / f"{name}.json",
+                          {"name": name, **header, "data": data_fingerprint({"train": train, **evals})})
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
-    sibling_files = {n: ResultsFile(out_dir / f"{n}.json", {"name": n, **plain_header}) for n in siblings or {}}
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
+    sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
+                                    {"name": n, **plain_header, "data": data_fingerprint({"train": train, **sibling_evals[n]})})
+                     for n in siblings or {}}
     sibling_adapters = dict(sibling_adapters or {})
     unknown = sorted(set(sibling_adapters) - set(sibling_files))
     if unknown:

@@ -10,8 +10,10 @@ For each task, in order:
    intended question is at most `MAX_PLAIN_OOD` (``<out>/validity.json``; the verdict is
    recomputed from the stored accuracies, so it follows these constants);
 3. **experiment**: every condition x seed (`hf_concept_ablation.experiment.run_experiment`),
-   one results file per task in ``<out>/runs/`` (the scan's runs are reused, not repeated, and
-   the two intended questions of a pair share each plain model and its test-time ablations).
+   one results file per task in ``<out>/runs/`` (the scan's plain runs are reused; ``test_only``
+   needs the plain model itself, which the scan does not keep, so for it the first seed's plain
+   model is trained again with the same seed; the two intended questions of a pair share each
+   plain model and its test-time ablations).
    Every plain model is also evaluated on its pair's dropped combination, so validity is judged
    again on plain fine-tuning's accuracies averaged over all seeds (`plain_verdicts`): a
    combination the scan's seed dropped but the mean admits is studied too, and the report's

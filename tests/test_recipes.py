@@ -106,6 +106,8 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     assert "already in" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"other settings \(train_size: 16 there, 12 now\)"):
         gender_bias.main(["--config", str(config), "train_size=12"])
+    with pytest.raises(ValueError, match=r"holds runs on other data \(split\(s\) \['ood', 'train', 'val'\] differ"):
+        gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
 
 
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
