@@ -23,18 +23,23 @@ REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 QUICK_CONFIG = REPO_RECIPES / "configs" / "gender_bias_quick.yaml"
 
 
-def run_demo(output_dir: Path, threads: int | None = None) -> dict:
-    """Search for the gender concept, then run the quick gender recipe with the adapter found."""
+def run_demo(output_dir: Path, threads: int | None = None, model: str = "embedded",
+             search_args: Sequence[str] = ()) -> dict:
+    """Search for the gender concept, then run the quick gender recipe with the adapter found.
+
+    `model`: the embedded default, a Hub id or a local folder (another model needs its SAEs in
+    `search_args`, e.g. ``["--sae", "6=PATH"]``; later options override the demo's own)."""
     from . import directions
 
     search_dir = output_dir / "search"
     if not directions.search_finished(search_dir):
         print(f"== 1/2 concept search -> {search_dir}", flush=True)
-        args = ["--task", "gender_bias", "--out", str(search_dir), "--max-examples", "64", "--batch-size", "16",
-                "--min-contrast", "0.5"]
+        args = ["--task", "gender_bias", "--out", str(search_dir), "--model", model, "--max-examples", "64",
+                "--batch-size", "16", "--min-contrast", "0.5"]
         if threads:
             args += ["--threads", str(threads)]
-        directions.main(args)
+        if directions.main([*args, *search_args]) != 0:
+            raise SystemExit(f"the concept search selected nothing: see {search_dir / 'selection.json'}")
     else:
         print(f"== 1/2 concept search: reusing {search_dir}", flush=True)
     print("== 2/2 fine-tuning: plain and CAFT", flush=True)
@@ -44,21 +49,27 @@ def run_demo(output_dir: Path, threads: int | None = None) -> dict:
     return gender_bias.main([
         "--config", str(QUICK_CONFIG),
         f"adapter={search_dir}", f"attribution={search_dir / 'attribution.json'}",
-        f"output_dir={output_dir}",
+        f"output_dir={output_dir}", f"model={model}",
     ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``hf-concept-ablation`` command line; the exit code."""
     parser = argparse.ArgumentParser(prog="hf-concept-ablation", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded model, quick size")
     demo.add_argument("--output-dir", default="outputs/demo", type=Path)
     demo.add_argument("--threads", type=int, help="torch CPU threads for the search")
+    demo.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local model folder")
+    demo.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH",
+                      help="an SAE folder for a layer (needed for a model other than the embedded one)")
+    demo.add_argument("--layers", type=int, nargs="+", help="layers to search (default: the shipped SAEs' layers)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         if not QUICK_CONFIG.is_file():
             parser.error(f"the demo runs from a source checkout; {QUICK_CONFIG} not found")
-        run_demo(args.output_dir, args.threads)
+        search_args = [f"--sae={s}" for s in args.sae] + (["--layers", *map(str, args.layers)] if args.layers else [])
+        run_demo(args.output_dir, args.threads, model=args.model, search_args=search_args)
     return 0
 
 
