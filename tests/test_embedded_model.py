@@ -64,27 +64,21 @@ def test_a_gguf_named_by_the_environment_is_used_and_a_missing_one_is_named(tmp_
     assert embedded_gguf_path() == copy
 
 
-def test_processes_of_one_launch_build_the_cache_once(tmp_path, monkeypatch):
-    """Ranks that start together wait for the first one's copy instead of replacing it while it is read."""
+def test_processes_of_one_launch_build_the_cache_once(tmp_path, monkeypatch, capsys):
+    """Ranks that start together on a fresh machine wait for the first one's copy instead of replacing it
+    while it is read (the real dequantization, about a minute, into an empty cache)."""
     import threading
-    import time
 
-    from hf_concept_ablation import models
+    from hf_concept_ablation.models import embedded_model_dir
 
     monkeypatch.setenv("HF_CONCEPT_ABLATION_CACHE", str(tmp_path / "cache"))
-    builds = []
-
-    def slow_build(target):  # stands in for the minute of dequantizing
-        builds.append(target)
-        time.sleep(0.5)
-        target.mkdir()
-        (target / models._CACHE_MARKER).write_text("{}")
-
-    monkeypatch.setattr(models, "_dequantize_embedded_model", slow_build)
     found = []
-    ranks = [threading.Thread(target=lambda: found.append(models.embedded_model_dir())) for _ in range(3)]
+    ranks = [threading.Thread(target=lambda: found.append(embedded_model_dir())) for _ in range(3)]
     for rank in ranks:
         rank.start()
     for rank in ranks:
         rank.join()
-    assert len(builds) == 1 and found == [tmp_path / "cache" / "gemma-3-270m"] * 3
+    assert found == [tmp_path / "cache" / "gemma-3-270m"] * 3
+    assert capsys.readouterr().out.count("dequantizing") == 1
+    model, _ = load_model("embedded")
+    assert model.config.name_or_path == EMBEDDED_BASE_MODEL_ID

@@ -50,6 +50,9 @@ def test_top_contexts_are_the_texts_with_highest_max_activation(setup):
             assert e.value == pytest.approx(max(e.acts), rel=1e-4, abs=1e-5)
             value, pos = truth[e.doc]
             assert e.value == pytest.approx(value, rel=1e-4, abs=1e-5)
+            ids = tokenizer(texts[e.doc])["input_ids"]
+            assert e.tokens[e.center] == tokenizer.decode([ids[pos]])  # centred on the max-activating token
+            assert e.tokens[:e.center] == [tokenizer.decode([i]) for i in ids[max(1, pos - 5):pos]]  # BOS left out
 
 
 def test_windows_exclude_bos_and_padding(setup):

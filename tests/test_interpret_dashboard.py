@@ -7,6 +7,7 @@ Browser tests render the page in headless Chromium (Debian packages ``chromium``
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -27,8 +28,10 @@ from hf_concept_ablation.interpret.dashboard import (
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
+#: CI sets HF_CONCEPT_ABLATION_BROWSER_TESTS=required, so a missing browser fails there instead of skipping
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium chromium-driver)"
+    CHROMIUM is None and os.environ.get("HF_CONCEPT_ABLATION_BROWSER_TESTS") != "required",
+    reason="headless Chromium is not installed (apt-get install chromium chromium-driver)",
 )
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 PUBLIC = SAESource(release="gemma-scope-2b-pt-res-canonical", sae_id="layer_1/width_16k/canonical")
@@ -63,7 +66,9 @@ def _same_config(exported: dict, selection) -> None:
     for key in expected:
         if key != "description":
             assert exported[key] == expected[key], key
-    assert "layer 1 latent 5" in exported["description"] or "latent" in exported["description"]
+    prefix = "chosen in the dashboard: "
+    assert exported["description"].startswith(prefix)  # then the latents in the order they were ticked
+    assert set(exported["description"][len(prefix):].split(", ")) == {f"layer {l} latent {i}" for l, i in selection}
 
 
 def test_config_from_selection_has_the_config_format(tmp_path):

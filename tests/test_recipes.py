@@ -212,6 +212,7 @@ def _launch(config: Path, processes: int) -> dict:
 def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
     one = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
     two = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
+    assert len(one["runs"]) == len(two["runs"]) == 2
     for a, b in zip(one["runs"], two["runs"]):
         assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
         for split in ("val", "ood"):

@@ -105,8 +105,12 @@ def test_lora_preset_trains_only_adapters(tmp_path):
     model = prepare_model_for_training(_setup(), PRESETS["paper"].replace(lora_rank=4, freeze_embeddings=True))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     fine_tune(model, tokenizer, data, _args(tmp_path))
     assert get_concept_ablation(model) is not None
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in before if "lora_" not in n)  # the base stays frozen
+    assert any(not torch.equal(after[n], before[n]) for n in trainable)  # the adapters learned
 
 
 def test_multi_token_answers_are_refused(tmp_path):
