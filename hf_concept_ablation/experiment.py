@@ -266,13 +266,14 @@ def run_experiment(
     header = {"config": dataclasses.asdict(config)}
     train = subsample(data["train"], config.train_size)
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
+    train_fingerprint = data_fingerprint({"train": train})  # shared with the siblings, whose training set is the same
     results = ResultsFile(results_path or out_dir / f"{name}.json",
-                          {"name": name, **header, "data": data_fingerprint({"train": train, **evals})})
+                          {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)}})
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
-                                    {"name": n, **plain_header, "data": data_fingerprint({"train": train, **sibling_evals[n]})})
+                                    {"name": n, **plain_header, "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])}})
                      for n in siblings or {}}
     sibling_adapters = dict(sibling_adapters or {})
     unknown = sorted(set(sibling_adapters) - set(sibling_files))
