@@ -91,13 +91,13 @@ from .pca import (
     save_pca,
     select_directions,
 )
+from .saes import SHIPPED_LAYERS, shipped_sae_source
 
 SELECT_BY = ("contrast", "explanation", "union")
 CONTRASTS = ("topic", "value")
 BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
-FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
@@ -185,19 +185,8 @@ def _value_task_data(name: str, train: Any, source: str, questions: Sequence[dic
                     more_contrasts=contrasts[1:])
 
 
-def default_layers() -> tuple[int, ...]:
-    """Layers of the shipped SAE suite of the embedded model (falls back to (3, 6, 9, 12))."""
-    try:
-        from .sae_training import SHIPPED_LAYERS
-    except ImportError:
-        return FALLBACK_LAYERS
-    return tuple(SHIPPED_LAYERS)
-
-
 def default_sae_sources(layers: Sequence[int]) -> dict[int, SAESource]:
-    """The shipped SAEs of the embedded Gemma 3 270M for `layers` (imported lazily)."""
-    from .sae_training import shipped_sae_source
-
+    """The shipped SAEs of the embedded Gemma 3 270M for `layers`."""
     return {int(layer): shipped_sae_source(int(layer)) for layer in layers}
 
 
@@ -552,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.query:
         task.query = args.query
     model, tokenizer = load_model(args.model, device=args.device)
-    layers = args.layers or list(default_layers())
+    layers = args.layers or list(SHIPPED_LAYERS)
     if args.source == "concept" and not args.layers:
         layers = list(range(len(find_decoder_layers(model)[1]) - 1))
     if args.source in ("pca", "concept"):

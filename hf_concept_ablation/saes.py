@@ -1,7 +1,8 @@
 """Every SAE source behind one loader, and the checks that an SAE fits a model.
 
 Sources (see `SAESource`): a sae-lens release and id (downloaded through sae-lens's
-own registry and converters), a local sae-lens folder (``cfg.json`` +
+own registry and converters), the package's own suite for the embedded model
+(release `SHIPPED_RELEASE`, ids ``layer_<L>``), a local sae-lens folder (``cfg.json`` +
 ``sae_weights.safetensors``), or a Gemma Scope style folder of raw parameters
 (``params.safetensors`` or ``params.npz``, read with ``allow_pickle=False``).
 All of them come back as `sae_lens.SAE` objects.
@@ -30,10 +31,41 @@ PER_LATENT_ARCHITECTURES = ("standard", "jumprelu")
 TOPK_ARCHITECTURES = ("topk",)
 SUPPORTED_ARCHITECTURES = PER_LATENT_ARCHITECTURES + TOPK_ARCHITECTURES
 
+#: Release name of the SAE suite shipped with the package for the embedded Gemma 3 270M (made with
+#: `hf_concept_ablation.sae_training`; see ``docs/saes.md``); its ids are ``layer_<L>``. Configs name it
+#: like a sae-lens release, so a saved adapter does not depend on where the package is installed.
+SHIPPED_RELEASE = "hf-concept-ablation/gemma-3-270m-res"
+#: Decoder layers of the embedded Gemma 3 270M (18 layers) with a shipped SAE.
+SHIPPED_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
+SHIPPED_SUITE_DIR = Path(__file__).parent / "assets" / "saes" / "gemma-3-270m"
+
+
+def shipped_sae_dir(layer: int) -> Path:
+    """Folder of the shipped SAE for a layer of the embedded Gemma 3 270M."""
+    if layer not in SHIPPED_LAYERS:
+        raise ValueError(f"no shipped SAE for layer {layer}; shipped layers: {SHIPPED_LAYERS}")
+    return SHIPPED_SUITE_DIR / f"layer_{layer}"
+
+
+def shipped_sae_source(layer: int) -> SAESource:
+    """`SAESource` of the shipped SAE for a layer (see `SHIPPED_LAYERS`)."""
+    shipped_sae_dir(layer)  # an error naming the layer if there is none
+    return SAESource(release=SHIPPED_RELEASE, sae_id=f"layer_{layer}")
+
+
+def _shipped_sae_dir_of(sae_id: str) -> Path:
+    match = re.fullmatch(r"layer_(\d+)", sae_id)
+    if not match:
+        raise ValueError(f"unknown id {sae_id!r} in release {SHIPPED_RELEASE!r}; ids: "
+                         f"{[f'layer_{layer}' for layer in SHIPPED_LAYERS]}")
+    return shipped_sae_dir(int(match.group(1)))
+
 
 def load_sae(source: SAESource, device: str | torch.device = "cpu", dtype: str = "float32") -> SAE:
     """Load the SAE a `SAESource` names, as a sae-lens `SAE` in eval mode."""
-    if source.path is None:
+    if source.release == SHIPPED_RELEASE:
+        sae = _load_local(_shipped_sae_dir_of(source.sae_id), device=str(device), dtype=dtype)
+    elif source.path is None:
         sae = SAE.from_pretrained(source.release, source.sae_id, device=str(device), dtype=dtype)
     else:
         sae = _load_local(Path(source.path), device=str(device), dtype=dtype)
