@@ -36,7 +36,7 @@ from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import ConceptAblationConfig, SAESource
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
 from .files import write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
@@ -153,6 +153,13 @@ class ResultsFile:
 
     #: settings that must match for runs to be mixed in one file (``adapter`` only where both name one)
     SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter")
+    #: header keys holding content hashes (`data_fingerprint`, `inputs_fingerprint`); a hash the file and the new
+    #: header both have must match (what a difference means is given)
+    FINGERPRINTS = {
+        "data": "on other data (split(s) {changed} differ: another task setting, such as answer_form, seed or "
+                "max_examples?)",
+        "inputs": "made with another {changed} (same path, other content: was the concept search redone?)",
+    }
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
@@ -165,12 +172,14 @@ class ResultsFile:
             raise ValueError(f"{path} holds runs made with other settings ({changes}); "
                              "use another output_dir or delete the file")
         self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
-        old_data, new_data = self.data.get("data"), header.get("data")
-        if old_data and new_data and old_data != new_data:
-            changed = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
-            raise ValueError(f"{path} holds runs on other data (split(s) {changed} differ: another task setting, such as "
-                             "answer_form, seed or max_examples?); use another output_dir or delete the file")
-        self.data["data"] = new_data or old_data
+        for key, what in self.FINGERPRINTS.items():
+            old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if old_hashes[k] != new_hashes[k])
+            if changed:
+                raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
+                                 "use another output_dir or delete the file")
+            if old_hashes or new_hashes:
+                self.data[key] = {**old_hashes, **new_hashes}
 
     def done(self, condition: str, seed: int) -> bool:
         """Whether the file holds the run of (`condition`, `seed`)."""
@@ -185,8 +194,19 @@ class ResultsFile:
 
 def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
     """A short hash of each split's prompts and answers, so that runs on other data are never mixed in one file."""
-    return {name: hashlib.sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()).hexdigest()[:16]
-            for name, d in splits.items()}
+    return {name: _sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()) for name, d in splits.items()}
+
+
+def inputs_fingerprint(config: ExperimentConfig) -> dict[str, str]:
+    """A short hash of the adapter's files and of the attribution table the config names, so that runs made with
+    another concept search's output under the same path are never mixed in one file."""
+    files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
+             "attribution": [Path(config.attribution)] if config.attribution else []}
+    return {name: _sha256(b"".join(path.read_bytes() for path in paths)) for name, paths in files.items() if paths}
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -268,7 +288,8 @@ def run_experiment(
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
     train_fingerprint = data_fingerprint({"train": train})  # shared with the siblings, whose training set is the same
     results = ResultsFile(results_path or out_dir / f"{name}.json",
-                          {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)}})
+                          {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
+                           "inputs": inputs_fingerprint(config)})
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}

@@ -110,6 +110,27 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
         gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
 
 
+def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tiny_setup, tmp_path):
+    import shutil
+
+    adapter, attribution = tmp_path / "search" / "adapter", tmp_path / "search" / "attribution.json"
+    shutil.copytree(tiny_setup / "adapter", adapter)
+    shutil.copy(tiny_setup / "attribution.json", attribution)
+    config = _config(tiny_setup, tmp_path / "out", ["caft", "top_k"], adapter=str(adapter), attribution=str(attribution))
+    first = gender_bias.main(["--config", str(config)])
+    assert set(first["inputs"]) == {"adapter", "attribution"}
+
+    redone = ConceptAblationConfig.from_pretrained(adapter)
+    redone.latents = {1: [3, 4]}  # the search chose other latents and wrote them to the same folder
+    redone.to_json_file(adapter / "concept_ablation_config.json")
+    with pytest.raises(ValueError, match=r"made with another \['adapter'\] \(same path, other content"):
+        gender_bias.main(["--config", str(config), "seeds=[1]"])
+    shutil.copytree(tiny_setup / "adapter", adapter, dirs_exist_ok=True)
+    attribution.write_text(json.dumps(json.loads(attribution.read_text())[::-1]))  # another ranking
+    with pytest.raises(ValueError, match=r"made with another \['attribution'\]"):
+        gender_bias.main(["--config", str(config), "seeds=[1]"])
+
+
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
     summary = double_mc.main(["--config", str(config), "task.mode=skyline", "task.sources=[verbs]"])
