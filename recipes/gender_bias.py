@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from hf_concept_ablation.experiment import run_experiment
+from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.recipe import parse_recipe_args
 from hf_concept_ablation.report import markdown_table, plot_accuracy, write_run_model_card
 from hf_concept_ablation.tasks import build_gender_datasets
@@ -19,7 +19,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    task, config = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    config = ExperimentConfig.from_dict(experiment)
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias")
     if PartialState().is_main_process:

@@ -166,6 +166,30 @@ def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setu
     assert "training" not in capsys.readouterr().out  # everything was recorded
 
 
+def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tmp_path):
+    import shutil
+
+    searches = tmp_path / "search"
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        shutil.copytree(tiny_setup / "adapter", searches / name)
+    shutil.copy(tiny_setup / "attribution.json", searches / "verbs-sentiment-sentiment")  # a PCA search writes none
+    config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4,
+                     adapter=None, attribution=None)
+    keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
+    summary = double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}"])
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        assert set(summary[name]) == {"none", "caft"}
+        header = json.loads((tmp_path / "dmc" / f"{name}.json").read_text())
+        assert header["config"]["adapter"] == str(searches / name)
+    assert header["config"]["attribution"] is None
+    with pytest.raises(ValueError, match=r"top_k.*needs `attribution`"):  # the second search has no table
+        double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", "conditions=[none,top_k]"])
+    with pytest.raises(FileNotFoundError, match=r"holds no adapter .* for 'sports\|verbs\|verbs'"):
+        double_mc.main(["--config", str(config), "task.combinations=sports|verbs|verbs", f"task.adapters_dir={searches}"])
+    with pytest.raises(ValueError, match=r"its own \['adapter'\]: leave experiment \['adapter'\] unset"):
+        double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
+
+
 def test_recipe_settings_are_checked(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "bad", ["none"])
     with pytest.raises(ValueError, match=r"unknown condition\(s\) \['magic'\]"):
