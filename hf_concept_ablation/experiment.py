@@ -30,7 +30,6 @@ from typing import Any, Callable, Mapping
 
 import datasets
 import torch
-from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
@@ -41,7 +40,7 @@ from .evaluation import evaluate_multiple_choice
 from .files import write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model
-from .training import PRESETS, fine_tune, prepare_model_for_training, training_arguments
+from .training import PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
 TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k")
@@ -281,7 +280,7 @@ def run_experiment(
         raise ValueError("run_experiment evaluates each trained model on the main process only, which an FSDP-sharded "
                          "model cannot do (ACCELERATE_USE_FSDP=true): launch the recipes single-process or with DDP "
                          "(`accelerate launch` without --use_fsdp)")
-    state = PartialState()
+    state = process_state()
     out_dir = Path(config.output_dir)
     header = {"config": dataclasses.asdict(config)}
     train = subsample(data["train"], config.train_size)
@@ -320,7 +319,8 @@ def run_experiment(
                 continue
             reasons = (["test_only"] if needs_test_only or sibling_test_only else []) + pending_siblings
             why = f" again, for {', '.join(reasons)}" if results.done(condition, seed) else ""
-            progress(f"[{name}] training {condition}{why}, seed {seed} ({len(train)} examples)")
+            processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+            progress(f"[{name}] training {condition}{why}, seed {seed} ({len(train)} examples{processes})")
             torch.manual_seed(seed)
             model, tokenizer = load_model(config.model, dtype=getattr(torch, config.dtype))
             callbacks = []

@@ -40,7 +40,6 @@ from typing import Any, Mapping, Sequence
 
 import datasets
 import torch
-from accelerate import PartialState
 
 from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
@@ -48,6 +47,7 @@ from .files import write_json_atomic, write_text_atomic
 from .report import CONDITION_LABELS, plot_accuracy, plot_overview
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
+from .training import process_state
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
 MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
@@ -177,7 +177,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
             none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
             index = none["seeds"].index(seed)
             validity[key] = judge({"seed": seed, **settings, "val": none["val"][index], "ood": none["ood"][index]})
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             write_json_atomic(path, validity)
     return validity
 
@@ -394,7 +394,7 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
     `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
     `gender_answer_form` its prompts' answer form (``letters`` or ``words``).
     """
-    state = PartialState()
+    state = process_state()
     done: dict[str, list[str]] = {}
     validity: dict[str, Any] = {}
     if "gender_bias" in tasks:

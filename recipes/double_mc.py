@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import datasets
-from accelerate import PartialState
 
 from hf_concept_ablation.config import CONFIG_NAME
 from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
@@ -36,6 +35,7 @@ from hf_concept_ablation.tasks import (
     file_name,
     parse_combination_key,
 )
+from hf_concept_ablation.training import process_state
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "double_mc.yaml"
 BUILDER_KEYS = ("answer_form", "max_examples", "seed", "source_files")
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         adapters = {mate: run_configs[mate].adapter for mate in mates[name] if run_configs[mate].adapter}
         results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters)
         summary[name] = results["summary"]
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             plot_accuracy(results["summary"], output_dir / f"{name}.png", name)
             print(f"## {name}\n{markdown_table(results['summary'])}")
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         path = output_dir / "double_mc_summary.json"
         write_json_atomic(path, summary, indent=2)
         print(f"summary: {path}")

@@ -245,25 +245,30 @@ def test_numbers_in_exponent_form_are_floats(tmp_path):
     assert config["output_dir"] == "1e-5x" and config["seeds"] == [0, 1]
 
 
-def _launch(config: Path, processes: int) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+def _launch(config: Path, processes: int) -> tuple[dict, str]:
+    """Run the gender recipe under `accelerate launch`; with more than one process as a CPU DDP group (accelerate's
+    ``--cpu`` starts a single process unless given an MPI hostfile, so the CPU group is started like a GPU one)."""
+    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher,
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "recipes" / "gender_bias.py"), "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
-    return json.loads((config.with_suffix("") / "gender_bias.json").read_text())
+    done = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return json.loads((config.with_suffix("") / "gender_bias.json").read_text()), done.stdout
 
 
 def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
-    one = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
-    two = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
+    one, one_log = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
+    two, two_log = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
+    # every process announces each training it takes part in, with the size of its group: one group of two ran
+    assert one_log.count("[gender_bias] training caft, seed 0 (16 examples)") == 1
+    assert two_log.count("[gender_bias] training caft, seed 0 (16 examples, 2 processes)") == 2
     assert len(one["runs"]) == len(two["runs"]) == 2
     for a, b in zip(one["runs"], two["runs"]):
         assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
         for split in ("val", "ood"):
             assert a[split]["accuracy"] == b[split]["accuracy"]
             assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)
-
 
 
 def test_shipped_recipe_configs_point_at_what_the_search_writes():
