@@ -185,9 +185,11 @@ class ConceptAblation:
         return str(info)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike) -> ConceptAblation:
-        """Load a saved adapter (local folder or Hub repo id) and inject it into `model`; no SAE is needed."""
-        directory = _resolve_adapter_dir(path_or_repo_id)
+    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike,
+                        revision: str | None = None) -> ConceptAblation:
+        """Load a saved adapter (local folder, or Hub repo id at `revision`) and inject it into `model`; no SAE is
+        needed."""
+        directory = _resolve_adapter_dir(path_or_repo_id, revision)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -207,11 +209,15 @@ class ConceptAblation:
         missing = sorted(set(config.layers) - set(layers))
         if missing:
             raise ValueError(f"{weights} has no tensors for layer(s) {missing} named in {CONFIG_NAME}")
+        extra = sorted(set(layers) - set(config.layers))
+        if extra:
+            raise ValueError(f"{weights} holds layer(s) {extra} that {CONFIG_NAME} does not name (layers "
+                             f"{config.layers}): the two files are from different adapters")
         _check_layers_fit(model, layers)
         return cls(model, config, _cast_like_model(model, layers, config))
 
 
-def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike) -> Path:
+def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
     path = Path(path_or_repo_id)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
@@ -219,10 +225,18 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike) -> Path:
         return path
     if path.exists() or str(path_or_repo_id).count("/") != 1:
         raise FileNotFoundError(f"{path_or_repo_id} is neither an adapter folder nor a Hub repo id 'org/name'")
+    if path.parent.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist (its parent folder {path.parent} does, so it "
+                                "is not taken for a Hub repo id)")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME)
-    hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME)
+    try:
+        config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, revision=revision)
+        hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, revision=revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        raise FileNotFoundError(f"{path_or_repo_id}: no such local folder, and no adapter from the Hub "
+                                f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
 
 
