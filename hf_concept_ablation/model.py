@@ -10,11 +10,14 @@ all keep working. `ConceptAblation` is the handle, in the spirit of a PEFT model
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -66,12 +69,16 @@ class _PositionMask:
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None and self.skip_token_ids:
+            warnings.warn("the decoder stack was called without input_ids (with inputs_embeds, e.g. by a multimodal "
+                          "wrapper): BOS and padding positions cannot be told apart and are ablated like every other "
+                          "position", stacklevel=2)
         self.keep = None if input_ids is None else keep_positions(input_ids, kwargs.get("attention_mask"), self.skip_token_ids)
 
     def for_shape(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.keep is None or self.keep.shape != hidden.shape[:2]:
             return None
-        return self.keep
+        return self.keep.to(hidden.device)  # a layer may sit on another device (device_map="auto")
 
 
 class ConceptAblation:
@@ -91,24 +98,24 @@ class ConceptAblation:
         skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(_text_config(model))
         self._mask = _PositionMask(list(skip))
         self._stack = stack
-        param = next(model.parameters())
+        default_device = next(model.parameters()).device
         self._handles = [stack.register_forward_pre_hook(self._mask.capture, with_kwargs=True)]
         for index, module in self.layers.items():
             decoder_layer = decoder_layers[index]
-            module.to(device=param.device)
+            module.to(device=next(decoder_layer.parameters(), torch.empty(0, device=default_device)).device)
             decoder_layer.add_module(_MODULE_NAME, module)
-            self._handles.append(decoder_layer.register_forward_hook(self._make_hook(module), prepend=True))
+            # a partial of a bound method, not a closure: `copy.deepcopy(model)` then gives the copy hooks bound to
+            # its own copies of this handle and module
+            hook = functools.partial(self._ablate, module)
+            self._handles.append(decoder_layer.register_forward_hook(hook, prepend=True))
         setattr(stack, _HANDLE_ATTR, self)
         self.set_strength(config.alpha)
 
-    def _make_hook(self, module: ConceptAblationLayer):
-        def hook(_layer: nn.Module, _args: tuple, output):
-            if not self.enabled:
-                return None
-            hidden = layer_hidden(output)
-            return with_layer_hidden(output, module(hidden, self._mask.for_shape(hidden)))
-
-        return hook
+    def _ablate(self, module: ConceptAblationLayer, _layer: nn.Module, _args: tuple, output: Any) -> Any:
+        if not self.enabled:
+            return None
+        hidden = layer_hidden(output)
+        return with_layer_hidden(output, module(hidden, self._mask.for_shape(hidden)))
 
     # -- control ---------------------------------------------------------------------------------
     def enable(self) -> None:
@@ -273,6 +280,7 @@ def inject_concept_ablation(
     name). Only the slices the ablation needs are kept.
     """
     text_config = _text_config(model)
+    config = copy.copy(config)  # the handle's strength and base model name are its own, not the caller's config's
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
     saes = dict(saes or {})
