@@ -306,3 +306,16 @@ def test_an_override_that_is_not_yaml_is_named(tmp_path):
     path.write_text("experiment:\n  seeds: [0]\n")
     with pytest.raises(ValueError, match=r"override 'experiment.seeds=\[0,1': the value is not valid YAML"):
         load_recipe_config(path, ["experiment.seeds=[0,1"])
+
+
+def test_model_card_command_is_how_the_run_was_started(monkeypatch):
+    from hf_concept_ablation import reproduce
+    from hf_concept_ablation.report import launch_command
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launch_command([str(REPO / "recipes" / "gender_bias.py"), "seeds=[0,1]"]) == \
+        "python recipes/gender_bias.py 'seeds=[0,1]'"
+    assert launch_command([reproduce.__file__, "--out", "a b"]) == "python -m hf_concept_ablation.reproduce --out 'a b'"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate's launchers
+    assert launch_command(["recipes/double_mc.py"]) == "accelerate launch recipes/double_mc.py"
