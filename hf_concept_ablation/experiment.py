@@ -37,7 +37,7 @@ from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
-from .files import write_json_atomic
+from .files import atomic_dir, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model
 from .training import PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
@@ -387,12 +387,14 @@ def checkpoint_dir(config: ExperimentConfig, name: str, condition: str, seed: in
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """Save a fine-tuned model and tokenizer (and its concept ablation, if any, in ``concept_ablation/``)."""
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    handle = get_concept_ablation(model)
-    if handle is not None:
-        handle.save_pretrained(directory / "concept_ablation")
+    """Save a fine-tuned model and tokenizer (and its concept ablation, if any, in ``concept_ablation/``); the folder
+    appears only once everything is written."""
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        handle = get_concept_ablation(model)
+        if handle is not None:
+            handle.save_pretrained(tmp / "concept_ablation")
 
 
 def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model,

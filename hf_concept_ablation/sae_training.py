@@ -30,6 +30,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -181,7 +182,11 @@ def _save_sae(sae: Any, out: Path, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sae = sae.to(dtype=getattr(torch, dtype))
     sae.cfg.dtype = dtype
-    sae.save_model(out)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        sae.save_model(tmp)
+        # moved in one by one, cfg.json last: it marks the layer done (`train_saes` skips layers that have it)
+        for name in sorted(os.listdir(tmp), key=lambda name: name == "cfg.json"):
+            os.replace(Path(tmp) / name, out / name)
 
 
 # --------------------------------------------------------------------------- the whole pipeline
