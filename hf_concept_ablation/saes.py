@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -160,3 +160,13 @@ def check_sae_fits(
             f"{source} was trained on model {sae_model!r}, not {model_name!r} "
             "(pass check_model_name=False to the config to use it anyway)"
         )
+
+
+def check_saes_fit_model(model: torch.nn.Module, saes: Mapping[int, SAE],
+                         latents: Mapping[int, Sequence[int]] | None = None) -> None:
+    """`check_sae_fits` for each layer's SAE against `model`'s config (layer count, hidden size), before any pass over
+    data: a misfit is named at once, not as a shape error deep in torch minutes later."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for layer, sae in saes.items():
+        check_sae_fits(sae, layer=int(layer), num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                       latents=(latents or {}).get(layer, ()), source=f"the SAE given for layer {layer}")
