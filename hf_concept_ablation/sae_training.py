@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
-from .config import SAESource
 from .files import write_json_atomic
 from .sae_quality import SAEQuality, evaluate_sae
 from .saes import SHIPPED_LAYERS
