@@ -39,7 +39,8 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
 from .files import atomic_dir, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
-from .models import load_model
+from .models import load_model, load_tokenizer
+from .tasks import answer_strings, check_single_token
 from .training import PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
@@ -306,6 +307,15 @@ def run_experiment(
     preset = PRESETS[config.preset].replace(**config.training)
     table = load_attribution(config.attribution) if config.attribution else None
     caft_config = ConceptAblationConfig.from_pretrained(config.adapter) if config.adapter else None
+    # what would otherwise fail after a training run: answers of any split that are not one token, latents to draw
+    check_single_token(load_tokenizer(config.model), answer_strings({"train": train, **evals, **{
+        f"{n}_{split}": d for n, splits in sibling_evals.items() for split, d in splits.items()}}))
+    for condition in {"random", "top_k"} & set(config.conditions):
+        if not caft_config.directions:
+            if table is None:
+                raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
+                                 "(an attribution table JSON)")
+            latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed=0)
     sae_sources = {**(caft_config.saes if caft_config else {}),
                    **{int(k): SAESource(**v) for k, v in config.saes.items()}}
     for seed in config.seeds:
@@ -332,9 +342,6 @@ def run_experiment(
                 inject_concept_ablation(model, random_directions_config(caft_config, seed))
                 callbacks.append(AblationScheduleCallback())
             elif condition in ("random", "top_k"):
-                if table is None:
-                    raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
-                                     "(an attribution table JSON)")
                 latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
                 callbacks.append(AblationScheduleCallback())

@@ -319,3 +319,16 @@ def test_model_card_command_is_how_the_run_was_started(monkeypatch):
     assert launch_command([reproduce.__file__, "--out", "a b"]) == "python -m hf_concept_ablation.reproduce --out 'a b'"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate's launchers
     assert launch_command(["recipes/double_mc.py"]) == "accelerate launch recipes/double_mc.py"
+
+
+def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path, capsys):
+    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+
+    experiment = load_recipe_config(_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
+    data = build_gender_datasets()
+    bad_ood = data["ood"].map(lambda row: {"distractor": "w5 w6"})  # a user's skyline words, say
+    with pytest.raises(ValueError, match=r"'w5 w6'"):
+        run_experiment(ExperimentConfig.from_dict(experiment), {**data, "ood": bad_ood}, name="gender_bias")
+    with pytest.raises(ValueError, match=r"condition 'random' with a latent adapter needs `attribution`"):
+        run_experiment(ExperimentConfig.from_dict({**experiment, "attribution": None}), data, name="gender_bias")
+    assert "training" not in capsys.readouterr().out
