@@ -91,7 +91,7 @@ from .pca import (
     save_pca,
     select_directions,
 )
-from .saes import SHIPPED_LAYERS, shipped_sae_source
+from .saes import SHIPPED_LAYERS, check_saes_fit_model, shipped_sae_source
 
 SELECT_BY = ("contrast", "explanation", "union")
 CONTRASTS = ("topic", "value")
@@ -246,8 +246,12 @@ def find_concept_latents(
     n_cache_texts: int = 200,
     batch_size: int = 8,
     progress: bool = True,
+    check_model_name: bool = True,
 ) -> SearchResult:
-    """Run the SAE-latent search of the module doc and write its outputs to `out_dir`."""
+    """Run the SAE-latent search of the module doc and write its outputs to `out_dir`.
+
+    `check_model_name`: refuse SAEs whose recorded model is not `model` (checked first, with their fit), and record
+    the choice in the saved adapter's config."""
     select_by = select_by or ("union" if explainer is not None else "contrast")
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
@@ -255,6 +259,7 @@ def find_concept_latents(
         raise ValueError(f"select_by={select_by!r} needs an explainer (an LLM endpoint or local model)")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    check_saes_fit_model(model, saes, check_model_name=check_model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sae_sources = dict(sae_sources or {})
@@ -328,7 +333,7 @@ def find_concept_latents(
                        f"rule={rule}, min_contrast={min_contrast}) from the attribution top {top}")
         config = config_from_selection(chosen_keys, sae_sources,
                                        base_model_name_or_path=getattr(model.config, "name_or_path", None),
-                                       description=description)
+                                       description=description, check_model_name=check_model_name)
         erasure = _save_adapter(model, tokenizer, config, out, task, saes, batch_size)
     report = {
         "task": task.name, "source": "sae", "contrast_texts": task.description, "query": task.query,
@@ -494,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH", help="a local SAE folder for a layer")
     p.add_argument("--sae-release", help="sae-lens release for every layer, e.g. gemma-scope-2b-pt-res-canonical")
     p.add_argument("--sae-id-template", help="sae id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    p.add_argument("--no-check-model-name", action="store_true",
+                   help="use SAEs recorded as trained on another model (e.g. base-model SAEs on an -it model)")
     p.add_argument("--seed", type=int, default=0, help="task data seed")
     p.add_argument("--answer-form", choices=("letters", "words"), default="letters",
                    help="answer form of the task prompts (words: gender only)")
@@ -582,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rule=args.rule, min_contrast=args.min_contrast, max_selected=args.max_selected, reduce=args.reduce,
             explainer=explainer, embedding_filter=embedding, explain_top=args.explain_top,
             min_similarity=args.min_similarity, min_relevance=args.min_relevance, select_by=args.select_by,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, check_model_name=not args.no_check_model_name,
         )
     print(json.dumps({"out": str(result.out_dir), "n_selected": len(result.selected),
                       "selected": result.selected[:50]}, indent=1, default=str))

@@ -130,7 +130,10 @@ def sae_layer(sae: SAE) -> int | None:
 
 
 def _normalized_model_name(name: str) -> str:
-    return name.rstrip("/").split("/")[-1].lower()
+    """The model's own name: the last part of a Hub id or folder, or ``<name>`` of a Hub cache snapshot folder
+    (``.../models--<org>--<name>/snapshots/<revision>``)."""
+    cached = re.search(r"models--[^/]+--([^/]+)/snapshots/[^/]+/?$", name)
+    return (cached.group(1) if cached else name.rstrip("/").split("/")[-1]).lower()
 
 
 def check_sae_fits(
@@ -158,15 +161,18 @@ def check_sae_fits(
     if model_name and sae_model and _normalized_model_name(sae_model) != _normalized_model_name(model_name):
         raise ValueError(
             f"{source} was trained on model {sae_model!r}, not {model_name!r} "
-            "(pass check_model_name=False to the config to use it anyway)"
+            "(pass check_model_name=False to the config, or --no-check-model-name to the search, to use it anyway)"
         )
 
 
 def check_saes_fit_model(model: torch.nn.Module, saes: Mapping[int, SAE],
-                         latents: Mapping[int, Sequence[int]] | None = None) -> None:
-    """`check_sae_fits` for each layer's SAE against `model`'s config (layer count, hidden size), before any pass over
-    data: a misfit is named at once, not as a shape error deep in torch minutes later."""
+                         latents: Mapping[int, Sequence[int]] | None = None, check_model_name: bool = False) -> None:
+    """`check_sae_fits` for each layer's SAE against `model`'s config (layer count, hidden size, and with
+    `check_model_name` its ``name_or_path``), before any pass over data: a misfit is named at once, not as a shape
+    error deep in torch or a refused adapter minutes later."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_name = getattr(model.config, "name_or_path", None) if check_model_name else None
     for layer, sae in saes.items():
         check_sae_fits(sae, layer=int(layer), num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                       latents=(latents or {}).get(layer, ()), source=f"the SAE given for layer {layer}")
+                       latents=(latents or {}).get(layer, ()), model_name=model_name,
+                       source=f"the SAE given for layer {layer}")
