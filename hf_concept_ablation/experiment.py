@@ -277,10 +277,15 @@ def run_experiment(
     with ``test_only`` among the conditions, a sibling named in `sibling_adapters` also gets its
     ``test_only`` run from that model, evaluated with the sibling's own adapter.
     """
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        raise ValueError("run_experiment evaluates each trained model on the main process only, which an FSDP-sharded "
-                         "model cannot do (ACCELERATE_USE_FSDP=true): launch the recipes single-process or with DDP "
-                         "(`accelerate launch` without --use_fsdp)")
+    sharded = [how for how, on in {
+        "ACCELERATE_USE_FSDP=true": parse_flag_from_env("ACCELERATE_USE_FSDP"),
+        "DeepSpeed ZeRO stage 3": parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3",
+    }.items() if on]
+    if sharded:
+        raise ValueError(f"run_experiment evaluates each trained model on the main process only, which a sharded model "
+                         f"cannot do ({sharded[0]}): launch the recipes single-process or with DDP (`accelerate launch` "
+                         "without --use_fsdp, or DeepSpeed ZeRO stage 1 or 2)")
     state = process_state()
     out_dir = Path(config.output_dir)
     header = {"config": dataclasses.asdict(config)}
