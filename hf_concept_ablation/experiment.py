@@ -4,7 +4,8 @@ Conditions (the paper's Figure 2):
 
 * ``none``: plain fine-tuning.
 * ``caft``: fine-tuning with the chosen concepts ablated (a saved adapter).
-* ``caft_annealed``: the same, with the strength annealed to 0 by `AblationScheduleCallback`.
+* ``caft_annealed``: the same, with the strength annealed toward 0 by `AblationScheduleCallback` (the strength is
+  set before each step, so the last step trains at the schedule's value one step before the end, ~2/N).
 * ``random``: as many latents as ``caft`` has, drawn at random from the attribution top 100;
   when ``caft`` removes directions (projection mode, e.g. PCA or concept directions), as many
   random unit directions at the same layers instead (a random subspace of the same size).
