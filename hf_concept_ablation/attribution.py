@@ -27,7 +27,7 @@ from .evaluation import encode_prompts, first_token_ids
 from .files import atomic_path, write_json_atomic
 from .layer import keep_positions, layer_hidden, special_token_ids
 from .model import find_decoder_layers, get_concept_ablation
-from .saes import check_sae_fits
+from .saes import check_saes_fit_model
 
 METRICS = ("logit_diff", "loss")
 
@@ -73,10 +73,8 @@ def attribute_latents(
         raise ValueError(f"metric {metric!r} needs a {column!r} column; dataset has {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError("cannot attribute on an empty dataset")
+    check_saes_fit_model(model, saes)  # before minutes of attribution, not at the end
     _, decoder_layers = find_decoder_layers(model)
-    for layer, sae in saes.items():  # before minutes of attribution, not at the end
-        check_sae_fits(sae, layer=layer, num_layers=len(decoder_layers), hidden_size=model.config.get_text_config().hidden_size,
-                       source=f"the SAE given for layer {layer}")
     skip_ids = special_token_ids(tokenizer)
     answers = first_token_ids(tokenizer, dataset["answer"]) if metric == "logit_diff" else None
     distractors = first_token_ids(tokenizer, dataset["distractor"]) if metric == "logit_diff" else None

@@ -53,12 +53,18 @@ def run_demo(output_dir: Path, threads: int | None = None, model: str = "embedde
     ])
 
 
+def default_output_dir(model: str) -> Path:
+    """The demo's output folder for `model`: each model its own, since a results folder refuses another model's runs."""
+    return Path("outputs/demo") if model == "embedded" else Path(f"outputs/demo-{Path(model).name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``hf-concept-ablation`` command line; the exit code."""
     parser = argparse.ArgumentParser(prog="hf-concept-ablation", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded model, quick size")
-    demo.add_argument("--output-dir", default="outputs/demo", type=Path)
+    demo.add_argument("--output-dir", type=Path,
+                      help="default: outputs/demo, or outputs/demo-<model folder name> for another model")
     demo.add_argument("--threads", type=int, help="torch CPU threads for the search")
     demo.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local model folder")
     demo.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH",
@@ -69,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not QUICK_CONFIG.is_file():
             parser.error(f"the demo runs from a source checkout; {QUICK_CONFIG} not found")
         search_args = [f"--sae={s}" for s in args.sae] + (["--layers", *map(str, args.layers)] if args.layers else [])
-        run_demo(args.output_dir, args.threads, model=args.model, search_args=search_args)
+        run_demo(args.output_dir or default_output_dir(args.model), args.threads, model=args.model,
+                 search_args=search_args)
     return 0
 
 

@@ -91,13 +91,13 @@ from .pca import (
     save_pca,
     select_directions,
 )
+from .saes import SHIPPED_LAYERS, check_saes_fit_model, shipped_sae_source
 
 SELECT_BY = ("contrast", "explanation", "union")
 CONTRASTS = ("topic", "value")
 BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
-FALLBACK_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
@@ -185,19 +185,8 @@ def _value_task_data(name: str, train: Any, source: str, questions: Sequence[dic
                     more_contrasts=contrasts[1:])
 
 
-def default_layers() -> tuple[int, ...]:
-    """Layers of the shipped SAE suite of the embedded model (falls back to (3, 6, 9, 12))."""
-    try:
-        from .sae_training import SHIPPED_LAYERS
-    except ImportError:
-        return FALLBACK_LAYERS
-    return tuple(SHIPPED_LAYERS)
-
-
 def default_sae_sources(layers: Sequence[int]) -> dict[int, SAESource]:
-    """The shipped SAEs of the embedded Gemma 3 270M for `layers` (imported lazily)."""
-    from .sae_training import shipped_sae_source
-
+    """The shipped SAEs of the embedded Gemma 3 270M for `layers`."""
     return {int(layer): shipped_sae_source(int(layer)) for layer in layers}
 
 
@@ -257,8 +246,12 @@ def find_concept_latents(
     n_cache_texts: int = 200,
     batch_size: int = 8,
     progress: bool = True,
+    check_model_name: bool = True,
 ) -> SearchResult:
-    """Run the SAE-latent search of the module doc and write its outputs to `out_dir`."""
+    """Run the SAE-latent search of the module doc and write its outputs to `out_dir`.
+
+    `check_model_name`: refuse SAEs whose recorded model is not `model` (checked first, with their fit), and record
+    the choice in the saved adapter's config."""
     select_by = select_by or ("union" if explainer is not None else "contrast")
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
@@ -266,6 +259,7 @@ def find_concept_latents(
         raise ValueError(f"select_by={select_by!r} needs an explainer (an LLM endpoint or local model)")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    check_saes_fit_model(model, saes, check_model_name=check_model_name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sae_sources = dict(sae_sources or {})
@@ -339,7 +333,7 @@ def find_concept_latents(
                        f"rule={rule}, min_contrast={min_contrast}) from the attribution top {top}")
         config = config_from_selection(chosen_keys, sae_sources,
                                        base_model_name_or_path=getattr(model.config, "name_or_path", None),
-                                       description=description)
+                                       description=description, check_model_name=check_model_name)
         erasure = _save_adapter(model, tokenizer, config, out, task, saes, batch_size)
     report = {
         "task": task.name, "source": "sae", "contrast_texts": task.description, "query": task.query,
@@ -505,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH", help="a local SAE folder for a layer")
     p.add_argument("--sae-release", help="sae-lens release for every layer, e.g. gemma-scope-2b-pt-res-canonical")
     p.add_argument("--sae-id-template", help="sae id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
+    p.add_argument("--no-check-model-name", action="store_true",
+                   help="use SAEs recorded as trained on another model (e.g. base-model SAEs on an -it model)")
     p.add_argument("--seed", type=int, default=0, help="task data seed")
     p.add_argument("--answer-form", choices=("letters", "words"), default="letters",
                    help="answer form of the task prompts (words: gender only)")
@@ -552,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.query:
         task.query = args.query
     model, tokenizer = load_model(args.model, device=args.device)
-    layers = args.layers or list(default_layers())
+    layers = args.layers or list(SHIPPED_LAYERS)
     if args.source == "concept" and not args.layers:
         layers = list(range(len(find_decoder_layers(model)[1]) - 1))
     if args.source in ("pca", "concept"):
@@ -593,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rule=args.rule, min_contrast=args.min_contrast, max_selected=args.max_selected, reduce=args.reduce,
             explainer=explainer, embedding_filter=embedding, explain_top=args.explain_top,
             min_similarity=args.min_similarity, min_relevance=args.min_relevance, select_by=args.select_by,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size, check_model_name=not args.no_check_model_name,
         )
     print(json.dumps({"out": str(result.out_dir), "n_selected": len(result.selected),
                       "selected": result.selected[:50]}, indent=1, default=str))

@@ -87,17 +87,19 @@ def evaluate_multiple_choice(
     was_training = model.training
     model.eval()
     context = contextlib.nullcontext() if handle is None or ablation is None else handle.enabled_as(ablation)
-    with context:
-        for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-            prompts = dataset["prompt"][start : start + batch_size]
-            batch = encode_prompts(tokenizer, prompts, device)
-            logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
-            a = answers[start : start + batch_size].to(device)
-            d = distractors[start : start + batch_size].to(device)
-            gap = logits.gather(1, a[:, None]) - logits.gather(1, d[:, None])
-            metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap[:, 0] > 0).long().tolist())
-            gaps.append(gap[:, 0].cpu())
-    model.train(was_training)
+    try:
+        with context:
+            for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
+                prompts = dataset["prompt"][start : start + batch_size]
+                batch = encode_prompts(tokenizer, prompts, device)
+                logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
+                a = answers[start : start + batch_size].to(device)
+                d = distractors[start : start + batch_size].to(device)
+                gap = logits.gather(1, a[:, None]) - logits.gather(1, d[:, None])
+                metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap[:, 0] > 0).long().tolist())
+                gaps.append(gap[:, 0].cpu())
+    finally:
+        model.train(was_training)
     result = metric.compute()
     result["logit_diff"] = float(torch.cat(gaps).mean())
     result["n"] = len(dataset)

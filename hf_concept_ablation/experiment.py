@@ -4,7 +4,8 @@ Conditions (the paper's Figure 2):
 
 * ``none``: plain fine-tuning.
 * ``caft``: fine-tuning with the chosen concepts ablated (a saved adapter).
-* ``caft_annealed``: the same, with the strength annealed to 0 by `AblationScheduleCallback`.
+* ``caft_annealed``: the same, with the strength annealed toward 0 by `AblationScheduleCallback` (the strength is
+  set before each step, so the last step trains at the schedule's value one step before the end, ~2/N).
 * ``random``: as many latents as ``caft`` has, drawn at random from the attribution top 100;
   when ``caft`` removes directions (projection mode, e.g. PCA or concept directions), as many
   random unit directions at the same layers instead (a random subspace of the same size).
@@ -30,18 +31,18 @@ from typing import Any, Callable, Mapping
 
 import datasets
 import torch
-from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import ConceptAblationConfig, SAESource
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
-from .files import write_json_atomic
+from .files import atomic_dir, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
-from .models import load_model
-from .training import PRESETS, fine_tune, prepare_model_for_training, training_arguments
+from .models import load_model, load_tokenizer
+from .tasks import answer_strings, check_single_token
+from .training import PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
 TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k")
@@ -153,6 +154,13 @@ class ResultsFile:
 
     #: settings that must match for runs to be mixed in one file (``adapter`` only where both name one)
     SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter")
+    #: header keys holding content hashes (`data_fingerprint`, `inputs_fingerprint`); a hash the file and the new
+    #: header both have must match (what a difference means is given)
+    FINGERPRINTS = {
+        "data": "on other data (split(s) {changed} differ: another task setting, such as answer_form, seed or "
+                "max_examples?)",
+        "inputs": "made with another {changed} (same path, other content: was the concept search redone?)",
+    }
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
@@ -165,12 +173,14 @@ class ResultsFile:
             raise ValueError(f"{path} holds runs made with other settings ({changes}); "
                              "use another output_dir or delete the file")
         self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
-        old_data, new_data = self.data.get("data"), header.get("data")
-        if old_data and new_data and old_data != new_data:
-            changed = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
-            raise ValueError(f"{path} holds runs on other data (split(s) {changed} differ: another task setting, such as "
-                             "answer_form, seed or max_examples?); use another output_dir or delete the file")
-        self.data["data"] = new_data or old_data
+        for key, what in self.FINGERPRINTS.items():
+            old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if old_hashes[k] != new_hashes[k])
+            if changed:
+                raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
+                                 "use another output_dir or delete the file")
+            if old_hashes or new_hashes:
+                self.data[key] = {**old_hashes, **new_hashes}
 
     def done(self, condition: str, seed: int) -> bool:
         """Whether the file holds the run of (`condition`, `seed`)."""
@@ -185,8 +195,19 @@ class ResultsFile:
 
 def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
     """A short hash of each split's prompts and answers, so that runs on other data are never mixed in one file."""
-    return {name: hashlib.sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()).hexdigest()[:16]
-            for name, d in splits.items()}
+    return {name: _sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()) for name, d in splits.items()}
+
+
+def inputs_fingerprint(config: ExperimentConfig) -> dict[str, str]:
+    """A short hash of the adapter's files and of the attribution table the config names, so that runs made with
+    another concept search's output under the same path are never mixed in one file."""
+    files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
+             "attribution": [Path(config.attribution)] if config.attribution else []}
+    return {name: _sha256(b"".join(path.read_bytes() for path in paths)) for name, paths in files.items() if paths}
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def _mean_sem(values: list[float]) -> tuple[float, float]:
@@ -257,18 +278,24 @@ def run_experiment(
     with ``test_only`` among the conditions, a sibling named in `sibling_adapters` also gets its
     ``test_only`` run from that model, evaluated with the sibling's own adapter.
     """
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        raise ValueError("run_experiment evaluates each trained model on the main process only, which an FSDP-sharded "
-                         "model cannot do (ACCELERATE_USE_FSDP=true): launch the recipes single-process or with DDP "
-                         "(`accelerate launch` without --use_fsdp)")
-    state = PartialState()
+    sharded = [how for how, on in {
+        "ACCELERATE_USE_FSDP=true": parse_flag_from_env("ACCELERATE_USE_FSDP"),
+        "DeepSpeed ZeRO stage 3": parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3",
+    }.items() if on]
+    if sharded:
+        raise ValueError(f"run_experiment evaluates each trained model on the main process only, which a sharded model "
+                         f"cannot do ({sharded[0]}): launch the recipes single-process or with DDP (`accelerate launch` "
+                         "without --use_fsdp, or DeepSpeed ZeRO stage 1 or 2)")
+    state = process_state()
     out_dir = Path(config.output_dir)
     header = {"config": dataclasses.asdict(config)}
     train = subsample(data["train"], config.train_size)
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
     train_fingerprint = data_fingerprint({"train": train})  # shared with the siblings, whose training set is the same
     results = ResultsFile(results_path or out_dir / f"{name}.json",
-                          {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)}})
+                          {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
+                           "inputs": inputs_fingerprint(config)})
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
@@ -286,6 +313,15 @@ def run_experiment(
     preset = PRESETS[config.preset].replace(**config.training)
     table = load_attribution(config.attribution) if config.attribution else None
     caft_config = ConceptAblationConfig.from_pretrained(config.adapter) if config.adapter else None
+    # what would otherwise fail after a training run: answers of any split that are not one token, latents to draw
+    check_single_token(load_tokenizer(config.model), answer_strings({"train": train, **evals, **{
+        f"{n}_{split}": d for n, splits in sibling_evals.items() for split, d in splits.items()}}))
+    for condition in {"random", "top_k"} & set(config.conditions):
+        if not caft_config.directions:
+            if table is None:
+                raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
+                                 "(an attribution table JSON)")
+            latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed=0)
     sae_sources = {**(caft_config.saes if caft_config else {}),
                    **{int(k): SAESource(**v) for k, v in config.saes.items()}}
     for seed in config.seeds:
@@ -299,7 +335,8 @@ def run_experiment(
                 continue
             reasons = (["test_only"] if needs_test_only or sibling_test_only else []) + pending_siblings
             why = f" again, for {', '.join(reasons)}" if results.done(condition, seed) else ""
-            progress(f"[{name}] training {condition}{why}, seed {seed} ({len(train)} examples)")
+            processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+            progress(f"[{name}] training {condition}{why}, seed {seed} ({len(train)} examples{processes})")
             torch.manual_seed(seed)
             model, tokenizer = load_model(config.model, dtype=getattr(torch, config.dtype))
             callbacks = []
@@ -311,9 +348,6 @@ def run_experiment(
                 inject_concept_ablation(model, random_directions_config(caft_config, seed))
                 callbacks.append(AblationScheduleCallback())
             elif condition in ("random", "top_k"):
-                if table is None:
-                    raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
-                                     "(an attribution table JSON)")
                 latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
                 callbacks.append(AblationScheduleCallback())
@@ -366,12 +400,14 @@ def checkpoint_dir(config: ExperimentConfig, name: str, condition: str, seed: in
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """Save a fine-tuned model and tokenizer (and its concept ablation, if any, in ``concept_ablation/``)."""
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    handle = get_concept_ablation(model)
-    if handle is not None:
-        handle.save_pretrained(directory / "concept_ablation")
+    """Save a fine-tuned model and tokenizer (and its concept ablation, if any, in ``concept_ablation/``); the folder
+    appears only once everything is written."""
+    with atomic_dir(directory) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        handle = get_concept_ablation(model)
+        if handle is not None:
+            handle.save_pretrained(tmp / "concept_ablation")
 
 
 def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model,

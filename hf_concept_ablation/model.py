@@ -10,11 +10,14 @@ all keep working. `ConceptAblation` is the handle, in the spirit of a PEFT model
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -66,12 +69,16 @@ class _PositionMask:
 
     def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None and self.skip_token_ids:
+            warnings.warn("the decoder stack was called without input_ids (with inputs_embeds, e.g. by a multimodal "
+                          "wrapper): BOS and padding positions cannot be told apart and are ablated like every other "
+                          "position", stacklevel=2)
         self.keep = None if input_ids is None else keep_positions(input_ids, kwargs.get("attention_mask"), self.skip_token_ids)
 
     def for_shape(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self.keep is None or self.keep.shape != hidden.shape[:2]:
             return None
-        return self.keep
+        return self.keep.to(hidden.device)  # a layer may sit on another device (device_map="auto")
 
 
 class ConceptAblation:
@@ -91,24 +98,24 @@ class ConceptAblation:
         skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(_text_config(model))
         self._mask = _PositionMask(list(skip))
         self._stack = stack
-        param = next(model.parameters())
+        default_device = next(model.parameters()).device
         self._handles = [stack.register_forward_pre_hook(self._mask.capture, with_kwargs=True)]
         for index, module in self.layers.items():
             decoder_layer = decoder_layers[index]
-            module.to(device=param.device)
+            module.to(device=next(decoder_layer.parameters(), torch.empty(0, device=default_device)).device)
             decoder_layer.add_module(_MODULE_NAME, module)
-            self._handles.append(decoder_layer.register_forward_hook(self._make_hook(module), prepend=True))
+            # a partial of a bound method, not a closure: `copy.deepcopy(model)` then gives the copy hooks bound to
+            # its own copies of this handle and module
+            hook = functools.partial(self._ablate, module)
+            self._handles.append(decoder_layer.register_forward_hook(hook, prepend=True))
         setattr(stack, _HANDLE_ATTR, self)
         self.set_strength(config.alpha)
 
-    def _make_hook(self, module: ConceptAblationLayer):
-        def hook(_layer: nn.Module, _args: tuple, output):
-            if not self.enabled:
-                return None
-            hidden = layer_hidden(output)
-            return with_layer_hidden(output, module(hidden, self._mask.for_shape(hidden)))
-
-        return hook
+    def _ablate(self, module: ConceptAblationLayer, _layer: nn.Module, _args: tuple, output: Any) -> Any:
+        if not self.enabled:
+            return None
+        hidden = layer_hidden(output)
+        return with_layer_hidden(output, module(hidden, self._mask.for_shape(hidden)))
 
     # -- control ---------------------------------------------------------------------------------
     def enable(self) -> None:
@@ -185,9 +192,11 @@ class ConceptAblation:
         return str(info)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike) -> ConceptAblation:
-        """Load a saved adapter (local folder or Hub repo id) and inject it into `model`; no SAE is needed."""
-        directory = _resolve_adapter_dir(path_or_repo_id)
+    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike,
+                        revision: str | None = None) -> ConceptAblation:
+        """Load a saved adapter (local folder, or Hub repo id at `revision`) and inject it into `model`; no SAE is
+        needed."""
+        directory = _resolve_adapter_dir(path_or_repo_id, revision)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -207,11 +216,15 @@ class ConceptAblation:
         missing = sorted(set(config.layers) - set(layers))
         if missing:
             raise ValueError(f"{weights} has no tensors for layer(s) {missing} named in {CONFIG_NAME}")
+        extra = sorted(set(layers) - set(config.layers))
+        if extra:
+            raise ValueError(f"{weights} holds layer(s) {extra} that {CONFIG_NAME} does not name (layers "
+                             f"{config.layers}): the two files are from different adapters")
         _check_layers_fit(model, layers)
         return cls(model, config, _cast_like_model(model, layers, config))
 
 
-def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike) -> Path:
+def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
     path = Path(path_or_repo_id)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
@@ -219,10 +232,18 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike) -> Path:
         return path
     if path.exists() or str(path_or_repo_id).count("/") != 1:
         raise FileNotFoundError(f"{path_or_repo_id} is neither an adapter folder nor a Hub repo id 'org/name'")
+    if path.parent.is_dir():
+        raise FileNotFoundError(f"adapter folder {path} does not exist (its parent folder {path.parent} does, so it "
+                                "is not taken for a Hub repo id)")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME)
-    hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME)
+    try:
+        config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, revision=revision)
+        hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, revision=revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError) as err:
+        raise FileNotFoundError(f"{path_or_repo_id}: no such local folder, and no adapter from the Hub "
+                                f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
 
 
@@ -259,6 +280,7 @@ def inject_concept_ablation(
     name). Only the slices the ablation needs are kept.
     """
     text_config = _text_config(model)
+    config = copy.copy(config)  # the handle's strength and base model name are its own, not the caller's config's
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
     saes = dict(saes or {})

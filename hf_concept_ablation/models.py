@@ -104,12 +104,16 @@ def load_model(
     The returned model's ``config.name_or_path`` is the real base model id (for the
     embedded model, ``google/gemma-3-270m``), so saved adapters and model cards name it.
     """
-    path = resolve_model_path(spec)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=dtype)
     if device is not None:
         model.to(device)
     model.config.name_or_path = base_model_id(spec)
+    return model, load_tokenizer(spec)
+
+
+def load_tokenizer(spec: str = EMBEDDED) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model spec (as `load_model` returns it: with a pad token)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer

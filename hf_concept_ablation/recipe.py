@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import yaml
 
-from .experiment import ExperimentConfig
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:
@@ -63,8 +62,9 @@ def load_recipe_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[
 
 
 def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str] | None = None
-                      ) -> tuple[dict[str, Any], ExperimentConfig]:
-    """Parse ``--config`` and overrides; return the task settings and the experiment config."""
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parse ``--config`` and overrides; return the task settings and the experiment settings (checked by
+    `ExperimentConfig.from_dict` once the recipe has added what it derives per run, e.g. each combination's adapter)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=str(default_config), help="recipe YAML (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] experiment.train_size=64")
@@ -72,4 +72,7 @@ def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str
     overrides = [o if o.split("=", 1)[0].split(".")[0] in ("task", "experiment") else f"experiment.{o}"
                  for o in args.overrides]
     config = load_recipe_config(args.config, overrides)
-    return dict(config.get("task") or {}), ExperimentConfig.from_dict(dict(config.get("experiment") or {}))
+    for section in ("task", "experiment"):
+        if not isinstance(config.get(section) or {}, dict):
+            raise ValueError(f"{args.config}: section {section!r} must be a mapping, got {config[section]!r}")
+    return dict(config.get("task") or {}), dict(config.get("experiment") or {})

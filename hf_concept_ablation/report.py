@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -142,6 +143,23 @@ def render_model_card(
     )
 
 
+def launch_command(argv: Sequence[str] | None = None) -> str:
+    """The command line that started this process, as a user would retype it: ``accelerate launch`` where accelerate's
+    launcher started it (it sets ``ACCELERATE_MIXED_PRECISION``), else ``python`` (``-m`` for a package's module)."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]) if argv else Path("-")
+    if script.name == "__main__.py" or script.suffix == ".py" and (script.parent / "__init__.py").is_file():
+        module = script.parent if script.name == "__main__.py" else script.with_suffix("")
+        root = module
+        while (root.parent / "__init__.py").is_file():
+            root = root.parent
+        argv[0] = "-m " + ".".join(module.relative_to(root.parent).parts)
+    elif script.is_absolute() and script.is_relative_to(Path.cwd()):
+        argv[0] = str(script.relative_to(Path.cwd()))
+    launcher = "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ else "python"
+    return " ".join([launcher, argv[0], *(shlex.quote(a) for a in argv[1:])])
+
+
 def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
                          figure: Path | None = None) -> Path | None:
     """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter, and as ``README.md``
@@ -152,7 +170,7 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
     config = ConceptAblationConfig.from_pretrained(adapter)
     selection = json.loads((adapter / "selection.json").read_text()) if (adapter / "selection.json").is_file() else None
     card = render_model_card(results, config, title=title, task=task, selection=selection,
-                             command=" ".join(["accelerate launch", *sys.argv]),
+                             command=launch_command(),
                              figure=figure.name if figure else None)
     path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card)
     for checkpoint in sorted((Path(experiment.output_dir) / "models" / results["name"]).glob("*-seed*")):

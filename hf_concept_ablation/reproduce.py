@@ -40,14 +40,15 @@ from typing import Any, Mapping, Sequence
 
 import datasets
 import torch
-from accelerate import PartialState
 
 from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
 from .files import write_json_atomic, write_text_atomic
+from .interpret.explain import public_url
 from .report import CONDITION_LABELS, plot_accuracy, plot_overview
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
+from .training import process_state
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
 MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
@@ -103,16 +104,27 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
         args += ["--max-examples", str(size.search_examples)]
     args += list(search_args)
     record = out_dir / "search_args.json"
-    if record.is_file() and json.loads(record.read_text()) != args:
+    if record.is_file() and json.loads(record.read_text()) != public_args(args):
         raise ValueError(f"{out_dir} holds a search made with other options ({json.loads(record.read_text())}, "
-                         f"now {args}); use another --out or delete the folder")
+                         f"now {public_args(args)}); use another --out or delete the folder")
     if not directions.search_finished(out_dir):
         directions.main(args)
     if not (out_dir / CONFIG_NAME).is_file():
         raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
     if not record.is_file():
-        write_json_atomic(record, args)
+        write_json_atomic(record, public_args(args))
     return out_dir
+
+
+def public_args(args: Sequence[str]) -> list[str]:
+    """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--llm-base-url="):
+            out[i] = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
+        elif i > 0 and out[i - 1] == "--llm-base-url":
+            out[i] = public_url(arg)
+    return out
 
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
@@ -177,7 +189,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
             none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
             index = none["seeds"].index(seed)
             validity[key] = judge({"seed": seed, **settings, "val": none["val"][index], "ood": none["ood"][index]})
-        if PartialState().is_main_process:
+        if process_state().is_main_process:
             write_json_atomic(path, validity)
     return validity
 
@@ -394,7 +406,7 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
     `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
     `gender_answer_form` its prompts' answer form (``letters`` or ``words``).
     """
-    state = PartialState()
+    state = process_state()
     done: dict[str, list[str]] = {}
     validity: dict[str, Any] = {}
     if "gender_bias" in tasks:

@@ -16,8 +16,8 @@ The whole pipeline (:func:`train_saes`, also the CLI) has three steps, each usab
 3. :func:`~hf_concept_ablation.sae_quality.evaluate_sae` measures explained variance, L0 and
    cross-entropy loss recovered on held-out text (``sae_quality``).
 
-The suite shipped with the package (:data:`SHIPPED_LAYERS`, found by
-:func:`shipped_sae_source`) was made with this module; see ``docs/saes.md``.
+The suite shipped with the package (`hf_concept_ablation.saes.SHIPPED_RELEASE`, found by
+`hf_concept_ablation.saes.shipped_sae_source`) was made with this module; see ``docs/saes.md``.
 
 CLI: ``python -m hf_concept_ablation.sae_training --help``.
 """
@@ -30,6 +30,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -37,31 +38,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
-from .config import SAESource
 from .files import write_json_atomic
 from .sae_quality import SAEQuality, evaluate_sae
+from .saes import SHIPPED_LAYERS
 
 if TYPE_CHECKING:
     from sae_lens import SAE
-
-# --------------------------------------------------------------------------- the shipped suite
-
-#: Decoder layers of the embedded Gemma 3 270M (18 layers) with a shipped SAE.
-SHIPPED_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
-SHIPPED_SUITE_DIR = Path(__file__).parent / "assets" / "saes" / "gemma-3-270m"
-
-
-def shipped_sae_dir(layer: int) -> Path:
-    """Folder of the shipped SAE for a layer of the embedded Gemma 3 270M."""
-    if layer not in SHIPPED_LAYERS:
-        raise ValueError(f"no shipped SAE for layer {layer}; shipped layers: {SHIPPED_LAYERS}")
-    return SHIPPED_SUITE_DIR / f"layer_{layer}"
-
-
-def shipped_sae_source(layer: int) -> SAESource:
-    """`SAESource` of the shipped SAE for a layer (see :data:`SHIPPED_LAYERS`)."""
-    return SAESource(path=str(shipped_sae_dir(layer)))
-
 
 def hook_name(layer: int) -> str:
     """sae-lens hook name of the residual stream after decoder layer ``layer``."""
@@ -199,7 +181,11 @@ def _save_sae(sae: Any, out: Path, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     sae = sae.to(dtype=getattr(torch, dtype))
     sae.cfg.dtype = dtype
-    sae.save_model(out)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        sae.save_model(tmp)
+        # moved in one by one, cfg.json last: it marks the layer done (`train_saes` skips layers that have it)
+        for name in sorted(os.listdir(tmp), key=lambda name: name == "cfg.json"):
+            os.replace(Path(tmp) / name, out / name)
 
 
 # --------------------------------------------------------------------------- the whole pipeline

@@ -1,7 +1,8 @@
 """Every SAE source behind one loader, and the checks that an SAE fits a model.
 
 Sources (see `SAESource`): a sae-lens release and id (downloaded through sae-lens's
-own registry and converters), a local sae-lens folder (``cfg.json`` +
+own registry and converters), the package's own suite for the embedded model
+(release `SHIPPED_RELEASE`, ids ``layer_<L>``), a local sae-lens folder (``cfg.json`` +
 ``sae_weights.safetensors``), or a Gemma Scope style folder of raw parameters
 (``params.safetensors`` or ``params.npz``, read with ``allow_pickle=False``).
 All of them come back as `sae_lens.SAE` objects.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,10 +31,41 @@ PER_LATENT_ARCHITECTURES = ("standard", "jumprelu")
 TOPK_ARCHITECTURES = ("topk",)
 SUPPORTED_ARCHITECTURES = PER_LATENT_ARCHITECTURES + TOPK_ARCHITECTURES
 
+#: Release name of the SAE suite shipped with the package for the embedded Gemma 3 270M (made with
+#: `hf_concept_ablation.sae_training`; see ``docs/saes.md``); its ids are ``layer_<L>``. Configs name it
+#: like a sae-lens release, so a saved adapter does not depend on where the package is installed.
+SHIPPED_RELEASE = "hf-concept-ablation/gemma-3-270m-res"
+#: Decoder layers of the embedded Gemma 3 270M (18 layers) with a shipped SAE.
+SHIPPED_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
+SHIPPED_SUITE_DIR = Path(__file__).parent / "assets" / "saes" / "gemma-3-270m"
+
+
+def shipped_sae_dir(layer: int) -> Path:
+    """Folder of the shipped SAE for a layer of the embedded Gemma 3 270M."""
+    if layer not in SHIPPED_LAYERS:
+        raise ValueError(f"no shipped SAE for layer {layer}; shipped layers: {SHIPPED_LAYERS}")
+    return SHIPPED_SUITE_DIR / f"layer_{layer}"
+
+
+def shipped_sae_source(layer: int) -> SAESource:
+    """`SAESource` of the shipped SAE for a layer (see `SHIPPED_LAYERS`)."""
+    shipped_sae_dir(layer)  # an error naming the layer if there is none
+    return SAESource(release=SHIPPED_RELEASE, sae_id=f"layer_{layer}")
+
+
+def _shipped_sae_dir_of(sae_id: str) -> Path:
+    match = re.fullmatch(r"layer_(\d+)", sae_id)
+    if not match:
+        raise ValueError(f"unknown id {sae_id!r} in release {SHIPPED_RELEASE!r}; ids: "
+                         f"{[f'layer_{layer}' for layer in SHIPPED_LAYERS]}")
+    return shipped_sae_dir(int(match.group(1)))
+
 
 def load_sae(source: SAESource, device: str | torch.device = "cpu", dtype: str = "float32") -> SAE:
     """Load the SAE a `SAESource` names, as a sae-lens `SAE` in eval mode."""
-    if source.path is None:
+    if source.release == SHIPPED_RELEASE:
+        sae = _load_local(_shipped_sae_dir_of(source.sae_id), device=str(device), dtype=dtype)
+    elif source.path is None:
         sae = SAE.from_pretrained(source.release, source.sae_id, device=str(device), dtype=dtype)
     else:
         sae = _load_local(Path(source.path), device=str(device), dtype=dtype)
@@ -98,7 +130,10 @@ def sae_layer(sae: SAE) -> int | None:
 
 
 def _normalized_model_name(name: str) -> str:
-    return name.rstrip("/").split("/")[-1].lower()
+    """The model's own name: the last part of a Hub id or folder, or ``<name>`` of a Hub cache snapshot folder
+    (``.../models--<org>--<name>/snapshots/<revision>``)."""
+    cached = re.search(r"models--[^/]+--([^/]+)/snapshots/[^/]+/?$", name)
+    return (cached.group(1) if cached else name.rstrip("/").split("/")[-1]).lower()
 
 
 def check_sae_fits(
@@ -126,5 +161,18 @@ def check_sae_fits(
     if model_name and sae_model and _normalized_model_name(sae_model) != _normalized_model_name(model_name):
         raise ValueError(
             f"{source} was trained on model {sae_model!r}, not {model_name!r} "
-            "(pass check_model_name=False to the config to use it anyway)"
+            "(pass check_model_name=False to the config, or --no-check-model-name to the search, to use it anyway)"
         )
+
+
+def check_saes_fit_model(model: torch.nn.Module, saes: Mapping[int, SAE],
+                         latents: Mapping[int, Sequence[int]] | None = None, check_model_name: bool = False) -> None:
+    """`check_sae_fits` for each layer's SAE against `model`'s config (layer count, hidden size, and with
+    `check_model_name` its ``name_or_path``), before any pass over data: a misfit is named at once, not as a shape
+    error deep in torch or a refused adapter minutes later."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_name = getattr(model.config, "name_or_path", None) if check_model_name else None
+    for layer, sae in saes.items():
+        check_sae_fits(sae, layer=int(layer), num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                       latents=(latents or {}).get(layer, ()), model_name=model_name,
+                       source=f"the SAE given for layer {layer}")

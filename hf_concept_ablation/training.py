@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import datasets
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -100,6 +101,13 @@ class LastTokenTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def process_state() -> PartialState:
+    """The run's `accelerate` process state, set up as the Trainer sets up its own: without an accelerator, processes
+    started together (``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine, or ``torchrun``)
+    form one gloo group instead of each running alone."""
+    return PartialState(cpu=not torch.accelerator.is_available())
+
+
 def training_arguments(preset: TrainingPreset, output_dir: str, seed: int, num_processes: int = 1,
                        **overrides: Any) -> TrainingArguments:
     """`TrainingArguments` for a preset; the per-device batch is the preset's batch split over processes."""
@@ -124,6 +132,7 @@ def training_arguments(preset: TrainingPreset, output_dir: str, seed: int, num_p
         logging_steps=5,
         save_strategy="no",
         disable_tqdm=False,
+        use_cpu=not torch.accelerator.is_available(),  # so that CPU processes launched together train as one (DDP)
     )
     settings.update(overrides)
     return TrainingArguments(**settings)

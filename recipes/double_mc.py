@@ -9,20 +9,20 @@ Task settings (``task:`` section):
   combinations: list of keys like ``verbs|sentiment|sentiment`` or ``all`` (the 24).
   sources: source sets for ``skyline`` mode.
   adapters_dir: folder with one sub-folder per combination (key with ``|`` -> ``-``) holding
-      the ``caft`` adapter and ``attribution.json``, as written by the directions search.
+      the ``caft`` adapter and, for latent adapters, ``attribution.json``, as written by the
+      directions search; instead of the experiment's ``adapter`` and ``attribution``.
   answer_form, max_examples, seed, source_files: passed to the dataset builders.
 Writes one results JSON and PNG per combination (or source) and ``double_mc_summary.json``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import datasets
-from accelerate import PartialState
 
-from hf_concept_ablation.experiment import run_experiment
+from hf_concept_ablation.config import CONFIG_NAME
+from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.files import write_json_atomic
 from hf_concept_ablation.recipe import parse_recipe_args
 from hf_concept_ablation.report import markdown_table, plot_accuracy
@@ -35,6 +35,7 @@ from hf_concept_ablation.tasks import (
     file_name,
     parse_combination_key,
 )
+from hf_concept_ablation.training import process_state
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "double_mc.yaml"
 BUILDER_KEYS = ("answer_form", "max_examples", "seed", "source_files")
@@ -51,15 +52,20 @@ def _runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
             runs.append((f"skyline-{source}", datasets.DatasetDict(train=split["train"], val=split["val"], ood=split["test"]), {}))
         return runs
     keys = task.get("combinations", "all")
-    keys = [combination_key(*c) for c in ALL_COMBINATIONS] if keys == "all" else keys
-    runs = []
-    for key in keys:
-        changes = {}
-        if task.get("adapters_dir"):
-            folder = Path(task["adapters_dir"]) / file_name(key)
-            changes = {"adapter": str(folder), "attribution": str(folder / "attribution.json")}
-        runs.append((file_name(key), build_double_mc_datasets(*parse_combination_key(key), **builder_args), changes))
-    return runs
+    keys = [combination_key(*c) for c in ALL_COMBINATIONS] if keys == "all" else [keys] if isinstance(keys, str) else keys
+    return [(file_name(key), build_double_mc_datasets(*parse_combination_key(key), **builder_args),
+             _search_outputs(Path(task["adapters_dir"]), key) if task.get("adapters_dir") else {})
+            for key in keys]
+
+
+def _search_outputs(adapters_dir: Path, key: str) -> dict[str, str]:
+    """The experiment's ``adapter`` (and ``attribution``, where the search wrote one) for a combination."""
+    folder = adapters_dir / file_name(key)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"task.adapters_dir: {folder} holds no adapter ({CONFIG_NAME}) for {key!r}; run "
+                                f"`python -m hf_concept_ablation.directions --task \"double_mc:{key}\" --out {folder}`")
+    attribution = folder / "attribution.json"
+    return {"adapter": str(folder), **({"attribution": str(attribution)} if attribution.is_file() else {})}
 
 
 def _later_pair_mates(runs: list[tuple[str, datasets.DatasetDict, dict]]) -> dict[str, dict[str, datasets.DatasetDict]]:
@@ -76,24 +82,29 @@ def _later_pair_mates(runs: list[tuple[str, datasets.DatasetDict, dict]]) -> dic
 
 
 def main(argv: list[str] | None = None) -> dict:
-    task, config = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
     unknown = sorted(set(task) - {"mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS})
     if unknown:
         raise ValueError(f"unknown task setting(s) {unknown} for double_mc")
-    summary = {}
+    both = [k for k in ("adapter", "attribution") if task.get("adapters_dir") and experiment.get(k)]
+    if both:
+        raise ValueError(f"task.adapters_dir gives each combination its own {both}: leave experiment {both} unset")
     runs = _runs(task)
+    if not runs:
+        raise ValueError("nothing to run: task.combinations (or task.sources for skyline mode) is empty")
+    run_configs = {name: ExperimentConfig.from_dict({**experiment, **changes}) for name, _, changes in runs}
+    output_dir = Path(run_configs[runs[0][0]].output_dir)
     mates = _later_pair_mates(runs)
-    run_configs = {name: dataclasses.replace(config, **{k: v for k, v in changes.items() if getattr(config, k) is None})
-                   for name, _, changes in runs}
+    summary = {}
     for name, data, _ in runs:
         adapters = {mate: run_configs[mate].adapter for mate in mates[name] if run_configs[mate].adapter}
         results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters)
         summary[name] = results["summary"]
-        if PartialState().is_main_process:
-            plot_accuracy(results["summary"], Path(config.output_dir) / f"{name}.png", name)
+        if process_state().is_main_process:
+            plot_accuracy(results["summary"], output_dir / f"{name}.png", name)
             print(f"## {name}\n{markdown_table(results['summary'])}")
-    if PartialState().is_main_process:
-        path = Path(config.output_dir) / "double_mc_summary.json"
+    if process_state().is_main_process:
+        path = output_dir / "double_mc_summary.json"
         write_json_atomic(path, summary, indent=2)
         print(f"summary: {path}")
     return summary

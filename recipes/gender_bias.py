@@ -8,21 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from accelerate import PartialState
-
-from hf_concept_ablation.experiment import run_experiment
+from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.recipe import parse_recipe_args
 from hf_concept_ablation.report import markdown_table, plot_accuracy, write_run_model_card
 from hf_concept_ablation.tasks import build_gender_datasets
+from hf_concept_ablation.training import process_state
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    task, config = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    config = ExperimentConfig.from_dict(experiment)
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias")
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         figure = plot_accuracy(results["summary"], Path(config.output_dir) / "gender_bias.png", "Gender bias")
         write_run_model_card(results, config, title="Gemma fine-tuned with CAFT on gender-bias data",
                              task="choose the grammatical pronoun (subject vs object case), not the "

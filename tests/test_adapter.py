@@ -145,6 +145,47 @@ def test_bos_and_padding_positions_are_left_alone():
     assert (ablated[:, 1:6] - plain[:, 1:6]).abs().max() > 1e-3
 
 
+def test_inputs_embeds_without_input_ids_warns_that_bos_and_padding_are_ablated():
+    model = make_tiny_model("llama")
+    inject_concept_ablation(model, _config(), saes=_saes())
+    with torch.no_grad(), pytest.warns(UserWarning, match="without input_ids .* are ablated like every other position"):
+        model(inputs_embeds=model.get_input_embeddings()(INPUT), attention_mask=MASK)
+
+
+def test_a_deep_copy_has_its_own_ablation():
+    import copy
+
+    model = make_tiny_model("gemma3")
+    original = inject_concept_ablation(model, _config(), saes=_saes())
+    ablated = _logits(model)
+    with original.disabled():
+        plain = _logits(model)
+    twin = copy.deepcopy(model)
+    copied = get_concept_ablation(twin)
+    assert copied is not original and copied.layers[1] is twin.model.layers[1].concept_ablation
+    torch.testing.assert_close(_logits(twin), ablated, rtol=0, atol=0)
+    copied.disable()
+    torch.testing.assert_close(_logits(twin), plain, rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model), ablated, rtol=0, atol=0)  # the original's ablation is untouched
+    copied.enable()
+    original.disable()
+    torch.testing.assert_close(_logits(twin), ablated, rtol=0, atol=0)  # ... and the copy's is its own
+    copied.remove()
+    assert get_concept_ablation(twin) is None and get_concept_ablation(model) is original
+
+
+def test_injection_leaves_the_callers_config_alone_and_places_modules_with_their_layers():
+    model = make_tiny_model("llama")
+    model.model.layers[2].to("meta")  # as if device_map had put this layer on another device
+    config = _config()
+    ablation = inject_concept_ablation(model, config, saes=_saes())
+    ablation.set_strength(0.25)
+    assert (config.alpha, config.base_model_name_or_path) == (1.0, None)
+    assert ablation.config.alpha == 0.25
+    devices = {i: {t.device.type for t in m.buffers()} for i, m in ablation.layers.items()}
+    assert devices == {1: {"cpu"}, 2: {"meta"}}
+
+
 def test_generation_with_kv_cache_matches_full_forward():
     model = make_tiny_model("gemma3")
     inject_concept_ablation(model, _config(), saes=_saes())

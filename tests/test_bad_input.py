@@ -101,6 +101,33 @@ def test_adapter_folder_missing_weights_is_named(tmp_path):
         ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
 
 
+def test_missing_adapter_folder_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"adapter folder outputs/no_such_adapter does not exist"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), "outputs/no_such_adapter")
+
+
+def test_adapter_not_on_the_hub_is_named(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"me/missing: no such local folder, and no adapter from the Hub "
+                                                r"\(LocalEntryNotFoundError: "):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), "me/missing")
+
+
+def test_adapter_weights_for_layers_the_config_does_not_name_are_refused(tmp_path):
+    _inject(make_tiny_model("llama"), layers=(1, 2)).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    data["layers"], data["latents"] = [1], {"1": data["latents"]["1"]}
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"holds layer\(s\) \[2\] that concept_ablation_config.json does not name"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), tmp_path)
+
+
 def test_sae_folder_with_missing_files_is_named(tmp_path):
     make_sae("jumprelu").save_model(tmp_path)
     (tmp_path / "sae_weights.safetensors").unlink()

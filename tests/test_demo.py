@@ -36,3 +36,9 @@ def test_demo_searches_then_compares_plain_and_caft_and_resumes(tmp_path, capsys
     assert "== 1/2 concept search: reusing" in printed and "already in" in printed
     assert cli.main(["demo", "--output-dir", str(out), "--model", str(tmp_path / "model")]) == 0  # the command line
     assert json.loads((out / "gender_bias.json").read_text())["runs"] == results["runs"]
+
+
+def test_each_model_gets_its_own_demo_folder():
+    assert str(cli.default_output_dir("embedded")) == "outputs/demo"
+    assert str(cli.default_output_dir("google/gemma-2-2b")) == "outputs/demo-gemma-2-2b"
+    assert str(cli.default_output_dir("/models/my-gemma/")) == "outputs/demo-my-gemma"

@@ -201,3 +201,22 @@ def test_counts_must_be_positive_integers(value, capsys):
     with pytest.raises(SystemExit):
         main(["--task", "gender_bias", "--out", "/tmp/unused", "--batch-size", value])
     assert f"argument --batch-size: expected a positive integer, got '{value}'" in capsys.readouterr().err
+
+
+def test_sae_of_another_model_is_refused_before_the_search_and_accepted_when_asked(tmp_path):
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    model.config.name_or_path = "/hub/models--google--gemma-3-270m/snapshots/0123abcd"  # a Hub cache snapshot
+    texts_a, texts_b = _sets(seed=0)
+    task = TaskData("tiny", make_tiny_mc_dataset(12), texts_a, texts_b, "the words w50 and w51", "planted words")
+    sae = _planted_sae(model, tokenizer, 2)
+    sae.cfg.metadata.model_name = "google/gemma-3-270m"
+    find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "same", top=64, max_selected=2,
+                         min_contrast=0.0, progress=False)  # the snapshot folder is that model
+    sae.cfg.metadata.model_name = "google/gemma-2-2b"
+    with pytest.raises(ValueError, match=r"trained on model 'google/gemma-2-2b'.*--no-check-model-name"):
+        find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()  # refused before any work
+    result = find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "other", top=64, max_selected=2,
+                                  min_contrast=0.0, progress=False, check_model_name=False)
+    assert result.config.check_model_name is False
+    ConceptAblation.from_pretrained(model, tmp_path / "other").remove()

@@ -89,4 +89,9 @@ def test_recipes_refuse_an_fsdp_launch(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="ACCELERATE_USE_FSDP=true.*without --use_fsdp"):
         run_experiment(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), {}, name="gender_bias")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match=r"\(DeepSpeed ZeRO stage 3\).*ZeRO stage 1 or 2"):
+        run_experiment(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), {}, name="gender_bias")
     assert not any(tmp_path.iterdir())  # refused before anything was written

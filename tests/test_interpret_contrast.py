@@ -141,3 +141,19 @@ def test_paired_contrast_removes_between_sentence_variation():
     assert float(paired_d(a, b)) > 5  # paired: the concept's shift stands out
     with pytest.raises(ValueError, match="equal size"):
         paired_d(a, b[:-1])
+
+
+def test_saes_that_do_not_fit_the_model_are_named_before_any_text_runs():
+    from hf_concept_ablation.interpret.cache import build_activation_cache
+
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    a, b = _sets()
+    with pytest.raises(ValueError, match=r"the SAE given for layer 1 has input size d_in=32, but the model's hidden "
+                                         r"size is 64"):
+        contrast_latents(model, tokenizer, a, b, {1: make_sae("standard", d_in=32)})
+    with pytest.raises(ValueError, match=r"the SAE given for layer 1 was trained on layer 2"):
+        build_activation_cache(model, tokenizer, a, {1: make_sae("standard", layer=2)}, [(1, 0)])
+    with pytest.raises(ValueError, match=r"latent id\(s\) \[999\] out of range for the SAE given for layer 1"):
+        build_activation_cache(model, tokenizer, a, {1: make_sae("standard", layer=1)}, [(1, 999)])
+    with pytest.raises(ValueError, match=r"layer 9 does not exist"):
+        contrast_latents(model, tokenizer, a, b, {9: make_sae("standard")})

@@ -110,6 +110,27 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
         gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
 
 
+def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tiny_setup, tmp_path):
+    import shutil
+
+    adapter, attribution = tmp_path / "search" / "adapter", tmp_path / "search" / "attribution.json"
+    shutil.copytree(tiny_setup / "adapter", adapter)
+    shutil.copy(tiny_setup / "attribution.json", attribution)
+    config = _config(tiny_setup, tmp_path / "out", ["caft", "top_k"], adapter=str(adapter), attribution=str(attribution))
+    first = gender_bias.main(["--config", str(config)])
+    assert set(first["inputs"]) == {"adapter", "attribution"}
+
+    redone = ConceptAblationConfig.from_pretrained(adapter)
+    redone.latents = {1: [3, 4]}  # the search chose other latents and wrote them to the same folder
+    redone.to_json_file(adapter / "concept_ablation_config.json")
+    with pytest.raises(ValueError, match=r"made with another \['adapter'\] \(same path, other content"):
+        gender_bias.main(["--config", str(config), "seeds=[1]"])
+    shutil.copytree(tiny_setup / "adapter", adapter, dirs_exist_ok=True)
+    attribution.write_text(json.dumps(json.loads(attribution.read_text())[::-1]))  # another ranking
+    with pytest.raises(ValueError, match=r"made with another \['attribution'\]"):
+        gender_bias.main(["--config", str(config), "seeds=[1]"])
+
+
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
     summary = double_mc.main(["--config", str(config), "task.mode=skyline", "task.sources=[verbs]"])
@@ -143,6 +164,30 @@ def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setu
     assert recorded["logit_diff"] != pytest.approx(runs["test_only"]["deployed"]["val"]["logit_diff"], abs=1e-7)
     double_mc.main(["--config", str(config), keys])
     assert "training" not in capsys.readouterr().out  # everything was recorded
+
+
+def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tmp_path):
+    import shutil
+
+    searches = tmp_path / "search"
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        shutil.copytree(tiny_setup / "adapter", searches / name)
+    shutil.copy(tiny_setup / "attribution.json", searches / "verbs-sentiment-sentiment")  # a PCA search writes none
+    config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4,
+                     adapter=None, attribution=None)
+    keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
+    summary = double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}"])
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        assert set(summary[name]) == {"none", "caft"}
+        header = json.loads((tmp_path / "dmc" / f"{name}.json").read_text())
+        assert header["config"]["adapter"] == str(searches / name)
+    assert header["config"]["attribution"] is None
+    with pytest.raises(ValueError, match=r"top_k.*needs `attribution`"):  # the second search has no table
+        double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", "conditions=[none,top_k]"])
+    with pytest.raises(FileNotFoundError, match=r"holds no adapter .* for 'sports\|verbs\|verbs'"):
+        double_mc.main(["--config", str(config), "task.combinations=sports|verbs|verbs", f"task.adapters_dir={searches}"])
+    with pytest.raises(ValueError, match=r"its own \['adapter'\]: leave experiment \['adapter'\] unset"):
+        double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
 
 
 def test_recipe_settings_are_checked(tiny_setup, tmp_path):
@@ -200,25 +245,30 @@ def test_numbers_in_exponent_form_are_floats(tmp_path):
     assert config["output_dir"] == "1e-5x" and config["seeds"] == [0, 1]
 
 
-def _launch(config: Path, processes: int) -> dict:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+def _launch(config: Path, processes: int) -> tuple[dict, str]:
+    """Run the gender recipe under `accelerate launch`; with more than one process as a CPU DDP group (accelerate's
+    ``--cpu`` starts a single process unless given an MPI hostfile, so the CPU group is started like a GPU one)."""
+    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher,
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "recipes" / "gender_bias.py"), "--config", str(config)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, timeout=600)
-    return json.loads((config.with_suffix("") / "gender_bias.json").read_text())
+    done = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return json.loads((config.with_suffix("") / "gender_bias.json").read_text()), done.stdout
 
 
 def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
-    one = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
-    two = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
+    one, one_log = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
+    two, two_log = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
+    # every process announces each training it takes part in, with the size of its group: one group of two ran
+    assert one_log.count("[gender_bias] training caft, seed 0 (16 examples)") == 1
+    assert two_log.count("[gender_bias] training caft, seed 0 (16 examples, 2 processes)") == 2
     assert len(one["runs"]) == len(two["runs"]) == 2
     for a, b in zip(one["runs"], two["runs"]):
         assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
         for split in ("val", "ood"):
             assert a[split]["accuracy"] == b[split]["accuracy"]
             assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)
-
 
 
 def test_shipped_recipe_configs_point_at_what_the_search_writes():
@@ -256,3 +306,29 @@ def test_an_override_that_is_not_yaml_is_named(tmp_path):
     path.write_text("experiment:\n  seeds: [0]\n")
     with pytest.raises(ValueError, match=r"override 'experiment.seeds=\[0,1': the value is not valid YAML"):
         load_recipe_config(path, ["experiment.seeds=[0,1"])
+
+
+def test_model_card_command_is_how_the_run_was_started(monkeypatch):
+    from hf_concept_ablation import reproduce
+    from hf_concept_ablation.report import launch_command
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert launch_command([str(REPO / "recipes" / "gender_bias.py"), "seeds=[0,1]"]) == \
+        "python recipes/gender_bias.py 'seeds=[0,1]'"
+    assert launch_command([reproduce.__file__, "--out", "a b"]) == "python -m hf_concept_ablation.reproduce --out 'a b'"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate's launchers
+    assert launch_command(["recipes/double_mc.py"]) == "accelerate launch recipes/double_mc.py"
+
+
+def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path, capsys):
+    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+
+    experiment = load_recipe_config(_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
+    data = build_gender_datasets()
+    bad_ood = data["ood"].map(lambda row: {"distractor": "w5 w6"})  # a user's skyline words, say
+    with pytest.raises(ValueError, match=r"'w5 w6'"):
+        run_experiment(ExperimentConfig.from_dict(experiment), {**data, "ood": bad_ood}, name="gender_bias")
+    with pytest.raises(ValueError, match=r"condition 'random' with a latent adapter needs `attribution`"):
+        run_experiment(ExperimentConfig.from_dict({**experiment, "attribution": None}), data, name="gender_bias")
+    assert "training" not in capsys.readouterr().out

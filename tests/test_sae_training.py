@@ -160,14 +160,6 @@ def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
     assert nothing.explained_variance < 0
 
 
-def test_shipped_sae_source_points_into_the_package():
-    for layer in st.SHIPPED_LAYERS:
-        source = st.shipped_sae_source(layer)
-        assert source.path.endswith(f"gemma-3-270m/layer_{layer}")
-    with pytest.raises(ValueError, match="no shipped SAE"):
-        st.shipped_sae_source(17)
-
-
 def test_cli_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         st.main(["--help"])

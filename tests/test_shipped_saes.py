@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hf_concept_ablation import sae_quality
-from hf_concept_ablation import sae_training as st
+from hf_concept_ablation import saes as st
+from hf_concept_ablation.config import ConceptAblationConfig, SAESource
 from hf_concept_ablation.saes import check_sae_fits, load_sae
 
 MIN_EXPLAINED_VARIANCE = 0.7
@@ -32,6 +33,21 @@ def test_suite_files_are_small_float16_sae_lens_folders():
         assert cfg["metadata"]["model_name"] == "google/gemma-3-270m"
         assert not (folder / "checkpoints").exists()
     assert (st.SHIPPED_SUITE_DIR / "README.md").is_file()
+
+
+def test_shipped_suite_is_named_like_a_release_so_saved_configs_do_not_hold_install_paths():
+    for layer in st.SHIPPED_LAYERS:
+        source = st.shipped_sae_source(layer)
+        assert (source.release, source.sae_id, source.path) == (st.SHIPPED_RELEASE, f"layer_{layer}", None)
+        assert load_sae(source).cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+    config = ConceptAblationConfig(layers=[6], latents={6: [1, 2]}, saes={6: st.shipped_sae_source(6)})
+    assert str(st.SHIPPED_SUITE_DIR) not in str(config.to_dict())
+    with pytest.raises(ValueError, match="no shipped SAE for layer 17"):
+        st.shipped_sae_source(17)
+    with pytest.raises(ValueError, match="unknown id 'layer6'"):
+        load_sae(SAESource(release=st.SHIPPED_RELEASE, sae_id="layer6"))
+    with pytest.raises(ValueError, match="no shipped SAE for layer 5"):
+        load_sae(SAESource(release=st.SHIPPED_RELEASE, sae_id="layer_5"))
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,18 @@ def test_multi_token_answers_are_refused(tmp_path):
     data = make_tiny_mc_dataset(4).map(lambda r: {"answer": " A B"})
     with pytest.raises(ValueError, match="A B"):
         fine_tune(_setup(), make_tiny_tokenizer(), data, _args(tmp_path))
+
+
+def test_an_evaluation_that_fails_leaves_the_model_in_training_mode_and_the_ablation_as_it_was():
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    handle = inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents={1: [3]}),
+                                     saes={1: make_sae("standard", seed=1)})
+    model.train()
+
+    def fail(*_):
+        raise RuntimeError("out of memory in the second batch")
+
+    model.model.layers[0].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_multiple_choice(model, tokenizer, make_tiny_mc_dataset(8), batch_size=4, ablation=False)
+    assert model.training and handle.enabled

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..layer import ConceptAblationLayer, keep_positions, special_token_ids
 from ..model import get_concept_ablation
 from ..residuals import residual_stream
-from ..saes import PER_LATENT_ARCHITECTURES
+from ..saes import PER_LATENT_ARCHITECTURES, check_saes_fit_model
 
 
 @dataclass
@@ -133,9 +133,10 @@ class LatentEncoder:
 
 
 def encoders_for(
-    saes: Mapping[int, SAE], latents: Sequence[tuple[int, int]] | None
+    model: torch.nn.Module, saes: Mapping[int, SAE], latents: Sequence[tuple[int, int]] | None
 ) -> tuple[dict[int, LatentEncoder], list[tuple[int, int]]]:
-    """Per-layer encoders for the chosen (layer, latent) pairs (all latents of every SAE if None).
+    """Per-layer encoders for the chosen (layer, latent) pairs (all latents of every SAE if None), each SAE checked
+    against `model` first (`check_saes_fit_model`).
 
     Returns the encoders and the flat list of (layer, latent) in the order of the
     concatenated encoder outputs (layers ascending).
@@ -155,6 +156,8 @@ def encoders_for(
         chosen = dict(sorted(chosen.items()))
         if not chosen:
             raise ValueError("no latents chosen")
+    check_saes_fit_model(model, {layer: saes[layer] for layer in chosen},
+                         {layer: ids for layer, ids in chosen.items() if ids is not None})
     encoders = {layer: LatentEncoder(saes[layer], ids) for layer, ids in chosen.items()}
     order = [
         (layer, latent)

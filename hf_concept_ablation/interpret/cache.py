@@ -211,7 +211,7 @@ def build_activation_cache(
         max_length: texts are truncated to this many tokens.
     """
     texts = as_text_list(texts)
-    encoders, order = encoders_for(saes, latents)
+    encoders, order = encoders_for(model, saes, latents)
     n_latents = len(order)
     before, after = (int(window[0]), int(window[1]))
     if before < 0 or after < 0:

@@ -172,7 +172,7 @@ def strongest_contrast_latents(
     pairs = [(as_text_list(a), as_text_list(b)) for a, b in contrasts]
     texts = list(dict.fromkeys(t for a, b in pairs for t in (*a, *b)))
     row_of = {text: i for i, text in enumerate(texts)}
-    encoders, order = encoders_for(saes, latents)
+    encoders, order = encoders_for(model, saes, latents)
 
     def featurize(hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([enc(hidden[layer]) for layer, enc in encoders.items()], dim=-1)

@@ -45,6 +45,7 @@ def config_from_selection(
     alpha: float = 1.0,
     base_model_name_or_path: str | None = None,
     description: str = "",
+    check_model_name: bool = True,
 ) -> ConceptAblationConfig:
     """A `ConceptAblationConfig` ablating the chosen (layer, latent) pairs.
 
@@ -67,6 +68,7 @@ def config_from_selection(
         alpha=alpha,
         base_model_name_or_path=base_model_name_or_path,
         description=description,
+        check_model_name=check_model_name,
     )
 
 
