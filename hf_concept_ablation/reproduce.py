@@ -103,16 +103,16 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
     if size.search_examples:
         args += ["--max-examples", str(size.search_examples)]
     args += list(search_args)
-    record = out_dir / "search_args.json"
-    if record.is_file() and json.loads(record.read_text()) != public_args(args):
+    record, recorded = out_dir / "search_args.json", public_args(args)
+    if record.is_file() and json.loads(record.read_text()) != recorded:
         raise ValueError(f"{out_dir} holds a search made with other options ({json.loads(record.read_text())}, "
-                         f"now {public_args(args)}); use another --out or delete the folder")
+                         f"now {recorded}); use another --out or delete the folder")
     if not directions.search_finished(out_dir):
         directions.main(args)
     if not (out_dir / CONFIG_NAME).is_file():
         raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
     if not record.is_file():
-        write_json_atomic(record, public_args(args))
+        write_json_atomic(record, recorded)
     return out_dir
 
 
