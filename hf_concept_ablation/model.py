@@ -180,23 +180,29 @@ class ConceptAblation:
         self.config.to_json_file(directory / CONFIG_NAME)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation",
-                    model_card: str | None = None) -> str:
-        """Upload the adapter files (and a model card) to a Hub model repo; the token comes from the environment."""
+                    model_card: str | None = None, token: str | None = None, revision: str | None = None,
+                    subfolder: str | None = None) -> str:
+        """Upload the adapter files (and a model card) to a Hub model repo, into `subfolder` on branch `revision`
+        if given; `token` defaults to the environment's (``HF_TOKEN`` or the saved login)."""
         from huggingface_hub import HfApi
 
-        api = HfApi()
+        api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, model_card=model_card)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder,
+                                     commit_message=commit_message, revision=revision)
         return str(info)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike,
-                        revision: str | None = None) -> ConceptAblation:
-        """Load a saved adapter (local folder, or Hub repo id at `revision`) and inject it into `model`; no SAE is
-        needed."""
-        directory = _resolve_adapter_dir(path_or_repo_id, revision)
+    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike, *, subfolder: str | None = None,
+                        revision: str | None = None, token: str | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> ConceptAblation:
+        """Load a saved adapter (a local folder, or a Hub repo id at `revision`; in its `subfolder` if given, e.g.
+        ``concept_ablation`` of a `Trainer` push) and inject it into `model`; no SAE is needed. `token` and
+        `cache_dir` are passed to ``hf_hub_download``."""
+        directory = _resolve_adapter_dir(path_or_repo_id, subfolder, revision=revision, token=token,
+                                         cache_dir=cache_dir)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -224,12 +230,15 @@ class ConceptAblation:
         return cls(model, config, _cast_like_model(model, layers, config))
 
 
-def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
+                         **hub_options: Any) -> Path:
+    """The local folder holding the adapter files: `path_or_repo_id` (/ `subfolder`) on disk, else downloaded."""
     path = Path(path_or_repo_id)
     if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved concept ablation adapter")
-        return path
+        folder = path / subfolder if subfolder else path
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: not a saved concept ablation adapter")
+        return folder
     if path.exists() or str(path_or_repo_id).count("/") != 1:
         raise FileNotFoundError(f"{path_or_repo_id} is neither an adapter folder nor a Hub repo id 'org/name'")
     if path.parent.is_dir():
@@ -238,11 +247,12 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | Non
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    where = f"{path_or_repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     try:
-        config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, revision=revision)
-        hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, revision=revision)
+        config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, subfolder=subfolder, **hub_options)
+        hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, subfolder=subfolder, **hub_options)
     except (HfHubHTTPError, LocalEntryNotFoundError) as err:
-        raise FileNotFoundError(f"{path_or_repo_id}: no such local folder, and no adapter from the Hub "
+        raise FileNotFoundError(f"{where}: no such local folder, and no adapter from the Hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
 
