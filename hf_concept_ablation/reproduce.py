@@ -401,20 +401,18 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
               combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
               search_args: Sequence[str] = (), readme: Path | None = None, gender_source: str = "sae",
               gender_answer_form: str = "letters") -> dict[str, Any]:
-    """Run every step of the module doc; return the summary.
+    """Run every step of the module doc for `tasks`, `combinations` and `seeds`; return the summary, which (like
+    the report it writes) covers every run in `out`, also those of tasks and seeds this call did not name.
 
     `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
     `gender_answer_form` its prompts' answer form (``letters`` or ``words``).
     """
     state = process_state()
-    done: dict[str, list[str]] = {}
-    validity: dict[str, Any] = {}
     if "gender_bias" in tasks:
         gender_args = [*search_args, "--source", gender_source, "--answer-form", gender_answer_form]
         adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender_args)
         run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
                        task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias")
-        done["gender_bias"] = ["gender_bias"]
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model)
         studied: list[str] = []
@@ -433,18 +431,28 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
                                    task_datasets(key), name=file_name(key),
                                    siblings={file_name(k): task_datasets(k) for k in siblings},
                                    sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters})
-        done["double_mc"] = [k for k in combinations if k in studied]
-    summary = collect_summary(out, done)
     if state.is_main_process:
-        write_report(out, summary, validity, command_line(out, size, seeds, tasks), readme)
-    return summary
+        report_from_disk(out, readme)
+    state.wait_for_everyone()
+    return summary_from_disk(out)[0]
 
 
-def command_line(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str]) -> str:
-    """The command that reproduces a report (for its header)."""
-    name = next((k for k, v in SIZES.items() if v == size), "custom")
-    return (f"python -m hf_concept_ablation.reproduce --out {out} --size {name} --seeds {' '.join(map(str, seeds))}"
-            f" --tasks {' '.join(tasks)}")
+def summary_from_disk(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The summary of every run in `out` (every task with runs, every combination the scan or the plain mean
+    admits, every seed), and the validity scan: the same whatever part of the study the last call ran."""
+    validity = read_validity(out / "validity.json")
+    everything = [combination_key(*c) for c in ALL_COMBINATIONS]
+    tasks = {"double_mc": studied_combinations(everything, validity, plain_verdicts(out, validity))}
+    if (out / "runs" / f"{file_name('gender_bias')}.json").is_file():
+        tasks["gender_bias"] = ["gender_bias"]
+    return collect_summary(out, {task: keys for task, keys in tasks.items() if keys}), validity
+
+
+def report_from_disk(out: Path, readme: Path | None) -> str:
+    """Write summary.json, the figures, `out`/README.md (and `readme`'s table) from every run in `out`."""
+    summary, validity = summary_from_disk(out)
+    return write_report(out, summary, validity, f"python -m hf_concept_ablation.reproduce --out {out} --report-only",
+                        readme)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -465,8 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
                    help="where the gender concept comes from (see hf_concept_ablation.directions)")
     p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
-    p.add_argument("--readme", type=Path, default=REPO_README, help="README whose results table is updated")
-    p.add_argument("--report-only", action="store_true", help="only rebuild summary, figures and tables from disk")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="README whose results table is updated (default: the repository's, when --out is its results/)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild summary, figures and tables from every run on disk (all tasks and seeds)")
     p.add_argument("--scan-only", action="store_true",
                    help="only the validity scan of the double multiple-choice combinations (validity.json)")
     return p
@@ -483,20 +493,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [k for k in combinations if k not in {combination_key(*c) for c in ALL_COMBINATIONS}]
     if bad:
         raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
+    readme = args.readme or (REPO_README if args.out.resolve() == REPO_README.parent / "results" else None)
     if args.report_only:
-        validity = read_validity(args.out / "validity.json")
-        studied = studied_combinations(combinations, validity, plain_verdicts(args.out, validity))
-        tasks = {t: (["gender_bias"] if t == "gender_bias" else studied) for t in args.tasks}
-        summary = collect_summary(args.out, tasks)
-        command = f"python -m hf_concept_ablation.reproduce --out {args.out} --report-only --tasks {' '.join(args.tasks)}"
-        print(write_report(args.out, summary, validity, command, args.readme))
+        print(report_from_disk(args.out, readme))
         return 0
     if args.scan_only:
         validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)
         print(validity_markdown({key: validity[key] for key in combinations}))
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
-              shlex.split(args.search_args), args.readme, args.gender_source, args.gender_answer_form)
+              shlex.split(args.search_args), readme, args.gender_source, args.gender_answer_form)
     return 0
 
 

@@ -54,7 +54,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary and set(saved) == {"gender_bias", "double_mc"}
-    assert list(saved["double_mc"]) == valid
+    assert set(saved["double_mc"]) == set(valid)
     for per_condition in [saved["gender_bias"], *saved["double_mc"].values()]:
         assert set(per_condition) == set(CONDITIONS)
         for entry in per_condition.values():
@@ -83,6 +83,11 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     again = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
                                 search_args=search_args, readme=readme)
     assert again == summary  # everything reused
+    table = text[text.index(reproduce.README_MARKERS[0]):]
+    part = reproduce.reproduce(out, size, [1], ["gender_bias"], [], ["none"], model=str(root / "model"),
+                               search_args=search_args, readme=readme)
+    assert part == summary  # a run of one task and seed reports every run on disk ...
+    assert readme.read_text().endswith(table) and "| `verbs\\|sentiment\\|verbs` |" in table  # ... the table too
 
 
 def test_results_table_names_dropped_combinations_and_double_mc_means():
@@ -141,7 +146,7 @@ def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_whe
     assert not reproduce.read_validity(out / "validity.json")[dropped]["valid"]  # the scan's record is kept
     verdict = reproduce.plain_verdicts(out, reproduce.read_validity(out / "validity.json"))[dropped]
     assert verdict["valid"] and verdict["seeds"] == [0, 1] and verdict["val"] > 0  # the mean of the pair's plain models
-    assert list(summary["double_mc"]) == [kept, dropped]  # so it is studied, with every condition and seed
+    assert set(summary["double_mc"]) == {kept, dropped}  # so it is studied, with every condition and seed
     runs = json.loads((out / "runs" / f"{reproduce.file_name(dropped)}.json").read_text())["runs"]
     assert sorted((r["condition"], r["seed"]) for r in runs) == [("caft", 0), ("caft", 1), ("none", 0), ("none", 1)]
     assert all(r["trained_for"] == reproduce.file_name(kept) for r in runs if r["condition"] == "none")
@@ -196,11 +201,14 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     (runs / "gender_bias.json").write_text(json.dumps({"summary": summary}))
     readme = tmp_path / "repository_README.md"
     readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
-    assert reproduce.main(["--out", str(tmp_path), "--report-only", "--tasks", "gender_bias", "--readme", str(readme)]) == 0
+    repository_readme = reproduce.REPO_README.read_text()
+    assert reproduce.main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert reproduce.REPO_README.read_text() == repository_readme  # another results folder: its own README only
+    assert reproduce.main(["--out", str(tmp_path), "--report-only", "--readme", str(readme)]) == 0
     assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias": summary}
     text = readme.read_text()
     assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
-    assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only --tasks gender_bias`" in text
+    assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only` (from the runs on disk)" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
 
