@@ -69,7 +69,7 @@ import torch
 from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
-from .config import ConceptAblationConfig, SAESource
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .files import write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
@@ -80,7 +80,7 @@ from .interpret.contrast import (
 )
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.erasure import concept_decodability, describe_decodability
-from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
+from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents, public_url
 from .model import find_decoder_layers, inject_concept_ablation
 from .pca import (
     concept_directions,
@@ -100,6 +100,8 @@ CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
+SELECTION_NAME = "selection.json"  #: the search's report, written last: a search is finished when it is there
+SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
     "verbs": "subject-verb agreement, singular or plural verbs",
@@ -203,7 +205,48 @@ class SearchResult:
 def search_finished(out: str | os.PathLike) -> bool:
     """Whether a search in `out` ran to the end: ``selection.json`` is written last, after the adapter
     and its erasure check (an adapter alone may be left by an interrupted search)."""
-    return (Path(out) / "selection.json").is_file()
+    return (Path(out) / SELECTION_NAME).is_file()
+
+
+def _start_search(out_dir: str | os.PathLike) -> Path:
+    """Make `out_dir`, and take out what an earlier search left there that this one may not write again (its
+    adapter, when this one selects nothing; its finished mark and recorded options, until this one is done)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (SELECTION_NAME, SEARCH_ARGS_NAME, CONFIG_NAME, WEIGHTS_NAME):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def public_args(args: Sequence[str]) -> list[str]:
+    """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry, and
+    no ``--threads`` (which does not change what the search finds)."""
+    public: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--threads" or arg.startswith("--threads=") or (i > 0 and args[i - 1] == "--threads"):
+            continue
+        if arg.startswith("--llm-base-url="):
+            arg = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
+        elif i > 0 and args[i - 1] == "--llm-base-url":
+            arg = public_url(arg)
+        public.append(arg)
+    return public
+
+
+def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
+    """Run the search of command line `args` (which writes to `out_dir`), or reuse the finished one there; whether
+    it made an adapter. `out_dir` records the options (``search_args.json``, credentials left out); a folder
+    holding a search made with other options is refused, naming both."""
+    out = Path(out_dir)
+    record, recorded = out / SEARCH_ARGS_NAME, public_args(args)
+    if record.is_file() and json.loads(record.read_text()) != recorded:
+        raise ValueError(f"{out} holds a search made with other options ({json.loads(record.read_text())}, "
+                         f"now {recorded}); use another output folder or delete this one")
+    if not search_finished(out):
+        main(list(args))
+    if not record.is_file():
+        write_json_atomic(record, recorded)
+    return (out / CONFIG_NAME).is_file()
 
 
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,
@@ -260,8 +303,7 @@ def find_concept_latents(
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     check_saes_fit_model(model, saes, check_model_name=check_model_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _start_search(out_dir)
     sae_sources = dict(sae_sources or {})
     timings: dict[str, float] = {}
     start = time.time()
@@ -354,7 +396,7 @@ def find_concept_latents(
         "adapter": str(out) if config else None,
         "note": None if chosen_keys else "no latent passed the selection; lower min_contrast or inspect dashboard.html",
     }
-    write_json_atomic(out / "selection.json", report, default=str)
+    write_json_atomic(out / SELECTION_NAME, report, default=str)
     return SearchResult(out, config, selected, report)
 
 
@@ -391,8 +433,7 @@ def find_pca_directions(
                          "latents only")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _start_search(out_dir)
     prompts = list(task.train["prompt"][: n_texts or len(task.train)])
     start = time.time()
     if basis == "prompts":
@@ -445,7 +486,7 @@ def find_pca_directions(
         "adapter": str(out) if config else None,
         "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
     }
-    write_json_atomic(out / "selection.json", report, default=str)
+    write_json_atomic(out / SELECTION_NAME, report, default=str)
     return SearchResult(out, config, selected, report)
 
 

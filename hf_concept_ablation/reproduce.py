@@ -41,10 +41,8 @@ from typing import Any, Mapping, Sequence
 import datasets
 import torch
 
-from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
 from .files import write_json_atomic, write_text_atomic
-from .interpret.explain import public_url
 from .report import CONDITION_LABELS, plot_accuracy, plot_overview
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
@@ -103,28 +101,9 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
     if size.search_examples:
         args += ["--max-examples", str(size.search_examples)]
     args += list(search_args)
-    record, recorded = out_dir / "search_args.json", public_args(args)
-    if record.is_file() and json.loads(record.read_text()) != recorded:
-        raise ValueError(f"{out_dir} holds a search made with other options ({json.loads(record.read_text())}, "
-                         f"now {recorded}); use another --out or delete the folder")
-    if not directions.search_finished(out_dir):
-        directions.main(args)
-    if not (out_dir / CONFIG_NAME).is_file():
+    if not directions.run_search_once(args, out_dir):
         raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
-    if not record.is_file():
-        write_json_atomic(record, recorded)
     return out_dir
-
-
-def public_args(args: Sequence[str]) -> list[str]:
-    """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry."""
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg.startswith("--llm-base-url="):
-            out[i] = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
-        elif i > 0 and out[i - 1] == "--llm-base-url":
-            out[i] = public_url(arg)
-    return out
 
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
