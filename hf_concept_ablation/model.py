@@ -14,6 +14,7 @@ import copy
 import functools
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -212,6 +213,8 @@ class ConceptAblation:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
         layers: dict[int, ConceptAblationLayer] = {}
         for key, meta in metadata.items():
+            if not re.fullmatch(r"layers\.\d+", key):
+                continue  # other header entries, e.g. {"format": "pt"} of a file saved again by other tools
             index = int(key.split(".")[1])
             prefix = f"layers.{index}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -226,6 +229,7 @@ class ConceptAblation:
         if extra:
             raise ValueError(f"{weights} holds layer(s) {extra} that {CONFIG_NAME} does not name (layers "
                              f"{config.layers}): the two files are from different adapters")
+        _check_weights_match_config(layers, config, weights)
         _check_layers_fit(model, layers)
         return cls(model, config, _cast_like_model(model, layers, config))
 
@@ -255,6 +259,20 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, subfolder: str | No
         raise FileNotFoundError(f"{where}: no such local folder, and no adapter from the Hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
+
+
+def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], config: ConceptAblationConfig,
+                                weights: Path) -> None:
+    """Refuse weights whose kind or size per layer is not what the config says (files of different adapters)."""
+    for index, module in sorted(layers.items()):
+        if (module.kind == "projection") != (config.mode == "projection"):
+            raise ValueError(f"{weights}: layer {index} holds a {module.kind!r} ablation but {CONFIG_NAME} says "
+                             f"mode={config.mode!r}: the two files are from different adapters")
+        latents = config.latents.get(index)
+        if latents is not None and (module.num_directions > len(latents) if module.kind == "projection"
+                                    else module.num_directions != len(latents)):
+            raise ValueError(f"{weights}: layer {index} holds {module.num_directions} directions but {CONFIG_NAME} "
+                             f"names {len(latents)} latents: the two files are from different adapters")
 
 
 def _check_layers_fit(model: nn.Module, layers: Mapping[int, ConceptAblationLayer]) -> None:
@@ -308,7 +326,10 @@ def inject_concept_ablation(
                     f"layer {index}: directions have shape {tuple(directions.shape)}, expected "
                     f"[n, {text_config.hidden_size}]"
                 )
-            layers[index] = ConceptAblationLayer.from_directions(directions, center=_center(config, index))
+            try:
+                layers[index] = ConceptAblationLayer.from_directions(directions, center=_center(config, index))
+            except ValueError as err:
+                raise ValueError(f"layer {index}: {err}") from err
             continue
         if index not in saes and index not in config.saes:
             raise ValueError(f"layer {index}: no SAE given (config.saes has none for it and saes= has none)")
