@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -76,3 +76,19 @@ def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str
         if not isinstance(config.get(section) or {}, dict):
             raise ValueError(f"{args.config}: section {section!r} must be a mapping, got {config[section]!r}")
     return dict(config.get("task") or {}), dict(config.get("experiment") or {})
+
+
+def check_task_settings(task: Mapping[str, Any], recipe: str, known: Sequence[str],
+                        choices: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Refuse ``task:`` settings the recipe does not know, a value outside its `choices`, and a ``seed`` or
+    ``max_examples`` that is not a whole number, naming each (a typo must not start days of other runs)."""
+    unknown = sorted(set(task) - set(known))
+    if unknown:
+        raise ValueError(f"unknown task setting(s) {unknown} for {recipe}; known: {sorted(known)}")
+    for key, allowed in (choices or {}).items():
+        if key in task and task[key] not in allowed:
+            raise ValueError(f"task.{key} must be one of {list(allowed)}, got {task[key]!r}")
+    for key in ("seed", "max_examples"):
+        value = task.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"task.{key} must be a whole number >= 0, got {value!r}")

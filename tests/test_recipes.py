@@ -200,6 +200,20 @@ def test_recipe_settings_are_checked(tiny_setup, tmp_path):
         gender_bias.main(["--config", str(config), "epochs=3"])
     with pytest.raises(ValueError, match=r"'test_only' evaluates the 'none' model"):
         gender_bias.main(["--config", str(config), "conditions=[test_only]"])
+    with pytest.raises(ValueError, match=r"unknown task setting\(s\) \['templates'\] for gender_bias; known: .*'templates_file'"):
+        gender_bias.main(["--config", str(config), "task.templates=foo.jsonl"])
+    with pytest.raises(ValueError, match=r"task.seed must be a whole number >= 0, got 'abc'"):
+        gender_bias.main(["--config", str(config), "task.seed=abc"])
+    with pytest.raises(ValueError, match=r"task.mode must be one of \['pairs', 'skyline'\], got 'skylines'"):
+        double_mc.main(["--config", str(config), "task.mode=skylines"])
+    with pytest.raises(ValueError, match=r"training setting epochs must be a number in \(0, inf\), got 0"):
+        gender_bias.main(["--config", str(config), "training.epochs=0"])
+    with pytest.raises(ValueError, match=r"training setting warmup_ratio must be a number in \[0, 1\), got 1.0"):
+        gender_bias.main(["--config", str(config), "training.warmup_ratio=1.0"])
+    with pytest.raises(ValueError, match=r"anneal must be a mapping of settings, got 'linear'"):
+        gender_bias.main(["--config", str(config), "anneal=linear"])
+    with pytest.raises(ValueError, match=r"saes.3 must be a mapping of SAESource fields .* got 'PATH'"):
+        gender_bias.main(["--config", str(config), "saes.3=PATH"])
 
 
 def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_setup, tmp_path):
