@@ -190,30 +190,28 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
         double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
 
 
-def test_recipe_settings_are_checked(tiny_setup, tmp_path):
+BAD_SETTINGS = [
+    ("gender_bias", "conditions=[magic]", r"unknown condition\(s\) \['magic'\]"),
+    ("gender_bias", "training.lr=0.1", r"unknown training setting\(s\) \['lr'\]"),
+    ("gender_bias", "epochs=3", r"unknown experiment setting\(s\) \['epochs'\]"),
+    ("gender_bias", "conditions=[test_only]", r"'test_only' evaluates the 'none' model"),
+    ("gender_bias", "task.templates=foo.jsonl",
+     r"unknown task setting\(s\) \['templates'\] for gender_bias; known: .*'templates_file'"),
+    ("gender_bias", "task.seed=abc", r"task.seed must be a whole number >= 0, got 'abc'"),
+    ("double_mc", "task.mode=skylines", r"task.mode must be one of \['pairs', 'skyline'\], got 'skylines'"),
+    ("gender_bias", "training.epochs=0", r"training setting epochs must be a number in \(0, inf\), got 0"),
+    ("gender_bias", "training.warmup_ratio=1.0", r"training setting warmup_ratio must be a number in \[0, 1\), got 1.0"),
+    ("gender_bias", "anneal=linear", r"anneal must be a mapping of settings, got 'linear'"),
+    ("gender_bias", "saes.3=PATH", r"saes.3 must be a mapping of SAESource fields .* got 'PATH'"),
+]
+
+
+@pytest.mark.parametrize("recipe, override, message", BAD_SETTINGS, ids=[o for _, o, _ in BAD_SETTINGS])
+def test_recipe_settings_are_checked_before_any_work(tiny_setup, tmp_path, recipe, override, message):
     config = _config(tiny_setup, tmp_path / "bad", ["none"])
-    with pytest.raises(ValueError, match=r"unknown condition\(s\) \['magic'\]"):
-        gender_bias.main(["--config", str(config), "conditions=[magic]"])
-    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['lr'\]"):
-        gender_bias.main(["--config", str(config), "training.lr=0.1"])
-    with pytest.raises(ValueError, match=r"unknown experiment setting\(s\) \['epochs'\]"):
-        gender_bias.main(["--config", str(config), "epochs=3"])
-    with pytest.raises(ValueError, match=r"'test_only' evaluates the 'none' model"):
-        gender_bias.main(["--config", str(config), "conditions=[test_only]"])
-    with pytest.raises(ValueError, match=r"unknown task setting\(s\) \['templates'\] for gender_bias; known: .*'templates_file'"):
-        gender_bias.main(["--config", str(config), "task.templates=foo.jsonl"])
-    with pytest.raises(ValueError, match=r"task.seed must be a whole number >= 0, got 'abc'"):
-        gender_bias.main(["--config", str(config), "task.seed=abc"])
-    with pytest.raises(ValueError, match=r"task.mode must be one of \['pairs', 'skyline'\], got 'skylines'"):
-        double_mc.main(["--config", str(config), "task.mode=skylines"])
-    with pytest.raises(ValueError, match=r"training setting epochs must be a number in \(0, inf\), got 0"):
-        gender_bias.main(["--config", str(config), "training.epochs=0"])
-    with pytest.raises(ValueError, match=r"training setting warmup_ratio must be a number in \[0, 1\), got 1.0"):
-        gender_bias.main(["--config", str(config), "training.warmup_ratio=1.0"])
-    with pytest.raises(ValueError, match=r"anneal must be a mapping of settings, got 'linear'"):
-        gender_bias.main(["--config", str(config), "anneal=linear"])
-    with pytest.raises(ValueError, match=r"saes.3 must be a mapping of SAESource fields .* got 'PATH'"):
-        gender_bias.main(["--config", str(config), "saes.3=PATH"])
+    with pytest.raises(ValueError, match=message):
+        {"gender_bias": gender_bias, "double_mc": double_mc}[recipe].main(["--config", str(config), override])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_setup, tmp_path):
