@@ -29,15 +29,11 @@ from torch import nn
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig
 from .files import atomic_path, write_text_atomic
 from .layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids, with_layer_hidden
+from .models import check_layer_exists, text_config
 from .saes import check_sae_fits, load_sae
 
 _HANDLE_ATTR = "_concept_ablation"
 _MODULE_NAME = "concept_ablation"
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -46,7 +42,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     Works through wrappers (PEFT, DDP, FSDP) by searching for the ``nn.ModuleList``
     whose length is the config's number of hidden layers.
     """
-    num_layers = _text_config(model).num_hidden_layers
+    num_layers = text_config(model).num_hidden_layers
     candidates = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
@@ -96,7 +92,7 @@ class ConceptAblation:
         stack, decoder_layers = find_decoder_layers(model)
         if getattr(stack, _HANDLE_ATTR, None) is not None:
             raise ValueError("this model already has a concept ablation; call .remove() on it first")
-        skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(_text_config(model))
+        skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(text_config(model))
         self._mask = _PositionMask(list(skip))
         self._stack = stack
         default_device = next(model.parameters()).device
@@ -256,7 +252,8 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, subfolder: str | No
         config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, subfolder=subfolder, **hub_options)
         hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, subfolder=subfolder, **hub_options)
     except (HfHubHTTPError, LocalEntryNotFoundError) as err:
-        raise FileNotFoundError(f"{where}: no such local folder, and no adapter from the Hub "
+        local = f"no folder {Path.cwd() / path}" if not path.is_absolute() else "no such local folder"
+        raise FileNotFoundError(f"{where}: {local}, and no adapter from the Hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
 
@@ -276,16 +273,13 @@ def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], conf
 
 
 def _check_layers_fit(model: nn.Module, layers: Mapping[int, ConceptAblationLayer]) -> None:
-    text_config = _text_config(model)
+    language = text_config(model)
     for index, module in layers.items():
-        if not 0 <= index < text_config.num_hidden_layers:
-            raise ValueError(
-                f"layer {index} does not exist: the model has {text_config.num_hidden_layers} decoder layers"
-            )
-        if module.d_model != text_config.hidden_size:
+        check_layer_exists(index, language.num_hidden_layers)
+        if module.d_model != language.hidden_size:
             raise ValueError(
                 f"layer {index}: the ablation has d_model={module.d_model}, the model's hidden size is "
-                f"{text_config.hidden_size}"
+                f"{language.hidden_size}"
             )
 
 
@@ -307,24 +301,20 @@ def inject_concept_ablation(
     SAE); each is checked against the model (hidden size, layer, latent range, model
     name). Only the slices the ablation needs are kept.
     """
-    text_config = _text_config(model)
+    language = text_config(model)
     config = copy.copy(config)  # the handle's strength and base model name are its own, not the caller's config's
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
     saes = dict(saes or {})
     layers: dict[int, ConceptAblationLayer] = {}
     for index in config.layers:
-        if not 0 <= index < text_config.num_hidden_layers:
-            raise ValueError(
-                f"layer {index} does not exist: the model has {text_config.num_hidden_layers} decoder layers "
-                f"(0..{text_config.num_hidden_layers - 1})"
-            )
+        check_layer_exists(index, language.num_hidden_layers)
         if index in config.directions:
             directions = torch.as_tensor(config.directions[index], dtype=torch.float32)
-            if directions.ndim != 2 or directions.shape[-1] != text_config.hidden_size:
+            if directions.ndim != 2 or directions.shape[-1] != language.hidden_size:
                 raise ValueError(
                     f"layer {index}: directions have shape {tuple(directions.shape)}, expected "
-                    f"[n, {text_config.hidden_size}]"
+                    f"[n, {language.hidden_size}]"
                 )
             try:
                 layers[index] = ConceptAblationLayer.from_directions(directions, center=_center(config, index))
@@ -338,8 +328,8 @@ def inject_concept_ablation(
         check_sae_fits(
             sae,
             layer=index,
-            num_layers=text_config.num_hidden_layers,
-            hidden_size=text_config.hidden_size,
+            num_layers=language.num_hidden_layers,
+            hidden_size=language.hidden_size,
             latents=config.latents[index],
             model_name=config.base_model_name_or_path if config.check_model_name else None,
             source=source,

@@ -119,8 +119,8 @@ def test_adapter_not_on_the_hub_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match=r"me/missing: no such local folder, and no adapter from the Hub "
-                                                r"\(LocalEntryNotFoundError: "):
+    with pytest.raises(FileNotFoundError, match=rf"me/missing: no folder {tmp_path}/me/missing, and no adapter from the "
+                                                r"Hub \(LocalEntryNotFoundError: "):
         ConceptAblation.from_pretrained(make_tiny_model("llama"), "me/missing")
 
 
