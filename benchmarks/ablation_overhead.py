@@ -279,7 +279,7 @@ def merge_records(new: list[dict]) -> None:
 
 def main() -> None:
     """Time every (mode, width), measure its peak memory, and merge the ratios into the results file."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help=f"a model spec, or one of {sorted(SHAPES)}")
     parser.add_argument("--device", default=None)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the shape models (default: the embedded model's)")

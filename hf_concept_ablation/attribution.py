@@ -85,6 +85,8 @@ def attribute_latents(
     def capture(layer: int):
         def hook(_module, _args, output):
             hidden = layer_hidden(output)
+            if not hidden.requires_grad:  # a frozen model: the gradient starts here
+                hidden.requires_grad_()
             hidden.retain_grad()
             outputs[layer] = hidden
 

@@ -58,7 +58,7 @@ def default_output_dir(model: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``hf-concept-ablation`` command line; the exit code."""
-    parser = argparse.ArgumentParser(prog="hf-concept-ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="hf-concept-ablation", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded model, quick size")
     demo.add_argument("--output-dir", type=Path,

@@ -361,7 +361,7 @@ def iter_texts(path: Path | str, split: str = "train", seed: int = 0) -> Iterato
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hf_concept_ablation.corpus", description="Build the offline SAE training corpus (see module docstring).")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.corpus", description="Build the offline SAE training corpus (see module docstring).")
     defaults = CorpusRecipe()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")

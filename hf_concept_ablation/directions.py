@@ -528,7 +528,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m hf_concept_ablation.directions`` command line."""
-    p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
     p.add_argument("--out", required=True, help="output folder (becomes a loadable adapter)")

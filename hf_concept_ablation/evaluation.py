@@ -56,8 +56,10 @@ def first_token_ids(tokenizer: Any, strings: list[str]) -> torch.Tensor:
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-padded batch encoding, so the last position is every prompt's last token."""
+    """Left-padded batch encoding, so the last position is every prompt's last token; ``position_ids`` count from
+    each prompt's first real token, so models with absolute positions (GPT-2) see a prompt the same in any batch."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -65,7 +65,7 @@ def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse ``--config`` and overrides; return the task settings and the experiment settings (checked by
     `ExperimentConfig.from_dict` once the recipe has added what it derives per run, e.g. each combination's adapter)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
     parser.add_argument("--config", default=str(default_config), help="recipe YAML (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] experiment.train_size=64")
     args = parser.parse_args(argv)

@@ -436,7 +436,7 @@ def report_from_disk(out: Path, readme: Path | None) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m hf_concept_ablation.reproduce`` command line."""
-    p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="results folder: search/, runs/, validity.json, summary.json, figures/, README.md")
     p.add_argument("--size", choices=("auto", *SIZES), default="auto",

@@ -277,7 +277,7 @@ def train_saes(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="python -m hf_concept_ablation.sae_training",
         description="Train sae-lens SAEs on a causal LM's residual stream, offline (no wandb, no Hub). "
         "Caches activations once for all layers, trains one SAE per layer with resumable checkpoints, "

@@ -68,3 +68,26 @@ def test_attribution_lists_every_latent_once_sorted_and_top_is_a_prefix():
     assert magnitudes == sorted(magnitudes, reverse=True)
     assert attribute_latents(model, tokenizer, dataset, saes, batch_size=5, top=7) == rows[:7]
     assert attribute_latents(model, tokenizer, dataset, {}, batch_size=5) == []  # a plain forward and backward
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_evaluation_and_attribution_do_not_depend_on_the_batch_size(family):
+    """Left padding shifts absolute positions (GPT-2) unless position ids count from each prompt's first token."""
+    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    model, tokenizer, dataset = make_tiny_model(family), make_tiny_tokenizer(), make_tiny_mc_dataset()
+    saes = {1: make_sae("standard", d_sae=64, seed=1)}
+    one = evaluate_multiple_choice(model, tokenizer, dataset, batch_size=1)["logit_diff"]
+    assert evaluate_multiple_choice(model, tokenizer, dataset, batch_size=12)["logit_diff"] == pytest.approx(one, abs=1e-5)
+    single = attribute_latents(model, tokenizer, dataset, saes, batch_size=1, top=None)
+    batched = attribute_latents(model, tokenizer, dataset, saes, batch_size=12, top=None)
+    assert [(r.layer, r.latent) for r in batched[:10]] == [(r.layer, r.latent) for r in single[:10]]
+    assert [r.effect for r in batched] == pytest.approx([r.effect for r in single], abs=1e-5)
+
+
+def test_attribution_of_a_frozen_model_equals_that_of_a_trainable_one():
+    model, tokenizer, dataset = make_tiny_model("gemma3"), make_tiny_tokenizer(), make_tiny_mc_dataset()
+    saes = {1: make_sae("standard", d_sae=64, seed=1), 2: make_sae("standard", d_sae=64, seed=2)}
+    trainable = attribute_latents(model, tokenizer, dataset, saes, batch_size=4, top=None)
+    model.requires_grad_(False)
+    assert attribute_latents(model, tokenizer, dataset, saes, batch_size=4, top=None) == trainable

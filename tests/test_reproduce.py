@@ -266,3 +266,10 @@ def test_recorded_search_options_hold_no_explainer_credentials():
     assert public == ["--task", "gender_bias", "--llm-base-url", "https://host:8443/v1",
                       "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-model", "m"]
     assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
+
+
+def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(capsys):
+    with pytest.raises(SystemExit):
+        directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x",
+                                              "--llm-base", "http://u:SECRET@h/v1"])
+    assert "unrecognized arguments: --llm-base" in capsys.readouterr().err
