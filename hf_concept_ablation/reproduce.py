@@ -43,7 +43,7 @@ import torch
 
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
 from .files import write_json_atomic, write_text_atomic
-from .report import CONDITION_LABELS, plot_accuracy, plot_overview
+from .report import CONDITION_LABELS, plot_accuracy, plot_overview, table_cell
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
 from .training import process_state
@@ -284,7 +284,7 @@ def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], co
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
                  + (" †" if s[c]["val_mean"] < MIN_PLAIN_VAL else "") if c in s else "" for c in conditions]
-        lines.append(f"| {_table_cell(name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {table_cell(name)} | " + " | ".join(cells) + " |")
     lines += ["", f"† val < {MIN_PLAIN_VAL}: the model did not learn the task, so its OOD accuracy is near chance, "
               "not generalization."]
     if summary.get("double_mc"):
@@ -320,7 +320,7 @@ def validity_markdown(validity: Mapping[str, Mapping[str, Any]]) -> str:
              "|---|---|---|---|"]
     for key, v in validity.items():
         verdict = "valid" if v["valid"] else "dropped: not learned" if not v["learned"] else "dropped: no shortcut"
-        lines.append(f"| {_table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
+        lines.append(f"| {table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -331,11 +331,6 @@ def _seeds(n: int) -> str:
 def _seed_count(verdict: Mapping[str, Any]) -> str:
     """", N seeds" for a verdict on the mean of several seeds, else nothing."""
     return f", {_seeds(len(verdict['seeds']))}" if len(verdict.get("seeds", ())) > 1 else ""
-
-
-def _table_cell(text: str) -> str:
-    """`text` safe inside a Markdown table cell (pipes escaped, also inside code spans)."""
-    return text.replace("|", "\\|")
 
 
 def _named_summaries(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:

@@ -77,7 +77,7 @@ def _config(root: Path, out: Path, conditions, **experiment) -> Path:
 def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, capsys):
     conditions = ["none", "caft", "caft_annealed", "random", "top_k", "test_only"]
     config = _config(tiny_setup, tmp_path / "out", conditions)
-    results = gender_bias.main(["--config", str(config), "seeds=[0,1]", "save_models=[caft]"])
+    results = gender_bias.main(["--config", str(config), "seeds=[0,1]", "save_models=[caft,none]"])
     summary = results["summary"]
     assert set(summary) == set(conditions)
     for entry in summary.values():
@@ -93,10 +93,14 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "base_model: " in card and "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
     assert "$" not in card.split("```")[0]  # every template field filled
+    assert "| learning_rate | `0.001` |" in card and "| epochs | `1` |" in card  # the settings trained with
     saved_models = sorted(p.name for p in (tmp_path / "out" / "models" / "gender_bias").iterdir())
-    assert saved_models == ["caft-seed0", "caft-seed1"]
+    assert saved_models == ["caft-seed0", "caft-seed1", "none-seed0", "none-seed1"]
     checkpoint = tmp_path / "out" / "models" / "gender_bias" / "caft-seed1"
-    assert (checkpoint / "README.md").read_text() == card
+    assert (checkpoint / "README.md").read_text() == card.replace(
+        "at layers 1\n", "at layers 1\n- **This model:** the `caft` model of seed 1\n")
+    assert (checkpoint / "gender_bias.png").is_file()  # the card's figure travels with it
+    assert not (tmp_path / "out" / "models" / "gender_bias" / "none-seed1" / "README.md").exists()  # not CAFT
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
     ablation = ConceptAblation.from_pretrained(reloaded, checkpoint / "concept_ablation")
     assert ablation.config.latents == {1: runs[("caft", 1)]["ablation"]["latents"]["1"]}
@@ -344,3 +348,16 @@ def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path,
     with pytest.raises(ValueError, match=r"condition 'random' with a latent adapter needs `attribution`"):
         run_experiment(ExperimentConfig.from_dict({**experiment, "attribution": None}), data, name="gender_bias")
     assert "training" not in capsys.readouterr().out
+
+
+def test_model_card_keeps_its_tables_whole():
+    from hf_concept_ablation.report import render_model_card
+
+    config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")})
+    selection = {"selected": [{"layer": 1, "latent": 5, "effect": 0.5, "explanation": "he | she\npronouns"}]}
+    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    card = render_model_card({"summary": {"caft": one_seed}, "config": {"preset": "paper", "training": {"epochs": 2}}},
+                             config, title="t", task="t", command="c", selection=selection)
+    assert "| 1 | 5 | +0.500 |  | he \\| she pronouns |" in card  # one row, five cells
+    assert "| CAFT | 1.000 | 0.250 | 1 |" in card  # no standard error from one seed
+    assert "| epochs | `2` |" in card and "| learning_rate | `5e-06` |" in card
