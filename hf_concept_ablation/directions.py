@@ -18,7 +18,9 @@ SAE latents (``--source sae``, the default):
    ``>= min_relevance`` when scored); ``"union"`` keeps both. At most ``max_selected``,
    ordered by |attribution|;
 5. **outputs** in ``out``: ``attribution.csv``/``.json``, ``contrast.json``,
-   ``activation_cache.safetensors``/``.json``, ``dashboard.html`` (the automatic choice
+   ``activation_cache.safetensors``/``.json``, ``explanations.jsonl`` (with an explainer: each
+   explanation as soon as it is made, so a search run again after an endpoint failure asks only
+   for the missing ones), ``dashboard.html`` (the automatic choice
    pre-ticked), ``selection.json`` (the report: latents chosen, with scores and
    explanations, and every setting), and the chosen latents as a saved adapter
    (``concept_ablation_config.json`` + ``concept_ablation.safetensors``), so ``out`` loads
@@ -70,7 +72,7 @@ from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
-from .files import write_json_atomic
+from .files import files_fingerprint, write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
     RULES,
@@ -80,7 +82,8 @@ from .interpret.contrast import (
 )
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.erasure import concept_decodability, describe_decodability
-from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents, public_url
+from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, explain_latents,
+                                public_url)
 from .model import find_decoder_layers, inject_concept_ablation
 from .pca import (
     concept_directions,
@@ -102,6 +105,7 @@ ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved ad
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 SELECTION_NAME = "selection.json"  #: the search's report, written last: a search is finished when it is there
 SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
+EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
     "verbs": "subject-verb agreement, singular or plural verbs",
@@ -323,14 +327,16 @@ def find_concept_latents(
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
     cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
-    cache.save(out / "activation_cache")
+    cache_files = cache.save(out / "activation_cache")
     timings["cache_s"] = time.time() - start
 
     explanations: list[LatentExplanation] = []
     if explainer is not None:
         start = time.time()
+        log = ExplanationLog(out / EXPLANATIONS_NAME, {"explainer": explainer.describe(), "query": task.query,
+                                                       "n_simulate": n_simulate, "cache": files_fingerprint(cache_files)})
         explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
-                                       n_simulate=n_simulate, embedding_filter=embedding_filter)
+                                       n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
         timings["explain_s"] = time.time() - start
     explained = {(e.layer, e.latent): e for e in explanations}
 

@@ -38,7 +38,7 @@ from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
-from .files import atomic_dir, write_json_atomic
+from .files import atomic_dir, files_fingerprint, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model, load_tokenizer
 from .tasks import answer_strings, check_single_token
@@ -223,7 +223,7 @@ def inputs_fingerprint(config: ExperimentConfig) -> dict[str, str]:
     another concept search's output under the same path are never mixed in one file."""
     files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
              "attribution": [Path(config.attribution)] if config.attribution else []}
-    return {name: _sha256(b"".join(path.read_bytes() for path in paths)) for name, paths in files.items() if paths}
+    return {name: files_fingerprint(paths) for name, paths in files.items() if paths}
 
 
 def _sha256(content: bytes) -> str:
