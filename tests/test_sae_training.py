@@ -85,14 +85,15 @@ def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny
 
 
 def _train(acts, folder, **overrides):
-    cfg = st.SAETrainingConfig(d_sae=128, k=8, training_tokens=256 * 12, batch_size=256, n_checkpoints=3,
-                               lr=3e-3, lr_warm_up_steps=2, model_name="tiny/llama", **overrides)
-    return st.train_sae(acts, 1, folder, cfg)
+    settings = dict(d_sae=128, k=8, training_tokens=256 * 12, batch_size=256, n_checkpoints=3, lr=3e-3,
+                    lr_warm_up_steps=2, model_name="tiny/llama")
+    return st.train_sae(acts, 1, folder, st.SAETrainingConfig(**{**settings, **overrides}))
 
 
 def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
     acts = activation_store.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
     _train(acts, tmp_path / "sae")
+    assert json.loads((tmp_path / "sae" / st.SETTINGS_NAME).read_text())["d_sae"] == 128  # what it was trained with
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["dtype"] == "float16" and cfg["architecture"] == "topk" and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["metadata"]["model_name"] == "tiny/llama"
@@ -120,6 +121,8 @@ def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
         shutil.rmtree(p)
     for name in ("cfg.json", "sae_weights.safetensors"):
         (tmp_path / "resumed" / name).unlink()
+    with pytest.raises(ValueError, match=r"resumed holds SAE training made with other settings \(k: 8 there, 4 now\)"):
+        _train(acts, tmp_path / "resumed", k=4)  # would have mixed two runs' settings
     resumed = _train(acts, tmp_path / "resumed")
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-4, rtol=1e-3)
