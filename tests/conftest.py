@@ -6,6 +6,7 @@ import concurrent.futures
 import fnmatch
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -104,19 +105,30 @@ def family(request) -> str:
     return request.param
 
 
-def make_tiny_tokenizer():
-    """An offline word-level tokenizer matching the tiny models: PAD=0, EOS=1, BOS=2, words 'A', 'B', 'w6'..'w127'."""
+def make_tiny_tokenizer(words: Sequence[str] = ()):
+    """An offline word-level tokenizer matching the tiny models: PAD=0, EOS=1, BOS=2, words 'A', 'B', 'w6'..'w127';
+    `words` (e.g. `gender_concept_words`) take the first ids of the 'w' words, which are then unknown."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[EOS]": 1, "[BOS]": 2, "[UNK]": 3, "A": 4, "B": 5}
-    vocab.update({f"w{i}": i for i in range(6, VOCAB)})
+    vocab.update({word: 6 + i for i, word in enumerate(words)})
+    vocab.update({f"w{i}": i for i in range(6 + len(words), VOCAB)})
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
     )
+
+
+def gender_concept_words() -> list[str]:
+    """The words in which the gender task's paired concept texts differ ('She is my mother.' / 'He is my father.'),
+    for a tiny tokenizer that tells the two sets apart (with none of them known, every pair reads the same)."""
+    from hf_concept_ablation.directions import task_data
+
+    task = task_data("gender_bias")
+    return sorted({w for a, b in zip(task.concept_a, task.concept_b) for w in set(a.split()) ^ set(b.split())})
 
 
 def make_tiny_mc_dataset(n: int = 12, seed: int = 0):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
+from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation, directions
 from hf_concept_ablation.directions import (SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
                                             main, task_data)
@@ -187,7 +187,7 @@ def test_search_scores_each_latent_by_its_strongest_contrast(tiny, tmp_path):
 
 
 def test_command_line_on_a_local_model_folder(tmp_path, capsys):
-    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer(gender_concept_words())
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     code = main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "pca", "--layers", "1",
@@ -208,6 +208,10 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     assert config["mode"] == "projection" and config["directions"] == [0, 1, 2]  # every layer but the last
     selection = json.loads((tmp_path / "concept" / "selection.json").read_text())
     assert selection["source"] == "concept" and len(selection["selected"]) == 3 * 2
+    make_tiny_tokenizer().save_pretrained(tmp_path / "model")  # one that reads every gender word as unknown
+    with pytest.raises(ValueError, match="layer 0: the two concept text sets give the same activations"):
+        main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "concept",
+              "--out", str(tmp_path / "blind")])
 
 
 @pytest.mark.parametrize(

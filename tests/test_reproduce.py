@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from conftest import gender_concept_words, make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, directions, reproduce
 from hf_concept_ablation.experiment import CONDITIONS
 
@@ -17,7 +17,7 @@ KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|v
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_reproduce")
-    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer(gender_concept_words())
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     search_args = ["--layers", "1", "2"]
