@@ -269,6 +269,15 @@ def device_name(device: str | None) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def memory_ratio(peak: float | str, baseline: float | str) -> float | str:
+    """``peak / baseline``, or why there is none (the run, or its baseline, failed or ran out of memory)."""
+    if not isinstance(peak, float):
+        return peak
+    if not isinstance(baseline, float):
+        return f"baseline {baseline}"
+    return round(peak / baseline, 4)
+
+
 def merge_records(new: list[dict]) -> None:
     """Replace records with the same (device, model, sae_width, mode); write atomically."""
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
@@ -320,8 +329,7 @@ def main() -> None:
             "layers": args.layers,
             "batch": f"{args.batch}x{args.seq}" if mode not in ATTRIBUTION_MODES else f"{args.batch} gender prompts",
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
-            "peak_memory_ratio": (round(memory[(mode, width)] / memory[base], 4)
-                                  if isinstance(memory[(mode, width)], float) else memory[(mode, width)]),
+            "peak_memory_ratio": memory_ratio(memory[(mode, width)], memory[base]),
             "baseline_step_s": round(step[base], 4),
         })
     merge_records(records)

@@ -78,6 +78,8 @@ def evaluate_multiple_choice(
     `ablation`: ``None`` leaves an injected ablation as it is, ``False`` disables it for
     the evaluation (deployment), ``True`` requires it to be present and enabled.
     """
+    if len(dataset) == 0:
+        raise ValueError(f"{desc}: the dataset is empty, there is nothing to evaluate")
     handle = get_concept_ablation(model)
     if ablation and handle is None:
         raise ValueError("evaluation with ablation=True, but the model has no concept ablation injected")

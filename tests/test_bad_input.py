@@ -206,3 +206,18 @@ def test_config_and_weights_of_different_adapters_are_refused(tmp_path, change, 
     (folder / CONFIG_NAME).write_text(json.dumps({**data, **change}))
     with pytest.raises(ValueError, match=message):
         ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
+
+
+def test_evaluating_or_caching_nothing_is_named(tmp_path):
+    import datasets
+
+    from conftest import make_tiny_tokenizer
+    from hf_concept_ablation.activation_store import cache_activations
+    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    empty = datasets.Dataset.from_dict({"prompt": [], "answer": [], "distractor": []})
+    with pytest.raises(ValueError, match="eval ood: the dataset is empty"):
+        evaluate_multiple_choice(make_tiny_model("llama"), make_tiny_tokenizer(), empty, desc="eval ood")
+    with pytest.raises(ValueError, match="no texts to cache activations of"):
+        cache_activations(make_tiny_model("llama"), make_tiny_tokenizer(), [], [1], tmp_path / "acts", max_tokens=100)
+    assert not (tmp_path / "acts").exists()

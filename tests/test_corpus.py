@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.corpus import sample_from_model
+from hf_concept_ablation.corpus import read_corpus, sample_from_model
 
 PROMPTS = ("w6 w7", "w8 w9 w10", "w11")
 
@@ -32,3 +32,18 @@ def test_a_malformed_line_before_the_last_is_named(tmp_path):
     path.write_text('{"text": "w6"}\nnot json\n{"text": "w7"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON object"):
         _sample(path)
+
+
+def test_sampling_leaves_the_callers_tokenizer_as_it_was(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    sample_from_model(make_tiny_model("gemma3"), tokenizer, tmp_path / "s.jsonl", n_samples=2, max_new_tokens=2,
+                      batch_size=2, prompts=PROMPTS)
+    assert tokenizer.padding_side == "right"
+
+
+def test_a_corpus_line_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a", "split": "train"}\n{"text": "b", "spl')
+    with pytest.raises(ValueError, match=r"corpus.jsonl, line 2: not a JSON record"):
+        read_corpus(path)

@@ -161,6 +161,8 @@ def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
     nothing = sae_quality.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32)
     assert nothing.ce_loss_recovered == pytest.approx(0.0, abs=1e-5)
     assert nothing.explained_variance < 0
+    with pytest.raises(ValueError, match="ce_max_tokens must be at least 1"):
+        sae_quality.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32, ce_max_tokens=0)
 
 
 def test_cli_help(capsys):
