@@ -55,6 +55,11 @@ def first_token_ids(tokenizer: Any, strings: list[str]) -> torch.Tensor:
     return torch.tensor([ids[s] for s in strings], dtype=torch.long)
 
 
+def answer_gap(logits: torch.Tensor, answers: torch.Tensor, distractors: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` logit of each answer minus that of its distractor, from last-position logits ``[batch, vocab]``."""
+    return (logits.gather(1, answers[:, None]) - logits.gather(1, distractors[:, None]))[:, 0]
+
+
 def encode_prompts(tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Left-padded batch encoding, so the last position is every prompt's last token; ``position_ids`` count from
     each prompt's first real token, so models with absolute positions (GPT-2) see a prompt the same in any batch."""
@@ -99,9 +104,9 @@ def evaluate_multiple_choice(
                 logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
                 a = answers[start : start + batch_size].to(device)
                 d = distractors[start : start + batch_size].to(device)
-                gap = logits.gather(1, a[:, None]) - logits.gather(1, d[:, None])
-                metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap[:, 0] > 0).long().tolist())
-                gaps.append(gap[:, 0].cpu())
+                gap = answer_gap(logits, a, d)
+                metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap > 0).long().tolist())
+                gaps.append(gap.cpu())
     finally:
         model.train(was_training)
     result = metric.compute()
