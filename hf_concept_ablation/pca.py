@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConceptAblationConfig
 from .files import atomic_path, file_stem, write_json_atomic
 from .interpret.activations import as_text_list, iter_residuals
-from .interpret.cache import ContextExample
+from .interpret.cache import ContextExample, window_bounds
 from .interpret.contrast import ContrastScore, contrast_directions, per_text_values
 
 
@@ -87,8 +87,7 @@ def pca(x: torch.Tensor, n_components: int, center: bool = True) -> tuple[torch.
 
 def _window(ids: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, pos: int, window: tuple[int, int],
             tokenizer: Any, doc: int, kind: str) -> ContextExample:
-    kept = keep.nonzero().flatten()
-    start, stop = max(int(kept.min()), pos - window[0]), min(int(kept.max()), pos + window[1]) + 1
+    start, stop = window_bounds(keep, pos, *window)
     token_ids = ids[start:stop].tolist()
     return ContextExample(
         tokens=[tokenizer.decode([i]) for i in token_ids],
