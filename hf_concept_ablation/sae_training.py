@@ -114,7 +114,9 @@ def _make_training_sae(cfg: SAETrainingConfig, d_in: int, layer: int, model_name
 def _latest_checkpoint(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
-    done = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "training_state.pt").exists()]
+    from sae_lens.constants import TRAINER_STATE_FILENAME
+
+    done = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / TRAINER_STATE_FILENAME).exists()]
     return max(done, key=lambda p: int(p.name)) if done else None
 
 

@@ -22,9 +22,11 @@ def test_sampling_resumes_after_a_torn_last_line(tmp_path):
     assert len(whole) == 6
     torn = tmp_path / "torn.jsonl"
     lines = (tmp_path / "whole.jsonl").read_text().splitlines()
-    torn.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # stopped while writing the second batch
-    assert _sample(torn) == whole
-    assert [json.loads(line)["text"] for line in torn.read_text().splitlines()] == whole
+    kept = ['{"text": "first kept"}', '{"text": "second kept"}']  # the first batch, marked so a redo would show
+    torn.write_text("\n".join([*kept, lines[2]]) + "\n" + lines[3][:10])  # stopped while writing the second batch
+    resumed = _sample(torn)
+    assert resumed == ["first kept", "second kept", *whole[2:]]  # batch 1 kept; only batches 2-3 sampled again
+    assert [json.loads(line)["text"] for line in torn.read_text().splitlines()] == resumed
 
 
 def test_a_malformed_line_before_the_last_is_named(tmp_path):

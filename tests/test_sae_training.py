@@ -60,26 +60,29 @@ def test_cached_activations_match_hidden_states_and_skip_bos_and_padding(tiny, t
 
 
 def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny, tmp_path, monkeypatch):
-    full = _cache(tiny, tmp_path / "full")
-    manifest = json.loads((full / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["tokens"] == 3000 and len(manifest["shards"]) > 1
-
     real = activation_store.residual_stream
-    calls = {"n": 0}
+    calls = {"n": 0, "stop_after": None}
 
-    def interrupted(*args, **kwargs):
+    def counted(*args, **kwargs):  # the real pass, counted (and interrupted where asked)
         calls["n"] += 1
-        if calls["n"] > 3:
+        if calls["stop_after"] is not None and calls["n"] > calls["stop_after"]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(activation_store, "residual_stream", interrupted)
+    monkeypatch.setattr(activation_store, "residual_stream", counted)
+    full = _cache(tiny, tmp_path / "full")
+    full_passes = calls["n"]
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["tokens"] == 3000 and len(manifest["shards"]) > 1
+
+    calls.update(n=0, stop_after=3)
     with pytest.raises(KeyboardInterrupt):
         _cache(tiny, tmp_path / "part")
     partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
     assert not partial["complete"] and 0 < partial["tokens"] < 3000
-    monkeypatch.setattr(activation_store, "residual_stream", real)
+    calls.update(n=0, stop_after=None)
     _cache(tiny, tmp_path / "part")
+    assert 0 < calls["n"] < full_passes  # it went on from the saved shards instead of starting over
     assert json.loads((tmp_path / "part" / "manifest.json").read_text())["tokens"] == 3000
     torch.testing.assert_close(activation_store.load_cached_activations(tmp_path / "part", 2), activation_store.load_cached_activations(full, 2))
 
@@ -110,7 +113,7 @@ def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
     assert ev > 0.1
 
 
-def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
+def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):
     acts = activation_store.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
     whole = _train(acts, tmp_path / "whole")
     # an "interrupted" run: keep only the first checkpoint, no final SAE
@@ -123,7 +126,9 @@ def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
         (tmp_path / "resumed" / name).unlink()
     with pytest.raises(ValueError, match=r"resumed holds SAE training made with other settings \(k: 8 there, 4 now\)"):
         _train(acts, tmp_path / "resumed", k=4)  # would have mixed two runs' settings
+    capsys.readouterr()
     resumed = _train(acts, tmp_path / "resumed")
+    assert f"layer 1: resuming from {ckpts[0]}" in capsys.readouterr().err  # not trained again from the start
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-4, rtol=1e-3)
 

@@ -43,6 +43,14 @@ class _RecordStrength(TrainerCallback):
         self.strengths.append(get_concept_ablation(model).strength)
 
 
+class _RecordSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 class _StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -93,8 +101,10 @@ def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
 
     resumed = make_tiny_model("gemma3")
     ConceptAblation.from_pretrained(resumed, checkpoint / ADAPTER_SUBDIR)
-    fine_tune(resumed, tokenizer, data, _args(tmp_path / "part"), callbacks=[AblationScheduleCallback(schedule)],
+    steps = _RecordSteps()
+    fine_tune(resumed, tokenizer, data, _args(tmp_path / "part"), callbacks=[AblationScheduleCallback(schedule), steps],
               resume_from_checkpoint=str(checkpoint))
+    assert steps.steps == [3, 4, 5, 6, 7]  # only the steps after the checkpoint ran
     assert get_concept_ablation(resumed).strength == pytest.approx(get_concept_ablation(full).strength)
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
