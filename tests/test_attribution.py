@@ -91,3 +91,26 @@ def test_attribution_of_a_frozen_model_equals_that_of_a_trainable_one():
     trainable = attribute_latents(model, tokenizer, dataset, saes, batch_size=4, top=None)
     model.requires_grad_(False)
     assert attribute_latents(model, tokenizer, dataset, saes, batch_size=4, top=None) == trainable
+
+
+def test_evaluation_equals_its_definition_computed_prompt_by_prompt():
+    """accuracy: argmax over the vocabulary is the answer; pair accuracy: answer beats distractor; logit_diff: mean
+    answer-minus-distractor logit at the last token; each from one unpadded forward per prompt."""
+    import torch
+
+    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    model, tokenizer, dataset = make_tiny_model("gpt2"), make_tiny_tokenizer(), make_tiny_mc_dataset(12)
+    hits, pair, gaps = 0, 0, []
+    with torch.no_grad():
+        for row in dataset:
+            logits = model(**tokenizer(row["prompt"], return_tensors="pt")).logits[0, -1]
+            answer, distractor = (tokenizer(s, add_special_tokens=False)["input_ids"][0]
+                                  for s in (row["answer"], row["distractor"]))
+            hits += int(logits.argmax()) == answer
+            pair += bool(logits[answer] > logits[distractor])
+            gaps.append(float(logits[answer] - logits[distractor]))
+    result = evaluate_multiple_choice(model, tokenizer, dataset, batch_size=5)
+    assert result["accuracy"] == hits / 12 and result["pair_accuracy"] == pair / 12 and result["n"] == 12
+    assert result["logit_diff"] == pytest.approx(sum(gaps) / 12, abs=1e-5)
+    assert 0 < pair < 12  # the checks above can tell right from wrong here

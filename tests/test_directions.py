@@ -103,6 +103,32 @@ def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
     with pytest.raises(ValueError, match="needs an explainer"):
         find_concept_latents(model, tokenizer, task, saes, tmp_path, select_by="union")
 
+    def search(**options):  # again into the same folder: the explanations are reused from explanations.jsonl
+        explainer = TransformersChat(model, tokenizer, max_new_tokens=6)
+        explainer.chat = None  # asked for nothing: every explanation is in the log already
+        return find_concept_latents(model, tokenizer, task, saes, tmp_path, top=20, explainer=explainer,
+                                    embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1,
+                                    progress=False, **options)
+
+    similarity = {(e["layer"], e["latent"]): e["similarity"] for e in report["explanations"]}
+    high, low = sorted(similarity, key=similarity.get, reverse=True)
+    if similarity[high] > similarity[low]:  # a threshold between the two keeps only the more similar one
+        between = search(select_by="explanation", min_similarity=(similarity[high] + similarity[low]) / 2)
+        assert [(s["layer"], s["latent"]) for s in between.selected] == [high]
+    assert search(select_by="explanation", min_similarity=-1.0, min_relevance=11).config is None  # out of 0-10
+    contrast_only = search(select_by="contrast", min_contrast=0.0, max_selected=5)
+    union = search(select_by="union", min_contrast=0.0, min_similarity=2.0, max_selected=5)  # none by explanation
+    def keys(result):
+        return [(s["layer"], s["latent"]) for s in result.selected]
+
+    assert keys(union) == keys(contrast_only) and keys(union)
+    contrast = {(s["layer"], s["latent"]): abs(s["contrast"])
+                for s in search(select_by="contrast", min_contrast=0.0, max_selected=20).selected}
+    above = max(contrast[high], contrast[low]) + 1e-6  # a contrast threshold the two explained latents miss
+    by_contrast = set(keys(search(select_by="contrast", min_contrast=above, max_selected=20)))
+    both = search(select_by="union", min_contrast=above, min_similarity=-1.0, max_selected=20)
+    assert {high, low}.isdisjoint(by_contrast) and set(keys(both)) == by_contrast | {high, low}
+
 
 def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
     model, tokenizer, task, _ = tiny

@@ -86,7 +86,7 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     runs = {(r["condition"], r["seed"]): r for r in results["runs"]}
     assert "ood_ablated" in runs[("caft", 0)] and "ood_ablated" not in runs[("none", 0)]
     assert runs[("random", 0)]["ablation"]["latents"] != runs[("random", 1)]["ablation"]["latents"]
-    assert runs[("caft_annealed", 0)]["ablation"]["alpha"] < 1.0
+    assert runs[("caft_annealed", 0)]["ablation"]["alpha"] == pytest.approx(0.5)  # 4 steps, linear from 0.5: step 3 of 4
     saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
     assert saved["summary"] == summary
     assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000

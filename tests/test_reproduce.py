@@ -273,3 +273,14 @@ def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(c
         directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x",
                                               "--llm-base", "http://u:SECRET@h/v1"])
     assert "unrecognized arguments: --llm-base" in capsys.readouterr().err
+
+
+def test_summary_means_and_standard_error_are_those_of_the_seeds():
+    from hf_concept_ablation.experiment import summarize
+
+    runs = [{"condition": "caft", "seed": s, "val": {"accuracy": v}, "ood": {"accuracy": o}}
+            for s, v, o in [(2, 1.0, 0.9), (0, 0.9, 0.2), (1, 0.8, 0.4)]]
+    entry = summarize(runs)["caft"]
+    assert entry["seeds"] == [0, 1, 2] and entry["ood"] == [0.2, 0.4, 0.9] and entry["val"] == [0.9, 0.8, 1.0]
+    assert entry["val_mean"] == pytest.approx(0.9) and entry["ood_mean"] == pytest.approx(0.5)
+    assert entry["ood_sem"] == pytest.approx((((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3) ** 0.5)  # std (n-1) / sqrt(n)
