@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblation, directions
+from hf_concept_ablation import ConceptAblation
 from hf_concept_ablation.directions import (SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
                                             main, task_data)
 from hf_concept_ablation.tasks import answer_value
@@ -70,21 +70,6 @@ def test_a_search_run_again_into_its_folder_leaves_nothing_of_the_first(tiny, tm
     assert not (tmp_path / "concept_ablation.safetensors").exists() and not (tmp_path / SEARCH_ARGS_NAME).exists()
     with pytest.raises(FileNotFoundError, match="has no concept_ablation_config.json"):
         ConceptAblation.from_pretrained(model, tmp_path)
-
-
-def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny, tmp_path, monkeypatch):
-    model, tokenizer, task, saes = tiny
-    calls = []
-    monkeypatch.setattr(directions, "main", lambda argv: calls.append(argv) or find_concept_latents(
-        model, tokenizer, task, saes, tmp_path, top=512, max_selected=5, progress=False))
-    args = ["--task", "tiny", "--out", str(tmp_path), "--threads", "2"]
-    assert directions.run_search_once(args, tmp_path) and len(calls) == 1
-    assert json.loads((tmp_path / SEARCH_ARGS_NAME).read_text()) == ["--task", "tiny", "--out", str(tmp_path)]
-    assert directions.run_search_once([*args[:4], "--threads", "1"], tmp_path) and len(calls) == 1  # reused
-    with pytest.raises(ValueError, match=r"holds a search made with other options .*'--layers', '2'"):
-        directions.run_search_once([*args, "--layers", "2"], tmp_path)
-    (tmp_path / "selection.json").unlink()  # as an interrupted run leaves it: run again
-    assert directions.run_search_once(args, tmp_path) and len(calls) == 2
 
 
 def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):

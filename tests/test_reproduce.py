@@ -284,3 +284,19 @@ def test_summary_means_and_standard_error_are_those_of_the_seeds():
     assert entry["seeds"] == [0, 1, 2] and entry["ood"] == [0.2, 0.4, 0.9] and entry["val"] == [0.9, 0.8, 1.0]
     assert entry["val_mean"] == pytest.approx(0.9) and entry["ood_mean"] == pytest.approx(0.5)
     assert entry["ood_sem"] == pytest.approx((((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3) ** 0.5)  # std (n-1) / sqrt(n)
+
+
+def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path):
+    root, search_args = tiny_folders
+    out = tmp_path / "search"
+    args = ["--task", "gender_bias", "--out", str(out), "--model", str(root / "model"), *search_args,
+            "--max-examples", "8", "--min-contrast", "0.0", "--threads", "2"]
+    assert directions.run_search_once(args, out)
+    finished = (out / "selection.json").stat().st_mtime_ns
+    assert json.loads((out / directions.SEARCH_ARGS_NAME).read_text()) == args[:-2]  # no thread count
+    assert directions.run_search_once([*args[:-1], "1"], out)  # another thread count: the same search, reused
+    assert (out / "selection.json").stat().st_mtime_ns == finished
+    with pytest.raises(ValueError, match=r"holds a search made with other options .*'--max-examples', '4'"):
+        directions.run_search_once([*args[:-6], "--max-examples", "4", *args[-4:]], out)
+    (out / "selection.json").unlink()  # as an interrupted run leaves it: run again
+    assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished
