@@ -9,9 +9,10 @@ import torch
 
 from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation
-from hf_concept_ablation.directions import (SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
+from hf_concept_ablation.directions import (ERASURE_TEXTS, SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
                                             main, task_data)
 from hf_concept_ablation.tasks import answer_value
+from hf_concept_ablation.interpret.erasure import concept_decodability
 from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
 from hf_concept_ablation.pca import mean_activations
 
@@ -52,6 +53,10 @@ def test_latent_search_selects_the_planted_latent_and_writes_a_loadable_adapter(
     # the folder is an adapter: it loads without SAEs and ablates the chosen latents
     handle = ConceptAblation.from_pretrained(model, tmp_path)
     assert sorted(handle.layers) == sorted({l for l, _ in chosen})
+    # the erasure check is the probe run on the concept texts with this very adapter in place
+    direct = concept_decodability(model, tokenizer, task.concept_a[:ERASURE_TEXTS], task.concept_b[:ERASURE_TEXTS],
+                                  sorted(handle.layers))
+    assert report["erasure"] == {str(l): {k: round(v, 3) for k, v in sc.items()} for l, sc in direct.items()}
     ids = torch.tensor([[2, 50, 7, 51, 9]])
     with handle.disabled():
         base = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
