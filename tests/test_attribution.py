@@ -114,3 +114,18 @@ def test_evaluation_equals_its_definition_computed_prompt_by_prompt():
     assert result["accuracy"] == hits / 12 and result["pair_accuracy"] == pair / 12 and result["n"] == 12
     assert result["logit_diff"] == pytest.approx(sum(gaps) / 12, abs=1e-5)
     assert 0 < pair < 12  # the checks above can tell right from wrong here
+
+
+def test_loss_attribution_does_not_depend_on_the_batch_size_and_ignores_an_injected_ablation():
+    import datasets
+
+    model, tokenizer = make_tiny_model("gpt2"), make_tiny_tokenizer()
+    texts = datasets.Dataset.from_dict({"text": [row["prompt"] for row in make_tiny_mc_dataset(10)]})
+    saes = {1: make_sae("standard", d_sae=64, seed=1), 2: make_sae("standard", d_sae=64, seed=2)}
+    single = attribute_latents(model, tokenizer, texts, saes, metric="loss", batch_size=1, top=None)
+    batched = attribute_latents(model, tokenizer, texts, saes, metric="loss", batch_size=10, top=None)
+    assert [r.effect for r in batched] == pytest.approx([r.effect for r in single], abs=1e-5)
+    ablation = inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents={1: [1, 2, 3]}),
+                                       saes={1: saes[1]})
+    assert attribute_latents(model, tokenizer, texts, saes, metric="loss", batch_size=10, top=None) == batched
+    assert ablation.enabled  # and it is on again afterwards
