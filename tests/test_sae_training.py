@@ -176,3 +176,30 @@ def test_cli_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--layers" in out and "--architecture" in out and "--activations" in out and "--jobs" in out
+
+
+def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_only(tmp_path):
+    import random
+
+    from conftest import make_tiny_tokenizer
+
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    train = [" ".join(f"w{rng.randrange(6, 70)}" for _ in range(rng.randrange(5, 20))) for _ in range(80)]
+    heldout = [" ".join(f"w{rng.randrange(70, 128)}" for _ in range(12)) for _ in range(10)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": "test", "split": s}) + "\n"
+                              for texts, s in ((train, "train"), (heldout, "heldout")) for t in texts))
+    cfg = st.SAETrainingConfig(d_sae=64, k=4, training_tokens=256 * 4, batch_size=256, n_checkpoints=1,
+                               lr_warm_up_steps=1, model_name="tiny/llama")
+    quality = st.train_saes(str(tmp_path / "model"), [1, 2], tmp_path / "out", cfg, corpus=corpus,
+                            max_corpus_tokens=10_000, context_size=32, eval_tokens=100, threads=2, jobs=2)
+    manifest = json.loads((tmp_path / "out" / "activations" / "manifest.json").read_text())
+    assert manifest["tokens"] == sum(len(t.split()) for t in train)  # every train token, no held-out one
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert set(report["quality"]) == {"1", "2"} and all(quality[layer].n_tokens > 0 for layer in (1, 2))
+    for layer in (1, 2):
+        sae = load_sae(SAESource(path=str(tmp_path / "out" / f"layer_{layer}")))
+        check_sae_fits(sae, layer=layer, num_layers=4, hidden_size=HIDDEN, model_name="tiny/llama")
