@@ -269,6 +269,15 @@ def device_name(device: str | None) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def memory_ratio(peak: float | str, baseline: float | str) -> float | str:
+    """``peak / baseline``, or why there is none (the run, or its baseline, failed or ran out of memory)."""
+    if not isinstance(peak, float):
+        return peak
+    if not isinstance(baseline, float):
+        return f"baseline {baseline}"
+    return round(peak / baseline, 4)
+
+
 def merge_records(new: list[dict]) -> None:
     """Replace records with the same (device, model, sae_width, mode); write atomically."""
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
@@ -279,7 +288,7 @@ def merge_records(new: list[dict]) -> None:
 
 def main() -> None:
     """Time every (mode, width), measure its peak memory, and merge the ratios into the results file."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded", help=f"a model spec, or one of {sorted(SHAPES)}")
     parser.add_argument("--device", default=None)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the shape models (default: the embedded model's)")
@@ -320,8 +329,7 @@ def main() -> None:
             "layers": args.layers,
             "batch": f"{args.batch}x{args.seq}" if mode not in ATTRIBUTION_MODES else f"{args.batch} gender prompts",
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
-            "peak_memory_ratio": (round(memory[(mode, width)] / memory[base], 4)
-                                  if isinstance(memory[(mode, width)], float) else memory[(mode, width)]),
+            "peak_memory_ratio": memory_ratio(memory[(mode, width)], memory[base]),
             "baseline_step_s": round(step[base], 4),
         })
     merge_records(records)

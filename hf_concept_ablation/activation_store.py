@@ -78,6 +78,8 @@ def cache_activations(
     groups of ``group_texts`` whose chunks are sorted by length (little padding);
     a shard is written once ``shard_tokens`` are buffered, at a group boundary.
     """
+    if not texts:
+        raise ValueError(f"no texts to cache activations of (for {out_dir})")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
@@ -164,12 +166,13 @@ def load_cached_activations(cache: str | os.PathLike, layer: int, max_tokens: in
 class ShuffledBatches:
     """Endless float32 batches from an activation tensor: a fresh seeded permutation every epoch.
 
-    ``start_sample`` skips the samples already used, so a resumed run sees the same data.
+    ``position`` counts the samples drawn so far; a resumed run sets it to the samples its checkpoint had
+    used, so it sees the same data as an uninterrupted one.
     """
 
-    def __init__(self, acts: torch.Tensor, batch_size: int, seed: int = 0, start_sample: int = 0) -> None:
+    def __init__(self, acts: torch.Tensor, batch_size: int, seed: int = 0) -> None:
         self.acts, self.batch_size, self.seed = acts, batch_size, seed
-        self.position = start_sample
+        self.position = 0
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
     def _perm_for(self, epoch: int) -> torch.Tensor:

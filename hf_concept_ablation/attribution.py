@@ -23,7 +23,7 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from .evaluation import encode_prompts, first_token_ids
+from .evaluation import answer_gap, encode_prompts, first_token_ids
 from .files import atomic_path, write_json_atomic
 from .layer import keep_positions, layer_hidden, special_token_ids
 from .model import find_decoder_layers, get_concept_ablation
@@ -44,7 +44,7 @@ class LatentEffect:
 def _metric(model, batch: dict[str, torch.Tensor], metric: str, answers=None, distractors=None) -> torch.Tensor:
     if metric == "logit_diff":
         logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
-        return (logits.gather(1, answers[:, None]) - logits.gather(1, distractors[:, None])).sum()
+        return answer_gap(logits, answers, distractors).sum()
     logits = model(**batch).logits[:, :-1].float()
     labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
     return -torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
@@ -85,6 +85,8 @@ def attribute_latents(
     def capture(layer: int):
         def hook(_module, _args, output):
             hidden = layer_hidden(output)
+            if not hidden.requires_grad:  # a frozen model: the gradient starts here
+                hidden.requires_grad_()
             hidden.retain_grad()
             outputs[layer] = hidden
 

@@ -63,7 +63,10 @@ class AblationScheduleCallback(TrainerCallback):
     """Set the injected ablation's strength from an `AblationSchedule` at every step.
 
     Also saves the ablation adapter into every checkpoint folder (``checkpoint-N/
-    concept_ablation/``) so a checkpoint carries what it was trained with.
+    concept_ablation/``) so a checkpoint carries what it was trained with, and into
+    ``output_dir/concept_ablation/`` before each of the Trainer's Hub uploads (``push_to_hub=True`` or
+    ``trainer.push_to_hub()``), so the pushed repo carries it too; load it with
+    ``ConceptAblation.from_pretrained(model, repo_id, subfolder="concept_ablation")``.
     """
 
     def __init__(self, schedule: AblationSchedule | None = None) -> None:
@@ -94,3 +97,8 @@ class AblationScheduleCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / ADAPTER_SUBDIR
             if folder.parent.is_dir():
                 self._ablation(kwargs["model"]).save_pretrained(os.fspath(folder))
+
+    def on_push_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        """Save the adapter into ``output_dir/concept_ablation/``, which the Trainer's upload of `output_dir` takes."""
+        if state.is_world_process_zero:
+            self._ablation(kwargs["model"]).save_pretrained(Path(args.output_dir) / ADAPTER_SUBDIR)

@@ -32,16 +32,14 @@ def run_demo(output_dir: Path, threads: int | None = None, model: str = "embedde
     from . import directions
 
     search_dir = output_dir / "search"
-    if not directions.search_finished(search_dir):
-        print(f"== 1/2 concept search -> {search_dir}", flush=True)
-        args = ["--task", "gender_bias", "--out", str(search_dir), "--model", model, "--max-examples", "64",
-                "--batch-size", "16", "--min-contrast", "0.5"]
-        if threads:
-            args += ["--threads", str(threads)]
-        if directions.main([*args, *search_args]) != 0:
-            raise SystemExit(f"the concept search selected nothing: see {search_dir / 'selection.json'}")
-    else:
-        print(f"== 1/2 concept search: reusing {search_dir}", flush=True)
+    args = ["--task", "gender_bias", "--out", str(search_dir), "--model", model, "--max-examples", "64",
+            "--batch-size", "16", "--min-contrast", "0.5", *(["--threads", str(threads)] if threads else []),
+            *search_args]
+    finished = directions.search_finished(search_dir)
+    print(f"== 1/2 concept search: reusing {search_dir}" if finished else f"== 1/2 concept search -> {search_dir}",
+          flush=True)
+    if not directions.run_search_once(args, search_dir):
+        raise SystemExit(f"the concept search selected nothing: see {search_dir / 'selection.json'}")
     print("== 2/2 fine-tuning: plain and CAFT", flush=True)
     sys.path.insert(0, str(REPO_RECIPES))
     import gender_bias  # the recipe, from the source tree
@@ -60,7 +58,7 @@ def default_output_dir(model: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``hf-concept-ablation`` command line; the exit code."""
-    parser = argparse.ArgumentParser(prog="hf-concept-ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="hf-concept-ablation", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="the whole pipeline on the embedded model, quick size")
     demo.add_argument("--output-dir", type=Path,

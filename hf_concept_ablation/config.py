@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
 
 from .files import write_json_atomic
 
@@ -20,6 +23,14 @@ CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
 
 AblationMode = Literal["latent", "projection"]
+
+
+def _index(value: Any, what: str) -> int:
+    """`value` as an int (an integer, or its decimal string as JSON keys hold it); else an error naming it."""
+    try:
+        return int(value) if isinstance(value, str) else operator.index(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
 MODES: tuple[str, ...] = ("latent", "projection")
 
 
@@ -103,13 +114,24 @@ class ConceptAblationConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
-        self.layers = [int(layer) for layer in self.layers]
-        self.latents = {int(k): [int(i) for i in v] for k, v in self.latents.items()}
+        for name in ("latents", "saes", "directions", "centers"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"{name} must map each layer to its value, got {getattr(self, name)!r}")
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
+            raise ValueError(f"layers must be a list of decoder layer indices, got {self.layers!r}")
+        self.layers = [_index(layer, "layer") for layer in self.layers]
+        for layer, ids in self.latents.items():
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+                raise ValueError(f"latents of layer {layer} must be a list of latent ids, got {ids!r}")
+        self.latents = {_index(k, "layer"): [_index(i, f"latent id of layer {k}") for i in v]
+                        for k, v in self.latents.items()}
+        if self.dtype is not None and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {self.dtype!r}")
         self.saes = {
-            int(k): v if isinstance(v, SAESource) else SAESource(**v) for k, v in self.saes.items()
+            _index(k, "layer"): v if isinstance(v, SAESource) else SAESource(**v) for k, v in self.saes.items()
         }
-        self.directions = {int(k): v for k, v in self.directions.items()}
-        self.centers = {int(k): v for k, v in self.centers.items()}
+        self.directions = {_index(k, "layer"): v for k, v in self.directions.items()}
+        self.centers = {_index(k, "layer"): v for k, v in self.centers.items()}
         self.validate()
 
     def validate(self) -> None:

@@ -260,7 +260,6 @@ def sample_from_model(
     done = _samples_written(out_file)
     rng = random.Random(seed)
     chosen = [rng.choice(prompts) for _ in range(n_samples)]
-    tokenizer.padding_side = "left"
     model.eval()
     n_batches = (n_samples + batch_size - 1) // batch_size
     first_batch = len(done) // batch_size
@@ -272,7 +271,7 @@ def sample_from_model(
     n_new = 0
     for b in tqdm(range(first_batch, n_batches), desc="sampling from the model", initial=first_batch, total=n_batches):
         batch_prompts = chosen[b * batch_size : (b + 1) * batch_size]
-        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True)
+        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True, padding_side="left")
         torch.manual_seed(seed + b)
         with torch.no_grad():
             out = model.generate(
@@ -343,8 +342,11 @@ def read_corpus(path: Path | str, split: str | None = None, sources: Iterable[st
     """Records of a corpus file, optionally only one split (``"train"``/``"heldout"``) and some sources."""
     wanted = set(sources) if sources is not None else None
     out = []
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg}); rebuild the corpus") from None
         if (split is None or r.get("split") == split) and (wanted is None or r.get("source") in wanted):
             out.append(r)
     return out
@@ -361,7 +363,7 @@ def iter_texts(path: Path | str, split: str = "train", seed: int = 0) -> Iterato
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hf_concept_ablation.corpus", description="Build the offline SAE training corpus (see module docstring).")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.corpus", description="Build the offline SAE training corpus (see module docstring).")
     defaults = CorpusRecipe()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")

@@ -18,7 +18,9 @@ SAE latents (``--source sae``, the default):
    ``>= min_relevance`` when scored); ``"union"`` keeps both. At most ``max_selected``,
    ordered by |attribution|;
 5. **outputs** in ``out``: ``attribution.csv``/``.json``, ``contrast.json``,
-   ``activation_cache.safetensors``/``.json``, ``dashboard.html`` (the automatic choice
+   ``activation_cache.safetensors``/``.json``, ``explanations.jsonl`` (with an explainer: each
+   explanation as soon as it is made, so a search run again after an endpoint failure asks only
+   for the missing ones), ``dashboard.html`` (the automatic choice
    pre-ticked), ``selection.json`` (the report: latents chosen, with scores and
    explanations, and every setting), and the chosen latents as a saved adapter
    (``concept_ablation_config.json`` + ``concept_ablation.safetensors``), so ``out`` loads
@@ -69,8 +71,8 @@ import torch
 from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
-from .config import ConceptAblationConfig, SAESource
-from .files import write_json_atomic
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
+from .files import files_fingerprint, write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
     RULES,
@@ -80,7 +82,8 @@ from .interpret.contrast import (
 )
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.erasure import concept_decodability, describe_decodability
-from .interpret.explain import ChatClient, EmbeddingFilter, LatentExplanation, explain_latents
+from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, explain_latents,
+                                public_url)
 from .model import find_decoder_layers, inject_concept_ablation
 from .pca import (
     concept_directions,
@@ -100,6 +103,9 @@ CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
+SELECTION_NAME = "selection.json"  #: the search's report, written last: a search is finished when it is there
+SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
+EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
     "verbs": "subject-verb agreement, singular or plural verbs",
@@ -203,7 +209,48 @@ class SearchResult:
 def search_finished(out: str | os.PathLike) -> bool:
     """Whether a search in `out` ran to the end: ``selection.json`` is written last, after the adapter
     and its erasure check (an adapter alone may be left by an interrupted search)."""
-    return (Path(out) / "selection.json").is_file()
+    return (Path(out) / SELECTION_NAME).is_file()
+
+
+def _start_search(out_dir: str | os.PathLike) -> Path:
+    """Make `out_dir`, and take out what an earlier search left there that this one may not write again (its
+    adapter, when this one selects nothing; its finished mark and recorded options, until this one is done)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (SELECTION_NAME, SEARCH_ARGS_NAME, CONFIG_NAME, WEIGHTS_NAME):
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
+def public_args(args: Sequence[str]) -> list[str]:
+    """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry, and
+    no ``--threads`` (which does not change what the search finds)."""
+    public: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--threads" or arg.startswith("--threads=") or (i > 0 and args[i - 1] == "--threads"):
+            continue
+        if arg.startswith("--llm-base-url="):
+            arg = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
+        elif i > 0 and args[i - 1] == "--llm-base-url":
+            arg = public_url(arg)
+        public.append(arg)
+    return public
+
+
+def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
+    """Run the search of command line `args` (which writes to `out_dir`), or reuse the finished one there; whether
+    it made an adapter. `out_dir` records the options (``search_args.json``, credentials left out); a folder
+    holding a search made with other options is refused, naming both."""
+    out = Path(out_dir)
+    record, recorded = out / SEARCH_ARGS_NAME, public_args(args)
+    if record.is_file() and json.loads(record.read_text()) != recorded:
+        raise ValueError(f"{out} holds a search made with other options ({json.loads(record.read_text())}, "
+                         f"now {recorded}); use another output folder or delete this one")
+    if not search_finished(out):
+        main(list(args))
+    if not record.is_file():
+        write_json_atomic(record, recorded)
+    return (out / CONFIG_NAME).is_file()
 
 
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,
@@ -260,8 +307,7 @@ def find_concept_latents(
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     check_saes_fit_model(model, saes, check_model_name=check_model_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _start_search(out_dir)
     sae_sources = dict(sae_sources or {})
     timings: dict[str, float] = {}
     start = time.time()
@@ -281,14 +327,16 @@ def find_concept_latents(
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
     cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
-    cache.save(out / "activation_cache")
+    cache_files = cache.save(out / "activation_cache")
     timings["cache_s"] = time.time() - start
 
     explanations: list[LatentExplanation] = []
     if explainer is not None:
         start = time.time()
+        log = ExplanationLog(out / EXPLANATIONS_NAME, {"explainer": explainer.describe(), "query": task.query,
+                                                       "n_simulate": n_simulate, "cache": files_fingerprint(cache_files)})
         explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
-                                       n_simulate=n_simulate, embedding_filter=embedding_filter)
+                                       n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
         timings["explain_s"] = time.time() - start
     explained = {(e.layer, e.latent): e for e in explanations}
 
@@ -354,7 +402,7 @@ def find_concept_latents(
         "adapter": str(out) if config else None,
         "note": None if chosen_keys else "no latent passed the selection; lower min_contrast or inspect dashboard.html",
     }
-    write_json_atomic(out / "selection.json", report, default=str)
+    write_json_atomic(out / SELECTION_NAME, report, default=str)
     return SearchResult(out, config, selected, report)
 
 
@@ -391,8 +439,7 @@ def find_pca_directions(
                          "latents only")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _start_search(out_dir)
     prompts = list(task.train["prompt"][: n_texts or len(task.train)])
     start = time.time()
     if basis == "prompts":
@@ -445,7 +492,7 @@ def find_pca_directions(
         "adapter": str(out) if config else None,
         "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
     }
-    write_json_atomic(out / "selection.json", report, default=str)
+    write_json_atomic(out / SELECTION_NAME, report, default=str)
     return SearchResult(out, config, selected, report)
 
 
@@ -487,7 +534,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m hf_concept_ablation.directions`` command line."""
-    p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
     p.add_argument("--out", required=True, help="output folder (becomes a loadable adapter)")

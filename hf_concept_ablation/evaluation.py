@@ -55,9 +55,16 @@ def first_token_ids(tokenizer: Any, strings: list[str]) -> torch.Tensor:
     return torch.tensor([ids[s] for s in strings], dtype=torch.long)
 
 
+def answer_gap(logits: torch.Tensor, answers: torch.Tensor, distractors: torch.Tensor) -> torch.Tensor:
+    """``[batch]`` logit of each answer minus that of its distractor, from last-position logits ``[batch, vocab]``."""
+    return (logits.gather(1, answers[:, None]) - logits.gather(1, distractors[:, None]))[:, 0]
+
+
 def encode_prompts(tokenizer: Any, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Left-padded batch encoding, so the last position is every prompt's last token."""
+    """Left-padded batch encoding, so the last position is every prompt's last token; ``position_ids`` count from
+    each prompt's first real token, so models with absolute positions (GPT-2) see a prompt the same in any batch."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -76,6 +83,8 @@ def evaluate_multiple_choice(
     `ablation`: ``None`` leaves an injected ablation as it is, ``False`` disables it for
     the evaluation (deployment), ``True`` requires it to be present and enabled.
     """
+    if len(dataset) == 0:
+        raise ValueError(f"{desc}: the dataset is empty, there is nothing to evaluate")
     handle = get_concept_ablation(model)
     if ablation and handle is None:
         raise ValueError("evaluation with ablation=True, but the model has no concept ablation injected")
@@ -95,9 +104,9 @@ def evaluate_multiple_choice(
                 logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
                 a = answers[start : start + batch_size].to(device)
                 d = distractors[start : start + batch_size].to(device)
-                gap = logits.gather(1, a[:, None]) - logits.gather(1, d[:, None])
-                metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap[:, 0] > 0).long().tolist())
-                gaps.append(gap[:, 0].cpu())
+                gap = answer_gap(logits, a, d)
+                metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap > 0).long().tolist())
+                gaps.append(gap.cpu())
     finally:
         model.train(was_training)
     result = metric.compute()

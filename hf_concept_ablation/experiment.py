@@ -38,7 +38,7 @@ from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .evaluation import evaluate_multiple_choice
-from .files import atomic_dir, write_json_atomic
+from .files import atomic_dir, files_fingerprint, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model, load_tokenizer
 from .tasks import answer_strings, check_single_token
@@ -106,8 +106,19 @@ class ExperimentConfig:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        PRESETS[self.preset].replace(**self.training)  # names unknown training settings
-        AblationSchedule(**self.anneal)
+        for name in ("training", "anneal", "saes"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise ValueError(f"{name} must be a mapping of settings, got {getattr(self, name)!r} "
+                                 f"(e.g. {name}.KEY=VALUE)")
+        PRESETS[self.preset].replace(**self.training)  # names unknown or bad training settings
+        _build_named(AblationSchedule, self.anneal, "anneal")
+        for layer, source in self.saes.items():
+            if not str(layer).isdigit():
+                raise ValueError(f"saes: {layer!r} is not a decoder layer index")
+            if not isinstance(source, Mapping):
+                raise ValueError(f"saes.{layer} must be a mapping of SAESource fields (release and sae_id, or "
+                                 f"path), got {source!r}")
+            _build_named(SAESource, source, f"saes.{layer}")
         needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
         if needs_adapter and not self.adapter:
             raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")
@@ -124,6 +135,15 @@ class ExperimentConfig:
         if unknown:
             raise ValueError(f"unknown experiment setting(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def _build_named(cls: type, settings: Mapping[str, Any], name: str) -> Any:
+    """``cls(**settings)``; settings it does not take are named with the ones it does."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
+    return cls(**settings)
 
 
 def subsample(data: datasets.Dataset, size: int | None, seed: int = 0) -> datasets.Dataset:
@@ -203,7 +223,7 @@ def inputs_fingerprint(config: ExperimentConfig) -> dict[str, str]:
     another concept search's output under the same path are never mixed in one file."""
     files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
              "attribution": [Path(config.attribution)] if config.attribution else []}
-    return {name: _sha256(b"".join(path.read_bytes() for path in paths)) for name, paths in files.items() if paths}
+    return {name: files_fingerprint(paths) for name, paths in files.items() if paths}
 
 
 def _sha256(content: bytes) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 
 @contextmanager
@@ -59,3 +60,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1, **kwargs: Any) -> Path:
     """Write `data` as JSON (UTF-8, trailing newline) atomically; extra arguments go to `json.dumps`."""
     return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, **kwargs) + "\n")
+
+
+def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+    """A short hash of the files' contents, in order (to tell whether an input changed)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]

@@ -70,8 +70,12 @@ def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis ``[d_model, r]`` of the span of `directions` ``[n, d_model]`` (QR, rank-checked)."""
     if directions.ndim != 2 or directions.shape[0] == 0:
         raise ValueError(f"directions must have shape [n, d_model] with n >= 1, got {tuple(directions.shape)}")
+    if not bool(torch.isfinite(directions).all()):
+        raise ValueError("directions hold NaN or infinite values")
     q, r = torch.linalg.qr(directions.T.to(torch.float64))
     diag = r.diagonal().abs()
+    if not bool(diag.max() > 0):
+        raise ValueError("directions are all zero: they span nothing to ablate")
     keep = diag > diag.max() * 1e-6
     if not bool(keep.all()):
         q = q[:, keep]  # drop dependent directions so Q stays orthonormal

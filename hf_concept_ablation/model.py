@@ -14,6 +14,7 @@ import copy
 import functools
 import json
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,15 +29,11 @@ from torch import nn
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig
 from .files import atomic_path, write_text_atomic
 from .layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids, with_layer_hidden
+from .models import check_layer_exists, text_config
 from .saes import check_sae_fits, load_sae
 
 _HANDLE_ATTR = "_concept_ablation"
 _MODULE_NAME = "concept_ablation"
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
@@ -45,7 +42,7 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     Works through wrappers (PEFT, DDP, FSDP) by searching for the ``nn.ModuleList``
     whose length is the config's number of hidden layers.
     """
-    num_layers = _text_config(model).num_hidden_layers
+    num_layers = text_config(model).num_hidden_layers
     candidates = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
@@ -95,7 +92,7 @@ class ConceptAblation:
         stack, decoder_layers = find_decoder_layers(model)
         if getattr(stack, _HANDLE_ATTR, None) is not None:
             raise ValueError("this model already has a concept ablation; call .remove() on it first")
-        skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(_text_config(model))
+        skip = config.skip_token_ids if config.skip_token_ids is not None else special_token_ids(text_config(model))
         self._mask = _PositionMask(list(skip))
         self._stack = stack
         default_device = next(model.parameters()).device
@@ -180,23 +177,29 @@ class ConceptAblation:
         self.config.to_json_file(directory / CONFIG_NAME)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation",
-                    model_card: str | None = None) -> str:
-        """Upload the adapter files (and a model card) to a Hub model repo; the token comes from the environment."""
+                    model_card: str | None = None, token: str | None = None, revision: str | None = None,
+                    subfolder: str | None = None) -> str:
+        """Upload the adapter files (and a model card) to a Hub model repo, into `subfolder` on branch `revision`
+        if given; `token` defaults to the environment's (``HF_TOKEN`` or the saved login)."""
         from huggingface_hub import HfApi
 
-        api = HfApi()
+        api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, model_card=model_card)
-            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder,
+                                     commit_message=commit_message, revision=revision)
         return str(info)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike,
-                        revision: str | None = None) -> ConceptAblation:
-        """Load a saved adapter (local folder, or Hub repo id at `revision`) and inject it into `model`; no SAE is
-        needed."""
-        directory = _resolve_adapter_dir(path_or_repo_id, revision)
+    def from_pretrained(cls, model: nn.Module, path_or_repo_id: str | os.PathLike, *, subfolder: str | None = None,
+                        revision: str | None = None, token: str | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> ConceptAblation:
+        """Load a saved adapter (a local folder, or a Hub repo id at `revision`; in its `subfolder` if given, e.g.
+        ``concept_ablation`` of a `Trainer` push) and inject it into `model`; no SAE is needed. `token` and
+        `cache_dir` are passed to ``hf_hub_download``."""
+        directory = _resolve_adapter_dir(path_or_repo_id, subfolder, revision=revision, token=token,
+                                         cache_dir=cache_dir)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
@@ -206,6 +209,8 @@ class ConceptAblation:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
         layers: dict[int, ConceptAblationLayer] = {}
         for key, meta in metadata.items():
+            if not re.fullmatch(r"layers\.\d+", key):
+                continue  # other header entries, e.g. {"format": "pt"} of a file saved again by other tools
             index = int(key.split(".")[1])
             prefix = f"layers.{index}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -220,16 +225,20 @@ class ConceptAblation:
         if extra:
             raise ValueError(f"{weights} holds layer(s) {extra} that {CONFIG_NAME} does not name (layers "
                              f"{config.layers}): the two files are from different adapters")
+        _check_weights_match_config(layers, config, weights)
         _check_layers_fit(model, layers)
         return cls(model, config, _cast_like_model(model, layers, config))
 
 
-def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
+                         **hub_options: Any) -> Path:
+    """The local folder holding the adapter files: `path_or_repo_id` (/ `subfolder`) on disk, else downloaded."""
     path = Path(path_or_repo_id)
     if path.is_dir():
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved concept ablation adapter")
-        return path
+        folder = path / subfolder if subfolder else path
+        if not (folder / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: not a saved concept ablation adapter")
+        return folder
     if path.exists() or str(path_or_repo_id).count("/") != 1:
         raise FileNotFoundError(f"{path_or_repo_id} is neither an adapter folder nor a Hub repo id 'org/name'")
     if path.parent.is_dir():
@@ -238,26 +247,39 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, revision: str | Non
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    where = f"{path_or_repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     try:
-        config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, revision=revision)
-        hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, revision=revision)
+        config_file = hf_hub_download(str(path_or_repo_id), CONFIG_NAME, subfolder=subfolder, **hub_options)
+        hf_hub_download(str(path_or_repo_id), WEIGHTS_NAME, subfolder=subfolder, **hub_options)
     except (HfHubHTTPError, LocalEntryNotFoundError) as err:
-        raise FileNotFoundError(f"{path_or_repo_id}: no such local folder, and no adapter from the Hub "
+        local = f"no folder {Path.cwd() / path}" if not path.is_absolute() else "no such local folder"
+        raise FileNotFoundError(f"{where}: {local}, and no adapter from the Hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
 
 
+def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], config: ConceptAblationConfig,
+                                weights: Path) -> None:
+    """Refuse weights whose kind or size per layer is not what the config says (files of different adapters)."""
+    for index, module in sorted(layers.items()):
+        if (module.kind == "projection") != (config.mode == "projection"):
+            raise ValueError(f"{weights}: layer {index} holds a {module.kind!r} ablation but {CONFIG_NAME} says "
+                             f"mode={config.mode!r}: the two files are from different adapters")
+        latents = config.latents.get(index)
+        if latents is not None and (module.num_directions > len(latents) if module.kind == "projection"
+                                    else module.num_directions != len(latents)):
+            raise ValueError(f"{weights}: layer {index} holds {module.num_directions} directions but {CONFIG_NAME} "
+                             f"names {len(latents)} latents: the two files are from different adapters")
+
+
 def _check_layers_fit(model: nn.Module, layers: Mapping[int, ConceptAblationLayer]) -> None:
-    text_config = _text_config(model)
+    language = text_config(model)
     for index, module in layers.items():
-        if not 0 <= index < text_config.num_hidden_layers:
-            raise ValueError(
-                f"layer {index} does not exist: the model has {text_config.num_hidden_layers} decoder layers"
-            )
-        if module.d_model != text_config.hidden_size:
+        check_layer_exists(index, language.num_hidden_layers)
+        if module.d_model != language.hidden_size:
             raise ValueError(
                 f"layer {index}: the ablation has d_model={module.d_model}, the model's hidden size is "
-                f"{text_config.hidden_size}"
+                f"{language.hidden_size}"
             )
 
 
@@ -279,26 +301,25 @@ def inject_concept_ablation(
     SAE); each is checked against the model (hidden size, layer, latent range, model
     name). Only the slices the ablation needs are kept.
     """
-    text_config = _text_config(model)
+    language = text_config(model)
     config = copy.copy(config)  # the handle's strength and base model name are its own, not the caller's config's
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model.config, "name_or_path", None) or None
     saes = dict(saes or {})
     layers: dict[int, ConceptAblationLayer] = {}
     for index in config.layers:
-        if not 0 <= index < text_config.num_hidden_layers:
-            raise ValueError(
-                f"layer {index} does not exist: the model has {text_config.num_hidden_layers} decoder layers "
-                f"(0..{text_config.num_hidden_layers - 1})"
-            )
+        check_layer_exists(index, language.num_hidden_layers)
         if index in config.directions:
             directions = torch.as_tensor(config.directions[index], dtype=torch.float32)
-            if directions.ndim != 2 or directions.shape[-1] != text_config.hidden_size:
+            if directions.ndim != 2 or directions.shape[-1] != language.hidden_size:
                 raise ValueError(
                     f"layer {index}: directions have shape {tuple(directions.shape)}, expected "
-                    f"[n, {text_config.hidden_size}]"
+                    f"[n, {language.hidden_size}]"
                 )
-            layers[index] = ConceptAblationLayer.from_directions(directions, center=_center(config, index))
+            try:
+                layers[index] = ConceptAblationLayer.from_directions(directions, center=_center(config, index))
+            except ValueError as err:
+                raise ValueError(f"layer {index}: {err}") from err
             continue
         if index not in saes and index not in config.saes:
             raise ValueError(f"layer {index}: no SAE given (config.saes has none for it and saes= has none)")
@@ -307,8 +328,8 @@ def inject_concept_ablation(
         check_sae_fits(
             sae,
             layer=index,
-            num_layers=text_config.num_hidden_layers,
-            hidden_size=text_config.hidden_size,
+            num_layers=language.num_hidden_layers,
+            hidden_size=language.hidden_size,
             latents=config.latents[index],
             model_name=config.base_model_name_or_path if config.check_model_name else None,
             source=source,

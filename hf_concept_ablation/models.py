@@ -117,3 +117,15 @@ def load_tokenizer(spec: str = EMBEDDED) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def text_config(model: torch.nn.Module):
+    """The config of `model`'s language part (a multimodal Gemma 3's text config; else the config itself)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_layer_exists(layer: int, num_layers: int) -> None:
+    """Raise a ValueError naming `layer` if a model with `num_layers` decoder layers has no such layer."""
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} does not exist: the model has {num_layers} decoder layers (0..{num_layers - 1})")

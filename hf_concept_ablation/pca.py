@@ -17,6 +17,7 @@ absolute projection over the data is positive.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConceptAblationConfig
 from .files import atomic_path, file_stem, write_json_atomic
 from .interpret.activations import as_text_list, iter_residuals
-from .interpret.cache import ContextExample
+from .interpret.cache import ContextExample, window_bounds
 from .interpret.contrast import ContrastScore, contrast_directions, per_text_values
 
 
@@ -69,7 +70,13 @@ def pca(x: torch.Tensor, n_components: int, center: bool = True) -> tuple[torch.
     cov = xc.T @ xc / (x.shape[0] - (1 if center else 0))
     values, vectors = torch.linalg.eigh(cov)
     values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-    n = min(int(n_components), x.shape[1])
+    rank = int((values > values[0] * 1e-9).sum()) if values[0] > 0 else 0
+    n = min(int(n_components), x.shape[1], rank)
+    if n < int(n_components):
+        warnings.warn(f"PCA: {x.shape[0]} rows of rank {rank} give only {n} of the {n_components} components asked "
+                      "for (the others would be arbitrary directions of zero variance)", stacklevel=2)
+    if n == 0:
+        raise ValueError(f"PCA: the {x.shape[0]} rows are all the same point: there is no direction of variance")
     components = vectors[:, :n].T.contiguous()
     proj = xc @ components.T
     flip = proj.gather(0, proj.abs().argmax(dim=0, keepdim=True)).sign().flatten()
@@ -80,8 +87,7 @@ def pca(x: torch.Tensor, n_components: int, center: bool = True) -> tuple[torch.
 
 def _window(ids: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, pos: int, window: tuple[int, int],
             tokenizer: Any, doc: int, kind: str) -> ContextExample:
-    kept = keep.nonzero().flatten()
-    start, stop = max(int(kept.min()), pos - window[0]), min(int(kept.max()), pos + window[1]) + 1
+    start, stop = window_bounds(keep, pos, *window)
     token_ids = ids[start:stop].tolist()
     return ContextExample(
         tokens=[tokenizer.decode([i]) for i in token_ids],
@@ -251,9 +257,14 @@ def concept_directions(
             if a_l.shape != b_l.shape:
                 raise ValueError(f"paired concept texts need equal counts, got {a_l.shape[0]} and {b_l.shape[0]}")
             diffs = a_l - b_l
-            components, variance, ratio, _ = pca(diffs, n_components, center=False)
         else:
             diffs = (a_l.mean(dim=0) - b_l.mean(dim=0))[None]
+        if not bool(diffs.abs().max() > 0):
+            raise ValueError(f"layer {layer}: the two concept text sets give the same activations, so there is no "
+                             "direction between them (does the tokenizer tell their words apart?)")
+        if paired:
+            components, variance, ratio, _ = pca(diffs, n_components, center=False)
+        else:
             components = diffs / diffs.norm().clamp(min=1e-12)
             variance, ratio = diffs.norm()[None] ** 2, torch.ones(1)
         mean_diff = diffs.mean(dim=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -65,7 +65,7 @@ def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str
                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Parse ``--config`` and overrides; return the task settings and the experiment settings (checked by
     `ExperimentConfig.from_dict` once the recipe has added what it derives per run, e.g. each combination's adapter)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
     parser.add_argument("--config", default=str(default_config), help="recipe YAML (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] experiment.train_size=64")
     args = parser.parse_args(argv)
@@ -76,3 +76,19 @@ def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str
         if not isinstance(config.get(section) or {}, dict):
             raise ValueError(f"{args.config}: section {section!r} must be a mapping, got {config[section]!r}")
     return dict(config.get("task") or {}), dict(config.get("experiment") or {})
+
+
+def check_task_settings(task: Mapping[str, Any], recipe: str, known: Sequence[str],
+                        choices: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Refuse ``task:`` settings the recipe does not know, a value outside its `choices`, and a ``seed`` or
+    ``max_examples`` that is not a whole number, naming each (a typo must not start days of other runs)."""
+    unknown = sorted(set(task) - set(known))
+    if unknown:
+        raise ValueError(f"unknown task setting(s) {unknown} for {recipe}; known: {sorted(known)}")
+    for key, allowed in (choices or {}).items():
+        if key in task and task[key] not in allowed:
+            raise ValueError(f"task.{key} must be one of {list(allowed)}, got {task[key]!r}")
+    for key in ("seed", "max_examples"):
+        value = task.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"task.{key} must be a whole number >= 0, got {value!r}")

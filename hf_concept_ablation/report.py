@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from string import Template
@@ -17,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import ConceptAblationConfig  # noqa: E402
 from .files import atomic_path, write_text_atomic  # noqa: E402
+from .training import PRESETS  # noqa: E402
 
 CONDITION_LABELS = {
     "none": "plain FT",
@@ -90,10 +93,18 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     for condition, label in CONDITION_LABELS.items():
         if condition in summary:
             e = summary[condition]
-            lines.append(f"| {label} | {e['val_mean']:.3f} | {e['ood_mean']:.3f} ± {e['ood_sem']:.3f} | {len(e['ood'])} |")
+            spread = f" ± {e['ood_sem']:.3f}" if len(e["ood"]) > 1 else ""  # one seed has no standard error
+            lines.append(f"| {label} | {e['val_mean']:.3f} | {e['ood_mean']:.3f}{spread} | {len(e['ood'])} |")
     return "\n".join(lines)
 
 
+def table_cell(text: Any) -> str:
+    """`text` safe inside a Markdown table cell: pipes escaped (also inside code spans), line breaks as spaces."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+#: conditions trained with the adapter the card describes: their saved checkpoints get it as README.md
+CARD_CONDITIONS = ("caft", "caft_annealed")
 #: packaged with the library; the repository's `model_cards/` links to it
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "assets" / "model_cards" / "caft_model_card.md"
 
@@ -107,7 +118,7 @@ def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] |
             d = details.get((layer, i), {})
             effect = f"{d['effect']:+.3f}" if "effect" in d else ""
             contrast = f"{d['contrast']:+.2f}" if "contrast" in d else ""
-            lines.append(f"| {layer} | {i} | {effect} | {contrast} | {d.get('explanation', '')} |")
+            lines.append(f"| {layer} | {i} | {effect} | {contrast} | {table_cell(d.get('explanation', ''))} |")
     return "\n".join(lines)
 
 
@@ -120,13 +131,19 @@ def render_model_card(
     command: str,
     selection: Mapping[str, Any] | None = None,
     figure: str | None = None,
+    checkpoint: str = "",
     template: str | os.PathLike = MODEL_CARD_TEMPLATE,
 ) -> str:
-    """Fill the model card template from an experiment's results and the adapter's config."""
+    """Fill the model card template from an experiment's results and the adapter's config; `checkpoint` says which
+    of the experiment's models the card sits beside (empty for the experiment's own card)."""
     sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
-    training = results.get("config", {})
+    run = results.get("config", {})
+    settings = {"preset": run.get("preset")}
+    if run.get("preset") in PRESETS:  # the settings the runs trained with: the preset with the run's changes
+        settings.update(dataclasses.asdict(PRESETS[run["preset"]].replace(**run.get("training", {}))))
+    settings.update({k: run[k] for k in ("train_size", "seeds") if k in run})
     training_rows = ["| setting | value |", "|---|---|"] + [
-        f"| {k} | `{training[k]}` |" for k in ("preset", "training", "train_size", "seeds") if k in training
+        f"| {k} | `{table_cell(v)}` |" for k, v in settings.items() if v is not None
     ]
     return Template(Path(template).read_text()).substitute(
         title=title,
@@ -139,6 +156,7 @@ def render_model_card(
         training_table="\n".join(training_rows),
         results_table=markdown_table(results["summary"]),
         figure=f"![accuracy by condition]({figure})" if figure else "",
+        checkpoint=f"\n- **This model:** {checkpoint}" if checkpoint else "",
         command=command,
     )
 
@@ -163,16 +181,25 @@ def launch_command(argv: Sequence[str] | None = None) -> str:
 def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
                          figure: Path | None = None) -> Path | None:
     """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter, and as ``README.md``
-    in every checkpoint the experiment saved (``save_models``); returns the first path."""
+    (with the figure) in every checkpoint the experiment saved of a condition trained with that adapter
+    (`CARD_CONDITIONS`; the card does not describe the plain or baseline models); returns the first path."""
     if not experiment.adapter:
         return None
     adapter = Path(experiment.adapter)
     config = ConceptAblationConfig.from_pretrained(adapter)
     selection = json.loads((adapter / "selection.json").read_text()) if (adapter / "selection.json").is_file() else None
-    card = render_model_card(results, config, title=title, task=task, selection=selection,
-                             command=launch_command(),
-                             figure=figure.name if figure else None)
-    path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card)
-    for checkpoint in sorted((Path(experiment.output_dir) / "models" / results["name"]).glob("*-seed*")):
-        write_text_atomic(checkpoint / "README.md", card)  # the card beside every saved checkpoint
+    figure = figure if figure is not None and figure.is_file() else None
+
+    def card(checkpoint: str = "") -> str:
+        return render_model_card(results, config, title=title, task=task, selection=selection,
+                                 command=launch_command(), figure=figure.name if figure else None,
+                                 checkpoint=checkpoint)
+
+    path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card())
+    for folder in sorted((Path(experiment.output_dir) / "models" / results["name"]).glob("*-seed*")):
+        condition, seed = folder.name.rsplit("-seed", 1)
+        if condition in CARD_CONDITIONS:
+            if figure:
+                shutil.copyfile(figure, folder / figure.name)
+            write_text_atomic(folder / "README.md", card(f"the `{condition}` model of seed {seed}"))
     return path

@@ -41,11 +41,9 @@ from typing import Any, Mapping, Sequence
 import datasets
 import torch
 
-from .config import CONFIG_NAME
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
 from .files import write_json_atomic, write_text_atomic
-from .interpret.explain import public_url
-from .report import CONDITION_LABELS, plot_accuracy, plot_overview
+from .report import CONDITION_LABELS, plot_accuracy, plot_overview, table_cell
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
 from .training import process_state
@@ -103,28 +101,9 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
     if size.search_examples:
         args += ["--max-examples", str(size.search_examples)]
     args += list(search_args)
-    record, recorded = out_dir / "search_args.json", public_args(args)
-    if record.is_file() and json.loads(record.read_text()) != recorded:
-        raise ValueError(f"{out_dir} holds a search made with other options ({json.loads(record.read_text())}, "
-                         f"now {recorded}); use another --out or delete the folder")
-    if not directions.search_finished(out_dir):
-        directions.main(args)
-    if not (out_dir / CONFIG_NAME).is_file():
+    if not directions.run_search_once(args, out_dir):
         raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
-    if not record.is_file():
-        write_json_atomic(record, recorded)
     return out_dir
-
-
-def public_args(args: Sequence[str]) -> list[str]:
-    """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry."""
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg.startswith("--llm-base-url="):
-            out[i] = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
-        elif i > 0 and out[i - 1] == "--llm-base-url":
-            out[i] = public_url(arg)
-    return out
 
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
@@ -305,7 +284,7 @@ def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], co
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
                  + (" †" if s[c]["val_mean"] < MIN_PLAIN_VAL else "") if c in s else "" for c in conditions]
-        lines.append(f"| {_table_cell(name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {table_cell(name)} | " + " | ".join(cells) + " |")
     lines += ["", f"† val < {MIN_PLAIN_VAL}: the model did not learn the task, so its OOD accuracy is near chance, "
               "not generalization."]
     if summary.get("double_mc"):
@@ -341,7 +320,7 @@ def validity_markdown(validity: Mapping[str, Mapping[str, Any]]) -> str:
              "|---|---|---|---|"]
     for key, v in validity.items():
         verdict = "valid" if v["valid"] else "dropped: not learned" if not v["learned"] else "dropped: no shortcut"
-        lines.append(f"| {_table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
+        lines.append(f"| {table_cell(f'`{key}`')} | {v['val']:.2f} | {v['ood']:.2f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -352,11 +331,6 @@ def _seeds(n: int) -> str:
 def _seed_count(verdict: Mapping[str, Any]) -> str:
     """", N seeds" for a verdict on the mean of several seeds, else nothing."""
     return f", {_seeds(len(verdict['seeds']))}" if len(verdict.get("seeds", ())) > 1 else ""
-
-
-def _table_cell(text: str) -> str:
-    """`text` safe inside a Markdown table cell (pipes escaped, also inside code spans)."""
-    return text.replace("|", "\\|")
 
 
 def _named_summaries(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
@@ -401,20 +375,18 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
               combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
               search_args: Sequence[str] = (), readme: Path | None = None, gender_source: str = "sae",
               gender_answer_form: str = "letters") -> dict[str, Any]:
-    """Run every step of the module doc; return the summary.
+    """Run every step of the module doc for `tasks`, `combinations` and `seeds`; return the summary, which (like
+    the report it writes) covers every run in `out`, also those of tasks and seeds this call did not name.
 
     `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
     `gender_answer_form` its prompts' answer form (``letters`` or ``words``).
     """
     state = process_state()
-    done: dict[str, list[str]] = {}
-    validity: dict[str, Any] = {}
     if "gender_bias" in tasks:
         gender_args = [*search_args, "--source", gender_source, "--answer-form", gender_answer_form]
         adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender_args)
         run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
                        task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias")
-        done["gender_bias"] = ["gender_bias"]
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model)
         studied: list[str] = []
@@ -433,23 +405,33 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
                                    task_datasets(key), name=file_name(key),
                                    siblings={file_name(k): task_datasets(k) for k in siblings},
                                    sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters})
-        done["double_mc"] = [k for k in combinations if k in studied]
-    summary = collect_summary(out, done)
     if state.is_main_process:
-        write_report(out, summary, validity, command_line(out, size, seeds, tasks), readme)
-    return summary
+        report_from_disk(out, readme)
+    state.wait_for_everyone()
+    return summary_from_disk(out)[0]
 
 
-def command_line(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str]) -> str:
-    """The command that reproduces a report (for its header)."""
-    name = next((k for k, v in SIZES.items() if v == size), "custom")
-    return (f"python -m hf_concept_ablation.reproduce --out {out} --size {name} --seeds {' '.join(map(str, seeds))}"
-            f" --tasks {' '.join(tasks)}")
+def summary_from_disk(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The summary of every run in `out` (every task with runs, every combination the scan or the plain mean
+    admits, every seed), and the validity scan: the same whatever part of the study the last call ran."""
+    validity = read_validity(out / "validity.json")
+    everything = [combination_key(*c) for c in ALL_COMBINATIONS]
+    tasks = {"double_mc": studied_combinations(everything, validity, plain_verdicts(out, validity))}
+    if (out / "runs" / f"{file_name('gender_bias')}.json").is_file():
+        tasks["gender_bias"] = ["gender_bias"]
+    return collect_summary(out, {task: keys for task, keys in tasks.items() if keys}), validity
+
+
+def report_from_disk(out: Path, readme: Path | None) -> str:
+    """Write summary.json, the figures, `out`/README.md (and `readme`'s table) from every run in `out`."""
+    summary, validity = summary_from_disk(out)
+    return write_report(out, summary, validity, f"python -m hf_concept_ablation.reproduce --out {out} --report-only",
+                        readme)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m hf_concept_ablation.reproduce`` command line."""
-    p = argparse.ArgumentParser(prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="results folder: search/, runs/, validity.json, summary.json, figures/, README.md")
     p.add_argument("--size", choices=("auto", *SIZES), default="auto",
@@ -465,8 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
                    help="where the gender concept comes from (see hf_concept_ablation.directions)")
     p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
-    p.add_argument("--readme", type=Path, default=REPO_README, help="README whose results table is updated")
-    p.add_argument("--report-only", action="store_true", help="only rebuild summary, figures and tables from disk")
+    p.add_argument("--readme", type=Path, default=None,
+                   help="README whose results table is updated (default: the repository's, when --out is its results/)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rebuild summary, figures and tables from every run on disk (all tasks and seeds)")
     p.add_argument("--scan-only", action="store_true",
                    help="only the validity scan of the double multiple-choice combinations (validity.json)")
     return p
@@ -483,20 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [k for k in combinations if k not in {combination_key(*c) for c in ALL_COMBINATIONS}]
     if bad:
         raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
+    readme = args.readme or (REPO_README if args.out.resolve() == REPO_README.parent / "results" else None)
     if args.report_only:
-        validity = read_validity(args.out / "validity.json")
-        studied = studied_combinations(combinations, validity, plain_verdicts(args.out, validity))
-        tasks = {t: (["gender_bias"] if t == "gender_bias" else studied) for t in args.tasks}
-        summary = collect_summary(args.out, tasks)
-        command = f"python -m hf_concept_ablation.reproduce --out {args.out} --report-only --tasks {' '.join(args.tasks)}"
-        print(write_report(args.out, summary, validity, command, args.readme))
+        print(report_from_disk(args.out, readme))
         return 0
     if args.scan_only:
         validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)
         print(validity_markdown({key: validity[key] for key in combinations}))
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
-              shlex.split(args.search_args), args.readme, args.gender_source, args.gender_answer_form)
+              shlex.split(args.search_args), readme, args.gender_source, args.gender_answer_form)
     return 0
 
 

@@ -108,6 +108,8 @@ def evaluate_sae(
             new[state["keep"]] = x_hat
         return with_layer_hidden(output, new)
 
+    if ce_max_tokens is not None and ce_max_tokens < 1:
+        raise ValueError(f"ce_max_tokens must be at least 1 (or None: as many as max_tokens), got {ce_max_tokens}")
     ce_max_tokens = max_tokens if ce_max_tokens is None else ce_max_tokens
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_targets = 0
@@ -142,7 +144,8 @@ def evaluate_sae(
         explained_variance=explained_variance(x, x_hat),
         l0=torch.cat(l0s).mean().item(),
         ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=ce["zero"],
-        ce_loss_recovered=(ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+        ce_loss_recovered=((ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]) if ce["zero"] != ce["clean"]
+                           else float("nan")),  # zero ablation costs nothing: nothing to recover
         n_tokens=n_tokens,
         dead_latents=int((~fired).sum()),
         extra={"ce_tokens": ce_tokens},

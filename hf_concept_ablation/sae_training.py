@@ -114,7 +114,9 @@ def _make_training_sae(cfg: SAETrainingConfig, d_in: int, layer: int, model_name
 def _latest_checkpoint(folder: Path) -> Path | None:
     if not folder.is_dir():
         return None
-    done = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / "training_state.pt").exists()]
+    from sae_lens.constants import TRAINER_STATE_FILENAME
+
+    done = [p for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and (p / TRAINER_STATE_FILENAME).exists()]
     return max(done, key=lambda p: int(p.name)) if done else None
 
 
@@ -146,6 +148,7 @@ def train_sae(
         n_checkpoints=cfg.n_checkpoints, checkpoint_path=str(ckpt_root),
         logger=LoggingConfig(log_to_wandb=False), device=cfg.device,
     )
+    record_settings(out, cfg)  # checkpoints (or an SAE) of other settings are refused, not resumed
     sae = _make_training_sae(cfg, acts.shape[1], layer, cfg.model_name)
     latest = _latest_checkpoint(ckpt_root)
     if latest is not None:
@@ -174,6 +177,28 @@ def train_sae(
         f.unlink()
     tmp.rmdir()
     return final
+
+
+SETTINGS_NAME = "sae_training_config.json"  #: the settings an SAE (or its checkpoints) was trained with
+#: settings that do not change what is learned
+_IRRELEVANT_SETTINGS = ("device", "n_checkpoints")
+
+
+def record_settings(folder: Path, cfg: SAETrainingConfig) -> None:
+    """Write `cfg` to ``folder/sae_training_config.json``, or, if the folder already records settings, check they
+    are `cfg`'s: a ValueError names each difference (work of other settings is never resumed or reused)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _IRRELEVANT_SETTINGS}
+    path = folder / SETTINGS_NAME
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if changed:
+            raise ValueError(f"{folder} holds SAE training made with other settings ("
+                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+                             + "); use another output folder or delete it")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings, indent=2)
 
 
 def _save_sae(sae: Any, out: Path, dtype: str) -> None:
@@ -232,14 +257,18 @@ def train_saes(
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(model_spec)
     cfg.model_name = cfg.model_name or base_model_id(model_spec)
-    corpus_path = Path(corpus) if corpus is not None else corpus_mod.build_corpus(model_and_tokenizer=(model, tokenizer))
+    corpus_path = Path(corpus) if corpus is not None else corpus_mod.build_corpus(
+        corpus_mod.CorpusRecipe(model=model_spec), model_and_tokenizer=(model, tokenizer))
     cache = Path(activations) if activations is not None else out / "activations"
-    if not ((cache / "manifest.json").exists() and json.loads((cache / "manifest.json").read_text())["complete"]):
-        texts = list(corpus_mod.iter_texts(corpus_path, "train", seed=cfg.seed))
-        cache_activations(model, tokenizer, texts, layers, cache, max_corpus_tokens, context_size)
+    texts = list(corpus_mod.iter_texts(corpus_path, "train", seed=cfg.seed))
+    cache_activations(model, tokenizer, texts, layers, cache, max_corpus_tokens, context_size)  # a finished one: kept
     heldout = [r["text"] for r in corpus_mod.read_corpus(corpus_path, "heldout")]
     random.Random(cfg.seed).shuffle(heldout)
-    todo = [layer for layer in layers if not (out / f"layer_{layer}" / "cfg.json").exists()]
+    done = [layer for layer in layers if (out / f"layer_{layer}" / "cfg.json").exists()]
+    for layer in done:
+        if (out / f"layer_{layer}" / SETTINGS_NAME).is_file():  # (SAEs trained before settings were recorded: kept)
+            record_settings(out / f"layer_{layer}", cfg)
+    todo = [layer for layer in layers if layer not in done]
     if jobs > 1 and len(todo) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -277,7 +306,7 @@ def train_saes(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="python -m hf_concept_ablation.sae_training",
         description="Train sae-lens SAEs on a causal LM's residual stream, offline (no wandb, no Hub). "
         "Caches activations once for all layers, trains one SAE per layer with resumable checkpoints, "

@@ -21,6 +21,7 @@ from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
 from .config import SAESource
+from .models import check_layer_exists, text_config
 
 SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
 RAW_PARAM_FILES = ("params.safetensors", "params.npz")
@@ -147,8 +148,7 @@ def check_sae_fits(
     source: str = "SAE",
 ) -> None:
     """Raise a ValueError naming the bad value if an SAE cannot be used at `layer` of a model."""
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"layer {layer} does not exist: the model has {num_layers} decoder layers (0..{num_layers - 1})")
+    check_layer_exists(layer, num_layers)
     if sae.cfg.d_in != hidden_size:
         raise ValueError(f"{source} has input size d_in={sae.cfg.d_in}, but the model's hidden size is {hidden_size}")
     trained_layer = sae_layer(sae)
@@ -170,7 +170,7 @@ def check_saes_fit_model(model: torch.nn.Module, saes: Mapping[int, SAE],
     """`check_sae_fits` for each layer's SAE against `model`'s config (layer count, hidden size, and with
     `check_model_name` its ``name_or_path``), before any pass over data: a misfit is named at once, not as a shape
     error deep in torch or a refused adapter minutes later."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     model_name = getattr(model.config, "name_or_path", None) if check_model_name else None
     for layer, sae in saes.items():
         check_sae_fits(sae, layer=int(layer), num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,

@@ -8,6 +8,7 @@ paper's hyper-parameters and a preset tuned for the embedded Gemma 3 270M on the
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -49,6 +50,30 @@ class TrainingPreset:
     max_grad_norm: float = 1.0
     freeze_embeddings: bool = False
     lora_rank: int = 0
+
+    def __post_init__(self) -> None:
+        def number(name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                   high_open: bool = False, integer: bool = False) -> None:
+            value = getattr(self, name)
+            kind = int if integer else (int, float)
+            ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
+                low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+            if not ok:
+                where = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+                raise ValueError(f"training setting {name} must be {'an integer' if integer else 'a number'} in "
+                                 f"{where}, got {value!r}")
+
+        number("learning_rate", 0, low_open=True)
+        number("weight_decay", 0)
+        number("adam_beta1", 0, 1, high_open=True)
+        number("adam_beta2", 0, 1, high_open=True)
+        number("warmup_ratio", 0, 1, high_open=True)
+        number("batch_size", 1, integer=True)
+        number("epochs", 0, low_open=True)
+        number("max_grad_norm", 0, low_open=True)
+        number("lora_rank", 0, integer=True)
+        if not isinstance(self.freeze_embeddings, bool):
+            raise ValueError(f"training setting freeze_embeddings must be true or false, got {self.freeze_embeddings!r}")
 
     def replace(self, **overrides: Any) -> TrainingPreset:
         """A copy with some fields changed; unknown names raise an error naming them."""

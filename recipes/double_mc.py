@@ -24,7 +24,7 @@ import datasets
 from hf_concept_ablation.config import CONFIG_NAME
 from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.files import write_json_atomic
-from hf_concept_ablation.recipe import parse_recipe_args
+from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
 from hf_concept_ablation.report import markdown_table, plot_accuracy
 from hf_concept_ablation.tasks import (
     ALL_COMBINATIONS,
@@ -39,6 +39,7 @@ from hf_concept_ablation.training import process_state
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "double_mc.yaml"
 BUILDER_KEYS = ("answer_form", "max_examples", "seed", "source_files")
+MODES = ("pairs", "skyline")
 
 
 def _runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
@@ -83,9 +84,8 @@ def _later_pair_mates(runs: list[tuple[str, datasets.DatasetDict, dict]]) -> dic
 
 def main(argv: list[str] | None = None) -> dict:
     task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
-    unknown = sorted(set(task) - {"mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS})
-    if unknown:
-        raise ValueError(f"unknown task setting(s) {unknown} for double_mc")
+    check_task_settings(task, "double_mc", ("mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS),
+                        choices={"mode": MODES})
     both = [k for k in ("adapter", "attribution") if task.get("adapters_dir") and experiment.get(k)]
     if both:
         raise ValueError(f"task.adapters_dir gives each combination its own {both}: leave experiment {both} unset")

@@ -6,10 +6,11 @@ Run: ``accelerate launch recipes/gender_bias.py [--config recipes/configs/gender
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
-from hf_concept_ablation.recipe import parse_recipe_args
+from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
 from hf_concept_ablation.report import markdown_table, plot_accuracy, write_run_model_card
 from hf_concept_ablation.tasks import build_gender_datasets
 from hf_concept_ablation.training import process_state
@@ -19,6 +20,7 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
 
 def main(argv: list[str] | None = None) -> dict:
     task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
+    check_task_settings(task, "gender_bias", list(inspect.signature(build_gender_datasets).parameters))
     config = ExperimentConfig.from_dict(experiment)
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias")

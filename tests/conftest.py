@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import fnmatch
+import shutil
+from pathlib import Path
+from typing import Sequence
+
 import pytest
 import torch
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
@@ -99,19 +105,30 @@ def family(request) -> str:
     return request.param
 
 
-def make_tiny_tokenizer():
-    """An offline word-level tokenizer matching the tiny models: PAD=0, EOS=1, BOS=2, words 'A', 'B', 'w6'..'w127'."""
+def make_tiny_tokenizer(words: Sequence[str] = ()):
+    """An offline word-level tokenizer matching the tiny models: PAD=0, EOS=1, BOS=2, words 'A', 'B', 'w6'..'w127';
+    `words` (e.g. `gender_concept_words`) take the first ids of the 'w' words, which are then unknown."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[EOS]": 1, "[BOS]": 2, "[UNK]": 3, "A": 4, "B": 5}
-    vocab.update({f"w{i}": i for i in range(6, VOCAB)})
+    vocab.update({word: 6 + i for i, word in enumerate(words)})
+    vocab.update({f"w{i}": i for i in range(6 + len(words), VOCAB)})
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
     )
+
+
+def gender_concept_words() -> list[str]:
+    """The words in which the gender task's paired concept texts differ ('She is my mother.' / 'He is my father.'),
+    for a tiny tokenizer that tells the two sets apart (with none of them known, every pair reads the same)."""
+    from hf_concept_ablation.directions import task_data
+
+    task = task_data("gender_bias")
+    return sorted({w for a, b in zip(task.concept_a, task.concept_b) for w in set(a.split()) ^ set(b.split())})
 
 
 def make_tiny_mc_dataset(n: int = 12, seed: int = 0):
@@ -127,3 +144,54 @@ def make_tiny_mc_dataset(n: int = 12, seed: int = 0):
         answer, distractor = (" A", " B") if i % 2 == 0 else (" B", " A")
         rows.append({"prompt": words, "answer": answer, "distractor": distractor})
     return datasets.Dataset.from_list(rows)
+
+
+class HubAtTheBoundary:
+    """`huggingface_hub.HfApi` at the network boundary (the Hub is not reachable here): an upload lands in a
+    local Hub cache folder laid out as a download leaves it, so the real `hf_hub_download` reads it back.
+    Each upload is a new snapshot holding the previous one's files plus the uploaded ones."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache, self.repos, self.commits = cache, [], []
+
+    def create_repo(self, repo_id: str, *, private: bool, exist_ok: bool, token: str | None = None):
+        from huggingface_hub import RepoUrl
+
+        self.repos.append((repo_id, private, exist_ok))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id: str, folder_path: str, commit_message: str, path_in_repo: str | None = None,
+                      ignore_patterns: list[str] | None = None, revision: str | None = None,
+                      run_as_future: bool = False, **_options):
+        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
+        branch = revision or "main"
+        sha = f"{len(self.commits) + 1:040x}"
+        snapshot = repo / "snapshots" / sha
+        head = repo / "refs" / branch
+        if head.is_file():
+            shutil.copytree(repo / "snapshots" / head.read_text(), snapshot)
+        uploaded = []
+        for file in sorted(Path(folder_path).rglob("*")):
+            relative = file.relative_to(folder_path).as_posix()
+            if file.is_file() and not any(fnmatch.fnmatch(relative, p) for p in ignore_patterns or []):
+                target = snapshot / (path_in_repo or "") / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, target)
+                uploaded.append(f"{path_in_repo}/{relative}" if path_in_repo else relative)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        head.parent.mkdir(parents=True, exist_ok=True)
+        head.write_text(sha)
+        self.commits.append((repo_id, branch, commit_message, uploaded))
+        url = f"https://huggingface.co/{repo_id}/commit/{sha}"
+        if not run_as_future:
+            return url
+        done = concurrent.futures.Future()  # as HfApi's run_as_future: the upload's future, here already finished
+        done.set_result(url)
+        return done
+
+    def read_back(self, monkeypatch) -> None:
+        """Point the real ``hf_hub_download`` at this cache, offline."""
+        import huggingface_hub
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(self.cache))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

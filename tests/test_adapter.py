@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import HIDDEN, make_sae, make_tiny_model
+from conftest import HIDDEN, HubAtTheBoundary, make_sae, make_tiny_model
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
 from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
 
@@ -66,49 +64,52 @@ def test_save_and_reload_gives_identical_logits_without_the_sae(family, tmp_path
     assert reloaded.config.latents == ablation.config.latents
 
 
-class _UploadToCache:
-    """`huggingface_hub.HfApi` at the network boundary (the Hub is not reachable here): an upload lands in a
-    local Hub cache folder laid out as a download leaves it, so the real `hf_hub_download` reads it back."""
-
-    def __init__(self, cache: Path) -> None:
-        self.cache, self.repos, self.commits = cache, [], []
-
-    def create_repo(self, repo_id: str, *, private: bool, exist_ok: bool) -> str:
-        self.repos.append((repo_id, private, exist_ok))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id: str, folder_path: str, commit_message: str) -> str:
-        sha = f"{len(self.commits) + 1:040x}"
-        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder_path, repo / "snapshots" / sha)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / "main").write_text(sha)
-        self.commits.append((repo_id, commit_message, sorted(p.name for p in Path(folder_path).iterdir())))
-        return f"https://huggingface.co/{repo_id}/commit/{sha}"
-
-
 def test_push_to_hub_uploads_a_loadable_adapter_with_its_model_card(tmp_path, monkeypatch):
     import huggingface_hub
 
     model = make_tiny_model("gemma3")
     ablation = inject_concept_ablation(model, _config(), saes=_saes())
     ablated = _logits(model)
-    hub = _UploadToCache(tmp_path / "hub")
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: hub)
+    hub = HubAtTheBoundary(tmp_path / "hub")
+    tokens = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: tokens.append(token) or hub)
     card = "---\nbase_model: google/gemma-3-270m\n---\n# A CAFT adapter\n"
     url = ablation.push_to_hub("me/caft-adapter", private=True, commit_message="first", model_card=card)
     assert url.endswith("/commit/" + "0" * 39 + "1")
     assert hub.repos == [("me/caft-adapter", True, True)]
-    assert hub.commits == [("me/caft-adapter", "first", sorted(["README.md", CONFIG_NAME, WEIGHTS_NAME]))]
+    assert hub.commits == [("me/caft-adapter", "main", "first", sorted(["README.md", CONFIG_NAME, WEIGHTS_NAME]))]
+    assert tokens == [None]  # the environment's token, never one of ours
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub.read_back(monkeypatch)
     fresh = make_tiny_model("gemma3")
     pulled = ConceptAblation.from_pretrained(fresh, "me/caft-adapter")  # by repo id, through hf_hub_download
     torch.testing.assert_close(_logits(fresh), ablated, rtol=0, atol=0)
     assert pulled.config.latents == ablation.config.latents
     snapshot = next((tmp_path / "hub" / "models--me--caft-adapter" / "snapshots").iterdir())
     assert (snapshot / "README.md").read_text() == card
+
+
+def test_push_to_a_branch_and_subfolder_loads_back_from_there(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model = make_tiny_model("gemma3")
+    ablation = inject_concept_ablation(model, _config(), saes=_saes())
+    ablated = _logits(model)
+    hub = HubAtTheBoundary(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+    ablation.push_to_hub("me/caft", revision="v1", subfolder="caft/layer1")
+    assert hub.commits[0][:2] == ("me/caft", "v1")
+    assert sorted(hub.commits[0][3]) == sorted([f"caft/layer1/{CONFIG_NAME}", f"caft/layer1/{WEIGHTS_NAME}"])
+
+    hub.read_back(monkeypatch)
+    fresh = make_tiny_model("gemma3")
+    ConceptAblation.from_pretrained(fresh, "me/caft", subfolder="caft/layer1", revision="v1")
+    torch.testing.assert_close(_logits(fresh), ablated, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"me/caft \(subfolder 'caft'\): no folder .*me/caft, and no adapter"):
+        ConceptAblation.from_pretrained(make_tiny_model("gemma3"), "me/caft", subfolder="caft", revision="v1")
+    local = tmp_path / "local"
+    ablation.save_pretrained(local / "concept_ablation")
+    ConceptAblation.from_pretrained(make_tiny_model("gemma3"), local, subfolder="concept_ablation")
 
 
 def test_base_model_state_dict_is_untouched(family):

@@ -68,3 +68,64 @@ def test_attribution_lists_every_latent_once_sorted_and_top_is_a_prefix():
     assert magnitudes == sorted(magnitudes, reverse=True)
     assert attribute_latents(model, tokenizer, dataset, saes, batch_size=5, top=7) == rows[:7]
     assert attribute_latents(model, tokenizer, dataset, {}, batch_size=5) == []  # a plain forward and backward
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_evaluation_and_attribution_do_not_depend_on_the_batch_size(family):
+    """Left padding shifts absolute positions (GPT-2) unless position ids count from each prompt's first token."""
+    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    model, tokenizer, dataset = make_tiny_model(family), make_tiny_tokenizer(), make_tiny_mc_dataset()
+    saes = {1: make_sae("standard", d_sae=64, seed=1)}
+    one = evaluate_multiple_choice(model, tokenizer, dataset, batch_size=1)["logit_diff"]
+    assert evaluate_multiple_choice(model, tokenizer, dataset, batch_size=12)["logit_diff"] == pytest.approx(one, abs=1e-5)
+    single = attribute_latents(model, tokenizer, dataset, saes, batch_size=1, top=None)
+    batched = attribute_latents(model, tokenizer, dataset, saes, batch_size=12, top=None)
+    assert [(r.layer, r.latent) for r in batched[:10]] == [(r.layer, r.latent) for r in single[:10]]
+    assert [r.effect for r in batched] == pytest.approx([r.effect for r in single], abs=1e-5)
+
+
+def test_attribution_of_a_frozen_model_equals_that_of_a_trainable_one():
+    model, tokenizer, dataset = make_tiny_model("gemma3"), make_tiny_tokenizer(), make_tiny_mc_dataset()
+    saes = {1: make_sae("standard", d_sae=64, seed=1), 2: make_sae("standard", d_sae=64, seed=2)}
+    trainable = attribute_latents(model, tokenizer, dataset, saes, batch_size=4, top=None)
+    model.requires_grad_(False)
+    assert attribute_latents(model, tokenizer, dataset, saes, batch_size=4, top=None) == trainable
+
+
+def test_evaluation_equals_its_definition_computed_prompt_by_prompt():
+    """accuracy: argmax over the vocabulary is the answer; pair accuracy: answer beats distractor; logit_diff: mean
+    answer-minus-distractor logit at the last token; each from one unpadded forward per prompt."""
+    import torch
+
+    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    model, tokenizer, dataset = make_tiny_model("gpt2"), make_tiny_tokenizer(), make_tiny_mc_dataset(12)
+    hits, pair, gaps = 0, 0, []
+    with torch.no_grad():
+        for row in dataset:
+            logits = model(**tokenizer(row["prompt"], return_tensors="pt")).logits[0, -1]
+            answer, distractor = (tokenizer(s, add_special_tokens=False)["input_ids"][0]
+                                  for s in (row["answer"], row["distractor"]))
+            hits += int(logits.argmax()) == answer
+            pair += bool(logits[answer] > logits[distractor])
+            gaps.append(float(logits[answer] - logits[distractor]))
+    result = evaluate_multiple_choice(model, tokenizer, dataset, batch_size=5)
+    assert result["accuracy"] == hits / 12 and result["pair_accuracy"] == pair / 12 and result["n"] == 12
+    assert result["logit_diff"] == pytest.approx(sum(gaps) / 12, abs=1e-5)
+    assert 0 < pair < 12  # the checks above can tell right from wrong here
+
+
+def test_loss_attribution_does_not_depend_on_the_batch_size_and_ignores_an_injected_ablation():
+    import datasets
+
+    model, tokenizer = make_tiny_model("gpt2"), make_tiny_tokenizer()
+    texts = datasets.Dataset.from_dict({"text": [row["prompt"] for row in make_tiny_mc_dataset(10)]})
+    saes = {1: make_sae("standard", d_sae=64, seed=1), 2: make_sae("standard", d_sae=64, seed=2)}
+    single = attribute_latents(model, tokenizer, texts, saes, metric="loss", batch_size=1, top=None)
+    batched = attribute_latents(model, tokenizer, texts, saes, metric="loss", batch_size=10, top=None)
+    assert [r.effect for r in batched] == pytest.approx([r.effect for r in single], abs=1e-5)
+    ablation = inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents={1: [1, 2, 3]}),
+                                       saes={1: saes[1]})
+    assert attribute_latents(model, tokenizer, texts, saes, metric="loss", batch_size=10, top=None) == batched
+    assert ablation.enabled  # and it is on again afterwards

@@ -56,6 +56,11 @@ def test_sae_for_another_model_is_refused():
         (dict(layers=[1], latents={1: [-4]}), r"layer 1: negative latent id -4"),
         (dict(layers=[1]), r"layer 1: give either latents or directions \(got neither\)"),
         (dict(layers=[]), r"layers is empty"),
+        (dict(layers=[1], latents=[3]), r"latents must map each layer to its value, got \[3\]"),
+        (dict(layers=[1], latents={1: 3}), r"latents of layer 1 must be a list of latent ids, got 3"),
+        (dict(layers=[1], latents={1: [3.7]}), r"latent id of layer 1 must be an integer, got 3.7"),
+        (dict(layers="12", latents={12: [3]}), r"layers must be a list of decoder layer indices, got '12'"),
+        (dict(layers=[1], latents={1: [3]}, dtype="bfloat"), r"dtype must be a torch dtype name .* got 'bfloat'"),
     ],
 )
 def test_invalid_config_values_are_named(kwargs, message):
@@ -114,8 +119,8 @@ def test_adapter_not_on_the_hub_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match=r"me/missing: no such local folder, and no adapter from the Hub "
-                                                r"\(LocalEntryNotFoundError: "):
+    with pytest.raises(FileNotFoundError, match=rf"me/missing: no folder {tmp_path}/me/missing, and no adapter from the "
+                                                r"Hub \(LocalEntryNotFoundError: "):
         ConceptAblation.from_pretrained(make_tiny_model("llama"), "me/missing")
 
 
@@ -168,3 +173,51 @@ def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, me
 
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(conditions=kwargs.pop("conditions", ["none"]), **kwargs)
+
+
+@pytest.mark.parametrize("fill, message", [(0.0, "directions are all zero"), (float("nan"), "directions hold NaN or infinite values")])
+def test_directions_that_span_nothing_are_named(fill, message):
+    import torch
+
+    config = ConceptAblationConfig(layers=[1], mode="projection", directions={1: torch.full((2, 64), fill)})
+    with pytest.raises(ValueError, match=rf"layer 1: {message}"):
+        inject_concept_ablation(make_tiny_model("llama"), config)
+
+
+def test_weights_saved_again_with_a_format_header_still_load(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = _saved_adapter(tmp_path)
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={**metadata, "format": "pt"})
+    assert ConceptAblation.from_pretrained(make_tiny_model("llama"), folder).config.latents == {1: [1, 2]}
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(mode="projection"), r"layer 1 holds a 'jumprelu' ablation but concept_ablation_config.json says "
+                              r"mode='projection'"),
+    (dict(latents={"1": [1, 2, 3]}), r"layer 1 holds 2 directions but concept_ablation_config.json names 3 latents"),
+])
+def test_config_and_weights_of_different_adapters_are_refused(tmp_path, change, message):
+    folder = _saved_adapter(tmp_path)
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**data, **change}))
+    with pytest.raises(ValueError, match=message):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
+
+
+def test_evaluating_or_caching_nothing_is_named(tmp_path):
+    import datasets
+
+    from conftest import make_tiny_tokenizer
+    from hf_concept_ablation.activation_store import cache_activations
+    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    empty = datasets.Dataset.from_dict({"prompt": [], "answer": [], "distractor": []})
+    with pytest.raises(ValueError, match="eval ood: the dataset is empty"):
+        evaluate_multiple_choice(make_tiny_model("llama"), make_tiny_tokenizer(), empty, desc="eval ood")
+    with pytest.raises(ValueError, match="no texts to cache activations of"):
+        cache_activations(make_tiny_model("llama"), make_tiny_tokenizer(), [], [1], tmp_path / "acts", max_tokens=100)
+    assert not (tmp_path / "acts").exists()

@@ -52,3 +52,9 @@ def test_random_sae_is_a_working_sae_lens_sae_with_seeded_weights(bench):
     assert not sae.b_enc.any() and not sae.b_dec.any() and torch.all(sae.threshold == 0.5)
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(sae.encode(x), torch.relu(x @ sae.W_enc) * (x @ sae.W_enc > 0.5))
+
+
+def test_a_baseline_that_ran_out_of_memory_gives_no_ratio(bench):
+    assert bench.memory_ratio(3.0, 2.0) == 1.5
+    assert bench.memory_ratio("out of memory", 2.0) == "out of memory"
+    assert bench.memory_ratio(3.0, "out of memory") == "baseline out of memory"

@@ -35,13 +35,15 @@ def test_compiled_model_matches_eager_and_strength_changes_do_not_recompile(mode
         model.zero_grad()
         eager = _loss(model)
         eager.backward()
-        eager_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
         loss = _loss(compiled)
         loss.backward()
         torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
-        for got, want in zip([p.grad for p in model.parameters() if p.grad is not None], eager_grads):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        compiled_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert compiled_grads.keys() == eager_grads.keys() and eager_grads  # every gradient, none dropped
+        for name, want in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], want, rtol=1e-4, atol=1e-5, msg=name)
     assert counter.frame_count == 1  # alpha lives in a buffer updated in place: one graph for every strength
     with ablation.disabled():
         with torch.no_grad():

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.corpus import sample_from_model
+from hf_concept_ablation.corpus import read_corpus, sample_from_model
 
 PROMPTS = ("w6 w7", "w8 w9 w10", "w11")
 
@@ -22,9 +22,11 @@ def test_sampling_resumes_after_a_torn_last_line(tmp_path):
     assert len(whole) == 6
     torn = tmp_path / "torn.jsonl"
     lines = (tmp_path / "whole.jsonl").read_text().splitlines()
-    torn.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])  # stopped while writing the second batch
-    assert _sample(torn) == whole
-    assert [json.loads(line)["text"] for line in torn.read_text().splitlines()] == whole
+    kept = ['{"text": "first kept"}', '{"text": "second kept"}']  # the first batch, marked so a redo would show
+    torn.write_text("\n".join([*kept, lines[2]]) + "\n" + lines[3][:10])  # stopped while writing the second batch
+    resumed = _sample(torn)
+    assert resumed == ["first kept", "second kept", *whole[2:]]  # batch 1 kept; only batches 2-3 sampled again
+    assert [json.loads(line)["text"] for line in torn.read_text().splitlines()] == resumed
 
 
 def test_a_malformed_line_before_the_last_is_named(tmp_path):
@@ -32,3 +34,18 @@ def test_a_malformed_line_before_the_last_is_named(tmp_path):
     path.write_text('{"text": "w6"}\nnot json\n{"text": "w7"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON object"):
         _sample(path)
+
+
+def test_sampling_leaves_the_callers_tokenizer_as_it_was(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.padding_side = "right"
+    sample_from_model(make_tiny_model("gemma3"), tokenizer, tmp_path / "s.jsonl", n_samples=2, max_new_tokens=2,
+                      batch_size=2, prompts=PROMPTS)
+    assert tokenizer.padding_side == "right"
+
+
+def test_a_corpus_line_that_is_not_json_is_named(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": "a", "split": "train"}\n{"text": "b", "spl')
+    with pytest.raises(ValueError, match=r"corpus.jsonl, line 2: not a JSON record"):
+        read_corpus(path)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, cli
 
@@ -34,7 +36,8 @@ def test_demo_searches_then_compares_plain_and_caft_and_resumes(tmp_path, capsys
     assert again["runs"] == results["runs"]
     printed = capsys.readouterr().out
     assert "== 1/2 concept search: reusing" in printed and "already in" in printed
-    assert cli.main(["demo", "--output-dir", str(out), "--model", str(tmp_path / "model")]) == 0  # the command line
+    with pytest.raises(ValueError, match=f"{out / 'search'} holds a search made with other options"):
+        cli.main(["demo", "--output-dir", str(out), "--model", str(tmp_path / "model")])  # without its SAEs and layers
     assert json.loads((out / "gender_bias.json").read_text())["runs"] == results["runs"]
 
 

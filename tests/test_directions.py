@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
+from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation
-from hf_concept_ablation.directions import TaskData, find_concept_latents, find_pca_directions, main, task_data
+from hf_concept_ablation.directions import (ERASURE_TEXTS, SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
+                                            main, task_data)
 from hf_concept_ablation.tasks import answer_value
+from hf_concept_ablation.interpret.erasure import concept_decodability
 from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
 from hf_concept_ablation.pca import mean_activations
 
@@ -51,12 +53,28 @@ def test_latent_search_selects_the_planted_latent_and_writes_a_loadable_adapter(
     # the folder is an adapter: it loads without SAEs and ablates the chosen latents
     handle = ConceptAblation.from_pretrained(model, tmp_path)
     assert sorted(handle.layers) == sorted({l for l, _ in chosen})
+    # the erasure check is the probe run on the concept texts with this very adapter in place
+    direct = concept_decodability(model, tokenizer, task.concept_a[:ERASURE_TEXTS], task.concept_b[:ERASURE_TEXTS],
+                                  sorted(handle.layers))
+    assert report["erasure"] == {str(l): {k: round(v, 3) for k, v in sc.items()} for l, sc in direct.items()}
     ids = torch.tensor([[2, 50, 7, 51, 9]])
     with handle.disabled():
         base = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
     ablated = model(input_ids=ids, output_hidden_states=True).hidden_states[3]
     handle.remove()
     assert not torch.allclose(base, ablated)
+
+
+def test_a_search_run_again_into_its_folder_leaves_nothing_of_the_first(tiny, tmp_path):
+    model, tokenizer, task, saes = tiny
+    find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, max_selected=5, progress=False)
+    (tmp_path / SEARCH_ARGS_NAME).write_text("[]")  # as `run_search_once` records the first search's options
+    again = find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, min_contrast=1e9, progress=False)
+    assert again.config is None and json.loads((tmp_path / "selection.json").read_text())["adapter"] is None
+    assert not (tmp_path / "concept_ablation_config.json").exists()  # the first search's adapter is gone
+    assert not (tmp_path / "concept_ablation.safetensors").exists() and not (tmp_path / SEARCH_ARGS_NAME).exists()
+    with pytest.raises(FileNotFoundError, match="has no concept_ablation_config.json"):
+        ConceptAblation.from_pretrained(model, tmp_path)
 
 
 def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
@@ -74,6 +92,32 @@ def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
     assert all(s["by"][-1] == "explanation" and s["explanation"] for s in result.selected)
     with pytest.raises(ValueError, match="needs an explainer"):
         find_concept_latents(model, tokenizer, task, saes, tmp_path, select_by="union")
+
+    def search(**options):  # again into the same folder: the explanations are reused from explanations.jsonl
+        explainer = TransformersChat(model, tokenizer, max_new_tokens=6)
+        explainer.chat = None  # asked for nothing: every explanation is in the log already
+        return find_concept_latents(model, tokenizer, task, saes, tmp_path, top=20, explainer=explainer,
+                                    embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1,
+                                    progress=False, **options)
+
+    similarity = {(e["layer"], e["latent"]): e["similarity"] for e in report["explanations"]}
+    high, low = sorted(similarity, key=similarity.get, reverse=True)
+    if similarity[high] > similarity[low]:  # a threshold between the two keeps only the more similar one
+        between = search(select_by="explanation", min_similarity=(similarity[high] + similarity[low]) / 2)
+        assert [(s["layer"], s["latent"]) for s in between.selected] == [high]
+    assert search(select_by="explanation", min_similarity=-1.0, min_relevance=11).config is None  # out of 0-10
+    contrast_only = search(select_by="contrast", min_contrast=0.0, max_selected=5)
+    union = search(select_by="union", min_contrast=0.0, min_similarity=2.0, max_selected=5)  # none by explanation
+    def keys(result):
+        return [(s["layer"], s["latent"]) for s in result.selected]
+
+    assert keys(union) == keys(contrast_only) and keys(union)
+    contrast = {(s["layer"], s["latent"]): abs(s["contrast"])
+                for s in search(select_by="contrast", min_contrast=0.0, max_selected=20).selected}
+    above = max(contrast[high], contrast[low]) + 1e-6  # a contrast threshold the two explained latents miss
+    by_contrast = set(keys(search(select_by="contrast", min_contrast=above, max_selected=20)))
+    both = search(select_by="union", min_contrast=above, min_similarity=-1.0, max_selected=20)
+    assert {high, low}.isdisjoint(by_contrast) and set(keys(both)) == by_contrast | {high, low}
 
 
 def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
@@ -159,7 +203,7 @@ def test_search_scores_each_latent_by_its_strongest_contrast(tiny, tmp_path):
 
 
 def test_command_line_on_a_local_model_folder(tmp_path, capsys):
-    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer()
+    model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer(gender_concept_words())
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     code = main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "pca", "--layers", "1",
@@ -180,6 +224,10 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     assert config["mode"] == "projection" and config["directions"] == [0, 1, 2]  # every layer but the last
     selection = json.loads((tmp_path / "concept" / "selection.json").read_text())
     assert selection["source"] == "concept" and len(selection["selected"]) == 3 * 2
+    make_tiny_tokenizer().save_pretrained(tmp_path / "model")  # one that reads every gender word as unknown
+    with pytest.raises(ValueError, match="layer 0: the two concept text sets give the same activations"):
+        main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "concept",
+              "--out", str(tmp_path / "blind")])
 
 
 @pytest.mark.parametrize(

@@ -64,21 +64,20 @@ def test_a_gguf_named_by_the_environment_is_used_and_a_missing_one_is_named(tmp_
     assert embedded_gguf_path() == copy
 
 
-def test_processes_of_one_launch_build_the_cache_once(tmp_path, monkeypatch, capsys):
+def test_processes_of_one_launch_build_the_cache_once(tmp_path, monkeypatch):
     """Ranks that start together on a fresh machine wait for the first one's copy instead of replacing it
-    while it is read (the real dequantization, about a minute, into an empty cache)."""
-    import threading
-
-    from hf_concept_ablation.models import embedded_model_dir
+    while it is read (three processes, the real dequantization, about a minute, into an empty cache)."""
+    import os
+    import subprocess
+    import sys
 
     monkeypatch.setenv("HF_CONCEPT_ABLATION_CACHE", str(tmp_path / "cache"))
-    found = []
-    ranks = [threading.Thread(target=lambda: found.append(embedded_model_dir())) for _ in range(3)]
-    for rank in ranks:
-        rank.start()
-    for rank in ranks:
-        rank.join()
-    assert found == [tmp_path / "cache" / "gemma-3-270m"] * 3
-    assert capsys.readouterr().out.count("dequantizing") == 1
+    rank = "from hf_concept_ablation.models import embedded_model_dir; print('found', embedded_model_dir())"
+    ranks = [subprocess.Popen([sys.executable, "-c", rank], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(3)]
+    outputs = [r.communicate(timeout=900)[0] for r in ranks]
+    assert all(r.returncode == 0 for r in ranks), outputs
+    assert all(f"found {tmp_path / 'cache' / 'gemma-3-270m'}" in out for out in outputs)
+    assert sum(out.count("dequantizing") for out in outputs) == 1
     model, _ = load_model("embedded")
     assert model.config.name_or_path == EMBEDDED_BASE_MODEL_ID

@@ -24,6 +24,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 SECRET = "sk-test-do-not-leak-4c1d"
+_CHOICE = {"id": "x", "object": "chat.completion", "created": 0, "model": "m"}
+BROKEN_REPLIES = {  # model name -> (HTTP status, body) of an endpoint that fails
+    "fail-500": (500, {"error": {"message": "the server is on fire"}}),
+    "fail-401": (401, {"error": {"message": f"bad key {SECRET}"}}),
+    "not-json": (200, "<html>proxy error</html>"),
+    "no-choices": (200, {**_CHOICE, "choices": []}),
+    "null-content": (200, {**_CHOICE, "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                                   "finish_reason": "stop"}]}),
+}
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -62,6 +71,15 @@ def serve(model_dir: str, port_file: str, log_file: str) -> None:
             if self.path.rstrip("/") != "/v1/chat/completions":
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
+            if body["model"] in BROKEN_REPLIES:  # how a failing endpoint answers
+                status, reply = BROKEN_REPLIES[body["model"]]
+                data = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             prompt = "\n".join(f"{m['role']}: {m['content']}" for m in body["messages"]) + "\nassistant:"
             new = min(int(body.get("max_tokens") or 16), 16)
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"][:, -(limit - new):]
@@ -98,6 +116,8 @@ if __name__ == "__main__":
 from hf_concept_ablation.interpret.cache import ContextExample, build_activation_cache  # noqa: E402
 from hf_concept_ablation.interpret.explain import (  # noqa: E402
     EmbeddingFilter,
+    ExplainerError,
+    ExplanationLog,
     OpenAIChat,
     TransformersChat,
     explain_examples,
@@ -166,7 +186,7 @@ def test_explain_and_score_through_a_real_openai_compatible_server(server, cache
     assert [(r.layer, r.latent) for r in results] == cache.firing
     for r in results:
         assert isinstance(r.explanation, str) and r.explanation  # the tiny model's words, but real generations
-        assert r.simulation_score is None or isinstance(r.simulation_score, float)
+        assert isinstance(r.simulation_score, float)  # two held-out contexts were simulated (NaN if constant)
         assert r.relevance is None or 0 <= r.relevance <= 10
 
     requests = _requests(log_file)
@@ -191,10 +211,47 @@ def test_explain_and_score_through_a_real_openai_compatible_server(server, cache
     ("http://[::1]:8000/v1?token=s3cr3t", "http://[::1]:8000/v1"),
     (None, None),
 ])
-def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public):
+def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "s3cr3t")
     client = OpenAIChat("tiny", base_url=url)
     assert client.describe()["base_url"] == public
     assert "s3cr3t" not in repr(client) and "s3cr3t" not in json.dumps(client.describe())
+
+
+@pytest.mark.parametrize("model, problem", [("fail-500", "InternalServerError"), ("fail-401", "AuthenticationError"),
+                                            ("not-json", ""), ("no-choices", "an empty reply"),
+                                            ("null-content", "an empty reply")])
+def test_an_endpoint_that_fails_is_named_without_its_key(server, monkeypatch, model, problem):
+    base_url, _ = server
+    monkeypatch.setenv("MY_EXPLAINER_KEY", SECRET)
+    client = OpenAIChat(model, base_url=base_url, api_key_env="MY_EXPLAINER_KEY", max_retries=0)
+    with pytest.raises(ExplainerError, match=rf"explainer '{model}' at {base_url}: .*{problem}") as info:
+        client.chat([{"role": "user", "content": "hello"}])
+    assert SECRET not in str(info.value)
+
+
+def test_the_openai_api_without_a_key_is_refused_before_any_work(monkeypatch):
+    monkeypatch.delenv("MY_EXPLAINER_KEY", raising=False)
+    with pytest.raises(ValueError, match="set the environment variable MY_EXPLAINER_KEY"):
+        OpenAIChat("gpt-4o-mini", api_key_env="MY_EXPLAINER_KEY")
+
+
+def test_explanations_made_before_a_failure_are_kept_and_not_made_again(server, cache, tmp_path):
+    base_url, log_file = server
+    path, header = tmp_path / "explanations.jsonl", {"explainer": "the test server"}
+    working = OpenAIChat("tiny", base_url=base_url, max_retries=0)
+    first = explain_latents(working, cache, cache.firing[:1], n_simulate=1, log=ExplanationLog(path, header))
+    with pytest.raises(ExplainerError, match="InternalServerError"):  # the endpoint breaks at the second latent
+        explain_latents(OpenAIChat("fail-500", base_url=base_url, max_retries=0), cache, cache.firing, n_simulate=1,
+                        log=ExplanationLog(path, header))
+    with path.open("a") as f:
+        f.write('{"layer": 2, "lat')  # and the process died while writing
+    before = len(_requests(log_file))
+    both = explain_latents(working, cache, cache.firing, n_simulate=1, log=ExplanationLog(path, header))
+    assert both[0].to_dict() == first[0].to_dict() and len(both) == 2  # (NaN scores: compare as recorded)
+    assert len(_requests(log_file)) - before == 2  # the second latent's explanation and simulation only
+    assert list(ExplanationLog(path, header).done) == cache.firing
+    assert not ExplanationLog(path, {"explainer": "another"}).done  # another explainer starts afresh
 
 
 def test_local_transformers_backend_explains_from_contexts(cache):

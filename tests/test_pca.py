@@ -144,3 +144,14 @@ def test_concept_directions_are_the_pca_of_paired_differences_pointing_from_b_to
         concept_directions(model, tokenizer, a, b, [2], n_components=2)
     with pytest.raises(ValueError, match="equal counts"):
         concept_directions(model, tokenizer, a, b[:10], [2], paired=True)
+
+
+def test_pca_gives_no_components_beyond_the_rank_of_its_data():
+    from hf_concept_ablation.pca import pca
+
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="3 rows of rank 2 give only 2 of the 6 components"):
+        components, variances, _, _ = pca(x, 6)  # centred: 3 points span a plane
+    assert components.shape == (2, 16) and bool((variances > 1e-3).all())
+    with pytest.raises(ValueError, match="the 4 rows are all the same point"):
+        pca(torch.ones(4, 16), 2)

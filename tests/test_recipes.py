@@ -77,7 +77,7 @@ def _config(root: Path, out: Path, conditions, **experiment) -> Path:
 def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, capsys):
     conditions = ["none", "caft", "caft_annealed", "random", "top_k", "test_only"]
     config = _config(tiny_setup, tmp_path / "out", conditions)
-    results = gender_bias.main(["--config", str(config), "seeds=[0,1]", "save_models=[caft]"])
+    results = gender_bias.main(["--config", str(config), "seeds=[0,1]", "save_models=[caft,none]"])
     summary = results["summary"]
     assert set(summary) == set(conditions)
     for entry in summary.values():
@@ -86,17 +86,21 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     runs = {(r["condition"], r["seed"]): r for r in results["runs"]}
     assert "ood_ablated" in runs[("caft", 0)] and "ood_ablated" not in runs[("none", 0)]
     assert runs[("random", 0)]["ablation"]["latents"] != runs[("random", 1)]["ablation"]["latents"]
-    assert runs[("caft_annealed", 0)]["ablation"]["alpha"] < 1.0
+    assert runs[("caft_annealed", 0)]["ablation"]["alpha"] == pytest.approx(0.5)  # 4 steps, linear from 0.5: step 3 of 4
     saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
     assert saved["summary"] == summary
     assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "base_model: " in card and "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
     assert "$" not in card.split("```")[0]  # every template field filled
+    assert "| learning_rate | `0.001` |" in card and "| epochs | `1` |" in card  # the settings trained with
     saved_models = sorted(p.name for p in (tmp_path / "out" / "models" / "gender_bias").iterdir())
-    assert saved_models == ["caft-seed0", "caft-seed1"]
+    assert saved_models == ["caft-seed0", "caft-seed1", "none-seed0", "none-seed1"]
     checkpoint = tmp_path / "out" / "models" / "gender_bias" / "caft-seed1"
-    assert (checkpoint / "README.md").read_text() == card
+    assert (checkpoint / "README.md").read_text() == card.replace(
+        "at layers 1\n", "at layers 1\n- **This model:** the `caft` model of seed 1\n")
+    assert (checkpoint / "gender_bias.png").is_file()  # the card's figure travels with it
+    assert not (tmp_path / "out" / "models" / "gender_bias" / "none-seed1" / "README.md").exists()  # not CAFT
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
     ablation = ConceptAblation.from_pretrained(reloaded, checkpoint / "concept_ablation")
     assert ablation.config.latents == {1: runs[("caft", 1)]["ablation"]["latents"]["1"]}
@@ -190,16 +194,28 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
         double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
 
 
-def test_recipe_settings_are_checked(tiny_setup, tmp_path):
+BAD_SETTINGS = [
+    ("gender_bias", "conditions=[magic]", r"unknown condition\(s\) \['magic'\]"),
+    ("gender_bias", "training.lr=0.1", r"unknown training setting\(s\) \['lr'\]"),
+    ("gender_bias", "epochs=3", r"unknown experiment setting\(s\) \['epochs'\]"),
+    ("gender_bias", "conditions=[test_only]", r"'test_only' evaluates the 'none' model"),
+    ("gender_bias", "task.templates=foo.jsonl",
+     r"unknown task setting\(s\) \['templates'\] for gender_bias; known: .*'templates_file'"),
+    ("gender_bias", "task.seed=abc", r"task.seed must be a whole number >= 0, got 'abc'"),
+    ("double_mc", "task.mode=skylines", r"task.mode must be one of \['pairs', 'skyline'\], got 'skylines'"),
+    ("gender_bias", "training.epochs=0", r"training setting epochs must be a number in \(0, inf\), got 0"),
+    ("gender_bias", "training.warmup_ratio=1.0", r"training setting warmup_ratio must be a number in \[0, 1\), got 1.0"),
+    ("gender_bias", "anneal=linear", r"anneal must be a mapping of settings, got 'linear'"),
+    ("gender_bias", "saes.3=PATH", r"saes.3 must be a mapping of SAESource fields .* got 'PATH'"),
+]
+
+
+@pytest.mark.parametrize("recipe, override, message", BAD_SETTINGS, ids=[o for _, o, _ in BAD_SETTINGS])
+def test_recipe_settings_are_checked_before_any_work(tiny_setup, tmp_path, recipe, override, message):
     config = _config(tiny_setup, tmp_path / "bad", ["none"])
-    with pytest.raises(ValueError, match=r"unknown condition\(s\) \['magic'\]"):
-        gender_bias.main(["--config", str(config), "conditions=[magic]"])
-    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['lr'\]"):
-        gender_bias.main(["--config", str(config), "training.lr=0.1"])
-    with pytest.raises(ValueError, match=r"unknown experiment setting\(s\) \['epochs'\]"):
-        gender_bias.main(["--config", str(config), "epochs=3"])
-    with pytest.raises(ValueError, match=r"'test_only' evaluates the 'none' model"):
-        gender_bias.main(["--config", str(config), "conditions=[test_only]"])
+    with pytest.raises(ValueError, match=message):
+        {"gender_bias": gender_bias, "double_mc": double_mc}[recipe].main(["--config", str(config), override])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_setup, tmp_path):
@@ -332,3 +348,16 @@ def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path,
     with pytest.raises(ValueError, match=r"condition 'random' with a latent adapter needs `attribution`"):
         run_experiment(ExperimentConfig.from_dict({**experiment, "attribution": None}), data, name="gender_bias")
     assert "training" not in capsys.readouterr().out
+
+
+def test_model_card_keeps_its_tables_whole():
+    from hf_concept_ablation.report import render_model_card
+
+    config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")})
+    selection = {"selected": [{"layer": 1, "latent": 5, "effect": 0.5, "explanation": "he | she\npronouns"}]}
+    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    card = render_model_card({"summary": {"caft": one_seed}, "config": {"preset": "paper", "training": {"epochs": 2}}},
+                             config, title="t", task="t", command="c", selection=selection)
+    assert "| 1 | 5 | +0.500 |  | he \\| she pronouns |" in card  # one row, five cells
+    assert "| CAFT | 1.000 | 0.250 | 1 |" in card  # no standard error from one seed
+    assert "| epochs | `2` |" in card and "| learning_rate | `5e-06` |" in card

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblationConfig, reproduce
+from conftest import gender_concept_words, make_sae, make_tiny_model, make_tiny_tokenizer
+from hf_concept_ablation import ConceptAblationConfig, directions, reproduce
 from hf_concept_ablation.experiment import CONDITIONS
 
 KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
@@ -17,7 +17,7 @@ KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|v
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_reproduce")
-    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer(gender_concept_words())
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     search_args = ["--layers", "1", "2"]
@@ -54,7 +54,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary and set(saved) == {"gender_bias", "double_mc"}
-    assert list(saved["double_mc"]) == valid
+    assert set(saved["double_mc"]) == set(valid)
     for per_condition in [saved["gender_bias"], *saved["double_mc"].values()]:
         assert set(per_condition) == set(CONDITIONS)
         for entry in per_condition.values():
@@ -83,6 +83,11 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     again = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
                                 search_args=search_args, readme=readme)
     assert again == summary  # everything reused
+    table = text[text.index(reproduce.README_MARKERS[0]):]
+    part = reproduce.reproduce(out, size, [1], ["gender_bias"], [], ["none"], model=str(root / "model"),
+                               search_args=search_args, readme=readme)
+    assert part == summary  # a run of one task and seed reports every run on disk ...
+    assert readme.read_text().endswith(table) and "| `verbs\\|sentiment\\|verbs` |" in table  # ... the table too
 
 
 def test_results_table_names_dropped_combinations_and_double_mc_means():
@@ -141,7 +146,7 @@ def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_whe
     assert not reproduce.read_validity(out / "validity.json")[dropped]["valid"]  # the scan's record is kept
     verdict = reproduce.plain_verdicts(out, reproduce.read_validity(out / "validity.json"))[dropped]
     assert verdict["valid"] and verdict["seeds"] == [0, 1] and verdict["val"] > 0  # the mean of the pair's plain models
-    assert list(summary["double_mc"]) == [kept, dropped]  # so it is studied, with every condition and seed
+    assert set(summary["double_mc"]) == {kept, dropped}  # so it is studied, with every condition and seed
     runs = json.loads((out / "runs" / f"{reproduce.file_name(dropped)}.json").read_text())["runs"]
     assert sorted((r["condition"], r["seed"]) for r in runs) == [("caft", 0), ("caft", 1), ("none", 0), ("none", 1)]
     assert all(r["trained_for"] == reproduce.file_name(kept) for r in runs if r["condition"] == "none")
@@ -196,11 +201,14 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     (runs / "gender_bias.json").write_text(json.dumps({"summary": summary}))
     readme = tmp_path / "repository_README.md"
     readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
-    assert reproduce.main(["--out", str(tmp_path), "--report-only", "--tasks", "gender_bias", "--readme", str(readme)]) == 0
+    repository_readme = reproduce.REPO_README.read_text()
+    assert reproduce.main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert reproduce.REPO_README.read_text() == repository_readme  # another results folder: its own README only
+    assert reproduce.main(["--out", str(tmp_path), "--report-only", "--readme", str(readme)]) == 0
     assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias": summary}
     text = readme.read_text()
     assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
-    assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only --tasks gender_bias`" in text
+    assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only` (from the runs on disk)" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
 
@@ -254,7 +262,41 @@ def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys
 def test_recorded_search_options_hold_no_explainer_credentials():
     args = ["--task", "gender_bias", "--llm-base-url", "https://me:SECRET@host:8443/v1?api_key=SECRET2",
             "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-model", "m"]
-    public = reproduce.public_args(args)
+    public = directions.public_args(args)
     assert public == ["--task", "gender_bias", "--llm-base-url", "https://host:8443/v1",
                       "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-model", "m"]
     assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
+
+
+def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(capsys):
+    with pytest.raises(SystemExit):
+        directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x",
+                                              "--llm-base", "http://u:SECRET@h/v1"])
+    assert "unrecognized arguments: --llm-base" in capsys.readouterr().err
+
+
+def test_summary_means_and_standard_error_are_those_of_the_seeds():
+    from hf_concept_ablation.experiment import summarize
+
+    runs = [{"condition": "caft", "seed": s, "val": {"accuracy": v}, "ood": {"accuracy": o}}
+            for s, v, o in [(2, 1.0, 0.9), (0, 0.9, 0.2), (1, 0.8, 0.4)]]
+    entry = summarize(runs)["caft"]
+    assert entry["seeds"] == [0, 1, 2] and entry["ood"] == [0.2, 0.4, 0.9] and entry["val"] == [0.9, 0.8, 1.0]
+    assert entry["val_mean"] == pytest.approx(0.9) and entry["ood_mean"] == pytest.approx(0.5)
+    assert entry["ood_sem"] == pytest.approx((((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3) ** 0.5)  # std (n-1) / sqrt(n)
+
+
+def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path):
+    root, search_args = tiny_folders
+    out = tmp_path / "search"
+    args = ["--task", "gender_bias", "--out", str(out), "--model", str(root / "model"), *search_args,
+            "--max-examples", "8", "--min-contrast", "0.0", "--threads", "2"]
+    assert directions.run_search_once(args, out)
+    finished = (out / "selection.json").stat().st_mtime_ns
+    assert json.loads((out / directions.SEARCH_ARGS_NAME).read_text()) == args[:-2]  # no thread count
+    assert directions.run_search_once([*args[:-1], "1"], out)  # another thread count: the same search, reused
+    assert (out / "selection.json").stat().st_mtime_ns == finished
+    with pytest.raises(ValueError, match=r"holds a search made with other options .*'--max-examples', '4'"):
+        directions.run_search_once([*args[:-6], "--max-examples", "4", *args[-4:]], out)
+    (out / "selection.json").unlink()  # as an interrupted run leaves it: run again
+    assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished

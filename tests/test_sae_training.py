@@ -60,39 +60,43 @@ def test_cached_activations_match_hidden_states_and_skip_bos_and_padding(tiny, t
 
 
 def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny, tmp_path, monkeypatch):
-    full = _cache(tiny, tmp_path / "full")
-    manifest = json.loads((full / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["tokens"] == 3000 and len(manifest["shards"]) > 1
-
     real = activation_store.residual_stream
-    calls = {"n": 0}
+    calls = {"n": 0, "stop_after": None}
 
-    def interrupted(*args, **kwargs):
+    def counted(*args, **kwargs):  # the real pass, counted (and interrupted where asked)
         calls["n"] += 1
-        if calls["n"] > 3:
+        if calls["stop_after"] is not None and calls["n"] > calls["stop_after"]:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(activation_store, "residual_stream", interrupted)
+    monkeypatch.setattr(activation_store, "residual_stream", counted)
+    full = _cache(tiny, tmp_path / "full")
+    full_passes = calls["n"]
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["tokens"] == 3000 and len(manifest["shards"]) > 1
+
+    calls.update(n=0, stop_after=3)
     with pytest.raises(KeyboardInterrupt):
         _cache(tiny, tmp_path / "part")
     partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
     assert not partial["complete"] and 0 < partial["tokens"] < 3000
-    monkeypatch.setattr(activation_store, "residual_stream", real)
+    calls.update(n=0, stop_after=None)
     _cache(tiny, tmp_path / "part")
+    assert 0 < calls["n"] < full_passes  # it went on from the saved shards instead of starting over
     assert json.loads((tmp_path / "part" / "manifest.json").read_text())["tokens"] == 3000
     torch.testing.assert_close(activation_store.load_cached_activations(tmp_path / "part", 2), activation_store.load_cached_activations(full, 2))
 
 
 def _train(acts, folder, **overrides):
-    cfg = st.SAETrainingConfig(d_sae=128, k=8, training_tokens=256 * 12, batch_size=256, n_checkpoints=3,
-                               lr=3e-3, lr_warm_up_steps=2, model_name="tiny/llama", **overrides)
-    return st.train_sae(acts, 1, folder, cfg)
+    settings = dict(d_sae=128, k=8, training_tokens=256 * 12, batch_size=256, n_checkpoints=3, lr=3e-3,
+                    lr_warm_up_steps=2, model_name="tiny/llama")
+    return st.train_sae(acts, 1, folder, st.SAETrainingConfig(**{**settings, **overrides}))
 
 
 def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
     acts = activation_store.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
     _train(acts, tmp_path / "sae")
+    assert json.loads((tmp_path / "sae" / st.SETTINGS_NAME).read_text())["d_sae"] == 128  # what it was trained with
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["dtype"] == "float16" and cfg["architecture"] == "topk" and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["metadata"]["model_name"] == "tiny/llama"
@@ -109,7 +113,7 @@ def test_train_sae_saves_a_loadable_float16_sae_lens_folder(tiny, tmp_path):
     assert ev > 0.1
 
 
-def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
+def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path, capsys):
     acts = activation_store.load_cached_activations(_cache(tiny, tmp_path / "acts"), 1)
     whole = _train(acts, tmp_path / "whole")
     # an "interrupted" run: keep only the first checkpoint, no final SAE
@@ -120,7 +124,11 @@ def test_train_sae_resumes_from_the_last_checkpoint(tiny, tmp_path):
         shutil.rmtree(p)
     for name in ("cfg.json", "sae_weights.safetensors"):
         (tmp_path / "resumed" / name).unlink()
+    with pytest.raises(ValueError, match=r"resumed holds SAE training made with other settings \(k: 8 there, 4 now\)"):
+        _train(acts, tmp_path / "resumed", k=4)  # would have mixed two runs' settings
+    capsys.readouterr()
     resumed = _train(acts, tmp_path / "resumed")
+    assert f"layer 1: resuming from {ckpts[0]}" in capsys.readouterr().err  # not trained again from the start
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, atol=1e-4, rtol=1e-3)
 
@@ -158,6 +166,8 @@ def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
     nothing = sae_quality.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32)
     assert nothing.ce_loss_recovered == pytest.approx(0.0, abs=1e-5)
     assert nothing.explained_variance < 0
+    with pytest.raises(ValueError, match="ce_max_tokens must be at least 1"):
+        sae_quality.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32, ce_max_tokens=0)
 
 
 def test_cli_help(capsys):
@@ -166,3 +176,30 @@ def test_cli_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--layers" in out and "--architecture" in out and "--activations" in out and "--jobs" in out
+
+
+def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_only(tmp_path):
+    import random
+
+    from conftest import make_tiny_tokenizer
+
+    model = make_tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    make_tiny_tokenizer().save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    train = [" ".join(f"w{rng.randrange(6, 70)}" for _ in range(rng.randrange(5, 20))) for _ in range(80)]
+    heldout = [" ".join(f"w{rng.randrange(70, 128)}" for _ in range(12)) for _ in range(10)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t, "source": "test", "split": s}) + "\n"
+                              for texts, s in ((train, "train"), (heldout, "heldout")) for t in texts))
+    cfg = st.SAETrainingConfig(d_sae=64, k=4, training_tokens=256 * 4, batch_size=256, n_checkpoints=1,
+                               lr_warm_up_steps=1, model_name="tiny/llama")
+    quality = st.train_saes(str(tmp_path / "model"), [1, 2], tmp_path / "out", cfg, corpus=corpus,
+                            max_corpus_tokens=10_000, context_size=32, eval_tokens=100, threads=2, jobs=2)
+    manifest = json.loads((tmp_path / "out" / "activations" / "manifest.json").read_text())
+    assert manifest["tokens"] == sum(len(t.split()) for t in train)  # every train token, no held-out one
+    report = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert set(report["quality"]) == {"1", "2"} and all(quality[layer].n_tokens > 0 for layer in (1, 2))
+    for layer in (1, 2):
+        sae = load_sae(SAESource(path=str(tmp_path / "out" / f"layer_{layer}")))
+        check_sae_fits(sae, layer=layer, num_layers=4, hidden_size=HIDDEN, model_name="tiny/llama")

@@ -127,6 +127,13 @@ def test_malformed_source_file_error_names_file_line_and_problem(tmp_path, name,
         assert info.value.line == line
 
 
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "windows.csv"
+    path.write_bytes("question,correct,incorrect\nq0,yes,no\nq1 caf\u00e9,yes,no\n".encode("cp1252"))
+    with pytest.raises(TaskDataError, match=r"windows.csv, line 3: not UTF-8 text \(byte 0xe9\)"):
+        load_source_file(path)
+
+
 def test_missing_source_file_raises_file_not_found_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):
         load_source_file(tmp_path / "nowhere.csv")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
+from conftest import HubAtTheBoundary, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
 from hf_concept_ablation.callbacks import ADAPTER_SUBDIR, AblationSchedule, AblationScheduleCallback
 from hf_concept_ablation.evaluation import evaluate_multiple_choice
@@ -41,6 +41,14 @@ class _RecordStrength(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.strengths.append(get_concept_ablation(model).strength)
+
+
+class _RecordSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
 
 
 class _StopAt(TrainerCallback):
@@ -93,11 +101,41 @@ def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
 
     resumed = make_tiny_model("gemma3")
     ConceptAblation.from_pretrained(resumed, checkpoint / ADAPTER_SUBDIR)
-    fine_tune(resumed, tokenizer, data, _args(tmp_path / "part"), callbacks=[AblationScheduleCallback(schedule)],
+    steps = _RecordSteps()
+    fine_tune(resumed, tokenizer, data, _args(tmp_path / "part"), callbacks=[AblationScheduleCallback(schedule), steps],
               resume_from_checkpoint=str(checkpoint))
+    assert steps.steps == [3, 4, 5, 6, 7]  # only the steps after the checkpoint ran
     assert get_concept_ablation(resumed).strength == pytest.approx(get_concept_ablation(full).strength)
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_trainers_own_hub_push_carries_the_adapter(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    hub = HubAtTheBoundary(tmp_path / "hub")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    tokenizer, data = make_tiny_tokenizer(), make_tiny_mc_dataset(16)
+    model = _setup()
+    schedule = AblationScheduleCallback(AblationSchedule("linear"))
+    trainer = fine_tune(model, tokenizer, data, _args(tmp_path / "run", push_to_hub=True, hub_model_id="me/caft-run",
+                                                      save_strategy="steps", save_steps=4),
+                        callbacks=[schedule])
+    pushed_during_training = [files for *_, files in hub.commits]
+    assert len(pushed_during_training) == 2  # one push per checkpoint (steps 4 and 8)
+    assert all(f"{ADAPTER_SUBDIR}/concept_ablation_config.json" in files for files in pushed_during_training)
+    trainer.push_to_hub(commit_message="end of training")
+    assert hub.commits[-1][2] == "end of training"
+    assert {"model.safetensors", f"{ADAPTER_SUBDIR}/concept_ablation.safetensors"} <= set(hub.commits[-1][3])
+
+    hub.read_back(monkeypatch)
+    pulled = make_tiny_model("gemma3")
+    pulled.load_state_dict(model.state_dict())
+    ConceptAblation.from_pretrained(pulled, "me/caft-run", subfolder=ADAPTER_SUBDIR)
+    assert get_concept_ablation(pulled).strength == pytest.approx(get_concept_ablation(model).strength)
+    batch = tokenizer(["a b c"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(pulled(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
 def test_lora_preset_trains_only_adapters(tmp_path):

@@ -158,6 +158,13 @@ class ActivationCache:
         )
 
 
+def window_bounds(keep: torch.Tensor, pos: int, before: int, after: int) -> tuple[int, int]:
+    """``(start, stop)`` of the window around position `pos`: up to `before` / `after` tokens on each side, within
+    the positions `keep` (``[seq]`` bool) marks (no BOS or padding)."""
+    kept = keep.nonzero().flatten()
+    return max(int(kept.min()), pos - before), min(int(kept.max()), pos + after) + 1
+
+
 def _select_examples(
     doc: np.ndarray, lat: np.ndarray, val: np.ndarray, pos: np.ndarray, n_latents: int,
     top_k: int, n_quantiles: int, per_quantile: int, seed: int,
@@ -261,11 +268,9 @@ def build_activation_cache(
             acts = torch.cat([enc(batch.hidden[layer]) for layer, enc in encoders.items()], dim=-1)
             acts = acts * batch.keep.unsqueeze(-1)
             for row, sub_doc in enumerate(batch.doc_ids.tolist()):
-                kept = batch.keep[row].nonzero().flatten()
-                first, last = int(kept.min()), int(kept.max())
                 for e in by_doc[needed[sub_doc]]:
                     k, _, _, pos = chosen[e]
-                    start, stop = max(first, pos - before), min(last, pos + after) + 1
+                    start, stop = window_bounds(batch.keep[row], pos, before, after)
                     ex_tokens[e, : stop - start] = batch.input_ids[row, start:stop]
                     ex_acts[e, : stop - start] = acts[row, start:stop, k]
                     ex_center[e] = pos - start

@@ -22,16 +22,20 @@ and `TransformersChat` (a local transformers model, e.g. the embedded Gemma 3 27
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
+from tqdm.auto import tqdm
 
+from ..files import atomic_path
 from .cache import ActivationCache, ContextExample
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,10 @@ RELEVANCE_PROMPT = (
     "On a scale from 0 (unrelated) to 10 (exactly about it), how related is this feature to "
     "the concept '{query}'? Reply with a single integer."
 )
+
+
+class ExplainerError(RuntimeError):
+    """The explainer endpoint gave no usable reply (HTTP error, malformed or empty body)."""
 
 
 class ChatClient(Protocol):
@@ -95,15 +103,32 @@ class OpenAIChat:
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
+        if base_url is None and not os.environ.get(api_key_env):
+            raise ValueError(f"OpenAI's API needs a key: set the environment variable {api_key_env} (or give the "
+                             "base_url of an endpoint that needs none)")
         self._client = OpenAI(
             base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout, max_retries=max_retries
         )
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str:
-        reply = self._client.chat.completions.create(
-            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
-        )
-        return reply.choices[0].message.content or ""
+        """The endpoint's reply; an `ExplainerError` naming the endpoint (never the key) if there is none."""
+        from openai import OpenAIError
+
+        where = f"explainer {self.model!r} at {public_url(self.base_url) or 'the OpenAI API'}"
+        try:
+            reply = self._client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
+            )
+        except (OpenAIError, ValueError) as err:  # HTTP errors, time-outs, a body that is not JSON
+            message = str(err).splitlines()[0] if str(err) else ""
+            key = self._client.api_key
+            if key and key != "EMPTY":
+                message = message.replace(key, "***")
+            raise ExplainerError(f"{where}: {type(err).__name__}: {message}") from None
+        content = reply.choices[0].message.content if reply.choices else None
+        if not content or not content.strip():
+            raise ExplainerError(f"{where}: an empty reply")
+        return content
 
     def describe(self) -> dict[str, Any]:
         """Where explanations came from, for reports (the key's variable name, never the key)."""
@@ -328,6 +353,43 @@ class LatentExplanation:
         return out
 
 
+class ExplanationLog:
+    """Explanations appended to a JSONL file one by one as they are made, so an interrupted run keeps them.
+
+    The first line is a header (who explained what, with which settings); a log with another header is
+    started afresh, and a torn last line (a crash while writing it) is ignored.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.header = json.loads(json.dumps(header, default=str))
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        self.done: dict[tuple[int, int], LatentExplanation] = {}
+        if lines and _json_or_none(lines[0]) == self.header:
+            for line in lines[1:]:
+                row = _json_or_none(line)
+                if isinstance(row, dict):
+                    e = LatentExplanation(**row)
+                    self.done[(e.layer, e.latent)] = e
+        with atomic_path(self.path) as tmp:  # the header and the kept rows, without a torn line
+            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in [self.header, *map(asdict, self.done.values())]))
+
+    def append(self, explanation: LatentExplanation) -> None:
+        """Record one finished explanation."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(asdict(explanation)) + "\n")  # NaN kept: a score computed but undefined
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[(explanation.layer, explanation.latent)] = explanation
+
+
+def _json_or_none(line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def explain_latents(
     client: ChatClient,
     cache: ActivationCache,
@@ -339,6 +401,7 @@ def explain_latents(
     query: str | None = None,
     relevance: bool = True,
     embedding_filter: EmbeddingFilter | None = None,
+    log: ExplanationLog | None = None,
 ) -> list[LatentExplanation]:
     """Explain latents from their cached contexts, and score the explanations.
 
@@ -346,10 +409,15 @@ def explain_latents(
     held-out contexts (the remaining top ones, then quantile samples, alternating) are
     simulated. With a `query`, each explanation also gets an LLM relevance score
     (`relevance`) and, with an `embedding_filter`, a cosine similarity to the query.
-    Latents with no cached context are skipped with a warning.
+    Latents with no cached context are skipped with a warning. With a `log`, latents it holds are not explained
+    again and each new explanation is appended to it as soon as it is scored (an `ExplainerError` then loses
+    nothing made before it).
     """
     out = []
-    for layer, latent in latents:
+    for layer, latent in tqdm(latents, desc="explanations", leave=False):
+        if log is not None and (layer, latent) in log.done:
+            out.append(log.done[(layer, latent)])
+            continue
         examples = cache.examples(layer, latent, "top")
         if not examples:
             logger.warning("latent (%d, %d) never fired in the cached corpus; not explained", layer, latent)
@@ -364,6 +432,8 @@ def explain_latents(
                 result.simulation_score = simulation_score(client, explanation, held_out[:n_simulate])
         if query is not None and relevance:
             result.relevance = relevance_score(client, explanation, query)
+        if log is not None:
+            log.append(result)
         out.append(result)
     if query is not None and embedding_filter is not None and out:
         for result, sim in zip(out, embedding_filter.similarity([r.explanation for r in out], query)):

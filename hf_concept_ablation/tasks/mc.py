@@ -116,7 +116,12 @@ def read_table(path: PathLike, required_columns: Sequence[str]) -> list[TableRow
         raise TaskDataError(
             path, f"unsupported file extension {path.suffix!r}; use one of {', '.join(SUPPORTED_EXTENSIONS)}"
         )
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise TaskDataError(path, f"not UTF-8 text (byte {err.object[err.start]:#04x}); save the file as UTF-8",
+                            line=line) from None
     if not text.strip():
         raise TaskDataError(path, "file is empty")
     rows = _read_csv(path, text, required_columns) if suffix == ".csv" else _read_jsonl(path, text, required_columns)
