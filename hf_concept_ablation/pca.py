@@ -72,11 +72,11 @@ def pca(x: torch.Tensor, n_components: int, center: bool = True) -> tuple[torch.
     values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
     rank = int((values > values[0] * 1e-9).sum()) if values[0] > 0 else 0
     n = min(int(n_components), x.shape[1], rank)
+    if n == 0:
+        raise ValueError(f"PCA: the {x.shape[0]} rows are all the same point: there is no direction of variance")
     if n < int(n_components):
         warnings.warn(f"PCA: {x.shape[0]} rows of rank {rank} give only {n} of the {n_components} components asked "
                       "for (the others would be arbitrary directions of zero variance)", stacklevel=2)
-    if n == 0:
-        raise ValueError(f"PCA: the {x.shape[0]} rows are all the same point: there is no direction of variance")
     components = vectors[:, :n].T.contiguous()
     proj = xc @ components.T
     flip = proj.gather(0, proj.abs().argmax(dim=0, keepdim=True)).sign().flatten()
