@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .config import ConceptAblationConfig  # noqa: E402
 from .files import atomic_path, write_text_atomic  # noqa: E402
+from .experiment import checkpoint_dir  # noqa: E402
 from .training import PRESETS  # noqa: E402
 
 CONDITION_LABELS = {
@@ -196,10 +197,11 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
                                  checkpoint=checkpoint)
 
     path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card())
-    for folder in sorted((Path(experiment.output_dir) / "models" / results["name"]).glob("*-seed*")):
-        condition, seed = folder.name.rsplit("-seed", 1)
-        if condition in CARD_CONDITIONS:
-            if figure:
-                shutil.copyfile(figure, folder / figure.name)
-            write_text_atomic(folder / "README.md", card(f"the `{condition}` model of seed {seed}"))
+    for condition in CARD_CONDITIONS:
+        for seed in experiment.seeds:
+            folder = checkpoint_dir(experiment, results["name"], condition, seed)
+            if folder.is_dir():
+                if figure:
+                    shutil.copyfile(figure, folder / figure.name)
+                write_text_atomic(folder / "README.md", card(f"the `{condition}` model of seed {seed}"))
     return path
