@@ -13,7 +13,7 @@ import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -23,6 +23,21 @@ CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
 
 AblationMode = Literal["latent", "projection"]
+
+
+def check_names(given: Iterable[str], known: Iterable[str], what: str, where: str = "") -> None:
+    """Raise a ValueError naming each of `given` that is not `known` (``unknown <what>(s) [...]<where>``), and the
+    known ones."""
+    known = sorted(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}{where}; known: {known}")
+
+
+def dataclass_from_settings(cls: type, settings: Mapping[str, Any], what: str) -> Any:
+    """``cls(**settings)`` for a dataclass `cls`, after `check_names` of the settings against its fields."""
+    check_names(settings, (f.name for f in dataclasses.fields(cls)), what)
+    return cls(**settings)
 
 
 def _index(value: Any, what: str) -> int:
@@ -188,10 +203,7 @@ class ConceptAblationConfig:
     def from_dict(cls, data: dict[str, Any], directions: dict[int, Any] | None = None,
                   centers: dict[int, Any] | None = None) -> ConceptAblationConfig:
         """Build a config from `to_dict` output and the tensors it lists; unknown fields raise an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown field(s) {unknown} in concept ablation config; known fields: {sorted(known)}")
+        check_names(data, (f.name for f in dataclasses.fields(cls)), "field", " in concept ablation config")
         data = dict(data)
         tensors = {}
         for name, given in (("directions", directions or {}), ("centers", centers or {})):

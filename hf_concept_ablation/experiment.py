@@ -36,7 +36,7 @@ from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, dataclass_from_settings
 from .evaluation import evaluate_multiple_choice
 from .files import atomic_dir, files_fingerprint, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
@@ -111,14 +111,14 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a mapping of settings, got {getattr(self, name)!r} "
                                  f"(e.g. {name}.KEY=VALUE)")
         PRESETS[self.preset].replace(**self.training)  # names unknown or bad training settings
-        _build_named(AblationSchedule, self.anneal, "anneal")
+        dataclass_from_settings(AblationSchedule, self.anneal, "anneal setting")
         for layer, source in self.saes.items():
             if not str(layer).isdigit():
                 raise ValueError(f"saes: {layer!r} is not a decoder layer index")
             if not isinstance(source, Mapping):
                 raise ValueError(f"saes.{layer} must be a mapping of SAESource fields (release and sae_id, or "
                                  f"path), got {source!r}")
-            _build_named(SAESource, source, f"saes.{layer}")
+            dataclass_from_settings(SAESource, source, f"saes.{layer} setting")
         needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
         if needs_adapter and not self.adapter:
             raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")
@@ -130,20 +130,7 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         """Build from a mapping; unknown keys raise an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown experiment setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-
-def _build_named(cls: type, settings: Mapping[str, Any], name: str) -> Any:
-    """``cls(**settings)``; settings it does not take are named with the ones it does."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown {name} setting(s) {unknown}; known: {sorted(known)}")
-    return cls(**settings)
+        return dataclass_from_settings(cls, data, "experiment setting")
 
 
 def subsample(data: datasets.Dataset, size: int | None, seed: int = 0) -> datasets.Dataset:

@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .config import check_names
+
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:
@@ -82,9 +84,7 @@ def check_task_settings(task: Mapping[str, Any], recipe: str, known: Sequence[st
                         choices: Mapping[str, Sequence[str]] | None = None) -> None:
     """Refuse ``task:`` settings the recipe does not know, a value outside its `choices`, and a ``seed`` or
     ``max_examples`` that is not a whole number, naming each (a typo must not start days of other runs)."""
-    unknown = sorted(set(task) - set(known))
-    if unknown:
-        raise ValueError(f"unknown task setting(s) {unknown} for {recipe}; known: {sorted(known)}")
+    check_names(task, known, "task setting", f" for {recipe}")
     for key, allowed in (choices or {}).items():
         if key in task and task[key] not in allowed:
             raise ValueError(f"task.{key} must be one of {list(allowed)}, got {task[key]!r}")

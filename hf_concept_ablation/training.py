@@ -18,6 +18,7 @@ from accelerate import PartialState
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .config import check_names
 from .evaluation import encode_prompts, first_token_ids
 
 
@@ -77,10 +78,7 @@ class TrainingPreset:
 
     def replace(self, **overrides: Any) -> TrainingPreset:
         """A copy with some fields changed; unknown names raise an error naming them."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        check_names(overrides, (f.name for f in dataclasses.fields(self)), "training setting")
         return dataclasses.replace(self, **overrides)
 
 
