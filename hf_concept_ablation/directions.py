@@ -248,9 +248,28 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
                          f"now {recorded}); use another output folder or delete this one")
     if not search_finished(out):
         main(list(args))
+    elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
+        options = build_parser().parse_args(list(args))
+        restore_adapter_weights(out, options.model, device=options.device)
     if not record.is_file():
         write_json_atomic(record, recorded)
     return (out / CONFIG_NAME).is_file()
+
+
+def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device: str | None = None) -> None:
+    """Write the weights of the finished search's adapter in `out_dir` again from its config, which names the SAEs
+    and latents (a clone of a study whose large weight files are not committed). An adapter with explicit directions
+    (PCA) is refused: they are stored only in the weights file."""
+    from .models import load_model
+
+    out = Path(out_dir)
+    data = ConceptAblationConfig.read_json(out / CONFIG_NAME)
+    if data.get("directions") or data.get("centers"):
+        raise FileNotFoundError(f"{out} has {CONFIG_NAME} but no {WEIGHTS_NAME}, and the directions of layer(s) "
+                                f"{data.get('directions')} are stored only there: delete the folder to search again")
+    model, _ = load_model(model_spec, device=device)
+    print(f"{out}: writing {WEIGHTS_NAME} again from {CONFIG_NAME} (the SAEs it names)", flush=True)
+    inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_pretrained(out)
 
 
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,

@@ -6,10 +6,14 @@ import dataclasses
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import gender_concept_words, make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, directions, reproduce
+from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
 from hf_concept_ablation.experiment import CONDITIONS
+from hf_concept_ablation.files import write_json_atomic
 
 KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
 
@@ -298,5 +302,18 @@ def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders,
     assert (out / "selection.json").stat().st_mtime_ns == finished
     with pytest.raises(ValueError, match=r"holds a search made with other options .*'--max-examples', '4'"):
         directions.run_search_once([*args[:-6], "--max-examples", "4", *args[-4:]], out)
+    weights = load_file(str(out / WEIGHTS_NAME))
+    (out / WEIGHTS_NAME).unlink()  # as a clone of a study leaves it (the weight files are not committed)
+    assert directions.run_search_once(args, out)
+    assert (out / "selection.json").stat().st_mtime_ns == finished  # not searched again: the weights are rebuilt
+    restored = load_file(str(out / WEIGHTS_NAME))
+    assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
     (out / "selection.json").unlink()  # as an interrupted run leaves it: run again
     assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished
+
+
+def test_adapter_weights_of_explicit_directions_cannot_be_rebuilt(tmp_path):
+    config = ConceptAblationConfig(layers=[1], directions={1: torch.eye(4)[:1]}, mode="projection")
+    write_json_atomic(tmp_path / CONFIG_NAME, config.to_dict())
+    with pytest.raises(FileNotFoundError, match=r"directions of layer\(s\) \[1\] are stored only there"):
+        directions.restore_adapter_weights(tmp_path, "unused")
