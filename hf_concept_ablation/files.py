@@ -63,8 +63,21 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1, **kwa
 
 
 def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
-    """A short hash of the files' contents, in order (to tell whether an input changed)."""
+    """A short hash of the files' contents, in order (to tell whether an input changed); a safetensors file counts
+    by its tensors and metadata, not by the order its header happens to list them in."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(Path(path).read_bytes())
+        digest.update(_canonical_safetensors(path) if Path(path).suffix == ".safetensors" else Path(path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _canonical_safetensors(path: str | os.PathLike) -> bytes:
+    """A safetensors file's bytes with its JSON header's keys sorted: safetensors writes the metadata in a
+    different order each time, so saving the same tensors twice gives different bytes."""
+    data = Path(path).read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({err})") from err
+    return json.dumps(header, sort_keys=True).encode() + data[8 + size:]

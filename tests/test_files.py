@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from hf_concept_ablation.files import atomic_dir, atomic_path
+from hf_concept_ablation.files import atomic_dir, atomic_path, files_fingerprint
 
 
 def test_atomic_dir_replaces_the_folder_only_when_the_writer_finishes(tmp_path):
@@ -35,3 +37,20 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
             tmp.write_text("half")
             raise ValueError
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_a_safetensors_file_saved_again_has_the_same_fingerprint(tmp_path):
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    metadata = {f"layers.{i}": "{}" for i in (3, 6, 9, 12, 15, 18)}
+    fingerprints, headers = set(), set()
+    for i in range(6):  # safetensors lists the metadata in another order each time it is saved
+        path = tmp_path / f"{i}.safetensors"
+        save_file(tensors, str(path), metadata=dict(reversed(metadata.items())) if i % 2 else metadata)
+        headers.add(path.read_bytes()[:200])
+        fingerprints.add(files_fingerprint([path]))
+    assert len(headers) > 1 and len(fingerprints) == 1
+    save_file({**tensors, "b": torch.arange(3.0) + 1}, str(tmp_path / "other.safetensors"), metadata=metadata)
+    assert files_fingerprint([tmp_path / "other.safetensors"]) not in fingerprints
+    (tmp_path / "bad.safetensors").write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
+    with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):
+        files_fingerprint([tmp_path / "bad.safetensors"])
