@@ -21,6 +21,7 @@ from .files import write_json_atomic
 
 CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
+SELECTION_NAME = "selection.json"  #: a concept search's report, written last: a search is finished when it is there
 
 AblationMode = Literal["latent", "projection"]
 

@@ -71,7 +71,7 @@ import torch
 from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
+from .config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
 from .files import files_fingerprint, write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
@@ -103,7 +103,6 @@ CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
-SELECTION_NAME = "selection.json"  #: the search's report, written last: a search is finished when it is there
 SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
 EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
 #: What each double multiple-choice source set is about (the embedding/relevance query).

@@ -13,7 +13,8 @@ Conditions (the paper's Figure 2):
 * ``test_only``: the ``none`` model evaluated with the ``caft`` ablation applied at test time.
 
 Every trained model is evaluated on ``val`` and ``ood`` with the ablation removed (the
-deployed model) and, where there is one, kept. Results are appended to a JSON file after
+deployed model; ``test_only`` records its scores with the ablation applied, by definition) and, where
+there is one, kept. Results are appended to a JSON file after
 each run (written atomically), so an interrupted experiment resumes where it stopped.
 """
 
@@ -36,13 +37,14 @@ from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, dataclass_from_settings
+from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource,
+                     dataclass_from_settings)
 from .evaluation import evaluate_multiple_choice
 from .files import atomic_dir, files_fingerprint, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model, load_tokenizer
 from .tasks import answer_strings, check_single_token
-from .training import PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
+from .training import DEFAULT_PRESET, PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
 TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k")
@@ -75,7 +77,7 @@ class ExperimentConfig:
     model: str = "embedded"
     seeds: list[int] = field(default_factory=lambda: [0])
     conditions: list[str] = field(default_factory=lambda: ["none", "caft", "test_only"])
-    preset: str = "gemma3-270m"
+    preset: str = DEFAULT_PRESET
     training: dict[str, Any] = field(default_factory=dict)
     adapter: str | None = None
     attribution: str | None = None
@@ -144,12 +146,18 @@ def _adapter_latent_count(config: ConceptAblationConfig) -> int:
     return sum(len(v) for v in config.latents.values()) + sum(len(v) for v in config.directions.values())
 
 
+def latent_pool(condition: str, table: list[LatentEffect], count: int) -> list[LatentEffect]:
+    """The attribution rows `condition` takes its `count` latents from: the first `count` (``top_k``) or the top 100
+    (``random``)."""
+    return table[:min(count, 100)] if condition == "top_k" else table[:100]
+
+
 def latents_for_condition(condition: str, table: list[LatentEffect], count: int, seed: int) -> dict[int, list[int]]:
     """``top_k``: the first `count` rows of the attribution table; ``random``: `count` drawn from its top 100."""
-    pool = table[:100]
-    if count > len(pool):
-        raise ValueError(f"{condition}: needs {count} latents but the attribution table has {len(pool)}")
-    rows = pool[:count] if condition == "top_k" else random.Random(seed).sample(pool, count)
+    if count > len(table[:100]):
+        raise ValueError(f"{condition}: needs {count} latents but the attribution table has {len(table[:100])}")
+    pool = latent_pool(condition, table, count)
+    rows = pool if condition == "top_k" else random.Random(seed).sample(pool, count)
     chosen: dict[int, list[int]] = {}
     for row in rows:
         chosen.setdefault(row.layer, []).append(row.latent)
@@ -226,7 +234,7 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per condition: per-seed val and OOD accuracy (ablation removed), their means and OOD standard error."""
+    """Per condition: per-seed val and OOD accuracy (``report.MEASURED``), their means and OOD standard error."""
     summary: dict[str, dict[str, Any]] = {}
     for condition in CONDITIONS:
         rows = sorted((r for r in runs if r["condition"] == condition), key=lambda r: r["seed"])
@@ -265,6 +273,16 @@ def _test_only_run(model: nn.Module, tokenizer: Any, adapter: str | os.PathLike,
         handle.remove()
     return {"condition": "test_only", "seed": seed, "val": scores["val_ablated"], "ood": scores["ood_ablated"],
             "deployed": {k: scores[k] for k in ("val", "ood")}}
+
+
+def searched_sae_sources(adapter: str | os.PathLike) -> dict[int, SAESource]:
+    """The SAE source of every layer the concept search that wrote `adapter` attributed (its ``selection.json``):
+    ``random`` and ``top_k`` may draw latents at any of them, also where the adapter ablates nothing. Empty for an
+    adapter that no search wrote."""
+    selection = Path(adapter) / SELECTION_NAME
+    if not selection.is_file():
+        return {}
+    return {int(k): SAESource(**v) for k, v in json.loads(selection.read_text()).get("sae_sources", {}).items()}
 
 
 def run_experiment(
@@ -323,14 +341,20 @@ def run_experiment(
     # what would otherwise fail after a training run: answers of any split that are not one token, latents to draw
     check_single_token(load_tokenizer(config.model), answer_strings({"train": train, **evals, **{
         f"{n}_{split}": d for n, splits in sibling_evals.items() for split, d in splits.items()}}))
-    for condition in {"random", "top_k"} & set(config.conditions):
+    sae_sources = {**(searched_sae_sources(config.adapter) if config.adapter else {}),
+                   **(caft_config.saes if caft_config else {}),
+                   **{int(k): SAESource(**v) for k, v in config.saes.items()}}
+    for condition in sorted({"random", "top_k"} & set(config.conditions)):
         if not caft_config.directions:
             if table is None:
                 raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
                                  "(an attribution table JSON)")
-            latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed=0)
-    sae_sources = {**(caft_config.saes if caft_config else {}),
-                   **{int(k): SAESource(**v) for k, v in config.saes.items()}}
+            count = _adapter_latent_count(caft_config)
+            latents_for_condition(condition, table, count, seed=0)
+            unknown = sorted({row.layer for row in latent_pool(condition, table, count)} - set(sae_sources))
+            if unknown:
+                raise ValueError(f"condition {condition!r} may draw latents at layer(s) {unknown}, which have no SAE "
+                                 f"source: set `saes` in the experiment config (known: {sorted(sae_sources)})")
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
             test_only_now = condition == "none" and "test_only" in config.conditions

@@ -82,6 +82,8 @@ class TrainingPreset:
         return dataclasses.replace(self, **overrides)
 
 
+#: The preset of an experiment that names none.
+DEFAULT_PRESET = "gemma3-270m"
 PRESETS: dict[str, TrainingPreset] = {
     # The paper's full fine-tuning setting (Gemma 2 2B, GPU).
     "paper": TrainingPreset(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
 from hf_concept_ablation.attribution import attribute_latents, save_attribution
+from hf_concept_ablation.config import SELECTION_NAME
 from hf_concept_ablation.evaluation import evaluate_multiple_choice
 from hf_concept_ablation.experiment import random_directions_config, subsample
 from hf_concept_ablation.recipe import load_recipe_config
@@ -338,7 +340,7 @@ def test_model_card_command_is_how_the_run_was_started(monkeypatch):
 
 
 def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path, capsys):
-    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment, searched_sae_sources
 
     experiment = load_recipe_config(_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
     data = build_gender_datasets()
@@ -347,7 +349,17 @@ def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path,
         run_experiment(ExperimentConfig.from_dict(experiment), {**data, "ood": bad_ood}, name="gender_bias")
     with pytest.raises(ValueError, match=r"condition 'random' with a latent adapter needs `attribution`"):
         run_experiment(ExperimentConfig.from_dict({**experiment, "attribution": None}), data, name="gender_bias")
+    # the adapter ablates layer 1 only, the table also ranks layer 2: random may draw there, and needs its SAE
+    without = {**experiment, "saes": {}}
+    with pytest.raises(ValueError, match=r"'random' may draw latents at layer\(s\) \[2\], which have no SAE source"):
+        run_experiment(ExperimentConfig.from_dict(without), data, name="gender_bias")
     assert "training" not in capsys.readouterr().out
+    search = tmp_path / "search"  # an adapter written by a concept search names every searched layer's SAE
+    shutil.copytree(tiny_setup / "adapter", search)
+    (search / SELECTION_NAME).write_text(json.dumps({"sae_sources": {"1": {"path": str(tiny_setup / "sae_1")},
+                                                                     "2": {"path": str(tiny_setup / "sae_2")}}}))
+    assert searched_sae_sources(search) == {layer: SAESource(path=str(tiny_setup / f"sae_{layer}")) for layer in (1, 2)}
+    assert searched_sae_sources(tiny_setup / "adapter") == {}
 
 
 def test_model_card_keeps_its_tables_whole():
