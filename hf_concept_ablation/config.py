@@ -8,7 +8,6 @@ in a safetensors file written by `ConceptAblation.save_pretrained`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import operator
 import os
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from .files import write_json_atomic
+from .files import read_json, write_json_atomic
 
 CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
@@ -240,10 +239,4 @@ class ConceptAblationConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no concept ablation config at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return data
+        return read_json(path)

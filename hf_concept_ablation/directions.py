@@ -72,7 +72,7 @@ from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
 from .config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
-from .files import files_fingerprint, write_json_atomic
+from .files import files_fingerprint, read_json, write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
     RULES,
@@ -242,8 +242,8 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
     holding a search made with other options is refused, naming both."""
     out = Path(out_dir)
     record, recorded = out / SEARCH_ARGS_NAME, public_args(args)
-    if record.is_file() and json.loads(record.read_text()) != recorded:
-        raise ValueError(f"{out} holds a search made with other options ({json.loads(record.read_text())}, "
+    if record.is_file() and read_json(record, list) != recorded:
+        raise ValueError(f"{out} holds a search made with other options ({read_json(record, list)}, "
                          f"now {recorded}); use another output folder or delete this one")
     if not search_finished(out):
         main(list(args))
@@ -255,18 +255,18 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
     return (out / CONFIG_NAME).is_file()
 
 
-def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device: str | None = None) -> None:
+def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device: str = "auto") -> None:
     """Write the weights of the finished search's adapter in `out_dir` again from its config, which names the SAEs
     and latents (a clone of a study whose large weight files are not committed). An adapter with explicit directions
     (PCA) is refused: they are stored only in the weights file."""
-    from .models import load_model
+    from .models import load_model, resolve_device
 
     out = Path(out_dir)
     data = ConceptAblationConfig.read_json(out / CONFIG_NAME)
     if data.get("directions") or data.get("centers"):
         raise FileNotFoundError(f"{out} has {CONFIG_NAME} but no {WEIGHTS_NAME}, and the directions of layer(s) "
                                 f"{data.get('directions')} are stored only there: delete the folder to search again")
-    model, _ = load_model(model_spec, device=device)
+    model, _ = load_model(model_spec, device=resolve_device(device))
     print(f"{out}: writing {WEIGHTS_NAME} again from {CONFIG_NAME} (the SAEs it names)", flush=True)
     inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_pretrained(out)
 
@@ -325,28 +325,28 @@ def find_concept_latents(
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     check_saes_fit_model(model, saes, check_model_name=check_model_name)
-    out = _start_search(out_dir)
     sae_sources = dict(sae_sources or {})
     timings: dict[str, float] = {}
     start = time.time()
     train = task.train if max_examples is None else task.train.select(range(min(max_examples, len(task.train))))
     rows = attribute_latents(model, tokenizer, train, saes, metric="logit_diff", batch_size=batch_size, top=top)
-    save_attribution(rows, out / "attribution")
     timings["attribution_s"] = time.time() - start
 
     start = time.time()
     keys = [(r.layer, r.latent) for r in rows]
     contrast = strongest_contrast_latents(model, tokenizer, [(task.concept_a, task.concept_b), *task.more_contrasts],
                                           saes, keys, reduce=reduce, paired=task.paired, batch_size=batch_size)
-    save_contrast(contrast, out / "contrast.json")
     contrast_map = {(c.layer, c.latent): c.score for c in contrast}
     timings["contrast_s"] = time.time() - start
 
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
     cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
-    cache_files = cache.save(out / "activation_cache")
     timings["cache_s"] = time.time() - start
+    out = _start_search(out_dir)  # only now: bad input found above leaves a finished search in `out_dir` as it was
+    save_attribution(rows, out / "attribution")
+    save_contrast(contrast, out / "contrast.json")
+    cache_files = cache.save(out / "activation_cache")
 
     explanations: list[LatentExplanation] = []
     if explainer is not None:
@@ -457,7 +457,6 @@ def find_pca_directions(
                          "latents only")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    out = _start_search(out_dir)
     prompts = list(task.train["prompt"][: n_texts or len(task.train)])
     start = time.time()
     if basis == "prompts":
@@ -468,9 +467,12 @@ def find_pca_directions(
                                      n_components=n_components if task.paired else 1, paired=task.paired,
                                      batch_size=batch_size)
         indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
-    save_pca(results, out / "pca")
+    if indices is not None:  # bad indices are refused before a finished search in `out_dir` is cleared
+        select_directions(results, indices=indices)
     contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
                             paired=task.paired, batch_size=batch_size)
+    out = _start_search(out_dir)
+    save_pca(results, out / "pca")
     save_contrast(contrast, out / "contrast.json")
     if indices is not None:
         chosen = select_directions(results, indices=indices)
@@ -594,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=ABLATIONS, default="mean",
                    help="pca/concept directions: set their component to its mean over the task prompts, or to zero")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="auto", help="torch device of the model (auto: cuda when a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     return p
 
@@ -606,13 +609,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = _parse_sae_args(args.sae)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .saes import load_sae
 
     task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast)
     if args.query:
         task.query = args.query
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device))
     layers = args.layers or list(SHIPPED_LAYERS)
     if args.source == "concept" and not args.layers:
         layers = list(range(len(find_decoder_layers(model)[1]) - 1))

@@ -40,7 +40,7 @@ from .callbacks import AblationSchedule, AblationScheduleCallback
 from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource,
                      dataclass_from_settings)
 from .evaluation import evaluate_multiple_choice
-from .files import atomic_dir, files_fingerprint, write_json_atomic
+from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model, load_tokenizer
 from .tasks import answer_strings, check_single_token
@@ -179,7 +179,9 @@ class ResultsFile:
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {**header, "runs": []}
+        self.data = read_json(path) if path.exists() else {**header, "runs": []}
+        if not isinstance(self.data.get("runs"), list) or not isinstance(self.data.get("config", {}), dict):
+            raise ValueError(f"{path} is not a results file (it needs a 'runs' list and a 'config' object)")
         old, new = self.data.get("config", {}), header["config"]
         differ = [k for k in self.SAME_SETTINGS if k in old and old[k] != new.get(k)
                   and not (k == "adapter" and None in (old[k], new.get(k)))]
@@ -282,7 +284,7 @@ def searched_sae_sources(adapter: str | os.PathLike) -> dict[int, SAESource]:
     selection = Path(adapter) / SELECTION_NAME
     if not selection.is_file():
         return {}
-    return {int(k): SAESource(**v) for k, v in json.loads(selection.read_text()).get("sae_sources", {}).items()}
+    return {int(k): SAESource(**v) for k, v in read_json(selection).get("sae_sources", {}).items()}
 
 
 def run_experiment(

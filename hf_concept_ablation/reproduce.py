@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ import datasets
 import torch
 
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
-from .files import write_json_atomic, write_text_atomic
+from .files import read_json, write_json_atomic, write_text_atomic
 from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, table_cell
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
@@ -166,7 +165,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
         run_experiment(config, task_datasets(first_key), name=file_name(first_key),
                        siblings={file_name(k): task_datasets(k) for k in other_keys})
         for key in (first_key, *other_keys):
-            none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
+            none = read_json(out / "runs" / f"{file_name(key)}.json")["summary"]["none"]
             index = none["seeds"].index(seed)
             validity[key] = judge({"seed": seed, **settings, "val": none["val"][index], "ood": none["ood"][index]})
         if process_state().is_main_process:
@@ -182,7 +181,7 @@ def judge(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_validity(path: Path) -> dict[str, dict[str, Any]]:
     """``validity.json`` with every verdict recomputed from its accuracies (empty if there is none)."""
-    return {key: judge(entry) for key, entry in json.loads(path.read_text()).items()} if path.is_file() else {}
+    return {key: judge(entry) for key, entry in read_json(path).items()} if path.is_file() else {}
 
 
 def plain_verdicts(out: Path, validity: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -191,7 +190,7 @@ def plain_verdicts(out: Path, validity: Mapping[str, Mapping[str, Any]]) -> dict
     verdicts: dict[str, dict[str, Any]] = {}
     for key, entry in validity.items():
         path = out / "runs" / f"{file_name(key)}.json"
-        plain = json.loads(path.read_text()).get("summary", {}).get("none") if path.is_file() else None
+        plain = read_json(path).get("summary", {}).get("none") if path.is_file() else None
         verdicts[key] = (judge({**entry, "val": plain["val_mean"], "ood": plain["ood_mean"], "seeds": plain["seeds"]})
                          if plain else {**entry, "seeds": [entry["seed"]]})
     return verdicts
@@ -208,7 +207,7 @@ def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, 
     """``summary.json``: task -> (combination ->) condition -> per-seed ``val``/``ood`` and means."""
     def read(name: str) -> dict[str, Any]:
         path = out / "runs" / f"{file_name(name)}.json"
-        return json.loads(path.read_text())["summary"] if path.is_file() else {}
+        return read_json(path).get("summary", {}) if path.is_file() else {}
 
     summary: dict[str, Any] = {}
     if "gender_bias" in tasks:

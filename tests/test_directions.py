@@ -77,6 +77,27 @@ def test_a_search_run_again_into_its_folder_leaves_nothing_of_the_first(tiny, tm
         ConceptAblation.from_pretrained(model, tmp_path)
 
 
+def test_a_search_that_fails_before_its_results_leaves_the_finished_one_in_its_folder(tiny, tmp_path, monkeypatch):
+    model, tokenizer, task, saes = tiny
+    find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", n_components=4, indices={1: [0, 1]},
+                        progress=False)
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "pca").iterdir()}
+    with pytest.raises(ValueError, match=r"layer 1: component index\(es\) \[7\] out of range"):
+        find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", n_components=4, indices={1: [7]},
+                            progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pca").iterdir()} == finished
+    find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=5, progress=False)
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the user stops the search again while it caches contexts
+
+    monkeypatch.setattr("hf_concept_ablation.directions.build_activation_cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=3, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == finished
+
+
 def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
     model, tokenizer, task, saes = tiny
     result = find_concept_latents(

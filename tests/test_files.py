@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_concept_ablation.files import atomic_dir, atomic_path, files_fingerprint
+from hf_concept_ablation.files import atomic_dir, atomic_path, files_fingerprint, read_json
 
 
 def test_atomic_dir_replaces_the_folder_only_when_the_writer_finishes(tmp_path):
@@ -54,3 +54,22 @@ def test_a_safetensors_file_saved_again_has_the_same_fingerprint(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
     with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):
         files_fingerprint([tmp_path / "bad.safetensors"])
+
+
+def test_a_damaged_state_file_is_named(tmp_path):
+    from hf_concept_ablation import reproduce
+    from hf_concept_ablation.experiment import ResultsFile
+
+    path = tmp_path / "gender_bias.json"
+    for text, message in (('{"runs": [', r"gender_bias.json is not valid JSON"),
+                          ("[]", r"gender_bias.json must hold a JSON object, got list"),
+                          ('{"config": {}}', r"gender_bias.json is not a results file \(it needs a 'runs' list")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ResultsFile(path, {"config": {}})
+    (tmp_path / "validity.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"validity.json is not valid JSON"):
+        reproduce.read_validity(tmp_path / "validity.json")
+    (tmp_path / "args.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"args.json must hold a JSON array, got dict"):
+        read_json(tmp_path / "args.json", list)

@@ -203,3 +203,14 @@ def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_on
     for layer in (1, 2):
         sae = load_sae(SAESource(path=str(tmp_path / "out" / f"layer_{layer}")))
         check_sae_fits(sae, layer=layer, num_layers=4, hidden_size=HIDDEN, model_name="tiny/llama")
+
+
+def test_the_device_defaults_to_the_gpu_when_one_is_visible(monkeypatch):
+    from hf_concept_ablation import directions
+    from hf_concept_ablation.models import resolve_device
+
+    assert directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x"]).device == "auto"
+    assert st.SAETrainingConfig().device == resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert st.SAETrainingConfig().device == resolve_device(None) == "cuda"
+    assert st.SAETrainingConfig(device="cpu").device == resolve_device("cpu") == "cpu"
