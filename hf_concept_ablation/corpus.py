@@ -271,7 +271,7 @@ def sample_from_model(
     n_new = 0
     for b in tqdm(range(first_batch, n_batches), desc="sampling from the model", initial=first_batch, total=n_batches):
         batch_prompts = chosen[b * batch_size : (b + 1) * batch_size]
-        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True, padding_side="left")
+        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
         torch.manual_seed(seed + b)
         with torch.no_grad():
             out = model.generate(
