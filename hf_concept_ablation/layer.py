@@ -26,6 +26,7 @@ import torch
 from sae_lens import SAE
 from torch import nn
 
+from .config import check_number
 from .saes import PER_LATENT_ARCHITECTURES, TOPK_ARCHITECTURES
 
 KINDS = ("relu", "jumprelu", "topk", "projection")
@@ -201,8 +202,7 @@ class ConceptAblationLayer(nn.Module):
 
     def set_alpha(self, alpha: float) -> None:
         """Set the strength in place (``fill_``, so compiled graphs keep working)."""
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"ablation strength must be in [0, 1], got {alpha}")
+        check_number(alpha, "ablation strength", 0, 1)
         self.alpha.fill_(float(alpha))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

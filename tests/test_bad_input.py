@@ -9,8 +9,11 @@ import pytest
 
 from conftest import make_sae, make_tiny_model
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
+from hf_concept_ablation.callbacks import AblationSchedule
 from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
 from hf_concept_ablation.saes import load_sae
+from hf_concept_ablation.tasks import build_gender_datasets
+from hf_concept_ablation.training import PRESETS
 
 
 def _inject(model, layers=(1,), latents=(1, 2), sae=None, **kwargs):
@@ -50,7 +53,7 @@ def test_sae_for_another_model_is_refused():
     "kwargs, message",
     [
         (dict(layers=[1], latents={1: [1]}, mode="zero"), r"mode must be one of .* got 'zero'"),
-        (dict(layers=[1], latents={1: [1]}, alpha=1.5), r"alpha must be in \[0, 1\], got 1.5"),
+        (dict(layers=[1], latents={1: [1]}, alpha=1.5), r"alpha must be a number in \[0, 1\], got 1.5"),
         (dict(layers=[1], latents={2: [1]}), r"latents names layer\(s\) \[2\] that are not in layers=\[1\]"),
         (dict(layers=[1], latents={1: []}), r"layer 1: latents list is empty"),
         (dict(layers=[1], latents={1: [-4]}), r"layer 1: negative latent id -4"),
@@ -60,7 +63,19 @@ def test_sae_for_another_model_is_refused():
         (dict(layers=[1], latents={1: 3}), r"latents of layer 1 must be a list of latent ids, got 3"),
         (dict(layers=[1], latents={1: [3.7]}), r"latent id of layer 1 must be an integer, got 3.7"),
         (dict(layers="12", latents={12: [3]}), r"layers must be a list of decoder layer indices, got '12'"),
-        (dict(layers=[1], latents={1: [3]}, dtype="bfloat"), r"dtype must be a torch dtype name .* got 'bfloat'"),
+        (dict(layers=[1], latents={1: [3]}, dtype="bfloat"), r"dtype must be the name of a floating-point torch dtype "
+                                                             r".* got 'bfloat'"),
+        (dict(layers=[1], latents={1: [3]}, dtype="int64"), r"floating-point torch dtype .* got 'int64'"),
+        (dict(layers=[1], latents={1: [3]}, dtype="bool"), r"floating-point torch dtype .* got 'bool'"),
+        (dict(layers=[1], latents={1: [3]}, alpha="x"), r"alpha must be a number in \[0, 1\], got 'x'"),
+        (dict(layers=[1], latents={1: [3]}, skip_token_ids="ab"),
+         r"skip_token_ids must be a list of token ids \(or null\), got 'ab'"),
+        (dict(layers=[1], latents={1: [3]}, skip_token_ids=[2, 1.5]),
+         r"a token id of skip_token_ids must be an integer in \[0, inf\), got 1.5"),
+        (dict(layers=[1], latents={1: [3]}, skip_token_ids=[-1]), r"token id of skip_token_ids .* got -1"),
+        (dict(layers=[1], latents={1: [3]}, saes={1: "some/path"}),
+         r"saes.1 must be a mapping of SAESource fields .* got 'some/path'"),
+        (dict(layers=[1], latents={1: [3]}, saes={1: {"pth": "x"}}), r"unknown saes.1 setting\(s\) \['pth'\]"),
     ],
 )
 def test_invalid_config_values_are_named(kwargs, message):
@@ -164,8 +179,12 @@ def test_sae_source_needs_a_release_and_id_or_a_path():
         (dict(seeds=["a"]), r"seeds must be a non-empty list of integers, got \['a'\]"),
         (dict(eval_batch_size=0), r"eval_batch_size must be a positive integer, got 0"),
         (dict(train_size=-5), r"train_size must be a positive integer or null, got -5"),
-        (dict(dtype="foo"), r"dtype 'foo' is not a torch dtype name"),
-        (dict(dtype="nn"), r"dtype 'nn' is not a torch dtype name"),
+        (dict(dtype="foo"), r"dtype must be the name of a floating-point torch dtype .* got 'foo'"),
+        (dict(dtype="nn"), r"floating-point torch dtype .* got 'nn'"),
+        (dict(dtype="int64"), r"floating-point torch dtype .* got 'int64'"),
+        (dict(seeds=[0, -1]), r"seed must be an integer in \[0, 4294967295\], got -1"),
+        (dict(seeds=[2**32]), r"seed must be an integer in \[0, 4294967295\], got 4294967296"),
+        (dict(saes={3: {"pth": "x"}}), r"unknown saes.3 setting\(s\) \['pth'\]"),
     ],
 )
 def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, message):
@@ -221,3 +240,26 @@ def test_evaluating_or_caching_nothing_is_named(tmp_path):
     with pytest.raises(ValueError, match="no texts to cache activations of"):
         cache_activations(make_tiny_model("llama"), make_tiny_tokenizer(), [], [1], tmp_path / "acts", max_tokens=100)
     assert not (tmp_path / "acts").exists()
+
+
+def test_a_saved_config_with_a_bad_sae_source_names_the_layer(tmp_path):
+    folder = _saved_adapter(tmp_path)
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**data, "saes": {"1": {"pth": "x"}}}))
+    with pytest.raises(ValueError, match=r"unknown saes.1 setting\(s\) \['pth'\]"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), folder)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: AblationSchedule("linear", start="abc"), r"schedule start must be a number in \[0, 1\], got 'abc'"),
+    (lambda: AblationSchedule("linear", alpha_end=None), r"schedule alpha_end must be a number in \[0, 1\], got None"),
+    (lambda: _inject(make_tiny_model("llama")).set_strength("0.5"),
+     r"ablation strength must be a number in \[0, 1\], got '0.5'"),
+    (lambda: build_gender_datasets(val_fraction="0.2"), r"val_fraction must be a number in \(0, 1\), got '0.2'"),
+    (lambda: PRESETS["paper"].replace(lr_scheduler_type="linar"),
+     r"training setting lr_scheduler_type must be one of \['linear', 'cosine', .*\], got 'linar'"),
+    (lambda: PRESETS["paper"].replace(lr_scheduler_type=5), r"lr_scheduler_type must be one of .* got 5"),
+], ids=["anneal start", "anneal alpha_end", "strength", "val_fraction", "scheduler typo", "scheduler number"])
+def test_a_setting_of_the_wrong_kind_is_named(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
