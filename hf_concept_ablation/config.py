@@ -263,13 +263,11 @@ class ConceptAblationConfig:
         its safetensors file."""
         directory = Path(directory)
         data = cls.read_json(directory / CONFIG_NAME)
-        directions, centers = {}, {}
-        if data.get("directions") or data.get("centers"):
-            from safetensors import safe_open
-
-            with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-                directions = {int(layer): f.get_tensor(f"layers.{layer}.Q").T for layer in data.get("directions", [])}
-                centers = {int(layer): f.get_tensor(f"layers.{layer}.center") for layer in data.get("centers", [])}
+        tensors = read_weights(directory / WEIGHTS_NAME)[0] if data.get("directions") or data.get("centers") else {}
+        directions = {int(layer): tensors[f"layers.{layer}.Q"].T for layer in data.get("directions", [])
+                      if f"layers.{layer}.Q" in tensors}
+        centers = {int(layer): tensors[f"layers.{layer}.center"] for layer in data.get("centers", [])
+                   if f"layers.{layer}.center" in tensors}
         return cls.from_dict(data, directions=directions, centers=centers)
 
     @classmethod
@@ -285,3 +283,15 @@ class ConceptAblationConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
         return data
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of an adapter's safetensors file; a file that is not one raises a ValueError
+    naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err})") from err
