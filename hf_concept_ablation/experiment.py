@@ -37,8 +37,8 @@ from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource,
-                     dataclass_from_settings)
+from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, check_float_dtype,
+                     check_number, dataclass_from_settings, sae_source)
 from .evaluation import evaluate_multiple_choice
 from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
@@ -96,13 +96,14 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a list, got {getattr(self, name)!r} (e.g. {name}=[...])")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for seed in self.seeds:
+            check_number(seed, "seed", 0, 2**32 - 1, integer=True)  # the range transformers' set_seed takes
         for name in ("train_size", "eval_size", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer{'' if name == 'eval_batch_size' else ' or null'}, "
                                  f"got {value!r}")
-        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
-            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (e.g. float32, bfloat16)")
+        check_float_dtype(self.dtype)
         bad = [c for c in [*self.conditions, *self.save_models] if c not in CONDITIONS]
         if bad:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
@@ -117,10 +118,7 @@ class ExperimentConfig:
         for layer, source in self.saes.items():
             if not str(layer).isdigit():
                 raise ValueError(f"saes: {layer!r} is not a decoder layer index")
-            if not isinstance(source, Mapping):
-                raise ValueError(f"saes.{layer} must be a mapping of SAESource fields (release and sae_id, or "
-                                 f"path), got {source!r}")
-            dataclass_from_settings(SAESource, source, f"saes.{layer} setting")
+            sae_source(layer, source)
         needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
         if needs_adapter and not self.adapter:
             raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")

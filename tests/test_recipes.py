@@ -326,6 +326,39 @@ def test_an_override_that_is_not_yaml_is_named(tmp_path):
         load_recipe_config(path, ["experiment.seeds=[0,1"])
 
 
+def test_an_empty_section_takes_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("task:\nexperiment:\n")
+    assert load_recipe_config(path, ["experiment.seeds=[1]"])["experiment"] == {"seeds": [1]}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"42\n", r"r.yaml must hold a mapping of sections \('task', 'experiment'\), got 42"),
+    (b"experiments\n", r"r.yaml must hold a mapping of sections .* got 'experiments'"),
+    (b"experiment:\n  seeds: [0]\n  seeds: [1, 2]\n", r"(?s)r.yaml is not valid YAML: .*found duplicate key 'seeds'\n  "
+                                                      r"in \"<byte string>\", line 3"),
+    ("experiment:\n  output_dir: caf\u00e9\n".encode("cp1252"), r"r.yaml is not valid YAML: .*invalid continuation byte"),
+], ids=["int", "string", "duplicate key", "not utf-8"])
+def test_a_malformed_recipe_file_is_named(tmp_path, content, message):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_recipe_config(path)
+
+
+def test_double_mc_sources_and_source_files_are_checked(tmp_path):
+    path = tmp_path / "capitals.csv"
+    path.write_text("\n".join(["question,correct,incorrect"] + [f"Capital of {i},city{i},town{i}" for i in range(40)]))
+    assert [name for name, _, _ in double_mc._runs({"mode": "skyline", "sources": "verbs"})] == ["skyline-verbs"]
+    runs = double_mc._runs({"combinations": ["capitals|verbs|verbs", "verbs|sentiment|sentiment"], "max_examples": 20,
+                            "source_files": {"capitals": str(path)}})  # a set of its own, used by one combination
+    assert [data["train"][0]["first"] for _, data, _ in runs] == ["capitals", "verbs"]
+    with pytest.raises(ValueError, match=r"unknown source set\(s\) \['verb'\] in source_files"):
+        double_mc._runs({"combinations": "verbs|sentiment|sentiment", "source_files": {"verb": str(path)}})
+    with pytest.raises(ValueError, match=r"source_files must map source set names to files, got '.*capitals.csv'"):
+        double_mc._runs({"mode": "skyline", "sources": ["verbs"], "source_files": str(path)})
+
+
 def test_model_card_command_is_how_the_run_was_started(monkeypatch):
     from hf_concept_ablation import reproduce
     from hf_concept_ablation.report import launch_command
