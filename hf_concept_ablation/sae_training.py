@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
+from .config import check_number
 from .files import read_json, write_json_atomic
 from .models import resolve_device
 from .sae_quality import SAEQuality, evaluate_sae
@@ -51,6 +52,10 @@ def hook_name(layer: int) -> str:
 
 
 # --------------------------------------------------------------------------- training
+
+
+ARCHITECTURES = ("topk", "jumprelu")
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -95,6 +100,22 @@ class SAETrainingConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        """Check every setting before any work (a folder records the settings of its first run, so a bad value found
+        later would also lock out the corrected run)."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name, low, high, options in (
+            ("d_sae", 1, math.inf, {"integer": True}), ("k", 1, self.d_sae, {"integer": True}),
+            ("batch_size", 1, math.inf, {"integer": True}), ("training_tokens", self.batch_size, math.inf, {"integer": True}),
+            ("lr", 0, math.inf, {"low_open": True}), ("l0_coefficient", 0, math.inf, {}),
+            ("jumprelu_init_threshold", 0, math.inf, {"low_open": True}),
+            ("lr_warm_up_steps", 0, math.inf, {"integer": True}), ("lr_decay_fraction", 0, 1, {}),
+            ("dead_feature_window", 1, math.inf, {"integer": True}), ("n_checkpoints", 0, math.inf, {"integer": True}),
+            ("seed", 0, 2**32 - 1, {"integer": True}),
+        ):
+            check_number(getattr(self, name), f"SAE training setting {name}", low, high, **options)
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"SAE training setting save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
         self.device = resolve_device(self.device)
 
 
@@ -108,10 +129,8 @@ def _make_training_sae(cfg: SAETrainingConfig, d_in: int, layer: int, model_name
     torch.manual_seed(cfg.seed + layer)
     if cfg.architecture == "topk":
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, **common))
-    if cfg.architecture == "jumprelu":
-        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-            l0_coefficient=cfg.l0_coefficient, jumprelu_init_threshold=cfg.jumprelu_init_threshold, **common))
-    raise ValueError(f"architecture must be 'topk' or 'jumprelu', got {cfg.architecture!r}")
+    return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(  # the one other architecture SAETrainingConfig admits
+        l0_coefficient=cfg.l0_coefficient, jumprelu_init_threshold=cfg.jumprelu_init_threshold, **common))
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
