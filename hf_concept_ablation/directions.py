@@ -135,11 +135,15 @@ def _fill(question: dict[str, str]) -> str:
     return text.replace("___", question["correct"]) if "___" in text else text
 
 
-def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic") -> TaskData:
+def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic",
+              templates_file: str | os.PathLike | None = None,
+              source_files: Mapping[str, str | os.PathLike] | None = None) -> TaskData:
     """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc).
 
     `answer_form` is that of the training prompts (``"words"`` exists for gender only);
-    `contrast` (double multiple choice) is ``"topic"`` or ``"value"``.
+    `contrast` (double multiple choice) is ``"topic"`` or ``"value"``. The user's data, as the recipes take it:
+    `templates_file` (gender: sentence templates) and `source_files` (double multiple choice: source set name ->
+    question file), used for the training prompts and the contrast texts alike.
     """
     from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
 
@@ -147,10 +151,14 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
         raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     if contrast != "topic" and not task.startswith("double_mc:"):
         raise ValueError(f"contrast={contrast!r} is for double multiple choice tasks, not {task!r}")
+    if templates_file is not None and task not in ("gender_bias", "gender"):
+        raise ValueError(f"templates_file is for the gender task, not {task!r}")
+    if source_files and not task.startswith("double_mc:"):
+        raise ValueError(f"source_files are for double multiple choice tasks, not {task!r}")
 
     if task in ("gender_bias", "gender"):
         concept = build_gender_concept_texts()
-        train = build_gender_datasets(seed=seed, answer_form=answer_form)["train"]
+        train = build_gender_datasets(seed=seed, answer_form=answer_form, templates_file=templates_file)["train"]
         return TaskData("gender_bias", train, list(concept.female), list(concept.male), "gender",
                         "contrast: paired female-themed vs male-themed sentences (build_gender_concept_texts)",
                         paired=True)
@@ -159,11 +167,12 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
 
         first, second, intended = parse_combination_key(task.split(":", 1)[1])
         unintended = second if intended == first else first
-        data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form)
+        data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form,
+                                        source_files=source_files)
         if contrast == "value":
-            return _value_task_data(task, data["train"], unintended, load_source_set(unintended))
-        a = [_fill(q) for q in load_source_set(unintended)]
-        b = [_fill(q) for q in load_source_set(intended)]
+            return _value_task_data(task, data["train"], unintended, load_source_set(unintended, source_files))
+        a = [_fill(q) for q in load_source_set(unintended, source_files)]
+        b = [_fill(q) for q in load_source_set(intended, source_files)]
         return TaskData(task, data["train"], a, b, SOURCE_QUERIES.get(unintended, unintended),
                         f"contrast: unintended '{unintended}' questions vs intended '{intended}' questions",
                         two_sided=False)
@@ -519,6 +528,13 @@ def find_pca_directions(
 # ---------------------------------------------------------------------------------------------- command line
 
 
+def _source_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"takes SET=PATH (e.g. verbs=my_verbs.jsonl), got {text!r}")
+    return name, Path(path)
+
+
 def _parse_indices(text: str) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for part in filter(None, text.split(";")):
@@ -573,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer form of the task prompts (words: gender only)")
     p.add_argument("--contrast", choices=CONTRASTS, default="topic",
                    help="double MC: contrast the unintended question's topic with the intended one's, or its answer values")
+    p.add_argument("--templates-file", type=Path, help="gender: your sentence templates (CSV/JSONL, see docs/tasks.md)")
+    p.add_argument("--source-file", type=_source_file, action="append", metavar="SET=PATH",
+                   help="double MC: your questions for a source set (CSV/JSONL, see docs/tasks.md); repeatable")
     p.add_argument("--top", type=_positive_int, default=100, help="latents kept from attribution")
     p.add_argument("--max-examples", type=_positive_int, help="D_amb examples used for attribution (default all)")
     p.add_argument("--rule", choices=RULES, default="threshold")
@@ -612,7 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import load_model, resolve_device
     from .saes import load_sae
 
-    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast)
+    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast,
+                     templates_file=args.templates_file, source_files=dict(args.source_file or []) or None)
     if args.query:
         task.query = args.query
     model, tokenizer = load_model(args.model, device=resolve_device(args.device))
