@@ -20,20 +20,23 @@ each run (written atomically), so an interrupted experiment resumes where it sto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import datasets
 import torch
 from accelerate.utils import parse_flag_from_env
 from torch import nn
+from transformers.trainer_utils import get_last_checkpoint
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
@@ -72,6 +75,9 @@ class ExperimentConfig:
         save_models: conditions whose trained models are saved (every seed), in
             ``<output_dir>/models/<name>/<condition>-seed<seed>/`` (``save_pretrained`` of the
             model and tokenizer, plus the ablation in ``concept_ablation/`` where there is one).
+        save_steps: 0, or a Trainer checkpoint every this many optimizer steps in `training_dir` (the last one
+            kept), from which an interrupted run resumes; removed once the run is recorded. Worth it where a
+            run takes long (a GPU study of a large model); each checkpoint holds the model and optimizer state.
     """
 
     model: str = "embedded"
@@ -89,6 +95,7 @@ class ExperimentConfig:
     output_dir: str = "outputs/experiment"
     dtype: str = "float32"
     save_models: list[str] = field(default_factory=list)
+    save_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("seeds", "conditions", "save_models"):
@@ -104,6 +111,7 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a positive integer{'' if name == 'eval_batch_size' else ' or null'}, "
                                  f"got {value!r}")
         check_float_dtype(self.dtype)
+        check_number(self.save_steps, "save_steps", 0, integer=True)
         bad = [c for c in [*self.conditions, *self.save_models] if c not in CONDITIONS]
         if bad:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
@@ -383,9 +391,14 @@ def run_experiment(
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
                 callbacks.append(AblationScheduleCallback())
             model = prepare_model_for_training(model, preset)
-            with tempfile.TemporaryDirectory() as scratch:
-                args = training_arguments(preset, scratch, seed=seed, num_processes=state.num_processes)
-                fine_tune(model, tokenizer, train, args, callbacks=callbacks)
+            with _training_folder(config, name, condition, seed) as (folder, resume_from):
+                checkpoints = {"save_strategy": "steps", "save_steps": config.save_steps,
+                               "save_total_limit": 1} if config.save_steps else {}
+                args = training_arguments(preset, str(folder), seed=seed, num_processes=state.num_processes,
+                                          **checkpoints)
+                if resume_from:
+                    progress(f"[{name}] {condition} seed {seed}: resuming from {resume_from}")
+                fine_tune(model, tokenizer, train, args, callbacks=callbacks, resume_from_checkpoint=resume_from)
             if state.is_main_process:
                 if not results.done(condition, seed):
                     handle = get_concept_ablation(model)
@@ -410,7 +423,38 @@ def run_experiment(
                 if needs_test_only:
                     results.add(_test_only_run(model, tokenizer, config.adapter, evals, config.eval_batch_size, seed))
             state.wait_for_everyone()
+            if state.is_main_process and config.save_steps:
+                _remove_training_dir(training_dir(config, name, condition, seed))
     return results.data
+
+
+def training_dir(config: ExperimentConfig, name: str, condition: str, seed: int) -> Path:
+    """Where the Trainer of (`name`, `condition`, `seed`) keeps its checkpoints when ``config.save_steps`` asks for
+    them."""
+    return Path(config.output_dir) / "training" / name / f"{condition}-seed{seed}"
+
+
+def _remove_training_dir(folder: Path) -> None:
+    """Remove a recorded run's checkpoints, and the ``training/<name>`` folders above them once they are empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):
+        try:
+            parent.rmdir()
+        except OSError:  # another run's checkpoints are still there
+            return
+
+
+@contextlib.contextmanager
+def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: int
+                     ) -> Iterator[tuple[Path, str | None]]:
+    """The Trainer's output folder and the checkpoint to resume from: `training_dir` and its last checkpoint with
+    ``config.save_steps``, else a temporary folder (removed at the end) and None."""
+    if not config.save_steps:
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch), None
+        return
+    folder = training_dir(config, name, condition, seed)
+    yield folder, get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:

@@ -406,3 +406,39 @@ def test_model_card_keeps_its_tables_whole():
     assert "| 1 | 5 | +0.500 |  | he \\| she pronouns |" in card  # one row, five cells
     assert "| CAFT | 1.000 | 0.250 | 1 |" in card  # no standard error from one seed
     assert "| epochs | `2` |" in card and "| learning_rate | `5e-06` |" in card
+
+
+def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    from hf_concept_ablation import experiment
+
+    def run(out: Path) -> dict:
+        return gender_bias.main(["--config", str(_config(tiny_setup, out, ["caft_annealed"])), "save_steps=1"])
+
+    whole = run(tmp_path / "whole")["runs"][0]  # 4 steps (16 examples, batch 4, 1 epoch), uninterrupted
+    assert not (tmp_path / "whole" / "training").exists()  # the checkpoints go once the run is recorded
+    real_fine_tune = experiment.fine_tune
+
+    class StopDuringStepThree(TrainerCallback):  # after step 2's checkpoint, before step 3's
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    def interrupted(*args, callbacks=(), **kwargs):
+        return real_fine_tune(*args, callbacks=[*callbacks, StopDuringStepThree()], **kwargs)
+
+    monkeypatch.setattr(experiment, "fine_tune", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    cut = experiment.ExperimentConfig(conditions=["none"], output_dir=str(tmp_path / "cut"))
+    folder = experiment.training_dir(cut, "gender_bias", "caft_annealed", 0)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    monkeypatch.setattr(experiment, "fine_tune", real_fine_tune)
+    capsys.readouterr()
+    resumed = run(tmp_path / "cut")["runs"][0]
+    assert f"resuming from {folder / 'checkpoint-2'}" in capsys.readouterr().out
+    assert resumed["ablation"]["alpha"] == whole["ablation"]["alpha"]  # the schedule went on from step 2
+    assert {k: resumed[k] for k in ("val", "ood", "val_ablated", "ood_ablated")} == \
+        {k: whole[k] for k in ("val", "ood", "val_ablated", "ood_ablated")}
+    assert not folder.exists()
