@@ -114,11 +114,11 @@ class ConceptAblationLayer(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown ablation kind {kind!r}; expected one of {KINDS}")
+        if kind == "projection" and "Q" in tensors and "center" not in tensors:  # adapters saved before centers
+            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
         missing = [name for name in _BUFFERS[kind] if name not in tensors]
         if missing:
             raise ValueError(f"ablation kind {kind!r} needs tensors {missing}")
-        if kind == "projection" and "center" not in tensors:  # adapters saved before centers existed
-            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
         if kind == "topk" and not k:
             raise ValueError("a topk ablation needs k, the number of active latents")
         _check_shapes(kind, tensors)
