@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .files import read_json, write_json_atomic
@@ -43,11 +45,13 @@ def dataclass_from_settings(cls: type, settings: Mapping[str, Any], what: str) -
 
 def check_number(value: Any, what: str, low: float, high: float = math.inf, *, low_open: bool = False,
                  high_open: bool = False, integer: bool = False) -> None:
-    """Raise a ValueError naming `what` and `value` unless `value` is a finite number (an int with `integer`, never a
-    bool) from `low` to `high`, each end included unless it is open."""
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value)) \
-        and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    """Raise a ValueError naming `what` and `value` unless `value` is a finite number (an integer with `integer`, never
+    a bool; numpy scalars and one-element tensors count as their number) from `low` to `high`, each end included unless
+    it is open."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(number, kind) and not isinstance(number, (bool, np.bool_)) and math.isfinite(number) \
+        and (low < number if low_open else low <= number) and (number < high if high_open else number <= high)
     if not ok:
         where = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
         raise ValueError(f"{what} must be {'an integer' if integer else 'a number'} in {where}, got {value!r}")
@@ -179,6 +183,9 @@ class ConceptAblationConfig:
         self.latents = {_index(k, "layer"): [_index(i, f"latent id of layer {k}") for i in v]
                         for k, v in self.latents.items()}
         if self.skip_token_ids is not None:
+            if isinstance(self.skip_token_ids, (torch.Tensor, np.ndarray, set, frozenset)):
+                self.skip_token_ids = self.skip_token_ids.tolist() if hasattr(self.skip_token_ids, "tolist") \
+                    else sorted(self.skip_token_ids)
             _check_list(self.skip_token_ids, "skip_token_ids must be a list of token ids (or null)")
             for token_id in self.skip_token_ids:
                 check_number(token_id, "a token id of skip_token_ids", 0, integer=True)

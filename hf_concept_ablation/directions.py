@@ -142,8 +142,9 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
 
     `answer_form` is that of the training prompts (``"words"`` exists for gender only);
     `contrast` (double multiple choice) is ``"topic"`` or ``"value"``. The user's data, as the recipes take it:
-    `templates_file` (gender: sentence templates) and `source_files` (double multiple choice: source set name ->
-    question file), used for the training prompts and the contrast texts alike.
+    `templates_file` (gender: sentence templates, for the training prompts; the contrast texts stay the project's
+    female/male sentences) and `source_files` (double multiple choice: source set name -> question file, for the
+    training prompts and the contrast texts alike).
     """
     from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
 
@@ -360,8 +361,9 @@ def find_concept_latents(
     explanations: list[LatentExplanation] = []
     if explainer is not None:
         start = time.time()
-        log = ExplanationLog(out / EXPLANATIONS_NAME, {"explainer": explainer.describe(), "query": task.query,
-                                                       "n_simulate": n_simulate, "cache": files_fingerprint(cache_files)})
+        settings = {"explainer": explainer.describe(), "query": task.query, "n_simulate": n_simulate}
+        log = ExplanationLog(out / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)},
+                             earlier_header={**settings, "cache": files_fingerprint(cache_files, raw=True)})
         explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
                                        n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
         timings["explain_s"] = time.time() - start

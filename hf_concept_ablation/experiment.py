@@ -36,7 +36,6 @@ import datasets
 import torch
 from accelerate.utils import parse_flag_from_env
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
@@ -183,7 +182,10 @@ class ResultsFile:
         "inputs": "made with another {changed} (same path, other content: was the concept search redone?)",
     }
 
-    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], earlier: Mapping[str, Mapping[str, str]] | None = None
+                 ) -> None:
+        """`earlier`: per fingerprint key, the hashes an earlier version of this package computed for the same inputs
+        (`inputs_fingerprint` with ``raw=True``): a file recording them is accepted, and its hashes replaced."""
         self.path = path
         self.data = read_json(path) if path.exists() else {**header, "runs": []}
         if not isinstance(self.data.get("runs"), list) or not isinstance(self.data.get("config", {}), dict):
@@ -198,7 +200,9 @@ class ResultsFile:
         self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
-            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if old_hashes[k] != new_hashes[k])
+            accepted = (earlier or {}).get(key, {})
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys()
+                             if old_hashes[k] not in (new_hashes[k], accepted.get(k)))
             if changed:
                 raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
                                  "use another output_dir or delete the file")
@@ -221,12 +225,12 @@ def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
     return {name: _sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()) for name, d in splits.items()}
 
 
-def inputs_fingerprint(config: ExperimentConfig) -> dict[str, str]:
+def inputs_fingerprint(config: ExperimentConfig, raw: bool = False) -> dict[str, str]:
     """A short hash of the adapter's files and of the attribution table the config names, so that runs made with
-    another concept search's output under the same path are never mixed in one file."""
+    another concept search's output under the same path are never mixed in one file (`raw`: as `files_fingerprint`)."""
     files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
              "attribution": [Path(config.attribution)] if config.attribution else []}
-    return {name: files_fingerprint(paths) for name, paths in files.items() if paths}
+    return {name: files_fingerprint(paths, raw=raw) for name, paths in files.items() if paths}
 
 
 def _sha256(content: bytes) -> str:
@@ -290,7 +294,7 @@ def searched_sae_sources(adapter: str | os.PathLike) -> dict[int, SAESource]:
     selection = Path(adapter) / SELECTION_NAME
     if not selection.is_file():
         return {}
-    return {int(k): SAESource(**v) for k, v in read_json(selection).get("sae_sources", {}).items()}
+    return {int(k): sae_source(k, v) for k, v in read_json(selection).get("sae_sources", {}).items()}
 
 
 def run_experiment(
@@ -328,8 +332,12 @@ def run_experiment(
     train_fingerprint = data_fingerprint({"train": train})  # shared with the siblings, whose training set is the same
     results = ResultsFile(results_path or out_dir / f"{name}.json",
                           {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
-                           "inputs": inputs_fingerprint(config)})
+                           "inputs": inputs_fingerprint(config)},
+                          earlier={"inputs": inputs_fingerprint(config, raw=True)})
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
+    run_settings = json.loads(json.dumps({  # what a checkpoint must have been made with to be resumed
+        **{k: header["config"].get(k) for k in (*ResultsFile.SAME_SETTINGS, "saes")},
+        "data": results.data.get("data"), "inputs": results.data.get("inputs")}, default=str))
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
@@ -351,7 +359,7 @@ def run_experiment(
         f"{n}_{split}": d for n, splits in sibling_evals.items() for split, d in splits.items()}}))
     sae_sources = {**(searched_sae_sources(config.adapter) if config.adapter else {}),
                    **(caft_config.saes if caft_config else {}),
-                   **{int(k): SAESource(**v) for k, v in config.saes.items()}}
+                   **{int(k): sae_source(k, v) for k, v in config.saes.items()}}
     for condition in sorted({"random", "top_k"} & set(config.conditions)):
         if not caft_config.directions:
             if table is None:
@@ -371,6 +379,8 @@ def run_experiment(
             sibling_test_only = [n for n in sibling_adapters if test_only_now and not sibling_files[n].done("test_only", seed)]
             if results.done(condition, seed) and not needs_test_only and not pending_siblings and not sibling_test_only:
                 progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
+                if state.is_main_process and config.save_steps:  # left by a run stopped just after it was recorded
+                    _remove_training_dir(training_dir(config, name, condition, seed))
                 continue
             reasons = (["test_only"] if needs_test_only or sibling_test_only else []) + pending_siblings
             why = f" again, for {', '.join(reasons)}" if results.done(condition, seed) else ""
@@ -391,7 +401,7 @@ def run_experiment(
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
                 callbacks.append(AblationScheduleCallback())
             model = prepare_model_for_training(model, preset)
-            with _training_folder(config, name, condition, seed) as (folder, resume_from):
+            with _training_folder(config, name, condition, seed, run_settings, state) as (folder, resume_from):
                 checkpoints = {"save_strategy": "steps", "save_steps": config.save_steps,
                                "save_total_limit": 1} if config.save_steps else {}
                 args = training_arguments(preset, str(folder), seed=seed, num_processes=state.num_processes,
@@ -428,6 +438,10 @@ def run_experiment(
     return results.data
 
 
+#: what a run's checkpoints were made with (in its `training_dir`): they are resumed only by a run of the same
+RUN_SETTINGS_NAME = "run_settings.json"
+
+
 def training_dir(config: ExperimentConfig, name: str, condition: str, seed: int) -> Path:
     """Where the Trainer of (`name`, `condition`, `seed`) keeps its checkpoints when ``config.save_steps`` asks for
     them."""
@@ -445,16 +459,26 @@ def _remove_training_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: int
-                     ) -> Iterator[tuple[Path, str | None]]:
-    """The Trainer's output folder and the checkpoint to resume from: `training_dir` and its last checkpoint with
-    ``config.save_steps``, else a temporary folder (removed at the end) and None."""
+def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: int, settings: Mapping[str, Any],
+                     state: Any) -> Iterator[tuple[Path, str | None]]:
+    """The Trainer's output folder and the checkpoint to resume from: with ``config.save_steps``, `training_dir` and
+    its last complete checkpoint (one cut short while being written has no ``trainer_state.json``), the folder
+    emptied first if it holds checkpoints of other `settings` (made before the results file was changed or
+    deleted); else a temporary folder (removed at the end) and None."""
     if not config.save_steps:
         with tempfile.TemporaryDirectory() as scratch:
             yield Path(scratch), None
         return
     folder = training_dir(config, name, condition, seed)
-    yield folder, get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    record = folder / RUN_SETTINGS_NAME
+    if state.is_main_process:
+        if folder.is_dir() and (not record.is_file() or read_json(record) != settings):
+            shutil.rmtree(folder)
+        if not record.is_file():
+            write_json_atomic(record, settings)
+    state.wait_for_everyone()
+    complete = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    yield folder, str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
 
 
 def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:

@@ -75,12 +75,14 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
     return data
 
 
-def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+def files_fingerprint(paths: Sequence[str | os.PathLike], *, raw: bool = False) -> str:
     """A short hash of the files' contents, in order (to tell whether an input changed); a safetensors file counts
-    by its tensors and metadata, not by the order its header happens to list them in."""
+    by its tensors and metadata, not by the order its header happens to list them in. `raw`: the hash of the bytes as
+    they are, which versions before session 12 recorded (to recognise their records)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(_canonical_safetensors(path) if Path(path).suffix == ".safetensors" else Path(path).read_bytes())
+        canonical = Path(path).suffix == ".safetensors" and not raw
+        digest.update(_canonical_safetensors(path) if canonical else Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
 

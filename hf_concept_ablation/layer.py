@@ -122,6 +122,9 @@ class ConceptAblationLayer(nn.Module):
         if kind == "topk" and not k:
             raise ValueError("a topk ablation needs k, the number of active latents")
         _check_shapes(kind, tensors)
+        if kind == "projection":  # (a saved adapter's; those made here are checked as they are built)
+            _check_finite(tensors["Q"], "directions")
+            _check_finite(tensors["center"], "center values")
         self.kind = kind
         self.k = k
         for name in _BUFFERS[kind]:

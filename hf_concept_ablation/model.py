@@ -204,6 +204,10 @@ class ConceptAblation:
             raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
         data = ConceptAblationConfig.read_json(directory / CONFIG_NAME)
         tensors, metadata = read_weights(weights)
+        no_center = [i for i in data.get("centers", []) if f"layers.{i}.center" not in tensors]
+        if no_center:  # (a center is left out only by adapters of zero ablation saved before centers existed)
+            raise ValueError(f"{CONFIG_NAME} lists centers for layer(s) {no_center} but {weights} holds none for them: "
+                             "the two files are from different adapters")
         layers: dict[int, ConceptAblationLayer] = {}
         for key, meta in metadata.items():
             if not re.fullmatch(r"layers\.\d+", key):

@@ -105,7 +105,8 @@ class SAETrainingConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         for name, low, high, options in (
-            ("d_sae", 1, math.inf, {"integer": True}), ("k", 1, self.d_sae, {"integer": True}),
+            ("d_sae", 1, math.inf, {"integer": True}),
+            *([("k", 1, self.d_sae, {"integer": True})] if self.architecture == "topk" else []),
             ("batch_size", 1, math.inf, {"integer": True}), ("training_tokens", self.batch_size, math.inf, {"integer": True}),
             ("lr", 0, math.inf, {"low_open": True}), ("l0_coefficient", 0, math.inf, {}),
             ("jumprelu_init_threshold", 0, math.inf, {"low_open": True}),

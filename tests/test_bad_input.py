@@ -212,6 +212,40 @@ def test_a_center_that_is_not_finite_is_named(fill):
         inject_concept_ablation(make_tiny_model("llama"), config)
 
 
+def test_a_saved_mean_ablation_with_a_bad_or_missing_center_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from hf_concept_ablation.config import read_weights
+
+    model = make_tiny_model("llama")
+    config = ConceptAblationConfig(layers=[1], mode="projection", directions={1: torch.randn(2, 64)},
+                                   centers={1: torch.randn(64)})
+    inject_concept_ablation(model, config).save_pretrained(tmp_path)
+    tensors, metadata = read_weights(tmp_path / WEIGHTS_NAME)
+    save_file({**tensors, "layers.1.center": torch.full((64,), float("nan"))}, str(tmp_path / WEIGHTS_NAME),
+              metadata=metadata)
+    with pytest.raises(ValueError, match=r"layer 1 is not a valid ablation \(center values hold NaN"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), tmp_path)
+    save_file({k: v for k, v in tensors.items() if k != "layers.1.center"}, str(tmp_path / WEIGHTS_NAME),
+              metadata=metadata)  # mean ablation would silently become zero ablation
+    with pytest.raises(ValueError, match=r"lists centers for layer\(s\) \[1\] but .* holds none for them"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), tmp_path)
+
+
+def test_numbers_of_numpy_and_torch_are_numbers():
+    import numpy as np
+
+    handle = inject_concept_ablation(make_tiny_model("llama"), ConceptAblationConfig(
+        layers=[1], mode="projection", directions={1: torch.randn(1, 64)}, skip_token_ids=torch.tensor([0, 2])))
+    assert handle.config.skip_token_ids == [0, 2]
+    for strength in (np.float32(0.25), torch.tensor(0.5), np.float64(0.75)):
+        handle.set_strength(strength)
+        assert handle.strength == pytest.approx(float(strength))
+    with pytest.raises(ValueError, match="must be a number in"):
+        handle.set_strength(np.bool_(True))
+    assert ConceptAblationConfig(layers=[1], latents={1: [0]}, skip_token_ids={3, 1}).skip_token_ids == [1, 3]
+
+
 def _rewrite_weights(folder, tensors=None, metadata=None):
     """Save the adapter's weights file again with some tensors and header entries changed."""
     from safetensors.torch import save_file

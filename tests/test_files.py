@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -73,3 +76,18 @@ def test_a_damaged_state_file_is_named(tmp_path):
     (tmp_path / "args.json").write_text('{"a": 1}')
     with pytest.raises(ValueError, match=r"args.json must hold a JSON array, got dict"):
         read_json(tmp_path / "args.json", list)
+
+
+def test_a_results_file_of_an_earlier_version_is_recognised_by_its_raw_fingerprint(tmp_path):
+    from hf_concept_ablation.experiment import ResultsFile
+
+    weights = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2)}, str(weights), metadata={"layers.1": "{}", "layers.2": "{}"})
+    assert files_fingerprint([weights], raw=True) == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": "raw-hash"}}))
+    header = {"config": {}, "inputs": {"adapter": "canonical-hash"}}
+    results = ResultsFile(path, header, earlier={"inputs": {"adapter": "raw-hash"}})
+    assert results.data["inputs"] == {"adapter": "canonical-hash"}  # recorded so from the next run on
+    with pytest.raises(ValueError, match=r"made with another \['adapter'\]"):
+        ResultsFile(path, header, earlier={"inputs": {"adapter": "another-raw-hash"}})

@@ -413,32 +413,48 @@ def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_se
 
     from hf_concept_ablation import experiment
 
-    def run(out: Path) -> dict:
-        return gender_bias.main(["--config", str(_config(tiny_setup, out, ["caft_annealed"])), "save_steps=1"])
+    def run(out: Path, *overrides: str) -> dict:
+        return gender_bias.main(["--config", str(_config(tiny_setup, out, ["caft_annealed"])), "save_steps=1",
+                                 *overrides])
 
     whole = run(tmp_path / "whole")["runs"][0]  # 4 steps (16 examples, batch 4, 1 epoch), uninterrupted
     assert not (tmp_path / "whole" / "training").exists()  # the checkpoints go once the run is recorded
     real_fine_tune = experiment.fine_tune
+    steps: list[int] = []
 
     class StopDuringStepThree(TrainerCallback):  # after step 2's checkpoint, before step 3's
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
+            steps.append(state.global_step)
+            if stop and state.global_step == 3:
                 raise KeyboardInterrupt
 
-    def interrupted(*args, callbacks=(), **kwargs):
+    def watched(*args, callbacks=(), **kwargs):
         return real_fine_tune(*args, callbacks=[*callbacks, StopDuringStepThree()], **kwargs)
 
-    monkeypatch.setattr(experiment, "fine_tune", interrupted)
+    monkeypatch.setattr(experiment, "fine_tune", watched)
+    stop = True
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "cut")
     cut = experiment.ExperimentConfig(conditions=["none"], output_dir=str(tmp_path / "cut"))
     folder = experiment.training_dir(cut, "gender_bias", "caft_annealed", 0)
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
-    monkeypatch.setattr(experiment, "fine_tune", real_fine_tune)
+    shutil.copytree(folder / "checkpoint-2", folder / "checkpoint-3")  # as a save killed midway leaves it:
+    (folder / "checkpoint-3" / "trainer_state.json").unlink()  # the state is written last
+    stop, steps[:] = False, []
     capsys.readouterr()
     resumed = run(tmp_path / "cut")["runs"][0]
     assert f"resuming from {folder / 'checkpoint-2'}" in capsys.readouterr().out
+    assert steps == [3, 4]  # only the steps left
     assert resumed["ablation"]["alpha"] == whole["ablation"]["alpha"]  # the schedule went on from step 2
     assert {k: resumed[k] for k in ("val", "ood", "val_ablated", "ood_ablated")} == \
         {k: whole[k] for k in ("val", "ood", "val_ablated", "ood_ablated")}
     assert not folder.exists()
+
+    stop, steps[:] = True, []  # checkpoints of other settings (the results file deleted, the settings changed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "other")
+    (tmp_path / "other" / "gender_bias.json").unlink(missing_ok=True)
+    stop, steps[:] = False, []
+    capsys.readouterr()
+    run(tmp_path / "other", "training.learning_rate=0.002")
+    assert "resuming" not in capsys.readouterr().out and steps == [1, 2, 3, 4]

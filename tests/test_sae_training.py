@@ -218,6 +218,7 @@ def test_the_device_defaults_to_the_gpu_when_one_is_visible(monkeypatch):
 
 @pytest.mark.parametrize("settings, message", [
     ({"d_sae": 16, "k": 64}, r"setting k must be an integer in \[1, 16\], got 64"),
+    ({"architecture": "jumprelu", "d_sae": 16, "lr": -1}, r"setting lr must be"),  # (k applies to topk only)
     ({"batch_size": 512, "training_tokens": 256}, r"setting training_tokens must be an integer in \[512, inf\), got 256"),
     ({"save_dtype": "float61"}, r"save_dtype must be one of \('float16', 'bfloat16', 'float32'\), got 'float61'"),
     ({"architecture": "relu"}, r"architecture must be one of \('topk', 'jumprelu'\), got 'relu'"),
