@@ -11,7 +11,6 @@ serves it in seeded shuffled batches.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .files import atomic_path, write_json_atomic
+from .files import atomic_path, read_json, write_json_atomic
 from .layer import keep_positions, special_token_ids
 from .residuals import residual_stream
 
@@ -87,7 +86,7 @@ def cache_activations(
                 "n_texts": len(texts), "dtype": str(dtype).removeprefix("torch.")}
     manifest: dict[str, Any] = {"settings": settings, "shards": [], "texts_done": 0, "tokens": 0, "complete": False}
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        old = read_json(manifest_path)
         if old["settings"] != settings:
             raise ValueError(f"{out} holds activations made with other settings {old['settings']}; use another folder")
         manifest = old
@@ -150,7 +149,7 @@ def load_cached_activations(cache: str | os.PathLike, layer: int, max_tokens: in
     which a float16 cache stores as ``inf``.
     """
     cache = Path(cache)
-    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest = read_json(cache / "manifest.json")
     parts = [load_file(str(cache / s["file"]))[f"layer_{layer}"] for s in manifest["shards"]]
     acts = torch.cat(parts)
     acts = acts[:max_tokens] if max_tokens is not None else acts

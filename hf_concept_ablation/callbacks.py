@@ -17,6 +17,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .config import check_number
 from .model import ConceptAblation, get_concept_ablation
 
 SCHEDULES = ("constant", "linear", "cosine", "step")
@@ -42,11 +43,10 @@ class AblationSchedule:
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.kind!r}")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(f"need 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
-        for name in ("alpha_start", "alpha_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("start", "end", "alpha_start", "alpha_end"):
+            check_number(getattr(self, name), f"schedule {name}", 0, 1)
+        if self.start > self.end:
+            raise ValueError(f"need start <= end, got start={self.start}, end={self.end}")
 
     def __call__(self, progress: float) -> float:
         if self.kind == "constant" or progress < self.start:

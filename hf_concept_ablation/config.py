@@ -8,19 +8,22 @@ in a safetensors file written by `ConceptAblation.save_pretrained`.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
+import numbers
 import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from .files import write_json_atomic
+from .files import read_json, write_json_atomic
 
 CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
+SELECTION_NAME = "selection.json"  #: a concept search's report, written last: a search is finished when it is there
 
 AblationMode = Literal["latent", "projection"]
 
@@ -40,12 +43,42 @@ def dataclass_from_settings(cls: type, settings: Mapping[str, Any], what: str) -
     return cls(**settings)
 
 
+def check_number(value: Any, what: str, low: float, high: float = math.inf, *, low_open: bool = False,
+                 high_open: bool = False, integer: bool = False) -> None:
+    """Raise a ValueError naming `what` and `value` unless `value` is a finite number (an integer with `integer`, never
+    a bool; numpy scalars and one-element tensors count as their number) from `low` to `high`, each end included unless
+    it is open."""
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(number, kind) and not isinstance(number, (bool, np.bool_)) and math.isfinite(number) \
+        and (low < number if low_open else low <= number) and (number < high if high_open else number <= high)
+    if not ok:
+        where = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+        raise ValueError(f"{what} must be {'an integer' if integer else 'a number'} in {where}, got {value!r}")
+
+
+def check_float_dtype(name: Any) -> None:
+    """Raise a ValueError naming `name` unless it names a floating-point torch dtype."""
+    dtype = getattr(torch, str(name), None)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be the name of a floating-point torch dtype such as 'float32' or 'bfloat16', "
+                         f"got {name!r}")
+
+
 def _index(value: Any, what: str) -> int:
     """`value` as an int (an integer, or its decimal string as JSON keys hold it); else an error naming it."""
     try:
         return int(value) if isinstance(value, str) else operator.index(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _check_list(value: Any, what: str) -> None:
+    """Raise ``ValueError("<what>, got <value>")`` unless `value` is a list (a sequence that is not a string)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{what}, got {value!r}")
+
+
 MODES: tuple[str, ...] = ("latent", "projection")
 
 
@@ -79,6 +112,17 @@ class SAESource:
         return f"{self.release}/{self.sae_id}" if self.path is None else str(self.path)
 
 
+def sae_source(layer: Any, settings: Any) -> SAESource:
+    """The `SAESource` of ``saes.<layer>``: `settings` itself, or built from a mapping of its fields; anything else,
+    or an unknown field, raises an error naming the layer."""
+    if isinstance(settings, SAESource):
+        return settings
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"saes.{layer} must be a mapping of SAESource fields (release and sae_id, or path), "
+                         f"got {settings!r}")
+    return dataclass_from_settings(SAESource, settings, f"saes.{layer} setting")
+
+
 @dataclass
 class ConceptAblationConfig:
     """Configuration of a concept ablation adapter.
@@ -109,7 +153,7 @@ class ConceptAblationConfig:
             Positions masked out by the attention mask are always left alone.
         base_model_name_or_path: the base model the adapter was made for (recorded
             for reloading from the Hub and for model cards).
-        dtype: dtype of the stored tensors; ``None`` uses the model's dtype.
+        dtype: dtype of the stored tensors (a floating-point one); ``None`` uses the model's dtype.
         check_model_name: refuse an SAE whose recorded model differs from the base
             model's name.
         description: free text, e.g. how the latents were chosen.
@@ -132,19 +176,22 @@ class ConceptAblationConfig:
         for name in ("latents", "saes", "directions", "centers"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must map each layer to its value, got {getattr(self, name)!r}")
-        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
-            raise ValueError(f"layers must be a list of decoder layer indices, got {self.layers!r}")
+        _check_list(self.layers, "layers must be a list of decoder layer indices")
         self.layers = [_index(layer, "layer") for layer in self.layers]
         for layer, ids in self.latents.items():
-            if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-                raise ValueError(f"latents of layer {layer} must be a list of latent ids, got {ids!r}")
+            _check_list(ids, f"latents of layer {layer} must be a list of latent ids")
         self.latents = {_index(k, "layer"): [_index(i, f"latent id of layer {k}") for i in v]
                         for k, v in self.latents.items()}
-        if self.dtype is not None and not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {self.dtype!r}")
-        self.saes = {
-            _index(k, "layer"): v if isinstance(v, SAESource) else SAESource(**v) for k, v in self.saes.items()
-        }
+        if self.skip_token_ids is not None:
+            if isinstance(self.skip_token_ids, (torch.Tensor, np.ndarray, set, frozenset)):
+                self.skip_token_ids = self.skip_token_ids.tolist() if hasattr(self.skip_token_ids, "tolist") \
+                    else sorted(self.skip_token_ids)
+            _check_list(self.skip_token_ids, "skip_token_ids must be a list of token ids (or null)")
+            for token_id in self.skip_token_ids:
+                check_number(token_id, "a token id of skip_token_ids", 0, integer=True)
+        if self.dtype is not None:
+            check_float_dtype(self.dtype)
+        self.saes = {_index(k, "layer"): sae_source(k, v) for k, v in self.saes.items()}
         self.directions = {_index(k, "layer"): v for k, v in self.directions.items()}
         self.centers = {_index(k, "layer"): v for k, v in self.centers.items()}
         self.validate()
@@ -157,8 +204,7 @@ class ConceptAblationConfig:
             raise ValueError("layers is empty: name at least one decoder layer to ablate")
         if len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers has duplicates: {self.layers}")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        check_number(self.alpha, "alpha", 0, 1)
         if self.centers and self.mode != "projection":
             raise ValueError(f"centers apply to mode='projection' only, got mode={self.mode!r}")
         for name, mapping in (("latents", self.latents), ("saes", self.saes), ("directions", self.directions),
@@ -224,13 +270,11 @@ class ConceptAblationConfig:
         its safetensors file."""
         directory = Path(directory)
         data = cls.read_json(directory / CONFIG_NAME)
-        directions, centers = {}, {}
-        if data.get("directions") or data.get("centers"):
-            from safetensors import safe_open
-
-            with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-                directions = {int(layer): f.get_tensor(f"layers.{layer}.Q").T for layer in data.get("directions", [])}
-                centers = {int(layer): f.get_tensor(f"layers.{layer}.center") for layer in data.get("centers", [])}
+        tensors = read_weights(directory / WEIGHTS_NAME)[0] if data.get("directions") or data.get("centers") else {}
+        directions = {int(layer): tensors[f"layers.{layer}.Q"].T for layer in data.get("directions", [])
+                      if f"layers.{layer}.Q" in tensors}
+        centers = {int(layer): tensors[f"layers.{layer}.center"] for layer in data.get("centers", [])
+                   if f"layers.{layer}.center" in tensors}
         return cls.from_dict(data, directions=directions, centers=centers)
 
     @classmethod
@@ -239,10 +283,16 @@ class ConceptAblationConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no concept ablation config at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return data
+        return read_json(path)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of an adapter's safetensors file; a file that is not one raises a ValueError
+    naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err})") from err

@@ -153,6 +153,10 @@ class CorpusRecipe:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
 
 
+#: the values of a corpus record's ``split`` (see `split_of`)
+SPLITS: tuple[str, ...] = ("train", "heldout")
+
+
 def split_of(text: str, heldout_every: int = 20) -> str:
     """``"heldout"`` for one text in ``heldout_every`` (by SHA-1 of the text), else ``"train"``."""
     digest = int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16)
@@ -271,7 +275,7 @@ def sample_from_model(
     n_new = 0
     for b in tqdm(range(first_batch, n_batches), desc="sampling from the model", initial=first_batch, total=n_batches):
         batch_prompts = chosen[b * batch_size : (b + 1) * batch_size]
-        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True, padding_side="left")
+        enc = tokenizer(batch_prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
         torch.manual_seed(seed + b)
         with torch.no_grad():
             out = model.generate(
@@ -347,6 +351,9 @@ def read_corpus(path: Path | str, split: str | None = None, sources: Iterable[st
             r = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}: not a JSON record ({err.msg}); rebuild the corpus") from None
+        if not (isinstance(r, dict) and isinstance(r.get("text"), str) and r.get("split") in SPLITS):
+            raise ValueError(f"{path}, line {number}: a corpus record is a JSON object with a 'text' string and a "
+                             f"'split' of {SPLITS}, got {line[:80]!r}")
         if (split is None or r.get("split") == split) and (wanted is None or r.get("source") in wanted):
             out.append(r)
     return out

@@ -71,8 +71,8 @@ import torch
 from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
-from .files import files_fingerprint, write_json_atomic
+from .config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
+from .files import files_fingerprint, read_json, write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
     RULES,
@@ -103,7 +103,6 @@ CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
 ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
-SELECTION_NAME = "selection.json"  #: the search's report, written last: a search is finished when it is there
 SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
 EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
 #: What each double multiple-choice source set is about (the embedding/relevance query).
@@ -136,11 +135,16 @@ def _fill(question: dict[str, str]) -> str:
     return text.replace("___", question["correct"]) if "___" in text else text
 
 
-def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic") -> TaskData:
+def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic",
+              templates_file: str | os.PathLike | None = None,
+              source_files: Mapping[str, str | os.PathLike] | None = None) -> TaskData:
     """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc).
 
     `answer_form` is that of the training prompts (``"words"`` exists for gender only);
-    `contrast` (double multiple choice) is ``"topic"`` or ``"value"``.
+    `contrast` (double multiple choice) is ``"topic"`` or ``"value"``. The user's data, as the recipes take it:
+    `templates_file` (gender: sentence templates, for the training prompts; the contrast texts stay the project's
+    female/male sentences) and `source_files` (double multiple choice: source set name -> question file, for the
+    training prompts and the contrast texts alike).
     """
     from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
 
@@ -148,10 +152,14 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
         raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     if contrast != "topic" and not task.startswith("double_mc:"):
         raise ValueError(f"contrast={contrast!r} is for double multiple choice tasks, not {task!r}")
+    if templates_file is not None and task not in ("gender_bias", "gender"):
+        raise ValueError(f"templates_file is for the gender task, not {task!r}")
+    if source_files and not task.startswith("double_mc:"):
+        raise ValueError(f"source_files are for double multiple choice tasks, not {task!r}")
 
     if task in ("gender_bias", "gender"):
         concept = build_gender_concept_texts()
-        train = build_gender_datasets(seed=seed, answer_form=answer_form)["train"]
+        train = build_gender_datasets(seed=seed, answer_form=answer_form, templates_file=templates_file)["train"]
         return TaskData("gender_bias", train, list(concept.female), list(concept.male), "gender",
                         "contrast: paired female-themed vs male-themed sentences (build_gender_concept_texts)",
                         paired=True)
@@ -160,11 +168,12 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
 
         first, second, intended = parse_combination_key(task.split(":", 1)[1])
         unintended = second if intended == first else first
-        data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form)
+        data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form,
+                                        source_files=source_files)
         if contrast == "value":
-            return _value_task_data(task, data["train"], unintended, load_source_set(unintended))
-        a = [_fill(q) for q in load_source_set(unintended)]
-        b = [_fill(q) for q in load_source_set(intended)]
+            return _value_task_data(task, data["train"], unintended, load_source_set(unintended, source_files))
+        a = [_fill(q) for q in load_source_set(unintended, source_files)]
+        b = [_fill(q) for q in load_source_set(intended, source_files)]
         return TaskData(task, data["train"], a, b, SOURCE_QUERIES.get(unintended, unintended),
                         f"contrast: unintended '{unintended}' questions vs intended '{intended}' questions",
                         two_sided=False)
@@ -243,8 +252,8 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
     holding a search made with other options is refused, naming both."""
     out = Path(out_dir)
     record, recorded = out / SEARCH_ARGS_NAME, public_args(args)
-    if record.is_file() and json.loads(record.read_text()) != recorded:
-        raise ValueError(f"{out} holds a search made with other options ({json.loads(record.read_text())}, "
+    if record.is_file() and read_json(record, list) != recorded:
+        raise ValueError(f"{out} holds a search made with other options ({read_json(record, list)}, "
                          f"now {recorded}); use another output folder or delete this one")
     if not search_finished(out):
         main(list(args))
@@ -256,18 +265,18 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
     return (out / CONFIG_NAME).is_file()
 
 
-def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device: str | None = None) -> None:
+def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device: str = "auto") -> None:
     """Write the weights of the finished search's adapter in `out_dir` again from its config, which names the SAEs
     and latents (a clone of a study whose large weight files are not committed). An adapter with explicit directions
     (PCA) is refused: they are stored only in the weights file."""
-    from .models import load_model
+    from .models import load_model, resolve_device
 
     out = Path(out_dir)
     data = ConceptAblationConfig.read_json(out / CONFIG_NAME)
     if data.get("directions") or data.get("centers"):
         raise FileNotFoundError(f"{out} has {CONFIG_NAME} but no {WEIGHTS_NAME}, and the directions of layer(s) "
                                 f"{data.get('directions')} are stored only there: delete the folder to search again")
-    model, _ = load_model(model_spec, device=device)
+    model, _ = load_model(model_spec, device=resolve_device(device))
     print(f"{out}: writing {WEIGHTS_NAME} again from {CONFIG_NAME} (the SAEs it names)", flush=True)
     inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_pretrained(out)
 
@@ -326,34 +335,35 @@ def find_concept_latents(
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     check_saes_fit_model(model, saes, check_model_name=check_model_name)
-    out = _start_search(out_dir)
     sae_sources = dict(sae_sources or {})
     timings: dict[str, float] = {}
     start = time.time()
     train = task.train if max_examples is None else task.train.select(range(min(max_examples, len(task.train))))
     rows = attribute_latents(model, tokenizer, train, saes, metric="logit_diff", batch_size=batch_size, top=top)
-    save_attribution(rows, out / "attribution")
     timings["attribution_s"] = time.time() - start
 
     start = time.time()
     keys = [(r.layer, r.latent) for r in rows]
     contrast = strongest_contrast_latents(model, tokenizer, [(task.concept_a, task.concept_b), *task.more_contrasts],
                                           saes, keys, reduce=reduce, paired=task.paired, batch_size=batch_size)
-    save_contrast(contrast, out / "contrast.json")
     contrast_map = {(c.layer, c.latent): c.score for c in contrast}
     timings["contrast_s"] = time.time() - start
 
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
     cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
-    cache_files = cache.save(out / "activation_cache")
     timings["cache_s"] = time.time() - start
+    out = _start_search(out_dir)  # only now: bad input found above leaves a finished search in `out_dir` as it was
+    save_attribution(rows, out / "attribution")
+    save_contrast(contrast, out / "contrast.json")
+    cache_files = cache.save(out / "activation_cache")
 
     explanations: list[LatentExplanation] = []
     if explainer is not None:
         start = time.time()
-        log = ExplanationLog(out / EXPLANATIONS_NAME, {"explainer": explainer.describe(), "query": task.query,
-                                                       "n_simulate": n_simulate, "cache": files_fingerprint(cache_files)})
+        settings = {"explainer": explainer.describe(), "query": task.query, "n_simulate": n_simulate}
+        log = ExplanationLog(out / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)},
+                             earlier_header={**settings, "cache": files_fingerprint(cache_files, raw=True)})
         explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
                                        n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
         timings["explain_s"] = time.time() - start
@@ -458,7 +468,6 @@ def find_pca_directions(
                          "latents only")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    out = _start_search(out_dir)
     prompts = list(task.train["prompt"][: n_texts or len(task.train)])
     start = time.time()
     if basis == "prompts":
@@ -469,9 +478,12 @@ def find_pca_directions(
                                      n_components=n_components if task.paired else 1, paired=task.paired,
                                      batch_size=batch_size)
         indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
-    save_pca(results, out / "pca")
+    if indices is not None:  # bad indices are refused before a finished search in `out_dir` is cleared
+        select_directions(results, indices=indices)
     contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
                             paired=task.paired, batch_size=batch_size)
+    out = _start_search(out_dir)
+    save_pca(results, out / "pca")
     save_contrast(contrast, out / "contrast.json")
     if indices is not None:
         chosen = select_directions(results, indices=indices)
@@ -516,6 +528,13 @@ def find_pca_directions(
 
 
 # ---------------------------------------------------------------------------------------------- command line
+
+
+def _source_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"takes SET=PATH (e.g. verbs=my_verbs.jsonl), got {text!r}")
+    return name, Path(path)
 
 
 def _parse_indices(text: str) -> dict[int, list[int]]:
@@ -572,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer form of the task prompts (words: gender only)")
     p.add_argument("--contrast", choices=CONTRASTS, default="topic",
                    help="double MC: contrast the unintended question's topic with the intended one's, or its answer values")
+    p.add_argument("--templates-file", type=Path, help="gender: your sentence templates (CSV/JSONL, see docs/tasks.md)")
+    p.add_argument("--source-file", type=_source_file, action="append", metavar="SET=PATH",
+                   help="double MC: your questions for a source set (CSV/JSONL, see docs/tasks.md); repeatable")
     p.add_argument("--top", type=_positive_int, default=100, help="latents kept from attribution")
     p.add_argument("--max-examples", type=_positive_int, help="D_amb examples used for attribution (default all)")
     p.add_argument("--rule", choices=RULES, default="threshold")
@@ -595,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablation", choices=ABLATIONS, default="mean",
                    help="pca/concept directions: set their component to its mean over the task prompts, or to zero")
     p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="auto", help="torch device of the model (auto: cuda when a GPU is visible, "
+                   "else cpu)")
     p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     return p
 
@@ -607,13 +630,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = _parse_sae_args(args.sae)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .models import load_model
+    from .models import load_model, resolve_device
     from .saes import load_sae
 
-    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast)
+    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast,
+                     templates_file=args.templates_file, source_files=dict(args.source_file or []) or None)
     if args.query:
         task.query = args.query
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=resolve_device(args.device))
     layers = args.layers or list(SHIPPED_LAYERS)
     if args.source == "concept" and not args.layers:
         layers = list(range(len(find_decoder_layers(model)[1]) - 1))

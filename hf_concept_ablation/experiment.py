@@ -13,21 +13,24 @@ Conditions (the paper's Figure 2):
 * ``test_only``: the ``none`` model evaluated with the ``caft`` ablation applied at test time.
 
 Every trained model is evaluated on ``val`` and ``ood`` with the ablation removed (the
-deployed model) and, where there is one, kept. Results are appended to a JSON file after
+deployed model; ``test_only`` records its scores with the ablation applied, by definition) and, where
+there is one, kept. Results are appended to a JSON file after
 each run (written atomically), so an interrupted experiment resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import datasets
 import torch
@@ -36,13 +39,14 @@ from torch import nn
 
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, dataclass_from_settings
+from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, check_float_dtype,
+                     check_number, dataclass_from_settings, sae_source)
 from .evaluation import evaluate_multiple_choice
-from .files import atomic_dir, files_fingerprint, write_json_atomic
+from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from .models import load_model, load_tokenizer
 from .tasks import answer_strings, check_single_token
-from .training import PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
+from .training import DEFAULT_PRESET, PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
 TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k")
@@ -70,12 +74,15 @@ class ExperimentConfig:
         save_models: conditions whose trained models are saved (every seed), in
             ``<output_dir>/models/<name>/<condition>-seed<seed>/`` (``save_pretrained`` of the
             model and tokenizer, plus the ablation in ``concept_ablation/`` where there is one).
+        save_steps: 0, or a Trainer checkpoint every this many optimizer steps in `training_dir` (the last one
+            kept), from which an interrupted run resumes; removed once the run is recorded. Worth it where a
+            run takes long (a GPU study of a large model); each checkpoint holds the model and optimizer state.
     """
 
     model: str = "embedded"
     seeds: list[int] = field(default_factory=lambda: [0])
     conditions: list[str] = field(default_factory=lambda: ["none", "caft", "test_only"])
-    preset: str = "gemma3-270m"
+    preset: str = DEFAULT_PRESET
     training: dict[str, Any] = field(default_factory=dict)
     adapter: str | None = None
     attribution: str | None = None
@@ -87,6 +94,7 @@ class ExperimentConfig:
     output_dir: str = "outputs/experiment"
     dtype: str = "float32"
     save_models: list[str] = field(default_factory=list)
+    save_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("seeds", "conditions", "save_models"):
@@ -94,13 +102,15 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be a list, got {getattr(self, name)!r} (e.g. {name}=[...])")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise ValueError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for seed in self.seeds:
+            check_number(seed, "seed", 0, 2**32 - 1, integer=True)  # the range transformers' set_seed takes
         for name in ("train_size", "eval_size", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer{'' if name == 'eval_batch_size' else ' or null'}, "
                                  f"got {value!r}")
-        if not isinstance(getattr(torch, str(self.dtype), None), torch.dtype):
-            raise ValueError(f"dtype {self.dtype!r} is not a torch dtype name (e.g. float32, bfloat16)")
+        check_float_dtype(self.dtype)
+        check_number(self.save_steps, "save_steps", 0, integer=True)
         bad = [c for c in [*self.conditions, *self.save_models] if c not in CONDITIONS]
         if bad:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
@@ -115,10 +125,7 @@ class ExperimentConfig:
         for layer, source in self.saes.items():
             if not str(layer).isdigit():
                 raise ValueError(f"saes: {layer!r} is not a decoder layer index")
-            if not isinstance(source, Mapping):
-                raise ValueError(f"saes.{layer} must be a mapping of SAESource fields (release and sae_id, or "
-                                 f"path), got {source!r}")
-            dataclass_from_settings(SAESource, source, f"saes.{layer} setting")
+            sae_source(layer, source)
         needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
         if needs_adapter and not self.adapter:
             raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")
@@ -144,12 +151,18 @@ def _adapter_latent_count(config: ConceptAblationConfig) -> int:
     return sum(len(v) for v in config.latents.values()) + sum(len(v) for v in config.directions.values())
 
 
+def latent_pool(condition: str, table: list[LatentEffect], count: int) -> list[LatentEffect]:
+    """The attribution rows `condition` takes its `count` latents from: the first `count` (``top_k``) or the top 100
+    (``random``)."""
+    return table[:min(count, 100)] if condition == "top_k" else table[:100]
+
+
 def latents_for_condition(condition: str, table: list[LatentEffect], count: int, seed: int) -> dict[int, list[int]]:
     """``top_k``: the first `count` rows of the attribution table; ``random``: `count` drawn from its top 100."""
-    pool = table[:100]
-    if count > len(pool):
-        raise ValueError(f"{condition}: needs {count} latents but the attribution table has {len(pool)}")
-    rows = pool[:count] if condition == "top_k" else random.Random(seed).sample(pool, count)
+    if count > len(table[:100]):
+        raise ValueError(f"{condition}: needs {count} latents but the attribution table has {len(table[:100])}")
+    pool = latent_pool(condition, table, count)
+    rows = pool if condition == "top_k" else random.Random(seed).sample(pool, count)
     chosen: dict[int, list[int]] = {}
     for row in rows:
         chosen.setdefault(row.layer, []).append(row.latent)
@@ -169,9 +182,14 @@ class ResultsFile:
         "inputs": "made with another {changed} (same path, other content: was the concept search redone?)",
     }
 
-    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], earlier: Mapping[str, Mapping[str, str]] | None = None
+                 ) -> None:
+        """`earlier`: per fingerprint key, the hashes an earlier version of this package computed for the same inputs
+        (`inputs_fingerprint` with ``raw=True``): a file recording them is accepted, and its hashes replaced."""
         self.path = path
-        self.data = json.loads(path.read_text()) if path.exists() else {**header, "runs": []}
+        self.data = read_json(path) if path.exists() else {**header, "runs": []}
+        if not isinstance(self.data.get("runs"), list) or not isinstance(self.data.get("config", {}), dict):
+            raise ValueError(f"{path} is not a results file (it needs a 'runs' list and a 'config' object)")
         old, new = self.data.get("config", {}), header["config"]
         differ = [k for k in self.SAME_SETTINGS if k in old and old[k] != new.get(k)
                   and not (k == "adapter" and None in (old[k], new.get(k)))]
@@ -182,7 +200,9 @@ class ResultsFile:
         self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
-            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if old_hashes[k] != new_hashes[k])
+            accepted = (earlier or {}).get(key, {})
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys()
+                             if old_hashes[k] not in (new_hashes[k], accepted.get(k)))
             if changed:
                 raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
                                  "use another output_dir or delete the file")
@@ -205,12 +225,12 @@ def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
     return {name: _sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()) for name, d in splits.items()}
 
 
-def inputs_fingerprint(config: ExperimentConfig) -> dict[str, str]:
+def inputs_fingerprint(config: ExperimentConfig, raw: bool = False) -> dict[str, str]:
     """A short hash of the adapter's files and of the attribution table the config names, so that runs made with
-    another concept search's output under the same path are never mixed in one file."""
+    another concept search's output under the same path are never mixed in one file (`raw`: as `files_fingerprint`)."""
     files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
              "attribution": [Path(config.attribution)] if config.attribution else []}
-    return {name: files_fingerprint(paths) for name, paths in files.items() if paths}
+    return {name: files_fingerprint(paths, raw=raw) for name, paths in files.items() if paths}
 
 
 def _sha256(content: bytes) -> str:
@@ -226,7 +246,7 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per condition: per-seed val and OOD accuracy (ablation removed), their means and OOD standard error."""
+    """Per condition: per-seed val and OOD accuracy (``report.MEASURED``), their means and OOD standard error."""
     summary: dict[str, dict[str, Any]] = {}
     for condition in CONDITIONS:
         rows = sorted((r for r in runs if r["condition"] == condition), key=lambda r: r["seed"])
@@ -267,6 +287,16 @@ def _test_only_run(model: nn.Module, tokenizer: Any, adapter: str | os.PathLike,
             "deployed": {k: scores[k] for k in ("val", "ood")}}
 
 
+def searched_sae_sources(adapter: str | os.PathLike) -> dict[int, SAESource]:
+    """The SAE source of every layer the concept search that wrote `adapter` attributed (its ``selection.json``):
+    ``random`` and ``top_k`` may draw latents at any of them, also where the adapter ablates nothing. Empty for an
+    adapter that no search wrote."""
+    selection = Path(adapter) / SELECTION_NAME
+    if not selection.is_file():
+        return {}
+    return {int(k): sae_source(k, v) for k, v in read_json(selection).get("sae_sources", {}).items()}
+
+
 def run_experiment(
     config: ExperimentConfig,
     data: datasets.DatasetDict,
@@ -302,8 +332,12 @@ def run_experiment(
     train_fingerprint = data_fingerprint({"train": train})  # shared with the siblings, whose training set is the same
     results = ResultsFile(results_path or out_dir / f"{name}.json",
                           {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
-                           "inputs": inputs_fingerprint(config)})
+                           "inputs": inputs_fingerprint(config)},
+                          earlier={"inputs": inputs_fingerprint(config, raw=True)})
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
+    run_settings = json.loads(json.dumps({  # what a checkpoint must have been made with to be resumed
+        **{k: header["config"].get(k) for k in (*ResultsFile.SAME_SETTINGS, "saes")},
+        "data": results.data.get("data"), "inputs": results.data.get("inputs")}, default=str))
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
@@ -323,14 +357,20 @@ def run_experiment(
     # what would otherwise fail after a training run: answers of any split that are not one token, latents to draw
     check_single_token(load_tokenizer(config.model), answer_strings({"train": train, **evals, **{
         f"{n}_{split}": d for n, splits in sibling_evals.items() for split, d in splits.items()}}))
-    for condition in {"random", "top_k"} & set(config.conditions):
+    sae_sources = {**(searched_sae_sources(config.adapter) if config.adapter else {}),
+                   **(caft_config.saes if caft_config else {}),
+                   **{int(k): sae_source(k, v) for k, v in config.saes.items()}}
+    for condition in sorted({"random", "top_k"} & set(config.conditions)):
         if not caft_config.directions:
             if table is None:
                 raise ValueError(f"condition {condition!r} with a latent adapter needs `attribution` "
                                  "(an attribution table JSON)")
-            latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed=0)
-    sae_sources = {**(caft_config.saes if caft_config else {}),
-                   **{int(k): SAESource(**v) for k, v in config.saes.items()}}
+            count = _adapter_latent_count(caft_config)
+            latents_for_condition(condition, table, count, seed=0)
+            unknown = sorted({row.layer for row in latent_pool(condition, table, count)} - set(sae_sources))
+            if unknown:
+                raise ValueError(f"condition {condition!r} may draw latents at layer(s) {unknown}, which have no SAE "
+                                 f"source: set `saes` in the experiment config (known: {sorted(sae_sources)})")
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
             test_only_now = condition == "none" and "test_only" in config.conditions
@@ -339,6 +379,8 @@ def run_experiment(
             sibling_test_only = [n for n in sibling_adapters if test_only_now and not sibling_files[n].done("test_only", seed)]
             if results.done(condition, seed) and not needs_test_only and not pending_siblings and not sibling_test_only:
                 progress(f"[{name}] {condition} seed {seed}: already in {results.path}, skipped")
+                if state.is_main_process and config.save_steps:  # left by a run stopped just after it was recorded
+                    _remove_training_dir(training_dir(config, name, condition, seed))
                 continue
             reasons = (["test_only"] if needs_test_only or sibling_test_only else []) + pending_siblings
             why = f" again, for {', '.join(reasons)}" if results.done(condition, seed) else ""
@@ -359,9 +401,14 @@ def run_experiment(
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
                 callbacks.append(AblationScheduleCallback())
             model = prepare_model_for_training(model, preset)
-            with tempfile.TemporaryDirectory() as scratch:
-                args = training_arguments(preset, scratch, seed=seed, num_processes=state.num_processes)
-                fine_tune(model, tokenizer, train, args, callbacks=callbacks)
+            with _training_folder(config, name, condition, seed, run_settings, state) as (folder, resume_from):
+                checkpoints = {"save_strategy": "steps", "save_steps": config.save_steps,
+                               "save_total_limit": 1} if config.save_steps else {}
+                args = training_arguments(preset, str(folder), seed=seed, num_processes=state.num_processes,
+                                          **checkpoints)
+                if resume_from:
+                    progress(f"[{name}] {condition} seed {seed}: resuming from {resume_from}")
+                fine_tune(model, tokenizer, train, args, callbacks=callbacks, resume_from_checkpoint=resume_from)
             if state.is_main_process:
                 if not results.done(condition, seed):
                     handle = get_concept_ablation(model)
@@ -386,7 +433,52 @@ def run_experiment(
                 if needs_test_only:
                     results.add(_test_only_run(model, tokenizer, config.adapter, evals, config.eval_batch_size, seed))
             state.wait_for_everyone()
+            if state.is_main_process and config.save_steps:
+                _remove_training_dir(training_dir(config, name, condition, seed))
     return results.data
+
+
+#: what a run's checkpoints were made with (in its `training_dir`): they are resumed only by a run of the same
+RUN_SETTINGS_NAME = "run_settings.json"
+
+
+def training_dir(config: ExperimentConfig, name: str, condition: str, seed: int) -> Path:
+    """Where the Trainer of (`name`, `condition`, `seed`) keeps its checkpoints when ``config.save_steps`` asks for
+    them."""
+    return Path(config.output_dir) / "training" / name / f"{condition}-seed{seed}"
+
+
+def _remove_training_dir(folder: Path) -> None:
+    """Remove a recorded run's checkpoints, and the ``training/<name>`` folders above them once they are empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in (folder.parent, folder.parent.parent):
+        try:
+            parent.rmdir()
+        except OSError:  # another run's checkpoints are still there
+            return
+
+
+@contextlib.contextmanager
+def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: int, settings: Mapping[str, Any],
+                     state: Any) -> Iterator[tuple[Path, str | None]]:
+    """The Trainer's output folder and the checkpoint to resume from: with ``config.save_steps``, `training_dir` and
+    its last complete checkpoint (one cut short while being written has no ``trainer_state.json``), the folder
+    emptied first if it holds checkpoints of other `settings` (made before the results file was changed or
+    deleted); else a temporary folder (removed at the end) and None."""
+    if not config.save_steps:
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch), None
+        return
+    folder = training_dir(config, name, condition, seed)
+    record = folder / RUN_SETTINGS_NAME
+    if state.is_main_process:
+        if folder.is_dir() and (not record.is_file() or read_json(record) != settings):
+            shutil.rmtree(folder)
+        if not record.is_file():
+            write_json_atomic(record, settings)
+    state.wait_for_everyone()
+    complete = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    yield folder, str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
 
 
 def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:

@@ -62,12 +62,27 @@ def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1, **kwa
     return write_text_atomic(path, json.dumps(data, indent=indent, ensure_ascii=False, **kwargs) + "\n")
 
 
-def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
+    """Read a JSON file that must hold a `kind` (``dict``: an object, ``list``: an array); a file that is not
+    valid JSON (e.g. cut short) or holds something else raises a ValueError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it") from err
+    if not isinstance(data, kind):
+        raise ValueError(f"{path} must hold a JSON {'object' if kind is dict else 'array'}, got {type(data).__name__}")
+    return data
+
+
+def files_fingerprint(paths: Sequence[str | os.PathLike], *, raw: bool = False) -> str:
     """A short hash of the files' contents, in order (to tell whether an input changed); a safetensors file counts
-    by its tensors and metadata, not by the order its header happens to list them in."""
+    by its tensors and metadata, not by the order its header happens to list them in. `raw`: the hash of the bytes as
+    they are, which versions before session 12 recorded (to recognise their records)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(_canonical_safetensors(path) if Path(path).suffix == ".safetensors" else Path(path).read_bytes())
+        canonical = Path(path).suffix == ".safetensors" and not raw
+        digest.update(_canonical_safetensors(path) if canonical else Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
 

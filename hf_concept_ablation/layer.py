@@ -26,14 +26,18 @@ import torch
 from sae_lens import SAE
 from torch import nn
 
+from .config import check_number
 from .saes import PER_LATENT_ARCHITECTURES, TOPK_ARCHITECTURES
 
 KINDS = ("relu", "jumprelu", "topk", "projection")
-_BUFFERS = {
-    "relu": ("W_enc", "b_enc", "b_in", "W_dec"),
-    "jumprelu": ("W_enc", "b_enc", "b_in", "W_dec", "threshold"),
-    "topk": ("W_enc", "b_enc", "b_in", "W_dec", "latent_ids", "decoder_norm"),
-    "projection": ("Q", "center"),
+#: each kind's tensors and their dimensions: ``n`` latents or directions removed, ``d_sae`` the SAE's full width
+_BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "relu": {"W_enc": ("d_model", "n"), "b_enc": ("n",), "b_in": ("d_model",), "W_dec": ("n", "d_model")},
+    "jumprelu": {"W_enc": ("d_model", "n"), "b_enc": ("n",), "b_in": ("d_model",), "W_dec": ("n", "d_model"),
+                 "threshold": ("n",)},
+    "topk": {"W_enc": ("d_model", "d_sae"), "b_enc": ("d_sae",), "b_in": ("d_model",), "W_dec": ("n", "d_model"),
+             "latent_ids": ("n",), "decoder_norm": ("d_sae",)},
+    "projection": {"Q": ("d_model", "n"), "center": ("d_model",)},
 }
 
 
@@ -66,12 +70,28 @@ def keep_positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     return keep
 
 
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise a ValueError naming `what` if `tensor` holds NaN or infinite values."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} hold NaN or infinite values")
+
+
+def _check_shapes(kind: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming the first tensor whose shape disagrees with the kind's dimensions (`_BUFFERS`) as the
+    tensors before it set them, e.g. a ``W_enc`` of 1 latent beside a ``W_dec`` of 2."""
+    sizes: dict[str, int] = {}
+    for name, dims in _BUFFERS[kind].items():
+        shape = tuple(tensors[name].shape)
+        if len(shape) != len(dims) or any(sizes.setdefault(dim, size) != size for dim, size in zip(dims, shape)):
+            expected = ", ".join(f"{dim}={sizes[dim]}" if dim in sizes else dim for dim in dims)
+            raise ValueError(f"{kind} ablation tensor {name} has shape {list(shape)}, expected [{expected}]")
+
+
 def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis ``[d_model, r]`` of the span of `directions` ``[n, d_model]`` (QR, rank-checked)."""
     if directions.ndim != 2 or directions.shape[0] == 0:
         raise ValueError(f"directions must have shape [n, d_model] with n >= 1, got {tuple(directions.shape)}")
-    if not bool(torch.isfinite(directions).all()):
-        raise ValueError("directions hold NaN or infinite values")
+    _check_finite(directions, "directions")
     q, r = torch.linalg.qr(directions.T.to(torch.float64))
     diag = r.diagonal().abs()
     if not bool(diag.max() > 0):
@@ -94,13 +114,17 @@ class ConceptAblationLayer(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"unknown ablation kind {kind!r}; expected one of {KINDS}")
+        if kind == "projection" and "Q" in tensors and "center" not in tensors:  # adapters saved before centers
+            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
         missing = [name for name in _BUFFERS[kind] if name not in tensors]
         if missing:
             raise ValueError(f"ablation kind {kind!r} needs tensors {missing}")
-        if kind == "projection" and "center" not in tensors:  # adapters saved before centers existed
-            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
         if kind == "topk" and not k:
             raise ValueError("a topk ablation needs k, the number of active latents")
+        _check_shapes(kind, tensors)
+        if kind == "projection":  # (a saved adapter's; those made here are checked as they are built)
+            _check_finite(tensors["Q"], "directions")
+            _check_finite(tensors["center"], "center values")
         self.kind = kind
         self.k = k
         for name in _BUFFERS[kind]:
@@ -159,6 +183,7 @@ class ConceptAblationLayer(nn.Module):
         center = q.new_zeros(q.shape[0]) if center is None else center.detach().to(q.device, dtype).clone()
         if center.shape != (q.shape[0],):
             raise ValueError(f"center has shape {tuple(center.shape)}, expected [{q.shape[0]}] (d_model)")
+        _check_finite(center, "center values")
         return cls("projection", {"Q": q, "center": center})
 
     @property
@@ -201,8 +226,7 @@ class ConceptAblationLayer(nn.Module):
 
     def set_alpha(self, alpha: float) -> None:
         """Set the strength in place (``fill_``, so compiled graphs keep working)."""
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"ablation strength must be in [0, 1], got {alpha}")
+        check_number(alpha, "ablation strength", 0, 1)
         self.alpha.fill_(float(alpha))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from sae_lens import SAE
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, read_weights
 from .files import atomic_path, write_text_atomic
 from .layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids, with_layer_hidden
 from .models import check_layer_exists, text_config
@@ -204,9 +203,11 @@ class ConceptAblation:
         if not weights.is_file():
             raise FileNotFoundError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
         data = ConceptAblationConfig.read_json(directory / CONFIG_NAME)
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        tensors, metadata = read_weights(weights)
+        no_center = [i for i in data.get("centers", []) if f"layers.{i}.center" not in tensors]
+        if no_center:  # (a center is left out only by adapters of zero ablation saved before centers existed)
+            raise ValueError(f"{CONFIG_NAME} lists centers for layer(s) {no_center} but {weights} holds none for them: "
+                             "the two files are from different adapters")
         layers: dict[int, ConceptAblationLayer] = {}
         for key, meta in metadata.items():
             if not re.fullmatch(r"layers\.\d+", key):
@@ -214,7 +215,10 @@ class ConceptAblation:
             index = int(key.split(".")[1])
             prefix = f"layers.{index}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            layers[index] = ConceptAblationLayer(**json.loads(meta), tensors=state)
+            try:
+                layers[index] = ConceptAblationLayer(**json.loads(meta), tensors=state)
+            except (TypeError, ValueError) as err:  # metadata that is not JSON, an unknown key, tensors that misfit
+                raise ValueError(f"{weights}: layer {index} is not a valid ablation ({err})") from err
         explicit = {i: m.Q.T for i, m in layers.items() if i in set(data.get("directions", []))}
         centers = {i: m.center for i, m in layers.items() if i in set(data.get("centers", []))}
         config = ConceptAblationConfig.from_dict(data, directions=explicit, centers=centers)
@@ -260,7 +264,8 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, subfolder: str | No
 
 def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], config: ConceptAblationConfig,
                                 weights: Path) -> None:
-    """Refuse weights whose kind or size per layer is not what the config says (files of different adapters)."""
+    """Refuse weights whose kind, size or (where they are stored, in topk ablations) latent ids per layer are not what
+    the config says (files of different adapters)."""
     for index, module in sorted(layers.items()):
         if (module.kind == "projection") != (config.mode == "projection"):
             raise ValueError(f"{weights}: layer {index} holds a {module.kind!r} ablation but {CONFIG_NAME} says "
@@ -270,6 +275,10 @@ def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], conf
                                     else module.num_directions != len(latents)):
             raise ValueError(f"{weights}: layer {index} holds {module.num_directions} directions but {CONFIG_NAME} "
                              f"names {len(latents)} latents: the two files are from different adapters")
+        ids = getattr(module, "latent_ids", None)  # kept by topk ablations only
+        if latents is not None and ids is not None and ids.tolist() != latents:
+            raise ValueError(f"{weights}: layer {index} holds latents {ids.tolist()} but {CONFIG_NAME} names "
+                             f"{latents}: the two files are from different adapters")
 
 
 def _check_layers_fit(model: nn.Module, layers: Mapping[int, ConceptAblationLayer]) -> None:

@@ -111,6 +111,11 @@ def load_model(
     return model, load_tokenizer(spec)
 
 
+def resolve_device(device: str | None) -> str:
+    """``"auto"`` (or None): ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other device name as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+
+
 def load_tokenizer(spec: str = EMBEDDED) -> PreTrainedTokenizerBase:
     """The tokenizer of a model spec (as `load_model` returns it: with a pad token)."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec))

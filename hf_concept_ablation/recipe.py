@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import yaml
 
@@ -25,7 +25,9 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
     *parents, leaf = key.strip().split(".")
     node = config
     for part in parents:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # also an empty section (``experiment:`` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ValueError(f"override {assignment!r}: {part!r} is not a section")
     try:
@@ -35,7 +37,22 @@ def apply_override(config: dict[str, Any], assignment: str) -> None:
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """`yaml.SafeLoader` that also reads ``5e-5`` and ``1E3`` as floats (YAML 1.1 wants a dot)."""
+    """`yaml.SafeLoader` that also reads ``5e-5`` and ``1E3`` as floats (YAML 1.1 wants a dot), and refuses a key given
+    twice in one mapping (which YAML would let the last one win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *base``: a key it brings in may be given again
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the SafeLoader names an unhashable key itself
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -52,9 +69,12 @@ def load_recipe_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[
     if not path.is_file():
         raise FileNotFoundError(f"recipe config {path} does not exist")
     try:
-        config = yaml.load(path.read_text(), Loader=RecipeLoader) or {}
+        config = yaml.load(path.read_bytes(), Loader=RecipeLoader)  # bytes: a file that is not UTF-8 is a YAMLError
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from err
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of sections ('task', 'experiment'), got {config!r:.80}")
     for assignment in overrides:
         apply_override(config, assignment)
     unknown = sorted(set(config) - {"task", "experiment"})

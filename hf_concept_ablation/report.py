@@ -30,10 +30,12 @@ CONDITION_LABELS = {
     "top_k": "top-k attribution",
     "test_only": "test-time ablation",
 }
+#: How every accuracy is measured: the deployed model, except the condition defined by ablating at test time.
+MEASURED = "ablation removed; test-time ablation: applied"
 
 
 def plot_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str) -> Path:
-    """Bars of mean validation and OOD accuracy per condition (ablation removed), OOD standard error, seed dots."""
+    """Bars of mean validation and OOD accuracy per condition (`MEASURED`), OOD standard error, seed dots."""
     conditions = [c for c in CONDITION_LABELS if c in summary]
     if not conditions:
         raise ValueError(f"nothing to plot: the summary has no known condition ({sorted(summary)})")
@@ -48,7 +50,7 @@ def plot_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     ax.set_xticks(range(len(conditions)), [CONDITION_LABELS[c] for c in conditions], rotation=15)
     ax.set_ylim(0, 1.05)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_ylabel("accuracy (no ablation at test)")
+    ax.set_ylabel(f"accuracy\n({MEASURED})", fontsize=8)
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -72,7 +74,7 @@ def plot_overview(per_combination: Mapping[str, Mapping[str, Mapping[str, Any]]]
     ax.set_ylim(0, 1.05)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("OOD accuracy on the intended question")
-    ax.set_title("Double multiple choice (no ablation at test)")
+    ax.set_title(f"Double multiple choice ({MEASURED})")
     ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
     return _save_figure(fig, path)

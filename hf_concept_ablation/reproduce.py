@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,11 +41,11 @@ import datasets
 import torch
 
 from .experiment import CONDITIONS, ExperimentConfig, run_experiment
-from .files import write_json_atomic, write_text_atomic
-from .report import CONDITION_LABELS, plot_accuracy, plot_overview, table_cell
+from .files import read_json, write_json_atomic, write_text_atomic
+from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, table_cell
 from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
                     parse_combination_key)
-from .training import process_state
+from .training import DEFAULT_PRESET, PRESETS, process_state
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
 MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
@@ -107,20 +106,16 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
 
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
-                      adapter: Path | None = None, model: str = "embedded") -> ExperimentConfig:
-    """The `ExperimentConfig` of one task at `size` (``top_k`` is left out when the adapter has no attribution table).
-
-    ``random`` and ``top_k`` may draw latents at any layer the search attributed, also one where
-    ``caft`` ablates nothing, so every searched layer's SAE source comes from the search's
-    ``selection.json``."""
+                      adapter: Path | None = None, model: str = "embedded", preset: str = DEFAULT_PRESET
+                      ) -> ExperimentConfig:
+    """The `ExperimentConfig` of one task at `size` with the training `preset`; ``top_k`` is left out when the adapter
+    has no attribution table."""
     attribution = adapter / "attribution.json" if adapter else None
     if attribution is not None and not attribution.is_file():
         attribution = None
         conditions = [c for c in conditions if c != "top_k"]
-    selection = adapter / "selection.json" if adapter else None
-    searched = json.loads(selection.read_text()).get("sae_sources", {}) if selection and selection.is_file() else {}
     return ExperimentConfig(
-        model=model, seeds=list(seeds), conditions=list(conditions), saes=searched,
+        model=model, seeds=list(seeds), conditions=list(conditions), preset=preset,
         training={**({"epochs": size.epochs} if size.epochs else {}), **size.training},
         adapter=str(adapter) if adapter else None,
         attribution=str(attribution) if attribution else None,
@@ -143,29 +138,34 @@ def by_pair(keys: Sequence[str]) -> list[list[str]]:
     return list(pairs.values())
 
 
-def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int, model: str = "embedded"
-                  ) -> dict[str, dict[str, Any]]:
+def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int, model: str = "embedded",
+                  preset: str = DEFAULT_PRESET) -> dict[str, dict[str, Any]]:
     """Plain fine-tuning with `seed` on each combination not scanned yet; write and return ``validity.json``'s content.
 
     The two intended questions of a (first, second) pair share their training set, so each
     pair is trained once and evaluated on both combinations' splits. Validity belongs to the
     combination: an entry scanned with another seed is kept (it records its seed), so a later
-    run of more seeds (``--seeds 1``) does not scan again; one of another model or size is refused.
+    run of more seeds (``--seeds 1``) does not scan again; one of another model, size or preset is refused (an entry
+    that records no preset was made with `DEFAULT_PRESET`, the only one before presets were recorded).
     """
     path = out / "validity.json"
     validity = read_validity(path)
-    settings = {"model": model, "size": dataclasses.asdict(size)}
-    differ = [key for key in keys if key in validity and {k: validity[key].get(k) for k in settings} != settings]
+    settings = {"model": model, "size": dataclasses.asdict(size), "preset": preset}
+
+    def recorded(entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: entry.get(k, DEFAULT_PRESET if k == "preset" else None) for k in settings}
+
+    differ = [key for key in keys if key in validity and recorded(validity[key]) != settings]
     if differ:
-        old = {k: validity[differ[0]].get(k) for k in settings}
+        old = recorded(validity[differ[0]])
         raise ValueError(f"{path} holds scans made with other settings ({differ[0]}: {old}, now {settings}); "
                          "use another --out (e.g. results-full) or delete it")
-    config = experiment_config(size, [seed], ["none"], out / "runs", model=model)
+    config = experiment_config(size, [seed], ["none"], out / "runs", model=model, preset=preset)
     for first_key, *other_keys in by_pair([key for key in keys if key not in validity]):
         run_experiment(config, task_datasets(first_key), name=file_name(first_key),
                        siblings={file_name(k): task_datasets(k) for k in other_keys})
         for key in (first_key, *other_keys):
-            none = json.loads((out / "runs" / f"{file_name(key)}.json").read_text())["summary"]["none"]
+            none = read_json(out / "runs" / f"{file_name(key)}.json")["summary"]["none"]
             index = none["seeds"].index(seed)
             validity[key] = judge({"seed": seed, **settings, "val": none["val"][index], "ood": none["ood"][index]})
         if process_state().is_main_process:
@@ -181,7 +181,7 @@ def judge(entry: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_validity(path: Path) -> dict[str, dict[str, Any]]:
     """``validity.json`` with every verdict recomputed from its accuracies (empty if there is none)."""
-    return {key: judge(entry) for key, entry in json.loads(path.read_text()).items()} if path.is_file() else {}
+    return {key: judge(entry) for key, entry in read_json(path).items()} if path.is_file() else {}
 
 
 def plain_verdicts(out: Path, validity: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -190,7 +190,7 @@ def plain_verdicts(out: Path, validity: Mapping[str, Mapping[str, Any]]) -> dict
     verdicts: dict[str, dict[str, Any]] = {}
     for key, entry in validity.items():
         path = out / "runs" / f"{file_name(key)}.json"
-        plain = json.loads(path.read_text()).get("summary", {}).get("none") if path.is_file() else None
+        plain = read_json(path).get("summary", {}).get("none") if path.is_file() else None
         verdicts[key] = (judge({**entry, "val": plain["val_mean"], "ood": plain["ood_mean"], "seeds": plain["seeds"]})
                          if plain else {**entry, "seeds": [entry["seed"]]})
     return verdicts
@@ -207,7 +207,7 @@ def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, 
     """``summary.json``: task -> (combination ->) condition -> per-seed ``val``/``ood`` and means."""
     def read(name: str) -> dict[str, Any]:
         path = out / "runs" / f"{file_name(name)}.json"
-        return json.loads(path.read_text())["summary"] if path.is_file() else {}
+        return read_json(path).get("summary", {}) if path.is_file() else {}
 
     summary: dict[str, Any] = {}
     if "gender_bias" in tasks:
@@ -271,7 +271,7 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
 
 
 def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], command: str) -> str:
-    """The results table (validation / OOD accuracy, ablation removed) for the README; `verdicts`
+    """The results table (validation / OOD accuracy, `report.MEASURED`) for the README; `verdicts`
     (`plain_verdicts`) name the scanned combinations left out of it."""
     conditions = [c for c in CONDITION_LABELS if any(c in s for s in _task_summaries(summary))]
     head = "| task | " + " | ".join(CONDITION_LABELS[c] for c in conditions) + " |"
@@ -279,7 +279,7 @@ def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], co
     targets = targets_markdown(summary)
     if targets:
         lines += ["", targets]
-    lines += ["", "Per task and condition: val / OOD accuracy with the ablation removed, mean over seeds (± standard error "
+    lines += ["", f"Per task and condition: val / OOD accuracy ({MEASURED}), mean over seeds (± standard error "
               "of OOD; number of seeds in brackets).", "", head, "|---" * (len(conditions) + 1) + "|"]
     for name, s in _named_summaries(summary):
         cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
@@ -374,21 +374,21 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
 def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str],
               combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
               search_args: Sequence[str] = (), readme: Path | None = None, gender_source: str = "sae",
-              gender_answer_form: str = "letters") -> dict[str, Any]:
+              gender_answer_form: str = "letters", preset: str = DEFAULT_PRESET) -> dict[str, Any]:
     """Run every step of the module doc for `tasks`, `combinations` and `seeds`; return the summary, which (like
     the report it writes) covers every run in `out`, also those of tasks and seeds this call did not name.
 
     `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
-    `gender_answer_form` its prompts' answer form (``letters`` or ``words``).
+    `gender_answer_form` its prompts' answer form (``letters`` or ``words``); `preset` names the training preset.
     """
     state = process_state()
     if "gender_bias" in tasks:
         gender_args = [*search_args, "--source", gender_source, "--answer-form", gender_answer_form]
         adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender_args)
-        run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model),
+        run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model, preset),
                        task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias")
     if "double_mc" in tasks:
-        validity = scan_validity(combinations, out, size, seeds[0], model)
+        validity = scan_validity(combinations, out, size, seeds[0], model, preset)
         studied: list[str] = []
         # plain runs of a pair judge its dropped combination again, which may admit it: study until nothing is new
         while pending := [k for k in studied_combinations(combinations, validity, plain_verdicts(out, validity))
@@ -401,7 +401,8 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
                 unstudied = [k for k in combinations if parse_combination_key(k)[:2] == pair and k not in studied]
                 for key in (first_key, *other_keys):
                     siblings = [*other_keys, *unstudied] if key == first_key else []
-                    run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapters[key], model),
+                    run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapters[key], model,
+                                                     preset),
                                    task_datasets(key), name=file_name(key),
                                    siblings={file_name(k): task_datasets(k) for k in siblings},
                                    sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters})
@@ -443,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS),
                    help="test_only evaluates the none model, so it needs none too")
     p.add_argument("--model", default="embedded", help="'embedded' (Gemma 3 270M), a Hub id or a local folder")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                   help="training preset: gemma3-270m is tuned for the embedded model on the CPU, paper is the "
+                        "paper's full fine-tuning (use it for Gemma 2 2B)")
     p.add_argument("--search-args", default="", help="extra options of the concept search, e.g. '--sae 6=PATH'")
     p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
                    help="where the gender concept comes from (see hf_concept_ablation.directions)")
@@ -472,11 +476,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report_from_disk(args.out, readme))
         return 0
     if args.scan_only:
-        validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model)
+        validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model, args.preset)
         print(validity_markdown({key: validity[key] for key in combinations}))
         return 0
     reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
-              shlex.split(args.search_args), readme, args.gender_source, args.gender_answer_form)
+              shlex.split(args.search_args), readme, args.gender_source, args.gender_answer_form, args.preset)
     return 0
 
 

@@ -25,7 +25,6 @@ CLI: ``python -m hf_concept_ablation.sae_training --help``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -38,7 +37,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
-from .files import write_json_atomic
+from .config import check_number
+from .files import read_json, write_json_atomic
+from .models import resolve_device
 from .sae_quality import SAEQuality, evaluate_sae
 from .saes import SHIPPED_LAYERS
 
@@ -51,6 +52,10 @@ def hook_name(layer: int) -> str:
 
 
 # --------------------------------------------------------------------------- training
+
+
+ARCHITECTURES = ("topk", "jumprelu")
+SAVE_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -74,7 +79,7 @@ class SAETrainingConfig:
         seed: seed of the initialisation and of the data order.
         save_dtype: dtype of the saved weights (``"float16"``, ``"bfloat16"`` or ``"float32"``).
         model_name: model id recorded in the SAE metadata.
-        device: where the SAE trains (``"cpu"``, ``"cuda"``...).
+        device: where the model and the SAE run (``"auto"``: ``"cuda"`` when a GPU is visible, else ``"cpu"``).
     """
 
     architecture: str = "topk"
@@ -92,7 +97,27 @@ class SAETrainingConfig:
     seed: int = 0
     save_dtype: str = "float16"
     model_name: str | None = None
-    device: str = "cpu"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Check every setting before any work (a folder records the settings of its first run, so a bad value found
+        later would also lock out the corrected run)."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name, low, high, options in (
+            ("d_sae", 1, math.inf, {"integer": True}),
+            *([("k", 1, self.d_sae, {"integer": True})] if self.architecture == "topk" else []),
+            ("batch_size", 1, math.inf, {"integer": True}), ("training_tokens", self.batch_size, math.inf, {"integer": True}),
+            ("lr", 0, math.inf, {"low_open": True}), ("l0_coefficient", 0, math.inf, {}),
+            ("jumprelu_init_threshold", 0, math.inf, {"low_open": True}),
+            ("lr_warm_up_steps", 0, math.inf, {"integer": True}), ("lr_decay_fraction", 0, 1, {}),
+            ("dead_feature_window", 1, math.inf, {"integer": True}), ("n_checkpoints", 0, math.inf, {"integer": True}),
+            ("seed", 0, 2**32 - 1, {"integer": True}),
+        ):
+            check_number(getattr(self, name), f"SAE training setting {name}", low, high, **options)
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"SAE training setting save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        self.device = resolve_device(self.device)
 
 
 def _make_training_sae(cfg: SAETrainingConfig, d_in: int, layer: int, model_name: str | None):
@@ -105,10 +130,8 @@ def _make_training_sae(cfg: SAETrainingConfig, d_in: int, layer: int, model_name
     torch.manual_seed(cfg.seed + layer)
     if cfg.architecture == "topk":
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=cfg.k, **common))
-    if cfg.architecture == "jumprelu":
-        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
-            l0_coefficient=cfg.l0_coefficient, jumprelu_init_threshold=cfg.jumprelu_init_threshold, **common))
-    raise ValueError(f"architecture must be 'topk' or 'jumprelu', got {cfg.architecture!r}")
+    return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(  # the one other architecture SAETrainingConfig admits
+        l0_coefficient=cfg.l0_coefficient, jumprelu_init_threshold=cfg.jumprelu_init_threshold, **common))
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
@@ -190,7 +213,7 @@ def record_settings(folder: Path, cfg: SAETrainingConfig) -> None:
     settings = {k: v for k, v in asdict(cfg).items() if k not in _IRRELEVANT_SETTINGS}
     path = folder / SETTINGS_NAME
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
             raise ValueError(f"{folder} holds SAE training made with other settings ("
@@ -255,7 +278,7 @@ def train_saes(
         torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer = load_model(model_spec, device=cfg.device)
     cfg.model_name = cfg.model_name or base_model_id(model_spec)
     corpus_path = Path(corpus) if corpus is not None else corpus_mod.build_corpus(
         corpus_mod.CorpusRecipe(model=model_spec), model_and_tokenizer=(model, tokenizer))
@@ -294,11 +317,11 @@ def train_saes(
                   f"CE recovered {q.ce_loss_recovered:.3f}  (clean {q.ce_clean:.3f}, sae {q.ce_sae:.3f}, "
                   f"zero {q.ce_zero:.3f}; {q.n_tokens} tokens)", file=sys.stderr)
     report_path = out / "quality.json"
-    quality = json.loads(report_path.read_text())["quality"] if report_path.exists() else {}
+    quality = read_json(report_path).get("quality", {}) if report_path.exists() else {}
     quality.update({str(k): (asdict(v) if v else None) for k, v in results.items()})
     report = {
         "model": cfg.model_name, "corpus": str(corpus_path), "config": asdict(cfg),
-        "activation_tokens": json.loads((cache / "manifest.json").read_text())["tokens"],
+        "activation_tokens": read_json(cache / "manifest.json")["tokens"],
         "quality": quality,
     }
     write_json_atomic(report_path, report, indent=2)

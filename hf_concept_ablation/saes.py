@@ -11,11 +11,13 @@ All of them come back as `sae_lens.SAE` objects.
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -90,7 +92,11 @@ def _load_local(path: Path, device: str, dtype: str) -> SAE:
         missing = [name for name in SAE_LENS_FILES if not (path / name).is_file()]
         if missing:
             raise FileNotFoundError(f"SAE folder {path} is missing {missing} (a sae-lens folder needs {SAE_LENS_FILES})")
-        return SAE.load_from_disk(path, device=device, dtype=dtype)
+        try:
+            return SAE.load_from_disk(path, device=device, dtype=dtype)
+        except (SafetensorError, ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise ValueError(f"SAE folder {path} does not load as a sae-lens SAE {SAE_LENS_FILES} "
+                             f"({type(err).__name__}: {err})") from err
     for name in RAW_PARAM_FILES:
         if (path / name).is_file():
             return _load_raw_params(path / name, device=device, dtype=dtype)
@@ -101,18 +107,26 @@ def _load_local(path: Path, device: str, dtype: str) -> SAE:
 
 def _load_raw_params(file: Path, device: str, dtype: str) -> SAE:
     """A Gemma Scope style JumpReLU SAE from raw parameters (no ``cfg.json``)."""
-    if file.suffix == ".npz":
-        with np.load(file, allow_pickle=False) as data:
-            params = {key: torch.from_numpy(np.asarray(data[key], dtype=np.float32)) for key in data.files}
-    else:
-        params = load_file(str(file))
+    try:
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as data:
+                params = {key: torch.from_numpy(np.asarray(data[key], dtype=np.float32)) for key in data.files}
+        else:
+            params = load_file(str(file))
+    except (SafetensorError, ValueError, TypeError, OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{file} is not a readable parameter file ({type(err).__name__}: {err})") from err
     params = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in params.items()}
     missing = [key for key in RAW_PARAM_KEYS if key not in params]
     if missing:
         raise ValueError(f"{file} is missing parameter(s) {missing}; a Gemma Scope SAE needs {RAW_PARAM_KEYS}")
+    if params["W_enc"].ndim != 2:
+        raise ValueError(f"{file}: W_enc has shape {list(params['W_enc'].shape)}, expected [d_in, d_sae]")
     d_in, d_sae = params["W_enc"].shape
-    if params["W_dec"].shape != (d_sae, d_in):
-        raise ValueError(f"{file}: W_dec has shape {tuple(params['W_dec'].shape)}, expected {(d_sae, d_in)}")
+    expected = {"W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    for key, shape in expected.items():
+        if tuple(params[key].shape) != shape:
+            raise ValueError(f"{file}: {key} has shape {list(params[key].shape)}, expected {list(shape)} "
+                             f"(W_enc is [d_in={d_in}, d_sae={d_sae}])")
     match = re.search(r"layer_(\d+)", str(file.parent))
     metadata = SAEMetadata(hook_name=f"blocks.{match.group(1)}.hook_resid_post") if match else SAEMetadata()
     cfg = JumpReLUSAEConfig(

@@ -16,9 +16,9 @@ import datasets
 import torch
 from accelerate import PartialState
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
-from .config import check_names
+from .config import check_names, check_number
 from .evaluation import encode_prompts, first_token_ids
 
 
@@ -53,16 +53,8 @@ class TrainingPreset:
     lora_rank: int = 0
 
     def __post_init__(self) -> None:
-        def number(name: str, low: float, high: float = math.inf, *, low_open: bool = False,
-                   high_open: bool = False, integer: bool = False) -> None:
-            value = getattr(self, name)
-            kind = int if integer else (int, float)
-            ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and (
-                low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-            if not ok:
-                where = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-                raise ValueError(f"training setting {name} must be {'an integer' if integer else 'a number'} in "
-                                 f"{where}, got {value!r}")
+        def number(name: str, low: float, high: float = math.inf, **options: bool) -> None:
+            check_number(getattr(self, name), f"training setting {name}", low, high, **options)
 
         number("learning_rate", 0, low_open=True)
         number("weight_decay", 0)
@@ -73,6 +65,10 @@ class TrainingPreset:
         number("epochs", 0, low_open=True)
         number("max_grad_norm", 0, low_open=True)
         number("lora_rank", 0, integer=True)
+        schedulers = [scheduler.value for scheduler in SchedulerType]
+        if self.lr_scheduler_type not in schedulers:
+            raise ValueError(f"training setting lr_scheduler_type must be one of {schedulers}, "
+                             f"got {self.lr_scheduler_type!r}")
         if not isinstance(self.freeze_embeddings, bool):
             raise ValueError(f"training setting freeze_embeddings must be true or false, got {self.freeze_embeddings!r}")
 
@@ -82,6 +78,8 @@ class TrainingPreset:
         return dataclasses.replace(self, **overrides)
 
 
+#: The preset of an experiment that names none.
+DEFAULT_PRESET = "gemma3-270m"
 PRESETS: dict[str, TrainingPreset] = {
     # The paper's full fine-tuning setting (Gemma 2 2B, GPU).
     "paper": TrainingPreset(),

@@ -7,17 +7,19 @@ Task settings (``task:`` section):
       (plain fine-tuning on each source set alone, the paper's Table 1; its ``ood`` entry
       holds the held-out test questions).
   combinations: list of keys like ``verbs|sentiment|sentiment`` or ``all`` (the 24).
-  sources: source sets for ``skyline`` mode.
+  sources: source sets for ``skyline`` mode (a list, or one name).
   adapters_dir: folder with one sub-folder per combination (key with ``|`` -> ``-``) holding
       the ``caft`` adapter and, for latent adapters, ``attribution.json``, as written by the
       directions search; instead of the experiment's ``adapter`` and ``attribution``.
-  answer_form, max_examples, seed, source_files: passed to the dataset builders.
+  answer_form, max_examples, seed, source_files: passed to the dataset builders (``source_files`` maps source
+      set names to files; each run's builder gets the entries of the sets it builds).
 Writes one results JSON and PNG per combination (or source) and ``double_mc_summary.json``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import datasets
 
@@ -31,6 +33,7 @@ from hf_concept_ablation.tasks import (
     SOURCE_SETS,
     build_double_mc_datasets,
     build_skyline_datasets,
+    check_source_files,
     combination_key,
     file_name,
     parse_combination_key,
@@ -44,19 +47,31 @@ MODES = ("pairs", "skyline")
 
 def _runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
     """(name, data, per-run experiment changes) for every combination or skyline source."""
-    builder_args = {k: task[k] for k in BUILDER_KEYS if k in task and not (k == "max_examples" and task.get("mode") == "skyline")}
+    builder_args = {k: task[k] for k in BUILDER_KEYS
+                    if k in task and k != "source_files" and not (k == "max_examples" and task.get("mode") == "skyline")}
+    files = task.get("source_files")
     if task.get("mode", "pairs") == "skyline":
         sources = task.get("sources") or list(SOURCE_SETS)
+        sources = [sources] if isinstance(sources, str) else sources
+        check_source_files(files, sources)
         runs = []
         for source in sources:
-            split = build_skyline_datasets(source, **builder_args)
+            split = build_skyline_datasets(source, **builder_args, source_files=_files_of(files, [source]))
             runs.append((f"skyline-{source}", datasets.DatasetDict(train=split["train"], val=split["val"], ood=split["test"]), {}))
         return runs
     keys = task.get("combinations", "all")
     keys = [combination_key(*c) for c in ALL_COMBINATIONS] if keys == "all" else [keys] if isinstance(keys, str) else keys
-    return [(file_name(key), build_double_mc_datasets(*parse_combination_key(key), **builder_args),
+    combinations = [(key, parse_combination_key(key)) for key in keys]
+    check_source_files(files, {name for _, sets in combinations for name in sets})
+    return [(file_name(key), build_double_mc_datasets(*sets, **builder_args, source_files=_files_of(files, sets)),
              _search_outputs(Path(task["adapters_dir"]), key) if task.get("adapters_dir") else {})
-            for key in keys]
+            for key, sets in combinations]
+
+
+def _files_of(source_files: dict | None, names: Sequence[str]) -> dict | None:
+    """The entries of ``task.source_files`` for the source sets one run builds (another run's own set is unknown to
+    its builder)."""
+    return None if source_files is None else {name: source_files[name] for name in names if name in source_files}
 
 
 def _search_outputs(adapters_dir: Path, key: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.corpus import read_corpus, sample_from_model
+from hf_concept_ablation.corpus import iter_texts, read_corpus, sample_from_model
 
 PROMPTS = ("w6 w7", "w8 w9 w10", "w11")
 
@@ -49,3 +49,13 @@ def test_a_corpus_line_that_is_not_json_is_named(tmp_path):
     path.write_text('{"text": "a", "split": "train"}\n{"text": "b", "spl')
     with pytest.raises(ValueError, match=r"corpus.jsonl, line 2: not a JSON record"):
         read_corpus(path)
+
+
+@pytest.mark.parametrize("record", [["a", "b"], {"text": "w6 w7"}, {"txt": "w6 w7", "split": "train"},
+                                    {"text": "w6 w7", "split": "test"}])
+def test_a_corpus_record_without_text_and_split_is_named(tmp_path, record):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"text": "w8", "split": "train"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"mine.jsonl, line 2: a corpus record is a JSON object with a 'text' string "
+                                         r"and a 'split' of \('train', 'heldout'\), got "):
+        list(iter_texts(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation
 from hf_concept_ablation.directions import (ERASURE_TEXTS, SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
-                                            main, task_data)
+                                            build_parser, main, task_data)
 from hf_concept_ablation.tasks import answer_value
 from hf_concept_ablation.interpret.erasure import concept_decodability
 from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
@@ -75,6 +76,27 @@ def test_a_search_run_again_into_its_folder_leaves_nothing_of_the_first(tiny, tm
     assert not (tmp_path / "concept_ablation.safetensors").exists() and not (tmp_path / SEARCH_ARGS_NAME).exists()
     with pytest.raises(FileNotFoundError, match="has no concept_ablation_config.json"):
         ConceptAblation.from_pretrained(model, tmp_path)
+
+
+def test_a_search_that_fails_before_its_results_leaves_the_finished_one_in_its_folder(tiny, tmp_path, monkeypatch):
+    model, tokenizer, task, saes = tiny
+    find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", n_components=4, indices={1: [0, 1]},
+                        progress=False)
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "pca").iterdir()}
+    with pytest.raises(ValueError, match=r"layer 1: component index\(es\) \[7\] out of range"):
+        find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", n_components=4, indices={1: [7]},
+                            progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pca").iterdir()} == finished
+    find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=5, progress=False)
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the user stops the search again while it caches contexts
+
+    monkeypatch.setattr("hf_concept_ablation.directions.build_activation_cache", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=3, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == finished
 
 
 def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
@@ -268,3 +290,26 @@ def test_sae_of_another_model_is_refused_before_the_search_and_accepted_when_ask
                                   min_contrast=0.0, progress=False, check_model_name=False)
     assert result.config.check_model_name is False
     ConceptAblation.from_pretrained(model, tmp_path / "other").remove()
+
+
+def test_the_search_takes_the_users_data_as_the_recipes_do(tmp_path):
+    questions = tmp_path / "capitals.csv"
+    questions.write_text("\n".join(["question,correct,incorrect"] +
+                                   [f"Capital of country {i}?,city{i},town{i}" for i in range(40)]) + "\n")
+    task = task_data("double_mc:verbs|capitals|verbs", source_files={"capitals": questions})
+    assert all(q.startswith("Capital of country") for q in task.train["question_second"])
+    assert task.concept_a and all(text.startswith("Capital of country") for text in task.concept_a)  # unintended
+    templates = tmp_path / "mine.csv"
+    templates.write_text("template,case\n" + "".join(f"We thanked the {{profession}} and paid {{pronoun}} {i} dollars.,"
+                                                       "object\n" for i in range(6)))
+    gender = task_data("gender_bias", templates_file=templates)
+    assert all("dollars" in prompt for prompt in gender.train["prompt"])
+    with pytest.raises(ValueError, match=r"unknown source set\(s\) \['capital'\]"):
+        task_data("double_mc:verbs|sports|verbs", source_files={"capital": questions})
+    with pytest.raises(ValueError, match="templates_file is for the gender task"):
+        task_data("double_mc:verbs|sports|verbs", templates_file=templates)
+    args = build_parser().parse_args(["--task", "t", "--out", "o", "--source-file", f"capitals={questions}",
+                                      "--source-file", "sports=s.jsonl", "--templates-file", str(templates)])
+    assert args.source_file == [("capitals", questions), ("sports", Path("s.jsonl"))]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--task", "t", "--out", "o", "--source-file", "capitals.csv"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_concept_ablation.files import atomic_dir, atomic_path, files_fingerprint
+from hf_concept_ablation.files import atomic_dir, atomic_path, files_fingerprint, read_json
 
 
 def test_atomic_dir_replaces_the_folder_only_when_the_writer_finishes(tmp_path):
@@ -54,3 +57,37 @@ def test_a_safetensors_file_saved_again_has_the_same_fingerprint(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
     with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):
         files_fingerprint([tmp_path / "bad.safetensors"])
+
+
+def test_a_damaged_state_file_is_named(tmp_path):
+    from hf_concept_ablation import reproduce
+    from hf_concept_ablation.experiment import ResultsFile
+
+    path = tmp_path / "gender_bias.json"
+    for text, message in (('{"runs": [', r"gender_bias.json is not valid JSON"),
+                          ("[]", r"gender_bias.json must hold a JSON object, got list"),
+                          ('{"config": {}}', r"gender_bias.json is not a results file \(it needs a 'runs' list")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            ResultsFile(path, {"config": {}})
+    (tmp_path / "validity.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"validity.json is not valid JSON"):
+        reproduce.read_validity(tmp_path / "validity.json")
+    (tmp_path / "args.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match=r"args.json must hold a JSON array, got dict"):
+        read_json(tmp_path / "args.json", list)
+
+
+def test_a_results_file_of_an_earlier_version_is_recognised_by_its_raw_fingerprint(tmp_path):
+    from hf_concept_ablation.experiment import ResultsFile
+
+    weights = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(2)}, str(weights), metadata={"layers.1": "{}", "layers.2": "{}"})
+    assert files_fingerprint([weights], raw=True) == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": "raw-hash"}}))
+    header = {"config": {}, "inputs": {"adapter": "canonical-hash"}}
+    results = ResultsFile(path, header, earlier={"inputs": {"adapter": "raw-hash"}})
+    assert results.data["inputs"] == {"adapter": "canonical-hash"}  # recorded so from the next run on
+    with pytest.raises(ValueError, match=r"made with another \['adapter'\]"):
+        ResultsFile(path, header, earlier={"inputs": {"adapter": "another-raw-hash"}})

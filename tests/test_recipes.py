@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
 from hf_concept_ablation.attribution import attribute_latents, save_attribution
+from hf_concept_ablation.config import SELECTION_NAME
 from hf_concept_ablation.evaluation import evaluate_multiple_choice
 from hf_concept_ablation.experiment import random_directions_config, subsample
 from hf_concept_ablation.recipe import load_recipe_config
@@ -324,6 +326,39 @@ def test_an_override_that_is_not_yaml_is_named(tmp_path):
         load_recipe_config(path, ["experiment.seeds=[0,1"])
 
 
+def test_an_empty_section_takes_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("task:\nexperiment:\n")
+    assert load_recipe_config(path, ["experiment.seeds=[1]"])["experiment"] == {"seeds": [1]}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"42\n", r"r.yaml must hold a mapping of sections \('task', 'experiment'\), got 42"),
+    (b"experiments\n", r"r.yaml must hold a mapping of sections .* got 'experiments'"),
+    (b"experiment:\n  seeds: [0]\n  seeds: [1, 2]\n", r"(?s)r.yaml is not valid YAML: .*found duplicate key 'seeds'\n  "
+                                                      r"in \"<byte string>\", line 3"),
+    ("experiment:\n  output_dir: caf\u00e9\n".encode("cp1252"), r"r.yaml is not valid YAML: .*invalid continuation byte"),
+], ids=["int", "string", "duplicate key", "not utf-8"])
+def test_a_malformed_recipe_file_is_named(tmp_path, content, message):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        load_recipe_config(path)
+
+
+def test_double_mc_sources_and_source_files_are_checked(tmp_path):
+    path = tmp_path / "capitals.csv"
+    path.write_text("\n".join(["question,correct,incorrect"] + [f"Capital of {i},city{i},town{i}" for i in range(40)]))
+    assert [name for name, _, _ in double_mc._runs({"mode": "skyline", "sources": "verbs"})] == ["skyline-verbs"]
+    runs = double_mc._runs({"combinations": ["capitals|verbs|verbs", "verbs|sentiment|sentiment"], "max_examples": 20,
+                            "source_files": {"capitals": str(path)}})  # a set of its own, used by one combination
+    assert [data["train"][0]["first"] for _, data, _ in runs] == ["capitals", "verbs"]
+    with pytest.raises(ValueError, match=r"unknown source set\(s\) \['verb'\] in source_files"):
+        double_mc._runs({"combinations": "verbs|sentiment|sentiment", "source_files": {"verb": str(path)}})
+    with pytest.raises(ValueError, match=r"source_files must map source set names to files, got '.*capitals.csv'"):
+        double_mc._runs({"mode": "skyline", "sources": ["verbs"], "source_files": str(path)})
+
+
 def test_model_card_command_is_how_the_run_was_started(monkeypatch):
     from hf_concept_ablation import reproduce
     from hf_concept_ablation.report import launch_command
@@ -338,7 +373,7 @@ def test_model_card_command_is_how_the_run_was_started(monkeypatch):
 
 
 def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path, capsys):
-    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment, searched_sae_sources
 
     experiment = load_recipe_config(_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
     data = build_gender_datasets()
@@ -347,7 +382,17 @@ def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path,
         run_experiment(ExperimentConfig.from_dict(experiment), {**data, "ood": bad_ood}, name="gender_bias")
     with pytest.raises(ValueError, match=r"condition 'random' with a latent adapter needs `attribution`"):
         run_experiment(ExperimentConfig.from_dict({**experiment, "attribution": None}), data, name="gender_bias")
+    # the adapter ablates layer 1 only, the table also ranks layer 2: random may draw there, and needs its SAE
+    without = {**experiment, "saes": {}}
+    with pytest.raises(ValueError, match=r"'random' may draw latents at layer\(s\) \[2\], which have no SAE source"):
+        run_experiment(ExperimentConfig.from_dict(without), data, name="gender_bias")
     assert "training" not in capsys.readouterr().out
+    search = tmp_path / "search"  # an adapter written by a concept search names every searched layer's SAE
+    shutil.copytree(tiny_setup / "adapter", search)
+    (search / SELECTION_NAME).write_text(json.dumps({"sae_sources": {"1": {"path": str(tiny_setup / "sae_1")},
+                                                                     "2": {"path": str(tiny_setup / "sae_2")}}}))
+    assert searched_sae_sources(search) == {layer: SAESource(path=str(tiny_setup / f"sae_{layer}")) for layer in (1, 2)}
+    assert searched_sae_sources(tiny_setup / "adapter") == {}
 
 
 def test_model_card_keeps_its_tables_whole():
@@ -361,3 +406,55 @@ def test_model_card_keeps_its_tables_whole():
     assert "| 1 | 5 | +0.500 |  | he \\| she pronouns |" in card  # one row, five cells
     assert "| CAFT | 1.000 | 0.250 | 1 |" in card  # no standard error from one seed
     assert "| epochs | `2` |" in card and "| learning_rate | `5e-06` |" in card
+
+
+def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    from hf_concept_ablation import experiment
+
+    def run(out: Path, *overrides: str) -> dict:
+        return gender_bias.main(["--config", str(_config(tiny_setup, out, ["caft_annealed"])), "save_steps=1",
+                                 *overrides])
+
+    whole = run(tmp_path / "whole")["runs"][0]  # 4 steps (16 examples, batch 4, 1 epoch), uninterrupted
+    assert not (tmp_path / "whole" / "training").exists()  # the checkpoints go once the run is recorded
+    real_fine_tune = experiment.fine_tune
+    steps: list[int] = []
+
+    class StopDuringStepThree(TrainerCallback):  # after step 2's checkpoint, before step 3's
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+            if stop and state.global_step == 3:
+                raise KeyboardInterrupt
+
+    def watched(*args, callbacks=(), **kwargs):
+        return real_fine_tune(*args, callbacks=[*callbacks, StopDuringStepThree()], **kwargs)
+
+    monkeypatch.setattr(experiment, "fine_tune", watched)
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    cut = experiment.ExperimentConfig(conditions=["none"], output_dir=str(tmp_path / "cut"))
+    folder = experiment.training_dir(cut, "gender_bias", "caft_annealed", 0)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    shutil.copytree(folder / "checkpoint-2", folder / "checkpoint-3")  # as a save killed midway leaves it:
+    (folder / "checkpoint-3" / "trainer_state.json").unlink()  # the state is written last
+    stop, steps[:] = False, []
+    capsys.readouterr()
+    resumed = run(tmp_path / "cut")["runs"][0]
+    assert f"resuming from {folder / 'checkpoint-2'}" in capsys.readouterr().out
+    assert steps == [3, 4]  # only the steps left
+    assert resumed["ablation"]["alpha"] == whole["ablation"]["alpha"]  # the schedule went on from step 2
+    assert {k: resumed[k] for k in ("val", "ood", "val_ablated", "ood_ablated")} == \
+        {k: whole[k] for k in ("val", "ood", "val_ablated", "ood_ablated")}
+    assert not folder.exists()
+
+    stop, steps[:] = True, []  # checkpoints of other settings (the results file deleted, the settings changed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "other")
+    (tmp_path / "other" / "gender_bias.json").unlink(missing_ok=True)
+    stop, steps[:] = False, []
+    capsys.readouterr()
+    run(tmp_path / "other", "training.learning_rate=0.002")
+    assert "resuming" not in capsys.readouterr().out and steps == [1, 2, 3, 4]

@@ -196,6 +196,15 @@ def test_validity_scan_trains_each_pair_once_for_both_intended_questions(tiny_fo
     other_size = reproduce.ReproduceSize(**{**vars(size), "train_size": 12})
     with pytest.raises(ValueError, match=r"validity.json holds scans made with other settings .*'train_size': 8"):
         reproduce.scan_validity(keys, tmp_path, other_size, seed=0, model=str(root / "model"))
+    assert validity["verbs|sentiment|verbs"]["preset"] == "gemma3-270m"
+    with pytest.raises(ValueError, match=r"other settings .*'preset': 'gemma3-270m'}, now .*'preset': 'paper'}"):
+        reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"), preset="paper")
+    path = tmp_path / "validity.json"  # an entry from before presets were recorded was made with the default one
+    write_json_atomic(path, {k: {f: v for f, v in entry.items() if f != "preset"} for k, entry in validity.items()})
+    assert set(reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"))) == set(keys)
+    assert "training none" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"'preset': 'gemma3-270m'}, now .*'preset': 'paper'}"):
+        reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"), preset="paper")
 
 
 def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_path):
@@ -217,16 +226,14 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
 
 
-def test_random_and_top_k_get_the_sae_of_every_searched_layer(tmp_path):
-    """A search whose chosen latents all sit on layer 3 still lets ``top_k`` use layer 12's SAE."""
+def test_a_study_takes_the_training_preset_of_its_model(tmp_path):
     adapter = tmp_path / "search"
     adapter.mkdir()
-    sources = {"3": {"release": None, "sae_id": None, "path": "/saes/layer_3"},
-               "12": {"release": None, "sae_id": None, "path": "/saes/layer_12"}}
-    (adapter / "selection.json").write_text(json.dumps({"sae_sources": sources}))
     (adapter / "attribution.json").write_text("[]")
     config = reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path / "runs", adapter)
-    assert config.saes == sources and config.conditions == ["none", "top_k"]
+    assert config.preset == "gemma3-270m" and config.conditions == ["none", "top_k"]
+    assert reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none"], tmp_path, preset="paper").preset == "paper"
+    assert reproduce.build_parser().parse_args(["--preset", "paper"]).preset == "paper"
     (adapter / "attribution.json").unlink()
     assert reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path, adapter).conditions == ["none"]
 
@@ -235,6 +242,7 @@ def test_a_search_folder_is_not_reused_with_other_options(tmp_path):
     out = tmp_path / "search"
     out.mkdir()
     (out / "concept_ablation_config.json").write_text("{}")  # a finished search: adapter, then selection.json
+    (out / "concept_ablation.safetensors").write_text("")
     (out / "selection.json").write_text("{}")
     size = reproduce.SIZES["cpu"]
     assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out

@@ -203,3 +203,29 @@ def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_on
     for layer in (1, 2):
         sae = load_sae(SAESource(path=str(tmp_path / "out" / f"layer_{layer}")))
         check_sae_fits(sae, layer=layer, num_layers=4, hidden_size=HIDDEN, model_name="tiny/llama")
+
+
+def test_the_device_defaults_to_the_gpu_when_one_is_visible(monkeypatch):
+    from hf_concept_ablation import directions
+    from hf_concept_ablation.models import resolve_device
+
+    assert directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x"]).device == "auto"
+    assert st.SAETrainingConfig().device == resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert st.SAETrainingConfig().device == resolve_device(None) == "cuda"
+    assert st.SAETrainingConfig(device="cpu").device == resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"d_sae": 16, "k": 64}, r"setting k must be an integer in \[1, 16\], got 64"),
+    ({"architecture": "jumprelu", "d_sae": 16, "lr": -1}, r"setting lr must be"),  # (k applies to topk only)
+    ({"batch_size": 512, "training_tokens": 256}, r"setting training_tokens must be an integer in \[512, inf\), got 256"),
+    ({"save_dtype": "float61"}, r"save_dtype must be one of \('float16', 'bfloat16', 'float32'\), got 'float61'"),
+    ({"architecture": "relu"}, r"architecture must be one of \('topk', 'jumprelu'\), got 'relu'"),
+    ({"lr": 0}, r"setting lr must be a number in \(0, inf\), got 0"),
+    ({"lr_decay_fraction": "0.2"}, r"lr_decay_fraction must be a number in \[0, 1\], got '0.2'"),
+])
+def test_bad_sae_training_settings_are_named_before_any_work(settings, message):
+    """Refused when the settings are made, so no folder records them and locks out the corrected run."""
+    with pytest.raises(ValueError, match=message):
+        st.SAETrainingConfig(**settings)

@@ -193,6 +193,17 @@ def test_malformed_user_source_file_error_names_file_line_and_problem(tmp_path):
         build_double_mc_datasets("verbs", "mine", "mine", source_files={"mine": path})
 
 
+def test_source_files_must_map_known_source_sets_to_files(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    with pytest.raises(ValueError, match=r"unknown source set\(s\) \['verb'\] in source_files; known: \['pronouns', "
+                                         r"'sentiment', 'sports', 'verbs'\]"):
+        build_double_mc_datasets("verbs", "sentiment", "sentiment", source_files={"verb": path})
+    with pytest.raises(ValueError, match=r"unknown source set\(s\) \['capitals'\] .* known: .*'verbs'"):
+        build_skyline_datasets("verbs", source_files={"capitals": path})
+    with pytest.raises(ValueError, match=r"source_files must map source set names to files, got '.*mine.jsonl'"):
+        build_double_mc_datasets("verbs", "sentiment", "sentiment", source_files=str(path))
+
+
 def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="different"):
         build_double_mc_datasets("verbs", "verbs", "verbs")

@@ -110,6 +110,10 @@ MALFORMED = [
     ("multiline.csv", 'question,correct,incorrect\n"a\nlong question",yes,no\nq1,yes,no\nq2,"ye\ns",no\n', 5,
      "must be a single line"),
     ("data.txt", "question,correct,incorrect\nq,yes,no\n", None, "unsupported file extension '.txt'"),
+    ("two_correct.csv", "question,correct,incorrect,correct\nq0,yes,no,maybe\n", 1,
+     "column(s) correct appear more than once in the header"),
+    ("huge_field.csv", "question,correct,incorrect\nq0,yes,no\n" + "q" * 200_000 + ",yes,no\n", 3,
+     "not valid CSV (field larger than field limit"),
 ]
 
 

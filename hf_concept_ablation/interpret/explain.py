@@ -356,16 +356,19 @@ class LatentExplanation:
 class ExplanationLog:
     """Explanations appended to a JSONL file one by one as they are made, so an interrupted run keeps them.
 
-    The first line is a header (who explained what, with which settings); a log with another header is
-    started afresh, and a torn last line (a crash while writing it) is ignored.
+    The first line is a header (who explained what, with which settings); a log with another header (other than
+    `earlier_header`, the same settings as an earlier version wrote them) is started afresh, and a torn last line (a
+    crash while writing it) is ignored.
     """
 
-    def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any],
+                 earlier_header: dict[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.header = json.loads(json.dumps(header, default=str))
+        accepted = [self.header] + ([json.loads(json.dumps(earlier_header, default=str))] if earlier_header else [])
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
         self.done: dict[tuple[int, int], LatentExplanation] = {}
-        if lines and _json_or_none(lines[0]) == self.header:
+        if lines and _json_or_none(lines[0]) in accepted:
             for line in lines[1:]:
                 row = _json_or_none(line)
                 if isinstance(row, dict):

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from datasets import Dataset, DatasetDict
 
+from ..config import check_names
 from .mc import (
     ASSETS_DIR,
     AnswerForm,
@@ -73,6 +75,16 @@ def source_set_path(name: str) -> Path:
     if name not in SOURCE_SETS:
         raise ValueError(f"unknown source set {name!r}; the project's own are {SOURCE_SETS}")
     return ASSETS_DIR / f"{name}.jsonl"
+
+
+def check_source_files(source_files: Any, used: Iterable[str]) -> None:
+    """Refuse `source_files` unless it is None or maps source set names to files, each name one of the project's own
+    sets or of `used` (the sets being built): a misspelt name would leave the built-in questions in use unnoticed."""
+    if source_files is None:
+        return
+    if not isinstance(source_files, Mapping):
+        raise ValueError(f"source_files must map source set names to files, got {source_files!r}")
+    check_names(source_files, {*SOURCE_SETS, *used}, "source set", " in source_files")
 
 
 def load_source_set(name: str, source_files: Mapping[str, PathLike] | None = None) -> list[dict[str, str]]:
@@ -201,6 +213,7 @@ def build_double_mc_datasets(
         raise ValueError(f"max_examples must be positive, got {max_examples}")
     if KEY_SEPARATOR in first or KEY_SEPARATOR in second:
         raise ValueError(f"source set names must not contain {KEY_SEPARATOR!r}")
+    check_source_files(source_files, (first, second))
     parts_a = split_questions(load_source_set(first, source_files), splits, seed, first)
     parts_b = split_questions(load_source_set(second, source_files), splits, seed, second)
     result = {}
@@ -237,6 +250,7 @@ def build_skyline_datasets(
     ``source``, ``question``, ``correct``, ``incorrect``.
     """
     check_answer_form(answer_form)
+    check_source_files(source_files, (source,))
     parts = split_questions(load_source_set(source, source_files), splits, seed, source)
     result = {}
     for split, questions in zip(SKYLINE_SPLITS, parts):

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from datasets import Dataset, DatasetDict
 
+from ..config import check_number
 from .mc import (
     ASSETS_DIR,
     AnswerForm,
@@ -117,8 +118,7 @@ def split_gender_templates(
     templates: Sequence[GenderTemplate], val_fraction: float = 0.2, seed: int = 0
 ) -> tuple[list[GenderTemplate], list[GenderTemplate]]:
     """Split templates into (train, held-out) by template, separately within each case."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_number(val_fraction, "val_fraction", 0, 1, low_open=True, high_open=True)
     rng = random.Random(f"gender-split:{seed}")
     train: list[GenderTemplate] = []
     heldout: list[GenderTemplate] = []

@@ -132,7 +132,17 @@ def read_table(path: PathLike, required_columns: Sequence[str]) -> list[TableRow
 
 def _read_csv(path: Path, text: str, required: Sequence[str]) -> list[TableRow]:
     reader = csv.reader(text.splitlines(keepends=True))
+    try:
+        return _csv_rows(path, reader, required)
+    except csv.Error as err:  # e.g. a field over the csv module's size limit
+        raise TaskDataError(path, f"not valid CSV ({err})", line=reader.line_num) from None
+
+
+def _csv_rows(path: Path, reader: Any, required: Sequence[str]) -> list[TableRow]:
     header = [name.strip() for name in next(reader)]
+    repeated = sorted({name for name in header if name and header.count(name) > 1})
+    if repeated:
+        raise TaskDataError(path, f"column(s) {', '.join(repeated)} appear more than once in the header", line=1)
     missing = [name for name in required if name not in header]
     if missing:
         raise TaskDataError(
