@@ -477,8 +477,9 @@ def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: 
         if not record.is_file():
             write_json_atomic(record, settings)
     state.wait_for_everyone()
-    complete = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
-    yield folder, str(max(complete, key=lambda p: int(p.name[11:]))) if complete else None
+    complete = {int(step): p for p in folder.glob("checkpoint-*")
+                if (step := p.name.removeprefix("checkpoint-")).isdigit() and (p / "trainer_state.json").is_file()}
+    yield folder, str(complete[max(complete)]) if complete else None
 
 
 def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:

@@ -122,7 +122,7 @@ class ConceptAblationLayer(nn.Module):
         if kind == "topk" and not k:
             raise ValueError("a topk ablation needs k, the number of active latents")
         _check_shapes(kind, tensors)
-        if kind == "projection":  # (a saved adapter's; those made here are checked as they are built)
+        if kind == "projection":
             _check_finite(tensors["Q"], "directions")
             _check_finite(tensors["center"], "center values")
         self.kind = kind
@@ -183,7 +183,6 @@ class ConceptAblationLayer(nn.Module):
         center = q.new_zeros(q.shape[0]) if center is None else center.detach().to(q.device, dtype).clone()
         if center.shape != (q.shape[0],):
             raise ValueError(f"center has shape {tuple(center.shape)}, expected [{q.shape[0]}] (d_model)")
-        _check_finite(center, "center values")
         return cls("projection", {"Q": q, "center": center})
 
     @property
