@@ -183,9 +183,10 @@ class ConceptAblationConfig:
         self.latents = {_index(k, "layer"): [_index(i, f"latent id of layer {k}") for i in v]
                         for k, v in self.latents.items()}
         if self.skip_token_ids is not None:
-            if isinstance(self.skip_token_ids, (torch.Tensor, np.ndarray, set, frozenset)):
-                self.skip_token_ids = self.skip_token_ids.tolist() if hasattr(self.skip_token_ids, "tolist") \
-                    else sorted(self.skip_token_ids)
+            if isinstance(self.skip_token_ids, (torch.Tensor, np.ndarray)):
+                self.skip_token_ids = self.skip_token_ids.tolist()
+            elif isinstance(self.skip_token_ids, (set, frozenset)):
+                self.skip_token_ids = sorted(self.skip_token_ids)
             _check_list(self.skip_token_ids, "skip_token_ids must be a list of token ids (or null)")
             for token_id in self.skip_token_ids:
                 check_number(token_id, "a token id of skip_token_ids", 0, integer=True)

@@ -252,15 +252,16 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
     holding a search made with other options is refused, naming both."""
     out = Path(out_dir)
     record, recorded = out / SEARCH_ARGS_NAME, public_args(args)
-    if record.is_file() and read_json(record, list) != recorded:
-        raise ValueError(f"{out} holds a search made with other options ({read_json(record, list)}, "
+    earlier = read_json(record, list) if record.is_file() else None
+    if earlier is not None and earlier != recorded:
+        raise ValueError(f"{out} holds a search made with other options ({earlier}, "
                          f"now {recorded}); use another output folder or delete this one")
     if not search_finished(out):
         main(list(args))
     elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
         options = build_parser().parse_args(list(args))
         restore_adapter_weights(out, options.model, device=options.device)
-    if not record.is_file():
+    if not record.is_file():  # (a search run here took the old record out)
         write_json_atomic(record, recorded)
     return (out / CONFIG_NAME).is_file()
 
