@@ -87,6 +87,9 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
         assert 0.0 <= entry["ood_mean"] <= 1.0 and entry["ood_sem"] >= 0.0
     runs = {(r["condition"], r["seed"]): r for r in results["runs"]}
     assert "ood_ablated" in runs[("caft", 0)] and "ood_ablated" not in runs[("none", 0)]
+    for run in results["runs"]:  # each run says where and with what it was made
+        assert run["machine"]["device"].startswith("cpu (") and run["machine"]["processes"] == 1
+        assert run["machine"]["versions"]["torch"] == torch.__version__
     assert runs[("random", 0)]["ablation"]["latents"] != runs[("random", 1)]["ablation"]["latents"]
     assert runs[("caft_annealed", 0)]["ablation"]["alpha"] == pytest.approx(0.5)  # 4 steps, linear from 0.5: step 3 of 4
     saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
@@ -284,6 +287,7 @@ def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
     assert len(one["runs"]) == len(two["runs"]) == 2
     for a, b in zip(one["runs"], two["runs"]):
         assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
+        assert (a["machine"]["processes"], b["machine"]["processes"]) == (1, 2)
         for split in ("val", "ood"):
             assert a[split]["accuracy"] == b[split]["accuracy"]
             assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)

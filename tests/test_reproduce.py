@@ -211,7 +211,10 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     runs = tmp_path / "runs"
     runs.mkdir()
     summary = {"none": {"val": [1.0, 1.0], "ood": [0.0, 0.2], "val_mean": 1.0, "ood_mean": 0.1, "ood_sem": 0.1}}
-    (runs / "gender_bias.json").write_text(json.dumps({"summary": summary}))
+    machine = {"device": "NVIDIA H100 80GB HBM3", "processes": 1}
+    (runs / "gender_bias.json").write_text(json.dumps({"summary": summary, "runs": [
+        {"condition": "none", "seed": 0, "machine": machine}, {"condition": "none", "seed": 1, "machine": machine}]}))
+    (runs / "sports-verbs-verbs.json").write_text(json.dumps({"runs": [{"condition": "none", "seed": 0}]}))
     readme = tmp_path / "repository_README.md"
     readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
     repository_readme = reproduce.REPO_README.read_text()
@@ -223,6 +226,8 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
     assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only` (from the runs on disk)" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
+    assert ("Runs by machine (same protocol and size; machines differ by float rounding): NVIDIA H100 80GB HBM3: 2, "
+            "not recorded (runs made before runs named their machine): 1.") in text
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
 
 
