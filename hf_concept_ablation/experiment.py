@@ -174,8 +174,10 @@ def latents_for_condition(condition: str, table: list[LatentEffect], count: int,
 class ResultsFile:
     """The experiment's JSON results, rewritten atomically after every run."""
 
-    #: settings that must match for runs to be mixed in one file (``adapter`` only where both name one)
-    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter")
+    #: settings that must match for runs to be mixed in one file (those of `OPTIONAL_SETTINGS` only where both set one)
+    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter", "saes")
+    #: the adapter, and the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter)
+    OPTIONAL_SETTINGS = ("adapter", "saes")
     #: header keys holding content hashes (`data_fingerprint`, `inputs_fingerprint`); a hash the file and the new
     #: header both have must match (what a difference means is given)
     FINGERPRINTS = {
@@ -191,17 +193,18 @@ class ResultsFile:
         `machine` (`machine_record`) is stamped on every run added, so a file mixing machines says which ran what."""
         self.path = path
         self.machine = dict(machine) if machine else None
+        header = json.loads(json.dumps(header, default=str))  # as it is saved (e.g. layer keys as strings)
         self.data = read_json(path) if path.exists() else {**header, "runs": []}
         if not isinstance(self.data.get("runs"), list) or not isinstance(self.data.get("config", {}), dict):
             raise ValueError(f"{path} is not a results file (it needs a 'runs' list and a 'config' object)")
         old, new = self.data.get("config", {}), header["config"]
         differ = [k for k in self.SAME_SETTINGS if k in old and old[k] != new.get(k)
-                  and not (k == "adapter" and None in (old[k], new.get(k)))]
+                  and not (k in self.OPTIONAL_SETTINGS and not (old[k] and new.get(k)))]
         if differ:
             changes = ", ".join(f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in differ)
             raise ValueError(f"{path} holds runs made with other settings ({changes}); "
                              "use another output_dir or delete the file")
-        self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
+        self.data["config"] = {**new, **{k: new.get(k) or old.get(k) for k in self.OPTIONAL_SETTINGS}}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
             accepted = (earlier or {}).get(key, {})

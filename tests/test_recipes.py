@@ -115,6 +115,9 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     assert "already in" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"other settings \(train_size: 16 there, 12 now\)"):
         gender_bias.main(["--config", str(config), "train_size=12"])
+    other_saes = "saes={1: {path: %s}, 2: {path: %s}}" % (tiny_setup / "sae_2", tiny_setup / "sae_1")
+    with pytest.raises(ValueError, match=r"other settings \(saes: \{'1': \{.*sae_1'.*\}\} there, \{'1': \{.*sae_2'"):
+        gender_bias.main(["--config", str(config), other_saes])  # the baselines' latents would come from other SAEs
     with pytest.raises(ValueError, match=r"holds runs on other data \(split\(s\) \['ood', 'train', 'val'\] differ"):
         gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
 
