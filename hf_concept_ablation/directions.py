@@ -27,7 +27,7 @@ SAE latents (``--source sae``, the default):
    with ``ConceptAblation.from_pretrained(model, out)``. A search writes them first to
    ``.<name>.partial`` beside ``out`` (`partial_dir`) and moves them into ``out`` only when it is
    finished, so a search interrupted at any step leaves the one finished in ``out`` as it was;
-   run again, it resumes what it had left there (its explanations);
+   run again, it resumes what it had left there (the activation cache's progress, the explanations);
 6. **erasure check** of the saved adapter (`hf_concept_ablation.interpret.erasure`): how well a
    linear probe still tells the two concept text sets apart at each ablated layer with the
    ablation on, against the same probe with it off (``selection.json``'s ``erasure``; also
@@ -109,6 +109,7 @@ ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved ad
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
 EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
+CACHE_PROGRESS_NAME = "activation_cache.progress"  #: the activation cache's progress while it is built
 #: what a search takes out of its folder before it moves its own files in (it may not write them all again)
 _TAKEN_OUT = (SELECTION_NAME, SEARCH_ARGS_NAME, CONFIG_NAME, WEIGHTS_NAME)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
@@ -235,9 +236,9 @@ def partial_dir(out_dir: str | os.PathLike) -> Path:
 
 def _start_search(out_dir: str | os.PathLike) -> Path:
     """The `partial_dir` of `out_dir`, which `_finish_search` moves into `out_dir`. It keeps what a search into
-    `out_dir` interrupted before left there (its explanation log is resumed), but for what this one may not write
-    again (an adapter, when this one selects nothing; a finished mark and recorded options); a new one starts with
-    the explanation log of the search finished in `out_dir`."""
+    `out_dir` interrupted before left there (its activation cache progress and explanation log are resumed), but for
+    what this one may not write again (an adapter, when this one selects nothing; a finished mark and recorded
+    options); a new one starts with the explanation log of the search finished in `out_dir`."""
     work = partial_dir(out_dir)
     if not work.is_dir():
         with atomic_dir(work) as tmp:
@@ -384,7 +385,8 @@ def find_concept_latents(
     out, work = Path(out_dir), _start_search(out_dir)
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
-    cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
+    cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress,
+                                   checkpoint=work / CACHE_PROGRESS_NAME)
     timings["cache_s"] = time.time() - start
     save_attribution(rows, work / "attribution")
     save_contrast(contrast, work / "contrast.json")
