@@ -321,7 +321,7 @@ def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders,
     assert (out / "selection.json").stat().st_mtime_ns == finished  # not searched again: the weights are rebuilt
     restored = load_file(str(out / WEIGHTS_NAME))
     assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
-    (out / "selection.json").unlink()  # as an interrupted run leaves it: run again
+    (out / "selection.json").unlink()  # as a run interrupted in an earlier version left it: run again
     assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished
 
 
