@@ -112,16 +112,29 @@ CARD_CONDITIONS = ("caft", "caft_annealed")
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "assets" / "model_cards" / "caft_model_card.md"
 
 
+def _ablated_rows(config: ConceptAblationConfig, selection: Mapping[str, Any] | None,
+                  layer: int) -> list[tuple[str, Mapping[str, Any]]]:
+    """The name and the search's `selection` entry of each latent or direction ablated at `layer`. The search lists a
+    layer's components in the order of the adapter's direction rows; without one entry per row (no search, or an
+    adapter changed since) directions are named by row only."""
+    selected = [s for s in (selection or {}).get("selected", []) if s["layer"] == layer]
+    if config.latents.get(layer):
+        by_latent = {s["latent"]: s for s in selected if "latent" in s}
+        return [(str(i), by_latent.get(i, {})) for i in config.latents[layer]]
+    rows = len(config.directions.get(layer, []))
+    components = [s for s in selected if "component" in s]
+    if len(components) == rows:
+        return [(f"component {s['component']}", s) for s in components]
+    return [(f"direction {i}", {}) for i in range(rows)]
+
+
 def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] | None) -> str:
-    details = {(s["layer"], s.get("latent", s.get("component"))): s for s in (selection or {}).get("selected", [])}
     lines = ["| layer | latent / direction | attribution | contrast | explanation |", "|---|---|---|---|---|"]
     for layer in config.layers:
-        ids = config.latents.get(layer) or list(range(len(config.directions.get(layer, []))))
-        for i in ids:
-            d = details.get((layer, i), {})
+        for name, d in _ablated_rows(config, selection, layer):
             effect = f"{d['effect']:+.3f}" if "effect" in d else ""
             contrast = f"{d['contrast']:+.2f}" if "contrast" in d else ""
-            lines.append(f"| {layer} | {i} | {effect} | {contrast} | {table_cell(d.get('explanation', ''))} |")
+            lines.append(f"| {layer} | {name} | {effect} | {contrast} | {table_cell(d.get('explanation', ''))} |")
     return "\n".join(lines)
 
 

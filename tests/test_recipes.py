@@ -415,6 +415,19 @@ def test_model_card_keeps_its_tables_whole():
     assert "| epochs | `2` |" in card and "| learning_rate | `5e-06` |" in card
 
 
+def test_model_card_names_each_direction_by_its_search_component():
+    from hf_concept_ablation.report import render_model_card
+
+    config = ConceptAblationConfig(layers=[6], mode="projection", directions={6: torch.randn(2, 8)})
+    selection = {"selected": [{"layer": 6, "component": 1, "contrast": 2.0}, {"layer": 6, "component": 3, "contrast": -1.5}]}
+    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    results = {"summary": {"caft": one_seed}, "config": {"preset": "paper"}}
+    card = render_model_card(results, config, title="t", task="t", command="c", selection=selection)
+    assert "| 6 | component 1 |  | +2.00 |  |\n| 6 | component 3 |  | -1.50 |  |\n" in card  # PCA chose 1 and 3
+    card = render_model_card(results, config, title="t", task="t", command="c")  # no search beside the adapter
+    assert "| 6 | direction 0 |  |  |  |\n| 6 | direction 1 |  |  |  |\n" in card
+
+
 def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
     from transformers import TrainerCallback
 
