@@ -13,6 +13,7 @@ from string import Template
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .config import ConceptAblationConfig  # noqa: E402
 from .files import atomic_path, write_text_atomic  # noqa: E402
 from .experiment import checkpoint_dir  # noqa: E402
+from .models import base_model_id  # noqa: E402
 from .training import PRESETS  # noqa: E402
 
 CONDITION_LABELS = {
@@ -138,6 +140,19 @@ def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] |
     return "\n".join(lines)
 
 
+def hub_repo_id(model: str) -> str | None:
+    """The Hub repo id (``org/name``) of an experiment's `model` (the embedded one's is its source, `base_model_id`);
+    None for a local folder or anything else the Hub would refuse as a card's ``base_model``."""
+    repo_id = base_model_id(model)
+    if repo_id.count("/") != 1 or Path(repo_id).exists():
+        return None
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    return repo_id
+
+
 def render_model_card(
     results: Mapping[str, Any],
     config: ConceptAblationConfig,
@@ -151,19 +166,21 @@ def render_model_card(
     template: str | os.PathLike = MODEL_CARD_TEMPLATE,
 ) -> str:
     """Fill the model card template from an experiment's results and the adapter's config; `checkpoint` says which
-    of the experiment's models the card sits beside (empty for the experiment's own card)."""
+    of the experiment's models the card sits beside (empty for the experiment's own card). The base model is the
+    experiment's ``model``, named in the front matter only where it is a Hub repo id (`hub_repo_id`)."""
     sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
-    run = results.get("config", {})
+    run = results["config"]
     settings = {"preset": run.get("preset")}
     if run.get("preset") in PRESETS:  # the settings the runs trained with: the preset with the run's changes
         settings.update(dataclasses.asdict(PRESETS[run["preset"]].replace(**run.get("training", {}))))
-    settings.update({k: run[k] for k in ("train_size", "seeds") if k in run})
+    settings.update({k: run[k] for k in ("model", "train_size", "eval_size", "dtype", "anneal", "seeds") if k in run})
     training_rows = ["| setting | value |", "|---|---|"] + [
         f"| {k} | `{table_cell(v)}` |" for k, v in settings.items() if v is not None
     ]
     return Template(Path(template).read_text()).substitute(
         title=title,
-        base_model=config.base_model_name_or_path or "unknown",
+        base_model=base_model_id(run["model"]),
+        base_model_metadata=f"base_model: {repo_id}\n" if (repo_id := hub_repo_id(run["model"])) else "",
         task=task,
         sae_source=", ".join(f"`{s}`" for s in sources),
         mode=config.mode,

@@ -96,7 +96,8 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     assert saved["summary"] == summary
     assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000
     card = (tmp_path / "out" / "model_card.md").read_text()
-    assert "base_model: " in card and "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
+    assert "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
+    assert "base_model:" not in card  # a local model has no Hub id
     assert "$" not in card.split("```")[0]  # every template field filled
     assert "| learning_rate | `0.001` |" in card and "| epochs | `1` |" in card  # the settings trained with
     saved_models = sorted(p.name for p in (tmp_path / "out" / "models" / "gender_bias").iterdir())
@@ -408,7 +409,8 @@ def test_model_card_keeps_its_tables_whole():
     config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")})
     selection = {"selected": [{"layer": 1, "latent": 5, "effect": 0.5, "explanation": "he | she\npronouns"}]}
     one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
-    card = render_model_card({"summary": {"caft": one_seed}, "config": {"preset": "paper", "training": {"epochs": 2}}},
+    card = render_model_card({"summary": {"caft": one_seed},
+                              "config": {"model": "embedded", "preset": "paper", "training": {"epochs": 2}}},
                              config, title="t", task="t", command="c", selection=selection)
     assert "| 1 | 5 | +0.500 |  | he \\| she pronouns |" in card  # one row, five cells
     assert "| CAFT | 1.000 | 0.250 | 1 |" in card  # no standard error from one seed
@@ -421,11 +423,33 @@ def test_model_card_names_each_direction_by_its_search_component():
     config = ConceptAblationConfig(layers=[6], mode="projection", directions={6: torch.randn(2, 8)})
     selection = {"selected": [{"layer": 6, "component": 1, "contrast": 2.0}, {"layer": 6, "component": 3, "contrast": -1.5}]}
     one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
-    results = {"summary": {"caft": one_seed}, "config": {"preset": "paper"}}
+    results = {"summary": {"caft": one_seed}, "config": {"model": "embedded", "preset": "paper"}}
     card = render_model_card(results, config, title="t", task="t", command="c", selection=selection)
     assert "| 6 | component 1 |  | +2.00 |  |\n| 6 | component 3 |  | -1.50 |  |\n" in card  # PCA chose 1 and 3
     card = render_model_card(results, config, title="t", task="t", command="c")  # no search beside the adapter
     assert "| 6 | direction 0 |  |  |  |\n| 6 | direction 1 |  |  |  |\n" in card
+
+
+@pytest.mark.parametrize("model, base_model", [
+    ("embedded", "google/gemma-3-270m"), ("google/gemma-2-2b", "google/gemma-2-2b"),
+    ("/home/alice/models/x", None), ("unknown", None), ("models/mine", None),
+], ids=["embedded", "hub id", "absolute path", "no org", "local folder"])
+def test_model_card_base_model_is_the_experiments_hub_model(model, base_model, tmp_path, monkeypatch):
+    from hf_concept_ablation.report import render_model_card
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)  # a local folder named like a Hub id
+    config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")},
+                                   base_model_name_or_path="/home/bob/adapter-base")
+    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    run = {"model": model, "preset": "paper", "eval_size": 8, "dtype": "bfloat16", "anneal": {"kind": "cosine"}}
+    card = render_model_card({"summary": {"caft": one_seed}, "config": run}, config, title="t", task="t", command="c")
+    front_matter = card.split("---")[1]
+    assert front_matter.startswith("\nlibrary_name: hf_concept_ablation\n")
+    assert (f"\nbase_model: {base_model}\n" in front_matter) if base_model else "base_model" not in front_matter
+    assert "bob" not in card and f"- **Base model:** `{base_model or model}`" in card
+    assert f"| model | `{model}` |" in card and "| eval_size | `8` |" in card and "| dtype | `bfloat16` |" in card
+    assert "| anneal | `{'kind': 'cosine'}` |" in card
 
 
 def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
