@@ -167,13 +167,15 @@ def render_model_card(
 ) -> str:
     """Fill the model card template from an experiment's results and the adapter's config; `checkpoint` says which
     of the experiment's models the card sits beside (empty for the experiment's own card). The base model is the
-    experiment's ``model``, named in the front matter only where it is a Hub repo id (`hub_repo_id`)."""
+    experiment's ``model``, named in the front matter only where it is a Hub repo id (`hub_repo_id`); the ``seeds``
+    setting is those of the results table (every run in the results file, whichever invocation made it)."""
     sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
     run = results["config"]
     settings = {"preset": run.get("preset")}
     if run.get("preset") in PRESETS:  # the settings the runs trained with: the preset with the run's changes
         settings.update(dataclasses.asdict(PRESETS[run["preset"]].replace(**run.get("training", {}))))
-    settings.update({k: run[k] for k in ("model", "train_size", "eval_size", "dtype", "anneal", "seeds") if k in run})
+    settings.update({k: run[k] for k in ("model", "train_size", "eval_size", "dtype", "anneal") if k in run})
+    settings["seeds"] = sorted({seed for entry in results["summary"].values() for seed in entry["seeds"]})
     training_rows = ["| setting | value |", "|---|---|"] + [
         f"| {k} | `{table_cell(v)}` |" for k, v in settings.items() if v is not None
     ]
@@ -214,8 +216,9 @@ def launch_command(argv: Sequence[str] | None = None) -> str:
 def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
                          figure: Path | None = None) -> Path | None:
     """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter, and as ``README.md``
-    (with the figure) in every checkpoint the experiment saved of a condition trained with that adapter
-    (`CARD_CONDITIONS`; the card does not describe the plain or baseline models); returns the first path."""
+    (with the figure, and the model's own scores) in every checkpoint saved of a run in the results of a condition
+    trained with that adapter (`CARD_CONDITIONS`; the card does not describe the plain or baseline models), those of
+    earlier invocations too, since the results table they share has changed; returns the first path."""
     if not experiment.adapter:
         return None
     adapter = Path(experiment.adapter)
@@ -229,11 +232,16 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
                                  checkpoint=checkpoint)
 
     path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card())
-    for condition in CARD_CONDITIONS:
-        for seed in experiment.seeds:
-            folder = checkpoint_dir(experiment, results["name"], condition, seed)
-            if folder.is_dir():
-                if figure:
-                    shutil.copyfile(figure, folder / figure.name)
-                write_text_atomic(folder / "README.md", card(f"the `{condition}` model of seed {seed}"))
+    for run in results["runs"]:
+        folder = checkpoint_dir(experiment, results["name"], run["condition"], run["seed"])
+        if run["condition"] in CARD_CONDITIONS and folder.is_dir():
+            if figure:
+                shutil.copyfile(figure, folder / figure.name)
+            write_text_atomic(folder / "README.md", card(_checkpoint_line(run)))
     return path
+
+
+def _checkpoint_line(run: Mapping[str, Any]) -> str:
+    """Which model a checkpoint's card sits beside, with its own scores."""
+    return (f"the `{run['condition']}` model of seed {run['seed']}: val {run['val']['accuracy']:.3f}, "
+            f"OOD {run['ood']['accuracy']:.3f} (ablation removed)")

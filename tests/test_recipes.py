@@ -103,8 +103,9 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     saved_models = sorted(p.name for p in (tmp_path / "out" / "models" / "gender_bias").iterdir())
     assert saved_models == ["caft-seed0", "caft-seed1", "none-seed0", "none-seed1"]
     checkpoint = tmp_path / "out" / "models" / "gender_bias" / "caft-seed1"
+    scores = f"val {runs[('caft', 1)]['val']['accuracy']:.3f}, OOD {runs[('caft', 1)]['ood']['accuracy']:.3f}"
     assert (checkpoint / "README.md").read_text() == card.replace(
-        "at layers 1\n", "at layers 1\n- **This model:** the `caft` model of seed 1\n")
+        "at layers 1\n", f"at layers 1\n- **This model:** the `caft` model of seed 1: {scores} (ablation removed)\n")
     assert (checkpoint / "gender_bias.png").is_file()  # the card's figure travels with it
     assert not (tmp_path / "out" / "models" / "gender_bias" / "none-seed1" / "README.md").exists()  # not CAFT
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -121,6 +122,19 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
         gender_bias.main(["--config", str(config), other_saes])  # the baselines' latents would come from other SAEs
     with pytest.raises(ValueError, match=r"holds runs on other data \(split\(s\) \['ood', 'train', 'val'\] differ"):
         gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
+
+
+def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path):
+    config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
+    gender_bias.main(["--config", str(config), "seeds=[0,1]"])
+    runs = {r["seed"]: r for r in gender_bias.main(["--config", str(config), "seeds=[2]"])["runs"]}
+    card = (tmp_path / "out" / "model_card.md").read_text()
+    assert "| seeds | `[0, 1, 2]` |" in card  # the table averages every seed in the results file
+    for seed, run in runs.items():  # the earlier seeds' cards are refreshed with it
+        own = (f"the `caft` model of seed {seed}: val {run['val']['accuracy']:.3f}, OOD {run['ood']['accuracy']:.3f} "
+               "(ablation removed)")
+        readme = tmp_path / "out" / "models" / "gender_bias" / f"caft-seed{seed}" / "README.md"
+        assert readme.read_text() == card.replace("at layers 1\n", f"at layers 1\n- **This model:** {own}\n")
 
 
 def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tiny_setup, tmp_path):
@@ -408,7 +422,7 @@ def test_model_card_keeps_its_tables_whole():
 
     config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")})
     selection = {"selected": [{"layer": 1, "latent": 5, "effect": 0.5, "explanation": "he | she\npronouns"}]}
-    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    one_seed = {"seeds": [0], "val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
     card = render_model_card({"summary": {"caft": one_seed},
                               "config": {"model": "embedded", "preset": "paper", "training": {"epochs": 2}}},
                              config, title="t", task="t", command="c", selection=selection)
@@ -422,7 +436,7 @@ def test_model_card_names_each_direction_by_its_search_component():
 
     config = ConceptAblationConfig(layers=[6], mode="projection", directions={6: torch.randn(2, 8)})
     selection = {"selected": [{"layer": 6, "component": 1, "contrast": 2.0}, {"layer": 6, "component": 3, "contrast": -1.5}]}
-    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    one_seed = {"seeds": [0], "val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
     results = {"summary": {"caft": one_seed}, "config": {"model": "embedded", "preset": "paper"}}
     card = render_model_card(results, config, title="t", task="t", command="c", selection=selection)
     assert "| 6 | component 1 |  | +2.00 |  |\n| 6 | component 3 |  | -1.50 |  |\n" in card  # PCA chose 1 and 3
@@ -441,7 +455,7 @@ def test_model_card_base_model_is_the_experiments_hub_model(model, base_model, t
     (tmp_path / "models" / "mine").mkdir(parents=True)  # a local folder named like a Hub id
     config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")},
                                    base_model_name_or_path="/home/bob/adapter-base")
-    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    one_seed = {"seeds": [0], "val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
     run = {"model": model, "preset": "paper", "eval_size": 8, "dtype": "bfloat16", "anneal": {"kind": "cosine"}}
     card = render_model_card({"summary": {"caft": one_seed}, "config": run}, config, title="t", task="t", command="c")
     front_matter = card.split("---")[1]
