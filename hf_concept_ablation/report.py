@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
 from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -214,12 +214,16 @@ def launch_command(argv: Sequence[str] | None = None) -> str:
 
 
 def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
-                         figure: Path | None = None) -> Path | None:
-    """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter, and as ``README.md``
-    (with the figure, and the model's own scores) in every checkpoint saved of a run in the results of a condition
-    trained with that adapter (`CARD_CONDITIONS`; the card does not describe the plain or baseline models), those of
-    earlier invocations too, since the results table they share has changed; returns the first path."""
+                         figure: Path | None = None, progress: Callable[[str], None] = print) -> Path | None:
+    """Write ``model_card.md`` beside an experiment's results if they hold runs trained with its ``caft`` adapter
+    (`CARD_CONDITIONS`; the card does not describe the plain or baseline models: without such runs, say so with
+    `progress`), and as ``README.md`` (with the figure, and the model's own scores) in the saved checkpoint of every
+    such run, those of earlier invocations too, since the results table they share has changed; returns the first
+    path (None: no card)."""
     if not experiment.adapter:
+        return None
+    if not any(condition in results["summary"] for condition in CARD_CONDITIONS):
+        progress(f"no model card: no {' or '.join(CARD_CONDITIONS)} run in {results['name']}'s results")
         return None
     adapter = Path(experiment.adapter)
     config = ConceptAblationConfig.from_pretrained(adapter)

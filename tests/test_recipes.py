@@ -137,6 +137,13 @@ def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_sco
         assert readme.read_text() == card.replace("at layers 1\n", f"at layers 1\n- **This model:** {own}\n")
 
 
+def test_no_model_card_without_a_caft_run(tiny_setup, tmp_path, capsys):
+    config = _config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
+    gender_bias.main(["--config", str(config)])
+    assert not (tmp_path / "out" / "model_card.md").exists()  # the adapter only ablated the plain model at test time
+    assert "no model card: no caft or caft_annealed run in gender_bias's results" in capsys.readouterr().out
+
+
 def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tiny_setup, tmp_path):
     import shutil
 
