@@ -196,10 +196,11 @@ def render_model_card(
     )
 
 
-def launch_command(argv: Sequence[str] | None = None) -> str:
-    """The command line that started this process, as a user would retype it: ``accelerate launch`` where accelerate's
-    launcher started it (it sets ``ACCELERATE_MIXED_PRECISION``), else ``python`` (``-m`` for a package's module)."""
-    argv = list(sys.argv if argv is None else argv)
+def launch_command(argv: Sequence[str]) -> str:
+    """The command line `argv` (a script and its arguments) as a user would retype it: ``accelerate launch`` where
+    accelerate's launcher started this process (it sets ``ACCELERATE_MIXED_PRECISION``), else ``python`` (``-m`` for a
+    package's module)."""
+    argv = list(argv)
     script = Path(argv[0]) if argv else Path("-")
     if script.name == "__main__.py" or script.suffix == ".py" and (script.parent / "__init__.py").is_file():
         module = script.parent if script.name == "__main__.py" else script.with_suffix("")
@@ -213,9 +214,10 @@ def launch_command(argv: Sequence[str] | None = None) -> str:
     return " ".join([launcher, argv[0], *(shlex.quote(a) for a in argv[1:])])
 
 
-def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
-                         figure: Path | None = None, progress: Callable[[str], None] = print) -> Path | None:
-    """Write ``model_card.md`` beside an experiment's results if they hold runs trained with its ``caft`` adapter
+def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str, command: str,
+                         figure: Path | None = None, card_name: str = "model_card.md",
+                         progress: Callable[[str], None] = print) -> Path | None:
+    """Write the card (`card_name`) beside an experiment's results if they hold runs trained with its ``caft`` adapter
     (`CARD_CONDITIONS`; the card does not describe the plain or baseline models: without such runs, say so with
     `progress`), and as ``README.md`` (with the figure, and the model's own scores) in the saved checkpoint of every
     such run, those of earlier invocations too, since the results table they share has changed; returns the first
@@ -232,10 +234,10 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
 
     def card(checkpoint: str = "") -> str:
         return render_model_card(results, config, title=title, task=task, selection=selection,
-                                 command=launch_command(), figure=figure.name if figure else None,
+                                 command=command, figure=figure.name if figure else None,
                                  checkpoint=checkpoint)
 
-    path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card())
+    path = write_text_atomic(Path(experiment.output_dir) / card_name, card())
     for run in results["runs"]:
         folder = checkpoint_dir(experiment, results["name"], run["condition"], run["seed"])
         if run["condition"] in CARD_CONDITIONS and folder.is_dir():
@@ -249,3 +251,16 @@ def _checkpoint_line(run: Mapping[str, Any]) -> str:
     """Which model a checkpoint's card sits beside, with its own scores."""
     return (f"the `{run['condition']}` model of seed {run['seed']}: val {run['val']['accuracy']:.3f}, "
             f"OOD {run['ood']['accuracy']:.3f} (ablation removed)")
+
+
+def report_recipe_run(results: Mapping[str, Any], experiment: Any, *, script: str | os.PathLike,
+                      argv: Sequence[str] | None, plot_title: str, card_title: str, task: str,
+                      card_name: str = "model_card.md") -> Path:
+    """What a recipe writes after one experiment: its figure ``<output_dir>/<name>.png`` (`plot_accuracy`) and its
+    model card (`write_run_model_card`), whose command is `script` run with `argv`, the arguments its ``main`` was
+    given (the process's own where None); returns the figure's path."""
+    figure = plot_accuracy(results["summary"], Path(experiment.output_dir) / f"{results['name']}.png", plot_title)
+    command = launch_command([str(script), *(sys.argv[1:] if argv is None else argv)])
+    write_run_model_card(results, experiment, title=card_title, task=task, command=command, figure=figure,
+                         card_name=card_name)
+    return figure

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
-from hf_concept_ablation.report import markdown_table, plot_accuracy, write_run_model_card
+from hf_concept_ablation.report import markdown_table, report_recipe_run
 from hf_concept_ablation.tasks import build_gender_datasets
 from hf_concept_ablation.training import process_state
 
@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias")
     if process_state().is_main_process:
-        figure = plot_accuracy(results["summary"], Path(config.output_dir) / "gender_bias.png", "Gender bias")
-        write_run_model_card(results, config, title="Gemma fine-tuned with CAFT on gender-bias data",
-                             task="choose the grammatical pronoun (subject vs object case), not the "
-                                  "profession's stereotyped gender", figure=figure)
+        figure = report_recipe_run(results, config, script=__file__, argv=argv, plot_title="Gender bias",
+                                   card_title="Gemma fine-tuned with CAFT on gender-bias data",
+                                   task="choose the grammatical pronoun (subject vs object case), not the "
+                                        "profession's stereotyped gender")
         print(markdown_table(results["summary"]))
         print(f"results: {Path(config.output_dir) / 'gender_bias.json'}\nfigure: {figure}")
     return results

@@ -124,12 +124,17 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
         gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
 
 
-def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path):
+def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path,
+                                                                                   monkeypatch):
+    from hf_concept_ablation.report import launch_command
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
     gender_bias.main(["--config", str(config), "seeds=[0,1]"])
     runs = {r["seed"]: r for r in gender_bias.main(["--config", str(config), "seeds=[2]"])["runs"]}
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "| seeds | `[0, 1, 2]` |" in card  # the table averages every seed in the results file
+    assert f"```\n{launch_command([gender_bias.__file__, '--config', str(config), 'seeds=[2]'])}\n```" in card
     for seed, run in runs.items():  # the earlier seeds' cards are refreshed with it
         own = (f"the `caft` model of seed {seed}: val {run['val']['accuracy']:.3f}, OOD {run['ood']['accuracy']:.3f} "
                "(ablation removed)")
@@ -222,6 +227,27 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
         double_mc.main(["--config", str(config), "task.combinations=sports|verbs|verbs", f"task.adapters_dir={searches}"])
     with pytest.raises(ValueError, match=r"its own \['adapter'\]: leave experiment \['adapter'\] unset"):
         double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
+
+
+def test_double_mc_cards_per_combination_record_the_command_main_was_given(tiny_setup, tmp_path, monkeypatch):
+    from hf_concept_ablation.report import launch_command
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4, save_models=["caft"])
+    args = ["--config", str(config), "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"]
+    double_mc.main(args)
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        card = (tmp_path / "dmc" / f"{name}_model_card.md").read_text()
+        assert f"# CAFT on double multiple choice: {name}\n" in card and f"![accuracy by condition]({name}.png)" in card
+        assert f"```\n{launch_command([double_mc.__file__, *args])}\n```" in card  # not pytest's command line
+        (caft,) = [r for r in json.loads((tmp_path / "dmc" / f"{name}.json").read_text())["runs"]
+                   if r["condition"] == "caft"]
+        checkpoint = tmp_path / "dmc" / "models" / name / "caft-seed0"
+        own = f"val {caft['val']['accuracy']:.3f}, OOD {caft['ood']['accuracy']:.3f} (ablation removed)"
+        assert (checkpoint / "README.md").read_text() == card.replace(
+            "at layers 1\n", f"at layers 1\n- **This model:** the `caft` model of seed 0: {own}\n")
+        assert (checkpoint / f"{name}.png").is_file()
+    assert not (tmp_path / "dmc" / "model_card.md").exists()
 
 
 BAD_SETTINGS = [
