@@ -106,7 +106,9 @@ def _card_task(name: str) -> str:
             "intended question set)")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, command: str | None = None) -> dict:
+    """Run the recipe with `argv` (the process's arguments where None); `command`: how it was started, for the
+    model card (default: this script with `argv`)."""
     task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
     check_task_settings(task, "double_mc", ("mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS),
                         choices={"mode": MODES})
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters)
         summary[name] = results["summary"]
         if process_state().is_main_process:
-            report_recipe_run(results, run_configs[name], script=__file__, argv=argv, plot_title=name,
+            report_recipe_run(results, run_configs[name], script=__file__, argv=argv, command=command, plot_title=name,
                               card_title=f"CAFT on double multiple choice: {name}", task=_card_task(name),
                               card_name=f"{name}_model_card.md")
             print(f"## {name}\n{markdown_table(results['summary'])}")

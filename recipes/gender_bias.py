@@ -18,14 +18,16 @@ from hf_concept_ablation.training import process_state
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, command: str | None = None) -> dict:
+    """Run the recipe with `argv` (the process's arguments where None); `command`: how it was started, for the
+    model card (default: this script with `argv`)."""
     task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
     check_task_settings(task, "gender_bias", list(inspect.signature(build_gender_datasets).parameters))
     config = ExperimentConfig.from_dict(experiment)
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias")
     if process_state().is_main_process:
-        figure = report_recipe_run(results, config, script=__file__, argv=argv, plot_title="Gender bias",
+        figure = report_recipe_run(results, config, script=__file__, argv=argv, command=command, plot_title="Gender bias",
                                    card_title="Gemma fine-tuned with CAFT on gender-bias data",
                                    task="choose the grammatical pronoun (subject vs object case), not the "
                                         "profession's stereotyped gender")
