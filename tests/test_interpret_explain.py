@@ -125,6 +125,7 @@ from hf_concept_ablation.interpret.explain import (  # noqa: E402
     parse_explanation,
     parse_numbers,
     pearson,
+    public_url,
     relevance_score,
     simulation_score,
 )
@@ -216,6 +217,19 @@ def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public, mon
     client = OpenAIChat("tiny", base_url=url)
     assert client.describe()["base_url"] == public
     assert "s3cr3t" not in repr(client) and "s3cr3t" not in json.dumps(client.describe())
+
+
+@pytest.mark.parametrize("url, public", [
+    ("alice:s3cr3t@127.0.0.1:9/v1", "//127.0.0.1:9/v1"),  # no scheme: "alice" would read as one
+    ("http:alice:s3cr3t@127.0.0.1:9/v1?api_key=s3cr3t", "//127.0.0.1:9/v1"),
+    ("http://127.0.0.1:s3cr3t/v1", "http://127.0.0.1/v1"),  # a key in the port's place
+    ("ftp://alice:s3cr3t@127.0.0.1/v1#s3cr3t", "ftp://127.0.0.1/v1"),
+])
+def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url, public):
+    assert public_url(url) == public
+    with pytest.raises(ValueError, match="is not an http:// or https:// URL") as info:
+        OpenAIChat("tiny", base_url=url)
+    assert f"'{public}'" in str(info.value) and "s3cr3t" not in str(info.value)
 
 
 @pytest.mark.parametrize("model, problem", [("fail-500", "InternalServerError"), ("fail-401", "AuthenticationError"),

@@ -278,10 +278,12 @@ def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys
 
 def test_recorded_search_options_hold_no_explainer_credentials():
     args = ["--task", "gender_bias", "--llm-base-url", "https://me:SECRET@host:8443/v1?api_key=SECRET2",
-            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-model", "m"]
+            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-base-url", "u:SECRET5@127.0.0.1:9/v1",
+            "--llm-model", "m"]
     public = directions.public_args(args)
     assert public == ["--task", "gender_bias", "--llm-base-url", "https://host:8443/v1",
-                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-model", "m"]
+                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-base-url", "//127.0.0.1:9/v1",
+                      "--llm-model", "m"]
     assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
 
 

@@ -103,6 +103,8 @@ class OpenAIChat:
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
+        if base_url is not None:
+            check_base_url(base_url)
         if base_url is None and not os.environ.get(api_key_env):
             raise ValueError(f"OpenAI's API needs a key: set the environment variable {api_key_env} (or give the "
                              "base_url of an endpoint that needs none)")
@@ -141,14 +143,32 @@ class OpenAIChat:
 
 
 def public_url(url: str | None) -> str | None:
-    """`url` without user info, query or fragment, which may carry credentials (``user:key@host``, ``?api_key=``)."""
+    """`url` without user info, query or fragment, which may carry credentials (``user:key@host``, ``?api_key=``),
+    whatever its form (a port that is not a number, perhaps a key in its place, is left out too)."""
     if url is None:
         return None
     parts = urlsplit(url)
+    if not parts.netloc:  # no "//": "user:key@host/v1" reads as scheme "user" and path "key@host/v1"
+        parts = urlsplit("//" + url)
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host  # IPv6
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        netloc = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:  # a port that is not a number
+        netloc = host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_base_url(url: str) -> None:
+    """Refuse an endpoint URL that is not ``http(s)://host[:port]/...``, naming it without its credentials."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # not a number (perhaps a key in its place), or out of range
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise ValueError(f"the explainer's base URL {public_url(url)!r} is not an http:// or https:// URL with a "
+                         "host (and a numeric port, if any), e.g. http://127.0.0.1:8000/v1")
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
