@@ -250,6 +250,26 @@ def test_the_openai_api_without_a_key_is_refused_before_any_work(monkeypatch):
         OpenAIChat("gpt-4o-mini", api_key_env="MY_EXPLAINER_KEY")
 
 
+@pytest.mark.parametrize("name", [SECRET, "MY_KEY\n", "1KEY", ""])
+def test_a_key_pasted_for_its_variable_name_is_refused_without_showing_it(name, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "set")  # (refused before any variable is read)
+    with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
+        OpenAIChat("tiny", base_url="http://127.0.0.1:9/v1", api_key_env=name)
+    assert SECRET not in str(info.value)
+
+
+def test_an_unset_key_variable_is_refused_unless_the_default_for_an_endpoint_that_needs_none(server, monkeypatch):
+    base_url, log_file = server
+    monkeypatch.delenv("MY_EXPLAINER_KEY", raising=False)
+    with pytest.raises(ValueError, match="variable MY_EXPLAINER_KEY, named to hold the explainer's key, is not set"):
+        OpenAIChat("tiny", base_url=base_url, api_key_env="MY_EXPLAINER_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    client = OpenAIChat("tiny", base_url=base_url, max_retries=0)  # a local server that needs no key
+    assert client.describe()["api_key_env"] == "OPENAI_API_KEY"
+    client.chat([{"role": "user", "content": "hello"}], max_tokens=4)
+    assert _requests(log_file)[-1]["auth"] == "Bearer EMPTY"
+
+
 def test_explanations_made_before_a_failure_are_kept_and_not_made_again(server, cache, tmp_path):
     base_url, log_file = server
     path, header = tmp_path / "explanations.jsonl", {"explainer": "the test server"}

@@ -287,6 +287,15 @@ def test_recorded_search_options_hold_no_explainer_credentials():
     assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
 
 
+def test_a_key_given_for_the_key_variable_name_is_refused_not_recorded(tmp_path):
+    for option in (["--llm-api-key-env", "sk-SECRET"], ["--llm-api-key-env=sk-SECRET"]):
+        args = ["--task", "gender_bias", "--out", str(tmp_path / "out"), "--llm-model", "m", *option]
+        with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
+            directions.run_search_once(args, tmp_path / "out")  # refused before the search starts
+        assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()
+    assert directions.public_args(["--llm-api-key-env", "MY_KEY"]) == ["--llm-api-key-env", "MY_KEY"]
+
+
 def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(capsys):
     with pytest.raises(SystemExit):
         directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x",

@@ -41,6 +41,8 @@ from .cache import ActivationCache, ContextExample
 logger = logging.getLogger(__name__)
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NO_KEY = "EMPTY"  #: the placeholder key of an endpoint that needs none
 _NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])"  # a standalone number, not digits inside a word like "w12"
 
 EXPLAIN_SYSTEM = (
@@ -84,8 +86,9 @@ class OpenAIChat:
         model: model name the endpoint serves.
         base_url: e.g. ``"http://127.0.0.1:8000/v1"``; ``None`` is OpenAI's own API.
         api_key_env: *name* of the environment variable holding the API key. The key
-            itself is read once and kept only inside the ``openai`` client; endpoints
-            that need none get a placeholder.
+            itself is read once and kept only inside the ``openai`` client. With a
+            `base_url` and the default name unset, the endpoint (a local server that
+            needs none) gets a placeholder; see `read_api_key` for what is refused.
         timeout: seconds per request.
         max_retries: retries on connection errors and 5xx replies.
     """
@@ -100,17 +103,13 @@ class OpenAIChat:
     ) -> None:
         from openai import OpenAI
 
+        if base_url is not None:
+            check_base_url(base_url)
+        key = read_api_key(api_key_env, base_url)
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
-        if base_url is not None:
-            check_base_url(base_url)
-        if base_url is None and not os.environ.get(api_key_env):
-            raise ValueError(f"OpenAI's API needs a key: set the environment variable {api_key_env} (or give the "
-                             "base_url of an endpoint that needs none)")
-        self._client = OpenAI(
-            base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout, max_retries=max_retries
-        )
+        self._client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str:
         """The endpoint's reply; an `ExplainerError` naming the endpoint (never the key) if there is none."""
@@ -124,7 +123,7 @@ class OpenAIChat:
         except (OpenAIError, ValueError) as err:  # HTTP errors, time-outs, a body that is not JSON
             message = str(err).splitlines()[0] if str(err) else ""
             key = self._client.api_key
-            if key and key != "EMPTY":
+            if key and key != NO_KEY:
                 message = message.replace(key, "***")
             raise ExplainerError(f"{where}: {type(err).__name__}: {message}") from None
         content = reply.choices[0].message.content if reply.choices else None
@@ -140,6 +139,36 @@ class OpenAIChat:
     def __repr__(self) -> str:
         return (f"OpenAIChat(model={self.model!r}, base_url={public_url(self.base_url)!r}, "
                 f"api_key_env={self.api_key_env!r})")
+
+
+def check_env_name(name: str) -> None:
+    """Refuse an API key variable name that is not an environment variable name (a key pasted in its place),
+    without showing it."""
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError("the explainer's api_key_env (--llm-api-key-env) takes the NAME of the environment variable "
+                         "holding the key, e.g. MY_KEY, not the key itself; the value given is not such a name "
+                         "(letters, digits and _, not starting with a digit) and is not shown")
+
+
+def read_api_key(api_key_env: str, base_url: str | None) -> str:
+    """The key in the environment variable `api_key_env`, or `NO_KEY` for an endpoint at `base_url` when the
+    default variable is unset (a local server that needs no key).
+
+    Refused before any work: a name that is not one (`check_env_name`), an unset variable for OpenAI's API
+    (`base_url` None), and an unset variable named other than the default (a key was meant to be there).
+    """
+    check_env_name(api_key_env)
+    key = os.environ.get(api_key_env)
+    if key:
+        return key
+    if base_url is None:
+        raise ValueError(f"OpenAI's API needs a key: set the environment variable {api_key_env} (or give the "
+                         "base_url of an endpoint that needs none)")
+    if api_key_env != DEFAULT_API_KEY_ENV:
+        raise ValueError(f"the environment variable {api_key_env}, named to hold the explainer's key, is not set "
+                         f"(or empty): set it, or leave the name at its default ({DEFAULT_API_KEY_ENV}) for an "
+                         "endpoint that needs no key")
+    return NO_KEY
 
 
 def public_url(url: str | None) -> str | None:
