@@ -112,24 +112,27 @@ class OpenAIChat:
         self._client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str:
-        """The endpoint's reply; an `ExplainerError` naming the endpoint (never the key) if there is none."""
+        """The endpoint's reply; an `ExplainerError` naming the endpoint (never the key) if there is none: an HTTP
+        error or a body that is no chat completion with text (`reply_content`), what the endpoint sent shown on one
+        line with the key hidden."""
         from openai import OpenAIError
 
         where = f"explainer {self.model!r} at {public_url(self.base_url) or 'the OpenAI API'}"
         try:
-            reply = self._client.chat.completions.create(
+            reply = self._client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
             )
-        except (OpenAIError, ValueError) as err:  # HTTP errors, time-outs, a body that is not JSON
-            message = str(err).splitlines()[0] if str(err) else ""
-            key = self._client.api_key
-            if key and key != NO_KEY:
-                message = message.replace(key, "***")
-            raise ExplainerError(f"{where}: {type(err).__name__}: {message}") from None
-        content = reply.choices[0].message.content if reply.choices else None
-        if not content or not content.strip():
-            raise ExplainerError(f"{where}: an empty reply")
-        return content
+        except OpenAIError as err:  # HTTP errors, time-outs
+            raise ExplainerError(f"{where}: {type(err).__name__}: {_excerpt(self._hide_key(str(err)))}") from None
+        try:
+            return reply_content(reply.text)
+        except ValueError as err:  # a body that is no chat completion
+            raise ExplainerError(f"{where}: {_excerpt(self._hide_key(str(err)))}") from None
+
+    def _hide_key(self, text: str) -> str:
+        """`text` (from the endpoint) with the key, if any, replaced by ``***``."""
+        key = self._client.api_key
+        return text.replace(key, "***") if key and key != NO_KEY else text
 
     def describe(self) -> dict[str, Any]:
         """Where explanations came from, for reports (the key's variable name, never the key)."""
@@ -139,6 +142,40 @@ class OpenAIChat:
     def __repr__(self) -> str:
         return (f"OpenAIChat(model={self.model!r}, base_url={public_url(self.base_url)!r}, "
                 f"api_key_env={self.api_key_env!r})")
+
+
+def reply_content(body: str) -> str:
+    """The text of the first choice of a chat-completion body; a ValueError saying what the body holds instead (with
+    the body or the error text it holds, in full)."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        raise ValueError(f"a reply that is not JSON: {body}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a reply that is not a chat completion: {body}")
+    error = data.get("error")
+    if error:
+        text = error.get("message", error) if isinstance(error, dict) else error
+        raise ValueError(f"an error reply: {text}")
+    choices = data.get("choices")
+    if not choices:
+        raise ValueError("an empty reply (no choices)")
+    first = choices[0] if isinstance(choices, list) else None
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, dict):
+        raise ValueError(f"a reply without a message in its first choice: {body}")
+    content = message.get("content")
+    if content is None or (isinstance(content, str) and not content.strip()):
+        raise ValueError("an empty reply")
+    if not isinstance(content, str):
+        raise ValueError(f"a reply whose content is not text: {body}")
+    return content
+
+
+def _excerpt(text: str, limit: int = 300) -> str:
+    """`text` on one line, its whitespace collapsed, cut to `limit` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def check_env_name(name: str) -> None:
