@@ -86,8 +86,8 @@ from .interpret.contrast import (
 )
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.erasure import concept_decodability, describe_decodability
-from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, explain_latents,
-                                public_url)
+from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, check_env_name,
+                                explain_latents, public_url)
 from .model import find_decoder_layers, inject_concept_ablation
 from .pca import (
     concept_directions,
@@ -265,11 +265,14 @@ def _finish_search(work: Path, out_dir: str | os.PathLike) -> None:
 
 def public_args(args: Sequence[str]) -> list[str]:
     """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry, and
-    no ``--threads`` (which does not change what the search finds)."""
+    no ``--threads`` (which does not change what the search finds). A ``--llm-api-key-env`` value that is not a
+    variable name (a key pasted in its place) is refused (`check_env_name`), not recorded."""
     public: list[str] = []
     for i, arg in enumerate(args):
         if arg == "--threads" or arg.startswith("--threads=") or (i > 0 and args[i - 1] == "--threads"):
             continue
+        if arg.startswith("--llm-api-key-env=") or (i > 0 and args[i - 1] == "--llm-api-key-env"):
+            check_env_name(arg.removeprefix("--llm-api-key-env="))
         if arg.startswith("--llm-base-url="):
             arg = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
         elif i > 0 and args[i - 1] == "--llm-base-url":

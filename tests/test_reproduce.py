@@ -278,11 +278,22 @@ def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys
 
 def test_recorded_search_options_hold_no_explainer_credentials():
     args = ["--task", "gender_bias", "--llm-base-url", "https://me:SECRET@host:8443/v1?api_key=SECRET2",
-            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-model", "m"]
+            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-base-url", "u:SECRET5@127.0.0.1:9/v1",
+            "--llm-model", "m"]
     public = directions.public_args(args)
     assert public == ["--task", "gender_bias", "--llm-base-url", "https://host:8443/v1",
-                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-model", "m"]
+                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-base-url", "//127.0.0.1:9/v1",
+                      "--llm-model", "m"]
     assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
+
+
+def test_a_key_given_for_the_key_variable_name_is_refused_not_recorded(tmp_path):
+    for option in (["--llm-api-key-env", "sk-SECRET"], ["--llm-api-key-env=sk-SECRET"]):
+        args = ["--task", "gender_bias", "--out", str(tmp_path / "out"), "--llm-model", "m", *option]
+        with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
+            directions.run_search_once(args, tmp_path / "out")  # refused before the search starts
+        assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()
+    assert directions.public_args(["--llm-api-key-env", "MY_KEY"]) == ["--llm-api-key-env", "MY_KEY"]
 
 
 def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(capsys):
