@@ -293,6 +293,9 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
                          f"now {recorded}); use another output folder or delete this one")
     if not search_finished(out):
         main(list(args))
+    elif not (out / CONFIG_NAME).is_file() and read_json(out / SELECTION_NAME).get("adapter"):
+        raise FileNotFoundError(f"{out}: {SELECTION_NAME} names an adapter but its {CONFIG_NAME} is missing; restore "
+                                "it (e.g. with git) or delete the folder to search again")
     elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
         options = build_parser().parse_args(list(args))
         restore_adapter_weights(out, options.model, device=options.device)
@@ -314,7 +317,7 @@ def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device:
                                 f"{data.get('directions')} are stored only there: delete the folder to search again")
     model, _ = load_model(model_spec, device=resolve_device(device))
     print(f"{out}: writing {WEIGHTS_NAME} again from {CONFIG_NAME} (the SAEs it names)", flush=True)
-    inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_pretrained(out)
+    inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_weights(out)  # the config stays
 
 
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,

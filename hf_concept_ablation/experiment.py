@@ -352,7 +352,7 @@ def run_experiment(
                           earlier={"inputs": inputs_fingerprint(config, raw=True)}, machine=machine)
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     run_settings = json.loads(json.dumps({  # what a checkpoint must have been made with to be resumed
-        **{k: header["config"].get(k) for k in (*ResultsFile.SAME_SETTINGS, "saes")},
+        **{k: header["config"].get(k) for k in ResultsFile.SAME_SETTINGS},
         "data": results.data.get("data"), "inputs": results.data.get("inputs")}, default=str))
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}

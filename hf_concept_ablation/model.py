@@ -171,19 +171,23 @@ class ConceptAblation:
         directory.mkdir(parents=True, exist_ok=True)
         for stale in [directory / CONFIG_NAME] + ([directory / "README.md"] if model_card is not None else []):
             stale.unlink(missing_ok=True)
-        tensors, metadata = {}, {}
-        for index, module in self.layers.items():
-            for name, tensor in module.state_tensors().items():
-                tensors[f"layers.{index}.{name}"] = tensor.detach().cpu().contiguous()
-            metadata[f"layers.{index}"] = module.metadata()
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        self.save_weights(directory)
         self.config.to_json_file(directory / CONFIG_NAME)
         for file in map(Path, card_files):
             if file.resolve() != (directory / file.name).resolve():
                 shutil.copyfile(file, directory / file.name)
         if model_card is not None:
             write_text_atomic(directory / "README.md", model_card)
+
+    def save_weights(self, save_directory: str | os.PathLike) -> None:
+        """Write only ``concept_ablation.safetensors`` (atomically), e.g. beside the config it was made from."""
+        tensors, metadata = {}, {}
+        for index, module in self.layers.items():
+            for name, tensor in module.state_tensors().items():
+                tensors[f"layers.{index}.{name}"] = tensor.detach().cpu().contiguous()
+            metadata[f"layers.{index}"] = module.metadata()
+        with atomic_path(Path(save_directory) / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation",
                     model_card: str | None = None, card_files: Sequence[str | os.PathLike] = (),
@@ -201,7 +205,7 @@ class ConceptAblation:
                                  "card's images are broken on the Hub")
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None:
+        if revision is not None and not revision.startswith("refs/pr/"):  # (a pull request's ref exists already)
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, model_card=model_card, card_files=card_files)

@@ -162,6 +162,8 @@ class HubAtTheBoundary:
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_branch(self, repo_id: str, *, branch: str, exist_ok: bool = False, **_options) -> None:
+        if branch.startswith("refs/"):  # the Hub's refs/pr/N belong to pull requests, never made as branches
+            raise ValueError(f"invalid branch name {branch}")
         if (repo_id, branch) in self.branches and not exist_ok:
             raise ValueError(f"branch {branch} of {repo_id} exists")  # the Hub answers 409 Conflict
         self.branches.add((repo_id, branch))

@@ -107,6 +107,9 @@ def test_push_to_a_branch_and_subfolder_loads_back_from_there(tmp_path, monkeypa
     torch.testing.assert_close(_logits(fresh), ablated, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match=r"me/caft \(subfolder 'caft'\): no folder .*me/caft, and no adapter"):
         ConceptAblation.from_pretrained(make_tiny_model("gemma3"), "me/caft", subfolder="caft", revision="v1")
+    hub.branches.add(("me/caft", "refs/pr/1"))  # an open pull request
+    ablation.push_to_hub("me/caft", revision="refs/pr/1")
+    assert hub.commits[-1][:2] == ("me/caft", "refs/pr/1")
     local = tmp_path / "local"
     ablation.save_pretrained(local / "concept_ablation")
     ConceptAblation.from_pretrained(make_tiny_model("gemma3"), local, subfolder="concept_ablation")

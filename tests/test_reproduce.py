@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import gender_concept_words, make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, directions, reproduce
+from hf_concept_ablation import model as model_module
 from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
 from hf_concept_ablation.experiment import CONDITIONS
 from hf_concept_ablation.files import write_json_atomic
@@ -314,7 +315,11 @@ def test_summary_means_and_standard_error_are_those_of_the_seeds():
     assert entry["ood_sem"] == pytest.approx((((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3) ** 0.5)  # std (n-1) / sqrt(n)
 
 
-def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path):
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path, monkeypatch):
     root, search_args = tiny_folders
     out = tmp_path / "search"
     args = ["--task", "gender_bias", "--out", str(out), "--model", str(root / "model"), *search_args,
@@ -328,10 +333,18 @@ def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders,
         directions.run_search_once([*args[:-6], "--max-examples", "4", *args[-4:]], out)
     weights = load_file(str(out / WEIGHTS_NAME))
     (out / WEIGHTS_NAME).unlink()  # as a clone of a study leaves it (the weight files are not committed)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "save_file", _disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            directions.run_search_once(args, out)  # the rebuild fails: the config it rebuilds from stays
     assert directions.run_search_once(args, out)
     assert (out / "selection.json").stat().st_mtime_ns == finished  # not searched again: the weights are rebuilt
     restored = load_file(str(out / WEIGHTS_NAME))
     assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
+    (out / CONFIG_NAME).rename(tmp_path / CONFIG_NAME)
+    with pytest.raises(FileNotFoundError, match=f"selection.json names an adapter but its {CONFIG_NAME} is missing"):
+        directions.run_search_once(args, out)
+    (tmp_path / CONFIG_NAME).rename(out / CONFIG_NAME)
     (out / "selection.json").unlink()  # as a run interrupted in an earlier version left it: run again
     assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished
 
