@@ -33,6 +33,8 @@ BROKEN_REPLIES = {  # model name -> (HTTP status, content type, body) of an endp
     "html-page": (200, HTML, "<html>\n<body>Bad gateway " + "x" * 240 + SECRET + "</body>\n</html>"),
     "error-200": (200, JSON, {"error": {"message": f"the model is overloaded (key {SECRET})", "code": 503}}),
     "no-choices": (200, JSON, {**_CHOICE, "choices": []}),
+    "vllm-error": (200, JSON, {"object": "error", "message": f"max_tokens is too large (key {SECRET})", "code": 400}),
+    "detail": (200, JSON, {"detail": "use /v2"}),
     "no-message": (200, JSON, {"choices": [{"index": 0}]}),
     "null-content": (200, JSON, {**_CHOICE, "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
                                                          "finish_reason": "stop"}]}),
@@ -242,7 +244,9 @@ def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url
     ("not-json", "a reply that is not JSON: <html>proxy error</html>$"),
     ("html-page", r"a reply that is not JSON: <html> <body>Bad gateway x+\*\*\*</b[a-z]*\.\.\.$"),  # one line, cut short
     ("error-200", r"an error reply: the model is overloaded \(key \*\*\*\)$"),
-    ("no-choices", r"an empty reply \(no choices\)$"),
+    ("no-choices", r'a reply without choices: \{"id": "x", .*"choices": \[\]\}$'),
+    ("vllm-error", r'a reply without choices: \{"object": "error", "message": "max_tokens is too large \(key \*+\)"'),
+    ("detail", r'a reply without choices: \{"detail": "use /v2"\}$'),
     ("no-message", r"a reply without a message in its first choice: \{.*\"index\": 0"),
     ("null-content", "an empty reply$"),
 ])

@@ -159,7 +159,7 @@ def reply_content(body: str) -> str:
         raise ValueError(f"an error reply: {text}")
     choices = data.get("choices")
     if not choices:
-        raise ValueError("an empty reply (no choices)")
+        raise ValueError(f"a reply without choices: {body}")
     first = choices[0] if isinstance(choices, list) else None
     message = first.get("message") if isinstance(first, dict) else None
     if not isinstance(message, dict):
