@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -228,7 +229,6 @@ def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public, mon
 @pytest.mark.parametrize("url, public", [
     ("alice:s3cr3t@127.0.0.1:9/v1", "//127.0.0.1:9/v1"),  # no scheme: "alice" would read as one
     ("http:alice:s3cr3t@127.0.0.1:9/v1?api_key=s3cr3t", "//127.0.0.1:9/v1"),
-    ("http://127.0.0.1:s3cr3t/v1", "http://127.0.0.1/v1"),  # a key in the port's place
     ("ftp://alice:s3cr3t@127.0.0.1/v1#s3cr3t", "ftp://127.0.0.1/v1"),
 ])
 def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url, public):
@@ -236,6 +236,20 @@ def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url
     with pytest.raises(ValueError, match="is not an http:// or https:// URL") as info:
         OpenAIChat("tiny", base_url=url)
     assert f"'{public}'" in str(info.value) and "s3cr3t" not in str(info.value)
+
+
+@pytest.mark.parametrize("url, public, port", [
+    ("http://127.0.0.1:s3cr3t/v1", "http://127.0.0.1/v1", r" \(not a number, not shown\)"),  # a key in its place
+    ("http://alice:s3cr3t@[::1]:x1/v1", "http://[::1]/v1", r" \(not a number, not shown\)"),
+    ("http://127.0.0.1:0/v1", "http://127.0.0.1:0/v1", " 0"),
+    ("https://alice:s3cr3t@127.0.0.1:99999/v1", "https://127.0.0.1/v1", " 99999"),
+])
+def test_an_endpoint_url_with_an_invalid_port_is_refused_saying_so(url, public, port):
+    assert public_url(url) == public
+    with pytest.raises(ValueError, match=f"base URL '{re.escape(public)}' has an invalid port{port}: give a number "
+                                         "from 1 to 65535") as info:
+        OpenAIChat("tiny", base_url=url)
+    assert "s3cr3t" not in str(info.value)
 
 
 @pytest.mark.parametrize("model, problem", [
