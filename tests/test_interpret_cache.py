@@ -196,6 +196,18 @@ def _retokenized(change: str):
     return tokenizer
 
 
+def test_a_finished_builds_kept_progress_gives_the_cache_again_without_a_forward_pass(setup, tmp_path):
+    model, tokenizer, saes, texts, _ = setup
+    checkpoint = tmp_path / "progress"
+    expected = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, keep_checkpoint=True,
+                                      **BUILD)
+    assert (checkpoint / PROGRESS_NAME).is_file()
+    with _forward_passes(model) as again:
+        cache = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, **BUILD)
+    assert again == [] and not checkpoint.exists()
+    _assert_same_cache(cache, expected)
+
+
 @pytest.mark.parametrize("change", ["corpus", "saes", "latents", "model", "no BOS", "normalizer"])
 def test_progress_saved_for_other_inputs_is_not_reused(setup, tmp_path, change):
     model, tokenizer, saes, texts, _ = setup

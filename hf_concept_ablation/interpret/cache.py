@@ -15,7 +15,8 @@ activations, indices) and a JSON sidecar (settings, token strings), written atom
 With a ``checkpoint`` folder, both passes save their progress there every ``checkpoint_every``
 batches (safetensors shards and a JSON manifest with a hash of the build's inputs), so a build
 interrupted and run again with the same inputs continues where it stopped, to the same cache bit
-for bit; progress made with other inputs is deleted, not reused.
+for bit (a finished build's progress, kept with ``keep_checkpoint``, gives it again without a
+forward pass); progress made with other inputs is deleted, not reused.
 """
 
 from __future__ import annotations
@@ -375,6 +376,7 @@ def build_activation_cache(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    keep_checkpoint: bool = False,
 ) -> ActivationCache:
     """Cache top-activating and quantile-sampled contexts of latents over `texts`.
 
@@ -390,7 +392,8 @@ def build_activation_cache(
             pass (safetensors and JSON, atomically). Run again with the same inputs (model, texts as the tokenizer
             encodes them, SAEs, latents and settings), the build continues where it stopped, and its cache is the
             one a build never interrupted makes; with other inputs it starts afresh. The folder is deleted once the
-            cache is built.
+            cache is built, unless `keep_checkpoint` (for a caller that may be interrupted after the build: run again,
+            the build makes the same cache from the folder without a forward pass; the caller deletes it).
     """
     texts = as_text_list(texts)
     encoders, order = encoders_for(model, saes, latents)
@@ -431,5 +434,6 @@ def build_activation_cache(
         "model": getattr(getattr(model, "config", None), "name_or_path", None),
         "n_texts": len(texts), "n_tokens": n_tokens, **settings, "layers": sorted(encoders),
     }
-    saved.remove()
+    if not keep_checkpoint:
+        saved.remove()
     return ActivationCache(latents=order, tensors=tensors, vocab=vocab, info=info)
