@@ -109,7 +109,9 @@ ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved ad
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
 EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
-CACHE_PROGRESS_NAME = "activation_cache.progress"  #: the activation cache's progress while it is built
+#: the activation cache's progress, kept until the search is finished (a search that fails after the cache is built
+#: makes it again from there, without a forward pass) and never moved into its folder
+CACHE_PROGRESS_NAME = "activation_cache.progress"
 #: what a search takes out of its folder before it moves its own files in (it may not write them all again)
 _TAKEN_OUT = (SELECTION_NAME, SEARCH_ARGS_NAME, CONFIG_NAME, WEIGHTS_NAME)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
@@ -251,9 +253,11 @@ def _start_search(out_dir: str | os.PathLike) -> Path:
 
 
 def _finish_search(work: Path, out_dir: str | os.PathLike) -> None:
-    """Move the finished search in `work` into `out_dir`: take out what the search there wrote that this one may not
-    have written again, then move each file in, ``selection.json`` (the finished mark) first out and last in, so
-    `out_dir` never holds a finished search made of two."""
+    """Move the finished search in `work` into `out_dir`: delete the activation cache's progress, take out what the
+    search there wrote that this one may not have written again, then move each file in, ``selection.json`` (the
+    finished mark) first out and last in, so `out_dir` never holds a finished search made of two."""
+    if (work / CACHE_PROGRESS_NAME).is_dir():
+        shutil.rmtree(work / CACHE_PROGRESS_NAME)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in _TAKEN_OUT:
@@ -392,7 +396,7 @@ def find_concept_latents(
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
     cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress,
-                                   checkpoint=work / CACHE_PROGRESS_NAME)
+                                   checkpoint=work / CACHE_PROGRESS_NAME, keep_checkpoint=True)
     timings["cache_s"] = time.time() - start
     save_attribution(rows, work / "attribution")
     save_contrast(contrast, work / "contrast.json")

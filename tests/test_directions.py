@@ -15,6 +15,7 @@ from hf_concept_ablation.directions import (ERASURE_TEXTS, SEARCH_ARGS_NAME, Tas
                                             CACHE_PROGRESS_NAME, build_parser, main, partial_dir, search_finished,
                                             task_data)
 from hf_concept_ablation.files import files_fingerprint
+from hf_concept_ablation.interpret.activations import iter_residuals
 from hf_concept_ablation.interpret.cache import PROGRESS_NAME
 from hf_concept_ablation.model import find_decoder_layers
 from hf_concept_ablation.tasks import answer_value
@@ -162,29 +163,45 @@ class _FailingChat(TransformersChat):
         return super().chat(messages, **kwargs)
 
 
-def test_a_search_interrupted_while_it_explains_leaves_the_finished_one_and_resumes(tiny, tmp_path):
+def test_a_search_interrupted_while_it_explains_leaves_the_finished_one_and_resumes(tiny, tmp_path, monkeypatch):
     model, tokenizer, task, saes = tiny
     out = tmp_path / "search"
+    cache_batches = []
+
+    def counted(*args, **kwargs):  # the activation cache's batches (forward passes)
+        for batch in iter_residuals(*args, **kwargs):
+            cache_batches.append(1)
+            yield batch
+
+    monkeypatch.setattr("hf_concept_ablation.interpret.cache.iter_residuals", counted)
 
     def search(task, explainer):
+        cache_batches.clear()
         return find_concept_latents(model, tokenizer, task, saes, out, top=20, explainer=explainer,
                                     embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1,
                                     min_contrast=0.0, max_selected=3, progress=False)
 
     search(task, TransformersChat(model, tokenizer, max_new_tokens=6))
-    finished = {p.name: p.read_bytes() for p in out.iterdir()}
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert {"selection.json", "explanations.jsonl", "concept_ablation.safetensors"} <= set(finished)
+    assert sorted(p.name for p in out.iterdir()) == sorted(finished)  # (no cache progress)
     other = dataclasses.replace(task, query="another concept")  # a new search: its explanations are made afresh
     broken = _FailingChat(model, tokenizer, answers=3)  # one latent's explanation, simulation and relevance
     with pytest.raises(ExplainerError, match="went away"):
         search(other, broken)
+    built = len(cache_batches)
+    assert built > 0 and (partial_dir(out) / CACHE_PROGRESS_NAME / PROGRESS_NAME).is_file()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == finished  # the finished search, as it was
     assert search_finished(out)
     ConceptAblation.from_pretrained(model, out).remove()
-    # run again, the search asks only for the explanation the failure cut off, then takes the folder's place
+    cache = (partial_dir(out) / "activation_cache.safetensors").read_bytes()
+    # run again, the search makes its cache from the progress without a batch, asks only for the explanation the
+    # failure cut off, then takes the folder's place, leaving the progress behind
     again = _FailingChat(model, tokenizer, answers=3)
     result = search(other, again)
+    assert cache_batches == [] and (out / "activation_cache.safetensors").read_bytes() == cache
     assert again.asked == 3 and len(result.report["explanations"]) == 2 and not partial_dir(out).exists()
+    assert not (out / CACHE_PROGRESS_NAME).exists() and all(p.is_file() for p in out.iterdir())
     log = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
     assert log[0]["query"] == "another concept" and len(log) == 3
     assert json.loads((out / "selection.json").read_text())["query"] == "another concept"

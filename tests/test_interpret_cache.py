@@ -184,11 +184,39 @@ def test_an_interrupted_build_continues_where_it_stopped_to_the_same_cache(setup
     assert not checkpoint.exists()  # the progress goes once the cache is built
 
 
-@pytest.mark.parametrize("change", ["corpus", "saes", "latents", "model"])
+def _retokenized(change: str):
+    """The tiny tokenizer with the same class, vocabulary and special tokens, tokenizing otherwise."""
+    from tokenizers import normalizers, processors
+
+    tokenizer = make_tiny_tokenizer()
+    if change == "no BOS":
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    else:  # "w12" reads "w22", ...
+        tokenizer.backend_tokenizer.normalizer = normalizers.Replace("w1", "w2")
+    return tokenizer
+
+
+def test_a_finished_builds_kept_progress_gives_the_cache_again_without_a_forward_pass(setup, tmp_path):
+    model, tokenizer, saes, texts, _ = setup
+    checkpoint = tmp_path / "progress"
+    expected = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, keep_checkpoint=True,
+                                      **BUILD)
+    assert (checkpoint / PROGRESS_NAME).is_file()
+    with _forward_passes(model) as again:
+        cache = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, **BUILD)
+    assert again == [] and not checkpoint.exists()
+    _assert_same_cache(cache, expected)
+
+
+@pytest.mark.parametrize("change", ["corpus", "saes", "latents", "model", "no BOS", "normalizer"])
 def test_progress_saved_for_other_inputs_is_not_reused(setup, tmp_path, change):
     model, tokenizer, saes, texts, _ = setup
-    other = {"model": model, "texts": texts, "saes": saes, "latents": None, **BUILD}
-    if change == "corpus":
+    other = {"model": model, "tokenizer": tokenizer, "texts": texts, "saes": saes, "latents": None, **BUILD}
+    if change in ("no BOS", "normalizer"):
+        other["tokenizer"] = _retokenized(change)
+        assert other["tokenizer"].get_vocab() == tokenizer.get_vocab()
+        assert other["tokenizer"](texts).input_ids != tokenizer(texts).input_ids
+    elif change == "corpus":
         other["texts"] = texts[:-1] + ["w7 w8 w9"]
     elif change == "saes":
         other["saes"] = {1: make_sae("jumprelu", layer=1, seed=5), 3: saes[3]}
@@ -199,12 +227,12 @@ def test_progress_saved_for_other_inputs_is_not_reused(setup, tmp_path, change):
         with torch.no_grad():
             find_decoder_layers(other["model"])[1][0].mlp.down_proj.weight.mul_(1.01)
     with _forward_passes(other["model"]) as passes:
-        expected = build_activation_cache(tokenizer=tokenizer, **other)
+        expected = build_activation_cache(**other)
     checkpoint = tmp_path / "progress"
     with _forward_passes(model, stop_after=7), pytest.raises(_Interrupted):
         build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, checkpoint_every=2, **BUILD)
     with _forward_passes(other["model"]) as again:
-        cache = build_activation_cache(tokenizer=tokenizer, checkpoint=checkpoint, checkpoint_every=2, **other)
+        cache = build_activation_cache(checkpoint=checkpoint, checkpoint_every=2, **other)
     assert len(again) == len(passes)  # all made afresh
     _assert_same_cache(cache, expected)
 

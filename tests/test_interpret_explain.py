@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -33,6 +34,8 @@ BROKEN_REPLIES = {  # model name -> (HTTP status, content type, body) of an endp
     "html-page": (200, HTML, "<html>\n<body>Bad gateway " + "x" * 240 + SECRET + "</body>\n</html>"),
     "error-200": (200, JSON, {"error": {"message": f"the model is overloaded (key {SECRET})", "code": 503}}),
     "no-choices": (200, JSON, {**_CHOICE, "choices": []}),
+    "vllm-error": (200, JSON, {"object": "error", "message": f"max_tokens is too large (key {SECRET})", "code": 400}),
+    "detail": (200, JSON, {"detail": "use /v2"}),
     "no-message": (200, JSON, {"choices": [{"index": 0}]}),
     "null-content": (200, JSON, {**_CHOICE, "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
                                                          "finish_reason": "stop"}]}),
@@ -226,7 +229,6 @@ def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public, mon
 @pytest.mark.parametrize("url, public", [
     ("alice:s3cr3t@127.0.0.1:9/v1", "//127.0.0.1:9/v1"),  # no scheme: "alice" would read as one
     ("http:alice:s3cr3t@127.0.0.1:9/v1?api_key=s3cr3t", "//127.0.0.1:9/v1"),
-    ("http://127.0.0.1:s3cr3t/v1", "http://127.0.0.1/v1"),  # a key in the port's place
     ("ftp://alice:s3cr3t@127.0.0.1/v1#s3cr3t", "ftp://127.0.0.1/v1"),
 ])
 def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url, public):
@@ -236,13 +238,29 @@ def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url
     assert f"'{public}'" in str(info.value) and "s3cr3t" not in str(info.value)
 
 
+@pytest.mark.parametrize("url, public, port", [
+    ("http://127.0.0.1:s3cr3t/v1", "http://127.0.0.1/v1", r" \(not a number, not shown\)"),  # a key in its place
+    ("http://alice:s3cr3t@[::1]:x1/v1", "http://[::1]/v1", r" \(not a number, not shown\)"),
+    ("http://127.0.0.1:0/v1", "http://127.0.0.1:0/v1", " 0"),
+    ("https://alice:s3cr3t@127.0.0.1:99999/v1", "https://127.0.0.1/v1", " 99999"),
+])
+def test_an_endpoint_url_with_an_invalid_port_is_refused_saying_so(url, public, port):
+    assert public_url(url) == public
+    with pytest.raises(ValueError, match=f"base URL '{re.escape(public)}' has an invalid port{port}: give a number "
+                                         "from 1 to 65535") as info:
+        OpenAIChat("tiny", base_url=url)
+    assert "s3cr3t" not in str(info.value)
+
+
 @pytest.mark.parametrize("model, problem", [
     ("fail-500", "InternalServerError: .*the server is on fire"),
     ("fail-401", r"AuthenticationError: .*bad key \*\*\*"),
     ("not-json", "a reply that is not JSON: <html>proxy error</html>$"),
     ("html-page", r"a reply that is not JSON: <html> <body>Bad gateway x+\*\*\*</b[a-z]*\.\.\.$"),  # one line, cut short
     ("error-200", r"an error reply: the model is overloaded \(key \*\*\*\)$"),
-    ("no-choices", r"an empty reply \(no choices\)$"),
+    ("no-choices", r'a reply without choices: \{"id": "x", .*"choices": \[\]\}$'),
+    ("vllm-error", r'a reply without choices: \{"object": "error", "message": "max_tokens is too large \(key \*+\)"'),
+    ("detail", r'a reply without choices: \{"detail": "use /v2"\}$'),
     ("no-message", r"a reply without a message in its first choice: \{.*\"index\": 0"),
     ("null-content", "an empty reply$"),
 ])

@@ -15,7 +15,8 @@ activations, indices) and a JSON sidecar (settings, token strings), written atom
 With a ``checkpoint`` folder, both passes save their progress there every ``checkpoint_every``
 batches (safetensors shards and a JSON manifest with a hash of the build's inputs), so a build
 interrupted and run again with the same inputs continues where it stopped, to the same cache bit
-for bit; progress made with other inputs is deleted, not reused.
+for bit (a finished build's progress, kept with ``keep_checkpoint``, gives it again without a
+forward pass); progress made with other inputs is deleted, not reused.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 
 from ..files import atomic_path, file_stem, read_json, write_json_atomic
-from .activations import ResidualBatch, as_text_list, encoders_for, iter_residuals
+from .activations import ResidualBatch, as_text_list, encoders_for, iter_residuals, token_batches
 
 TOP = 0  #: example kind code of a top-activating context; quantile bins are 1..n_quantiles (1 = lowest)
 PAD_TOKEN = -1  #: token id filling windows shorter than the cache's window width
@@ -253,29 +254,31 @@ class _Progress:
             shutil.rmtree(self.folder)
 
 
-def _update_digest(digest: Any, module: torch.nn.Module) -> None:
-    """Feed `module`'s parameters and buffers (names and bytes) to `digest`."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+def _update_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed `tensor` (with its name, dtype and shape) to `digest`."""
+    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
 
 
 def _inputs_fingerprint(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
                         saes: Mapping[int, SAE], order: Sequence[tuple[int, int]], settings: Mapping[str, Any]) -> str:
-    """A hash of everything a cache build's result depends on: the model's weights and device, the tokenizer, the
-    texts, the SAEs (weights and settings), the latents and the build's settings."""
+    """A hash of everything a cache build's passes depend on: the model's weights and device, the texts as the
+    model reads them (each batch's token ids, attention mask and counted positions, from the tokenizer as it is
+    now: its normalizer, pre-tokenizer and special tokens included), the SAEs (weights and settings), the latents
+    and the build's settings (``batch_size`` and ``max_length`` among them)."""
     digest = hashlib.sha256()
-    for text in texts:
-        digest.update(json.dumps(text).encode())
+    for _, batch, keep in token_batches(tokenizer, texts, settings["batch_size"], settings["max_length"]):
+        for name, tensor in (*batch.items(), ("keep", keep)):
+            _update_digest(digest, name, tensor)
     described = {
         "latents": [list(key) for key in order], "settings": dict(settings),
         "device": next(model.parameters()).device.type,
-        "tokenizer": [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()), tokenizer.all_special_ids],
         "saes": {str(layer): sae.cfg.to_dict() for layer, sae in saes.items()},
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     for module in (model, *saes.values()):
-        _update_digest(digest, module)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            _update_digest(digest, name, tensor)
     return digest.hexdigest()[:16]
 
 
@@ -373,6 +376,7 @@ def build_activation_cache(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
+    keep_checkpoint: bool = False,
 ) -> ActivationCache:
     """Cache top-activating and quantile-sampled contexts of latents over `texts`.
 
@@ -385,9 +389,11 @@ def build_activation_cache(
         window: tokens kept (before, after) the max-activating token.
         max_length: texts are truncated to this many tokens.
         checkpoint: a folder of its own where the build saves its progress every `checkpoint_every` batches of each
-            pass (safetensors and JSON, atomically). Run again with the same inputs (model, tokenizer, texts, SAEs,
-            latents and settings), the build continues where it stopped, and its cache is the one a build never
-            interrupted makes; with other inputs it starts afresh. The folder is deleted once the cache is built.
+            pass (safetensors and JSON, atomically). Run again with the same inputs (model, texts as the tokenizer
+            encodes them, SAEs, latents and settings), the build continues where it stopped, and its cache is the
+            one a build never interrupted makes; with other inputs it starts afresh. The folder is deleted once the
+            cache is built, unless `keep_checkpoint` (for a caller that may be interrupted after the build: run again,
+            the build makes the same cache from the folder without a forward pass; the caller deletes it).
     """
     texts = as_text_list(texts)
     encoders, order = encoders_for(model, saes, latents)
@@ -428,5 +434,6 @@ def build_activation_cache(
         "model": getattr(getattr(model, "config", None), "name_or_path", None),
         "n_texts": len(texts), "n_tokens": n_tokens, **settings, "layers": sorted(encoders),
     }
-    saved.remove()
+    if not keep_checkpoint:
+        saved.remove()
     return ActivationCache(latents=order, tensors=tensors, vocab=vocab, info=info)

@@ -159,7 +159,7 @@ def reply_content(body: str) -> str:
         raise ValueError(f"an error reply: {text}")
     choices = data.get("choices")
     if not choices:
-        raise ValueError("an empty reply (no choices)")
+        raise ValueError(f"a reply without choices: {body}")
     first = choices[0] if isinstance(choices, list) else None
     message = first.get("message") if isinstance(first, dict) else None
     if not isinstance(message, dict):
@@ -210,7 +210,7 @@ def read_api_key(api_key_env: str, base_url: str | None) -> str:
 
 def public_url(url: str | None) -> str | None:
     """`url` without user info, query or fragment, which may carry credentials (``user:key@host``, ``?api_key=``),
-    whatever its form (a port that is not a number, perhaps a key in its place, is left out too)."""
+    whatever its form (a port out of range or not a number, perhaps a key in its place, is left out too)."""
     if url is None:
         return None
     parts = urlsplit(url)
@@ -219,22 +219,28 @@ def public_url(url: str | None) -> str | None:
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host  # IPv6
     try:
-        netloc = f"{host}:{parts.port}" if parts.port else host
-    except ValueError:  # a port that is not a number
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+    except ValueError:  # a port that is not a number, or out of range
         netloc = host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def check_base_url(url: str) -> None:
-    """Refuse an endpoint URL that is not ``http(s)://host[:port]/...``, naming it without its credentials."""
+    """Refuse an endpoint URL that is not ``http(s)://host[:port]/...``, naming it without its credentials (and a
+    port that is not a number without its value)."""
     parts = urlsplit(url)
-    try:
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # not a number (perhaps a key in its place), or out of range
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"the explainer's base URL {public_url(url)!r} is not an http:// or https:// URL with a "
-                         "host (and a numeric port, if any), e.g. http://127.0.0.1:8000/v1")
+                         "host, e.g. http://127.0.0.1:8000/v1")
+    try:
+        valid = parts.port is None or parts.port > 0
+    except ValueError:  # out of range, or not a number (perhaps a key in its place)
+        valid = False
+    if not valid:
+        port = parts.netloc.rpartition("]")[2].rpartition("@")[2].partition(":")[2]
+        shown = f" {port}" if port.isdigit() else " (not a number, not shown)"
+        raise ValueError(f"the explainer's base URL {public_url(url)!r} has an invalid port{shown}: give a number "
+                         "from 1 to 65535, e.g. http://127.0.0.1:8000/v1")
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
