@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,7 +39,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hf_concept_ablation import ConceptAblationConfig, find_decoder_layers, inject_concept_ablation
 from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
 from hf_concept_ablation.files import write_json_atomic
-from hf_concept_ablation.models import base_model_id, load_model, resolve_model_path
+from hf_concept_ablation.models import base_model_id, device_name, load_model, resolve_model_path
 
 RESULTS = Path(__file__).with_name("ablation_overhead.json")
 NUM_LATENTS = 10
@@ -262,13 +260,6 @@ def memory_probe(args: argparse.Namespace, mode: str, width: int) -> None:
     print(rss.peak)
 
 
-def device_name(device: str | None) -> str:
-    """The device as recorded in the results (GPU name, or CPU architecture, cores and torch threads)."""
-    if device and device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def memory_ratio(peak: float | str, baseline: float | str) -> float | str:
     """``peak / baseline``, or why there is none (the run, or its baseline, failed or ran out of memory)."""
     if not isinstance(peak, float):
@@ -321,7 +312,7 @@ def main() -> None:
             continue
         base = (BASELINE[mode], 0)
         records.append({
-            "device": device_name(args.device),
+            "device": device_name(args.device or "cpu"),
             "model": args.model if args.model in SHAPES else base_model_id(args.model),
             "sae_width": width,
             "mode": mode,

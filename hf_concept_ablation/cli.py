@@ -15,6 +15,7 @@ Finished steps are kept, so a second run only redoes what is missing.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,11 +25,12 @@ QUICK_CONFIG = REPO_RECIPES / "configs" / "gender_bias_quick.yaml"
 
 
 def run_demo(output_dir: Path, threads: int | None = None, model: str = "embedded",
-             search_args: Sequence[str] = ()) -> dict:
+             search_args: Sequence[str] = (), command: str | None = None) -> dict:
     """Search for the gender concept, then run the quick gender recipe with the adapter found.
 
     `model`: the embedded default, a Hub id or a local folder (another model needs its SAEs in
-    `search_args`, e.g. ``["--sae", "6=PATH"]``; later options override the demo's own)."""
+    `search_args`, e.g. ``["--sae", "6=PATH"]``; later options override the demo's own). `command`: how the
+    demo was started, for the model card (default: the recipe call this makes)."""
     from . import directions
 
     search_dir = output_dir / "search"
@@ -48,7 +50,7 @@ def run_demo(output_dir: Path, threads: int | None = None, model: str = "embedde
         "--config", str(QUICK_CONFIG),
         f"adapter={search_dir}", f"attribution={search_dir / 'attribution.json'}",
         f"output_dir={output_dir}", f"model={model}",
-    ])
+    ], command=command)
 
 
 def default_output_dir(model: str) -> Path:
@@ -68,13 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH",
                       help="an SAE folder for a layer (needed for a model other than the embedded one)")
     demo.add_argument("--layers", type=int, nargs="+", help="layers to search (default: the shipped SAEs' layers)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "demo":
         if not QUICK_CONFIG.is_file():
             parser.error(f"the demo runs from a source checkout; {QUICK_CONFIG} not found")
         search_args = [f"--sae={s}" for s in args.sae] + (["--layers", *map(str, args.layers)] if args.layers else [])
         run_demo(args.output_dir or default_output_dir(args.model), args.threads, model=args.model,
-                 search_args=search_args)
+                 search_args=search_args, command=shlex.join(["hf-concept-ablation", *argv]))
     return 0
 
 

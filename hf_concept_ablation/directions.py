@@ -24,7 +24,10 @@ SAE latents (``--source sae``, the default):
    pre-ticked), ``selection.json`` (the report: latents chosen, with scores and
    explanations, and every setting), and the chosen latents as a saved adapter
    (``concept_ablation_config.json`` + ``concept_ablation.safetensors``), so ``out`` loads
-   with ``ConceptAblation.from_pretrained(model, out)``;
+   with ``ConceptAblation.from_pretrained(model, out)``. A search writes them first to
+   ``.<name>.partial`` beside ``out`` (`partial_dir`) and moves them into ``out`` only when it is
+   finished, so a search interrupted at any step leaves the one finished in ``out`` as it was;
+   run again, it resumes what it had left there (the activation cache's progress, the explanations);
 6. **erasure check** of the saved adapter (`hf_concept_ablation.interpret.erasure`): how well a
    linear probe still tells the two concept text sets apart at each ablated layer with the
    ablation on, against the same probe with it off (``selection.json``'s ``erasure``; also
@@ -61,6 +64,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,7 +76,7 @@ from sae_lens import SAE
 
 from .attribution import attribute_latents, save_attribution
 from .config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
-from .files import files_fingerprint, read_json, write_json_atomic
+from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .interpret.cache import build_activation_cache
 from .interpret.contrast import (
     RULES,
@@ -82,8 +86,8 @@ from .interpret.contrast import (
 )
 from .interpret.dashboard import config_from_selection, render_dashboard
 from .interpret.erasure import concept_decodability, describe_decodability
-from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, explain_latents,
-                                public_url)
+from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, check_env_name,
+                                explain_latents, public_url)
 from .model import find_decoder_layers, inject_concept_ablation
 from .pca import (
     concept_directions,
@@ -105,6 +109,11 @@ ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved ad
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
 EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
+#: the activation cache's progress, kept until the search is finished (a search that fails after the cache is built
+#: makes it again from there, without a forward pass) and never moved into its folder
+CACHE_PROGRESS_NAME = "activation_cache.progress"
+#: what a search takes out of its folder before it moves its own files in (it may not write them all again)
+_TAKEN_OUT = (SELECTION_NAME, SEARCH_ARGS_NAME, CONFIG_NAME, WEIGHTS_NAME)
 #: What each double multiple-choice source set is about (the embedding/relevance query).
 SOURCE_QUERIES: dict[str, str] = {
     "verbs": "subject-verb agreement, singular or plural verbs",
@@ -221,23 +230,53 @@ def search_finished(out: str | os.PathLike) -> bool:
     return (Path(out) / SELECTION_NAME).is_file()
 
 
+def partial_dir(out_dir: str | os.PathLike) -> Path:
+    """The folder a search into `out_dir` writes to until it is finished: ``.<name>.partial`` beside `out_dir`."""
+    out = Path(out_dir).resolve()
+    return out.with_name(f".{out.name}.partial")
+
+
 def _start_search(out_dir: str | os.PathLike) -> Path:
-    """Make `out_dir`, and take out what an earlier search left there that this one may not write again (its
-    adapter, when this one selects nothing; its finished mark and recorded options, until this one is done)."""
+    """The `partial_dir` of `out_dir`, which `_finish_search` moves into `out_dir`. It keeps what a search into
+    `out_dir` interrupted before left there (its activation cache progress and explanation log are resumed), but for
+    what this one may not write again (an adapter, when this one selects nothing; a finished mark and recorded
+    options); a new one starts with the explanation log of the search finished in `out_dir`."""
+    work = partial_dir(out_dir)
+    if not work.is_dir():
+        with atomic_dir(work) as tmp:
+            finished_log = Path(out_dir) / EXPLANATIONS_NAME
+            if finished_log.is_file():
+                shutil.copyfile(finished_log, tmp / EXPLANATIONS_NAME)
+    for name in _TAKEN_OUT:
+        (work / name).unlink(missing_ok=True)
+    return work
+
+
+def _finish_search(work: Path, out_dir: str | os.PathLike) -> None:
+    """Move the finished search in `work` into `out_dir`: delete the activation cache's progress, take out what the
+    search there wrote that this one may not have written again, then move each file in, ``selection.json`` (the
+    finished mark) first out and last in, so `out_dir` never holds a finished search made of two."""
+    if (work / CACHE_PROGRESS_NAME).is_dir():
+        shutil.rmtree(work / CACHE_PROGRESS_NAME)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (SELECTION_NAME, SEARCH_ARGS_NAME, CONFIG_NAME, WEIGHTS_NAME):
+    for name in _TAKEN_OUT:
         (out / name).unlink(missing_ok=True)
-    return out
+    for path in sorted(work.iterdir(), key=lambda p: p.name == SELECTION_NAME):
+        os.replace(path, out / path.name)
+    work.rmdir()
 
 
 def public_args(args: Sequence[str]) -> list[str]:
     """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry, and
-    no ``--threads`` (which does not change what the search finds)."""
+    no ``--threads`` (which does not change what the search finds). A ``--llm-api-key-env`` value that is not a
+    variable name (a key pasted in its place) is refused (`check_env_name`), not recorded."""
     public: list[str] = []
     for i, arg in enumerate(args):
         if arg == "--threads" or arg.startswith("--threads=") or (i > 0 and args[i - 1] == "--threads"):
             continue
+        if arg.startswith("--llm-api-key-env=") or (i > 0 and args[i - 1] == "--llm-api-key-env"):
+            check_env_name(arg.removeprefix("--llm-api-key-env="))
         if arg.startswith("--llm-base-url="):
             arg = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
         elif i > 0 and args[i - 1] == "--llm-base-url":
@@ -258,6 +297,9 @@ def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
                          f"now {recorded}); use another output folder or delete this one")
     if not search_finished(out):
         main(list(args))
+    elif not (out / CONFIG_NAME).is_file() and read_json(out / SELECTION_NAME).get("adapter"):
+        raise FileNotFoundError(f"{out}: {SELECTION_NAME} names an adapter but its {CONFIG_NAME} is missing; restore "
+                                "it (e.g. with git) or delete the folder to search again")
     elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
         options = build_parser().parse_args(list(args))
         restore_adapter_weights(out, options.model, device=options.device)
@@ -279,7 +321,7 @@ def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device:
                                 f"{data.get('directions')} are stored only there: delete the folder to search again")
     model, _ = load_model(model_spec, device=resolve_device(device))
     print(f"{out}: writing {WEIGHTS_NAME} again from {CONFIG_NAME} (the SAEs it names)", flush=True)
-    inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_pretrained(out)
+    inject_concept_ablation(model, ConceptAblationConfig.from_dict(data)).save_weights(out)  # the config stays
 
 
 def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Path, task: TaskData,
@@ -350,20 +392,21 @@ def find_concept_latents(
     contrast_map = {(c.layer, c.latent): c.score for c in contrast}
     timings["contrast_s"] = time.time() - start
 
+    out, work = Path(out_dir), _start_search(out_dir)
     start = time.time()
     corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
-    cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress)
+    cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress,
+                                   checkpoint=work / CACHE_PROGRESS_NAME, keep_checkpoint=True)
     timings["cache_s"] = time.time() - start
-    out = _start_search(out_dir)  # only now: bad input found above leaves a finished search in `out_dir` as it was
-    save_attribution(rows, out / "attribution")
-    save_contrast(contrast, out / "contrast.json")
-    cache_files = cache.save(out / "activation_cache")
+    save_attribution(rows, work / "attribution")
+    save_contrast(contrast, work / "contrast.json")
+    cache_files = cache.save(work / "activation_cache")
 
     explanations: list[LatentExplanation] = []
     if explainer is not None:
         start = time.time()
         settings = {"explainer": explainer.describe(), "query": task.query, "n_simulate": n_simulate}
-        log = ExplanationLog(out / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)},
+        log = ExplanationLog(work / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)},
                              earlier_header={**settings, "cache": files_fingerprint(cache_files, raw=True)})
         explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
                                        n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
@@ -401,7 +444,7 @@ def find_concept_latents(
             **({k: v for k, v in e.to_dict().items() if k not in ("layer", "latent")} if e else {}),
         })
 
-    render_dashboard(rows, out / "dashboard.html", cache=cache, explanations=explanations, contrast=contrast,
+    render_dashboard(rows, work / "dashboard.html", cache=cache, explanations=explanations, contrast=contrast,
                      sae_sources=sae_sources, preselected=chosen_keys,
                      base_model_name_or_path=getattr(model.config, "name_or_path", None),
                      title=f"Concept ablation: {task.name}", max_latents=top)
@@ -412,7 +455,7 @@ def find_concept_latents(
         config = config_from_selection(chosen_keys, sae_sources,
                                        base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                        description=description, check_model_name=check_model_name)
-        erasure = _save_adapter(model, tokenizer, config, out, task, saes, batch_size)
+        erasure = _save_adapter(model, tokenizer, config, work, task, saes, batch_size)
     report = {
         "task": task.name, "source": "sae", "contrast_texts": task.description, "query": task.query,
         "two_sided_contrast": task.two_sided, "paired_contrast": task.paired,
@@ -432,7 +475,8 @@ def find_concept_latents(
         "adapter": str(out) if config else None,
         "note": None if chosen_keys else "no latent passed the selection; lower min_contrast or inspect dashboard.html",
     }
-    write_json_atomic(out / SELECTION_NAME, report, default=str)
+    write_json_atomic(work / SELECTION_NAME, report, default=str)
+    _finish_search(work, out)
     return SearchResult(out, config, selected, report)
 
 
@@ -479,13 +523,13 @@ def find_pca_directions(
                                      n_components=n_components if task.paired else 1, paired=task.paired,
                                      batch_size=batch_size)
         indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
-    if indices is not None:  # bad indices are refused before a finished search in `out_dir` is cleared
+    if indices is not None:  # bad indices are refused before the contrast is computed
         select_directions(results, indices=indices)
     contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
                             paired=task.paired, batch_size=batch_size)
-    out = _start_search(out_dir)
-    save_pca(results, out / "pca")
-    save_contrast(contrast, out / "contrast.json")
+    out, work = Path(out_dir), _start_search(out_dir)
+    save_pca(results, work / "pca")
+    save_contrast(contrast, work / "contrast.json")
     if indices is not None:
         chosen = select_directions(results, indices=indices)
     else:
@@ -512,7 +556,7 @@ def find_pca_directions(
                                    base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                    description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions "
                                                f"({how}, {ablation} ablation)")
-        erasure = _save_adapter(model, tokenizer, config, out, task, batch_size=batch_size)
+        erasure = _save_adapter(model, tokenizer, config, work, task, batch_size=batch_size)
     report = {
         "task": task.name, "source": "pca" if basis == "prompts" else "concept", "contrast_texts": task.description, "paired_contrast": task.paired,
         "layers": sorted(results),
@@ -524,7 +568,8 @@ def find_pca_directions(
         "adapter": str(out) if config else None,
         "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
     }
-    write_json_atomic(out / SELECTION_NAME, report, default=str)
+    write_json_atomic(work / SELECTION_NAME, report, default=str)
+    _finish_search(work, out)
     return SearchResult(out, config, selected, report)
 
 

@@ -34,9 +34,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import datasets
 import torch
+import transformers
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
+from . import __version__
 from .attribution import LatentEffect, load_attribution
 from .callbacks import AblationSchedule, AblationScheduleCallback
 from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, check_float_dtype,
@@ -44,7 +46,7 @@ from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationC
 from .evaluation import evaluate_multiple_choice
 from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
-from .models import load_model, load_tokenizer
+from .models import device_name, load_model, load_tokenizer
 from .tasks import answer_strings, check_single_token
 from .training import DEFAULT_PRESET, PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
 
@@ -172,8 +174,10 @@ def latents_for_condition(condition: str, table: list[LatentEffect], count: int,
 class ResultsFile:
     """The experiment's JSON results, rewritten atomically after every run."""
 
-    #: settings that must match for runs to be mixed in one file (``adapter`` only where both name one)
-    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter")
+    #: settings that must match for runs to be mixed in one file (those of `OPTIONAL_SETTINGS` only where both set one)
+    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter", "saes")
+    #: the adapter, and the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter)
+    OPTIONAL_SETTINGS = ("adapter", "saes")
     #: header keys holding content hashes (`data_fingerprint`, `inputs_fingerprint`); a hash the file and the new
     #: header both have must match (what a difference means is given)
     FINGERPRINTS = {
@@ -182,22 +186,25 @@ class ResultsFile:
         "inputs": "made with another {changed} (same path, other content: was the concept search redone?)",
     }
 
-    def __init__(self, path: Path, header: dict[str, Any], earlier: Mapping[str, Mapping[str, str]] | None = None
-                 ) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], earlier: Mapping[str, Mapping[str, str]] | None = None,
+                 machine: Mapping[str, Any] | None = None) -> None:
         """`earlier`: per fingerprint key, the hashes an earlier version of this package computed for the same inputs
-        (`inputs_fingerprint` with ``raw=True``): a file recording them is accepted, and its hashes replaced."""
+        (`inputs_fingerprint` with ``raw=True``): a file recording them is accepted, and its hashes replaced.
+        `machine` (`machine_record`) is stamped on every run added, so a file mixing machines says which ran what."""
         self.path = path
+        self.machine = dict(machine) if machine else None
+        header = json.loads(json.dumps(header, default=str))  # as it is saved (e.g. layer keys as strings)
         self.data = read_json(path) if path.exists() else {**header, "runs": []}
         if not isinstance(self.data.get("runs"), list) or not isinstance(self.data.get("config", {}), dict):
             raise ValueError(f"{path} is not a results file (it needs a 'runs' list and a 'config' object)")
         old, new = self.data.get("config", {}), header["config"]
         differ = [k for k in self.SAME_SETTINGS if k in old and old[k] != new.get(k)
-                  and not (k == "adapter" and None in (old[k], new.get(k)))]
+                  and not (k in self.OPTIONAL_SETTINGS and not (old[k] and new.get(k)))]
         if differ:
             changes = ", ".join(f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in differ)
             raise ValueError(f"{path} holds runs made with other settings ({changes}); "
                              "use another output_dir or delete the file")
-        self.data["config"] = {**new, "adapter": new.get("adapter") or old.get("adapter")}
+        self.data["config"] = {**new, **{k: new.get(k) or old.get(k) for k in self.OPTIONAL_SETTINGS}}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
             accepted = (earlier or {}).get(key, {})
@@ -214,10 +221,18 @@ class ResultsFile:
         return any(r["condition"] == condition and r["seed"] == seed for r in self.data["runs"])
 
     def add(self, run: dict[str, Any]) -> None:
-        """Append a finished run, refresh the summary and rewrite the file atomically."""
-        self.data["runs"].append(run)
+        """Append a finished run (with this file's `machine`), refresh the summary and rewrite the file atomically."""
+        self.data["runs"].append({**run, "machine": self.machine} if self.machine else run)
         self.data["summary"] = summarize(self.data["runs"])
         write_json_atomic(self.path, self.data, indent=2)
+
+
+def machine_record(device: torch.device | str, num_processes: int = 1) -> dict[str, Any]:
+    """Where and with what a run was made: the device (`device_name`), the number of processes and the versions of
+    torch, transformers and this package (runs at the same settings on other machines differ by float rounding)."""
+    return {"device": device_name(device), "processes": num_processes,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "hf_concept_ablation": __version__}}
 
 
 def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
@@ -330,18 +345,20 @@ def run_experiment(
     train = subsample(data["train"], config.train_size)
     evals = {split: subsample(data[split], config.eval_size) for split in ("val", "ood")}
     train_fingerprint = data_fingerprint({"train": train})  # shared with the siblings, whose training set is the same
+    machine = machine_record(state.device, state.num_processes)
     results = ResultsFile(results_path or out_dir / f"{name}.json",
                           {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
                            "inputs": inputs_fingerprint(config)},
-                          earlier={"inputs": inputs_fingerprint(config, raw=True)})
+                          earlier={"inputs": inputs_fingerprint(config, raw=True)}, machine=machine)
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     run_settings = json.loads(json.dumps({  # what a checkpoint must have been made with to be resumed
-        **{k: header["config"].get(k) for k in (*ResultsFile.SAME_SETTINGS, "saes")},
+        **{k: header["config"].get(k) for k in ResultsFile.SAME_SETTINGS},
         "data": results.data.get("data"), "inputs": results.data.get("inputs")}, default=str))
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
-                                    {"name": n, **plain_header, "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])}})
+                                    {"name": n, **plain_header, "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])}},
+                                    machine=machine)
                      for n in siblings or {}}
     sibling_adapters = dict(sibling_adapters or {})
     unknown = sorted(set(sibling_adapters) - set(sibling_files))

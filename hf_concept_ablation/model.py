@@ -15,10 +15,11 @@ import functools
 import json
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -159,33 +160,55 @@ class ConceptAblation:
         setattr(self._stack, _HANDLE_ATTR, None)
 
     # -- persistence ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike, model_card: str | None = None) -> None:
-        """Write ``concept_ablation_config.json`` and ``concept_ablation.safetensors`` (atomically),
-        and `model_card` (markdown, e.g. from `report.render_model_card`) as ``README.md``."""
+    def save_pretrained(self, save_directory: str | os.PathLike, model_card: str | None = None,
+                        card_files: Sequence[str | os.PathLike] = ()) -> None:
+        """Write ``concept_ablation.safetensors`` and ``concept_ablation_config.json`` (each atomically), and
+        `model_card` (markdown, e.g. from `report.render_model_card`) as ``README.md`` with the files it shows
+        (`card_files`, e.g. its figure) beside it. The config (and a card being replaced) is removed first and
+        written last, so an interrupted save never leaves the new weights under the old config: such a folder is
+        refused as having no config."""
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in [directory / CONFIG_NAME] + ([directory / "README.md"] if model_card is not None else []):
+            stale.unlink(missing_ok=True)
+        self.save_weights(directory)
+        self.config.to_json_file(directory / CONFIG_NAME)
+        for file in map(Path, card_files):
+            if file.resolve() != (directory / file.name).resolve():
+                shutil.copyfile(file, directory / file.name)
         if model_card is not None:
             write_text_atomic(directory / "README.md", model_card)
+
+    def save_weights(self, save_directory: str | os.PathLike) -> None:
+        """Write only ``concept_ablation.safetensors`` (atomically), e.g. beside the config it was made from."""
         tensors, metadata = {}, {}
         for index, module in self.layers.items():
             for name, tensor in module.state_tensors().items():
                 tensors[f"layers.{index}.{name}"] = tensor.detach().cpu().contiguous()
             metadata[f"layers.{index}"] = module.metadata()
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        with atomic_path(Path(save_directory) / WEIGHTS_NAME) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-        self.config.to_json_file(directory / CONFIG_NAME)
 
     def push_to_hub(self, repo_id: str, *, private: bool = False, commit_message: str = "Upload concept ablation",
-                    model_card: str | None = None, token: str | None = None, revision: str | None = None,
-                    subfolder: str | None = None) -> str:
-        """Upload the adapter files (and a model card) to a Hub model repo, into `subfolder` on branch `revision`
-        if given; `token` defaults to the environment's (``HF_TOKEN`` or the saved login)."""
+                    model_card: str | None = None, card_files: Sequence[str | os.PathLike] = (),
+                    token: str | None = None, revision: str | None = None, subfolder: str | None = None) -> str:
+        """Upload the adapter files (and a model card with the files it shows, `card_files`) to a Hub model repo,
+        into `subfolder` on branch `revision` (made if missing) if given; `token` defaults to the environment's
+        (``HF_TOKEN`` or the saved login). A card showing a local image that `card_files` does not hold is refused
+        before anything is uploaded."""
         from huggingface_hub import HfApi
 
+        if model_card is not None:
+            missing = sorted(set(card_images(model_card)) - {Path(f).name for f in card_files})
+            if missing:
+                raise ValueError(f"the model card shows {missing}, which card_files does not hold: pass them, or the "
+                                 "card's images are broken on the Hub")
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not revision.startswith("refs/pr/"):  # (a pull request's ref exists already)
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, model_card=model_card)
+            self.save_pretrained(tmp, model_card=model_card, card_files=card_files)
             info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder,
                                      commit_message=commit_message, revision=revision)
         return str(info)
@@ -260,6 +283,12 @@ def _resolve_adapter_dir(path_or_repo_id: str | os.PathLike, subfolder: str | No
         raise FileNotFoundError(f"{where}: {local}, and no adapter from the Hub "
                                 f"({type(err).__name__}: {str(err).splitlines()[0]})") from err
     return Path(config_file).parent
+
+
+def card_images(card: str) -> list[str]:
+    """The local files a markdown model card shows as images (``![alt](name.png)``; not URLs)."""
+    return [target for target in re.findall(r"!\[[^\]]*\]\(\s*<?([^)\s>]+)", card)
+            if not re.match(r"[a-z][a-z0-9+.-]*:", target, flags=re.IGNORECASE)]
 
 
 def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], config: ConceptAblationConfig,

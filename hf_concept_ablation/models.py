@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -114,6 +115,16 @@ def load_model(
 def resolve_device(device: str | None) -> str:
     """``"auto"`` (or None): ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other device name as given."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device
+
+
+def device_name(device: str | torch.device | None) -> str:
+    """A device as results record it: the GPU's name, or ``cpu`` with its architecture, cores and torch threads."""
+    device = torch.device(resolve_device(None if device is None else str(device)))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return str(device)
 
 
 def load_tokenizer(spec: str = EMBEDDED) -> PreTrainedTokenizerBase:

@@ -10,9 +10,10 @@ import shutil
 import sys
 from pathlib import Path
 from string import Template
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -20,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .config import ConceptAblationConfig  # noqa: E402
 from .files import atomic_path, write_text_atomic  # noqa: E402
 from .experiment import checkpoint_dir  # noqa: E402
+from .models import base_model_id  # noqa: E402
 from .training import PRESETS  # noqa: E402
 
 CONDITION_LABELS = {
@@ -112,17 +114,43 @@ CARD_CONDITIONS = ("caft", "caft_annealed")
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "assets" / "model_cards" / "caft_model_card.md"
 
 
+def _ablated_rows(config: ConceptAblationConfig, selection: Mapping[str, Any] | None,
+                  layer: int) -> list[tuple[str, Mapping[str, Any]]]:
+    """The name and the search's `selection` entry of each latent or direction ablated at `layer`. The search lists a
+    layer's components in the order of the adapter's direction rows; without one entry per row (no search, or an
+    adapter changed since) directions are named by row only."""
+    selected = [s for s in (selection or {}).get("selected", []) if s["layer"] == layer]
+    if config.latents.get(layer):
+        by_latent = {s["latent"]: s for s in selected if "latent" in s}
+        return [(str(i), by_latent.get(i, {})) for i in config.latents[layer]]
+    rows = len(config.directions.get(layer, []))
+    components = [s for s in selected if "component" in s]
+    if len(components) == rows:
+        return [(f"component {s['component']}", s) for s in components]
+    return [(f"direction {i}", {}) for i in range(rows)]
+
+
 def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] | None) -> str:
-    details = {(s["layer"], s.get("latent", s.get("component"))): s for s in (selection or {}).get("selected", [])}
     lines = ["| layer | latent / direction | attribution | contrast | explanation |", "|---|---|---|---|---|"]
     for layer in config.layers:
-        ids = config.latents.get(layer) or list(range(len(config.directions.get(layer, []))))
-        for i in ids:
-            d = details.get((layer, i), {})
+        for name, d in _ablated_rows(config, selection, layer):
             effect = f"{d['effect']:+.3f}" if "effect" in d else ""
             contrast = f"{d['contrast']:+.2f}" if "contrast" in d else ""
-            lines.append(f"| {layer} | {i} | {effect} | {contrast} | {table_cell(d.get('explanation', ''))} |")
+            lines.append(f"| {layer} | {name} | {effect} | {contrast} | {table_cell(d.get('explanation', ''))} |")
     return "\n".join(lines)
+
+
+def hub_repo_id(model: str) -> str | None:
+    """The Hub repo id (``org/name``) of an experiment's `model` (the embedded one's is its source, `base_model_id`);
+    None for a local folder or anything else the Hub would refuse as a card's ``base_model``."""
+    repo_id = base_model_id(model)
+    if repo_id.count("/") != 1 or Path(repo_id).exists():
+        return None
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    return repo_id
 
 
 def render_model_card(
@@ -138,19 +166,23 @@ def render_model_card(
     template: str | os.PathLike = MODEL_CARD_TEMPLATE,
 ) -> str:
     """Fill the model card template from an experiment's results and the adapter's config; `checkpoint` says which
-    of the experiment's models the card sits beside (empty for the experiment's own card)."""
+    of the experiment's models the card sits beside (empty for the experiment's own card). The base model is the
+    experiment's ``model``, named in the front matter only where it is a Hub repo id (`hub_repo_id`); the ``seeds``
+    setting is those of the results table (every run in the results file, whichever invocation made it)."""
     sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
-    run = results.get("config", {})
+    run = results["config"]
     settings = {"preset": run.get("preset")}
     if run.get("preset") in PRESETS:  # the settings the runs trained with: the preset with the run's changes
         settings.update(dataclasses.asdict(PRESETS[run["preset"]].replace(**run.get("training", {}))))
-    settings.update({k: run[k] for k in ("train_size", "seeds") if k in run})
+    settings.update({k: run[k] for k in ("model", "train_size", "eval_size", "dtype", "anneal") if k in run})
+    settings["seeds"] = sorted({seed for entry in results["summary"].values() for seed in entry["seeds"]})
     training_rows = ["| setting | value |", "|---|---|"] + [
         f"| {k} | `{table_cell(v)}` |" for k, v in settings.items() if v is not None
     ]
     return Template(Path(template).read_text()).substitute(
         title=title,
-        base_model=config.base_model_name_or_path or "unknown",
+        base_model=base_model_id(run["model"]),
+        base_model_metadata=f"base_model: {repo_id}\n" if (repo_id := hub_repo_id(run["model"])) else "",
         task=task,
         sae_source=", ".join(f"`{s}`" for s in sources),
         mode=config.mode,
@@ -164,10 +196,11 @@ def render_model_card(
     )
 
 
-def launch_command(argv: Sequence[str] | None = None) -> str:
-    """The command line that started this process, as a user would retype it: ``accelerate launch`` where accelerate's
-    launcher started it (it sets ``ACCELERATE_MIXED_PRECISION``), else ``python`` (``-m`` for a package's module)."""
-    argv = list(sys.argv if argv is None else argv)
+def launch_command(argv: Sequence[str]) -> str:
+    """The command line `argv` (a script and its arguments) as a user would retype it: ``accelerate launch`` where
+    accelerate's launcher started this process (it sets ``ACCELERATE_MIXED_PRECISION``), else ``python`` (``-m`` for a
+    package's module)."""
+    argv = list(argv)
     script = Path(argv[0]) if argv else Path("-")
     if script.name == "__main__.py" or script.suffix == ".py" and (script.parent / "__init__.py").is_file():
         module = script.parent if script.name == "__main__.py" else script.with_suffix("")
@@ -181,12 +214,18 @@ def launch_command(argv: Sequence[str] | None = None) -> str:
     return " ".join([launcher, argv[0], *(shlex.quote(a) for a in argv[1:])])
 
 
-def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str,
-                         figure: Path | None = None) -> Path | None:
-    """Write ``model_card.md`` beside an experiment's results if it used a ``caft`` adapter, and as ``README.md``
-    (with the figure) in every checkpoint the experiment saved of a condition trained with that adapter
-    (`CARD_CONDITIONS`; the card does not describe the plain or baseline models); returns the first path."""
+def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str, command: str,
+                         figure: Path | None = None, card_name: str = "model_card.md",
+                         progress: Callable[[str], None] = print) -> Path | None:
+    """Write the card (`card_name`) beside an experiment's results if they hold runs trained with its ``caft`` adapter
+    (`CARD_CONDITIONS`; the card does not describe the plain or baseline models: without such runs, say so with
+    `progress`), and as ``README.md`` (with the figure, and the model's own scores) in the saved checkpoint of every
+    such run, those of earlier invocations too, since the results table they share has changed; returns the first
+    path (None: no card)."""
     if not experiment.adapter:
+        return None
+    if not any(condition in results["summary"] for condition in CARD_CONDITIONS):
+        progress(f"no model card: no {' or '.join(CARD_CONDITIONS)} run in {results['name']}'s results")
         return None
     adapter = Path(experiment.adapter)
     config = ConceptAblationConfig.from_pretrained(adapter)
@@ -195,15 +234,33 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
 
     def card(checkpoint: str = "") -> str:
         return render_model_card(results, config, title=title, task=task, selection=selection,
-                                 command=launch_command(), figure=figure.name if figure else None,
+                                 command=command, figure=figure.name if figure else None,
                                  checkpoint=checkpoint)
 
-    path = write_text_atomic(Path(experiment.output_dir) / "model_card.md", card())
-    for condition in CARD_CONDITIONS:
-        for seed in experiment.seeds:
-            folder = checkpoint_dir(experiment, results["name"], condition, seed)
-            if folder.is_dir():
-                if figure:
-                    shutil.copyfile(figure, folder / figure.name)
-                write_text_atomic(folder / "README.md", card(f"the `{condition}` model of seed {seed}"))
+    path = write_text_atomic(Path(experiment.output_dir) / card_name, card())
+    for run in results["runs"]:
+        folder = checkpoint_dir(experiment, results["name"], run["condition"], run["seed"])
+        if run["condition"] in CARD_CONDITIONS and folder.is_dir():
+            if figure:
+                shutil.copyfile(figure, folder / figure.name)
+            write_text_atomic(folder / "README.md", card(_checkpoint_line(run)))
     return path
+
+
+def _checkpoint_line(run: Mapping[str, Any]) -> str:
+    """Which model a checkpoint's card sits beside, with its own scores."""
+    return (f"the `{run['condition']}` model of seed {run['seed']}: val {run['val']['accuracy']:.3f}, "
+            f"OOD {run['ood']['accuracy']:.3f} (ablation removed)")
+
+
+def report_recipe_run(results: Mapping[str, Any], experiment: Any, *, script: str | os.PathLike,
+                      argv: Sequence[str] | None, plot_title: str, card_title: str, task: str,
+                      card_name: str = "model_card.md", command: str | None = None) -> Path:
+    """What a recipe writes after one experiment: its figure ``<output_dir>/<name>.png`` (`plot_accuracy`) and its
+    model card (`write_run_model_card`), whose command is `command`, by default `script` run with `argv`, the
+    arguments its ``main`` was given (the process's own where None); returns the figure's path."""
+    figure = plot_accuracy(results["summary"], Path(experiment.output_dir) / f"{results['name']}.png", plot_title)
+    command = command or launch_command([str(script), *(sys.argv[1:] if argv is None else argv)])
+    write_run_model_card(results, experiment, title=card_title, task=task, command=command, figure=figure,
+                         card_name=card_name)
+    return figure

@@ -314,6 +314,17 @@ def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], co
     return "\n".join(lines)
 
 
+def machines_markdown(out: Path) -> str:
+    """Which machines made the runs in ``<out>/runs`` (their ``machine`` record), and how many runs each made."""
+    counts: dict[str, int] = {}
+    for path in sorted((out / "runs").glob("*.json")):
+        for run in read_json(path).get("runs", []):
+            device = (run.get("machine") or {}).get("device", "not recorded (runs made before runs named their machine)")
+            counts[device] = counts.get(device, 0) + 1
+    return ("Runs by machine (same protocol and size; machines differ by float rounding): "
+            + ", ".join(f"{device}: {n}" for device, n in sorted(counts.items())) + ".") if counts else ""
+
+
 def validity_markdown(validity: Mapping[str, Mapping[str, Any]]) -> str:
     """The validity scan as a table: plain fine-tuning's val and OOD accuracy per combination, and the verdict."""
     lines = ["| combination (first \\| second \\| intended) | plain val | plain OOD (intended) | verdict |",
@@ -363,7 +374,8 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
         plot_accuracy(s, out / "figures" / f"{file_name(name.strip('`')).replace(' ', '_')}.png", name.strip("`"))
     if summary.get("double_mc"):
         plot_overview(summary["double_mc"], out / "figures" / "double_mc_overview.png")
-    table = results_markdown(summary, plain_verdicts(out, validity), command)
+    machines = machines_markdown(out)
+    table = results_markdown(summary, plain_verdicts(out, validity), command) + (f"\n\n{machines}" if machines else "")
     scan = f"\n\n## Validity scan (seed {next(iter(validity.values()))['seed']})\n\n{validity_markdown(validity)}" if validity else ""
     write_text_atomic(out / "README.md", f"# Results\n\n{table}{scan}\n\nFigures: `figures/`. Raw runs: `runs/`.\n")
     if readme is not None and readme.is_file():

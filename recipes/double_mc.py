@@ -13,7 +13,8 @@ Task settings (``task:`` section):
       directions search; instead of the experiment's ``adapter`` and ``attribution``.
   answer_form, max_examples, seed, source_files: passed to the dataset builders (``source_files`` maps source
       set names to files; each run's builder gets the entries of the sets it builds).
-Writes one results JSON and PNG per combination (or source) and ``double_mc_summary.json``.
+Writes one results JSON, PNG and model card (``<name>_model_card.md``, where it ran ``caft`` or ``caft_annealed``)
+per combination (or source), and ``double_mc_summary.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from hf_concept_ablation.config import CONFIG_NAME
 from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.files import write_json_atomic
 from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
-from hf_concept_ablation.report import markdown_table, plot_accuracy
+from hf_concept_ablation.report import markdown_table, report_recipe_run
 from hf_concept_ablation.tasks import (
     ALL_COMBINATIONS,
     SOURCE_SETS,
@@ -97,7 +98,17 @@ def _later_pair_mates(runs: list[tuple[str, datasets.DatasetDict, dict]]) -> dic
     return mates
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _card_task(name: str) -> str:
+    """The task of run `name` (a combination, or a skyline source), as its model card states it."""
+    if name.startswith("skyline-"):
+        return f"answer the `{name.removeprefix('skyline-')}` questions (skyline: that source set alone)"
+    return (f"answer the intended question of two in one prompt, ignore the other one (`{name}`: first, second and "
+            "intended question set)")
+
+
+def main(argv: list[str] | None = None, command: str | None = None) -> dict:
+    """Run the recipe with `argv` (the process's arguments where None); `command`: how it was started, for the
+    model card (default: this script with `argv`)."""
     task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
     check_task_settings(task, "double_mc", ("mode", "combinations", "sources", "adapters_dir", *BUILDER_KEYS),
                         choices={"mode": MODES})
@@ -116,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
         results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters)
         summary[name] = results["summary"]
         if process_state().is_main_process:
-            plot_accuracy(results["summary"], output_dir / f"{name}.png", name)
+            report_recipe_run(results, run_configs[name], script=__file__, argv=argv, command=command, plot_title=name,
+                              card_title=f"CAFT on double multiple choice: {name}", task=_card_task(name),
+                              card_name=f"{name}_model_card.md")
             print(f"## {name}\n{markdown_table(results['summary'])}")
     if process_state().is_main_process:
         path = output_dir / "double_mc_summary.json"

@@ -11,24 +11,26 @@ from pathlib import Path
 
 from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
 from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
-from hf_concept_ablation.report import markdown_table, plot_accuracy, write_run_model_card
+from hf_concept_ablation.report import markdown_table, report_recipe_run
 from hf_concept_ablation.tasks import build_gender_datasets
 from hf_concept_ablation.training import process_state
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, command: str | None = None) -> dict:
+    """Run the recipe with `argv` (the process's arguments where None); `command`: how it was started, for the
+    model card (default: this script with `argv`)."""
     task, experiment = parse_recipe_args(__doc__, DEFAULT_CONFIG, argv)
     check_task_settings(task, "gender_bias", list(inspect.signature(build_gender_datasets).parameters))
     config = ExperimentConfig.from_dict(experiment)
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias")
     if process_state().is_main_process:
-        figure = plot_accuracy(results["summary"], Path(config.output_dir) / "gender_bias.png", "Gender bias")
-        write_run_model_card(results, config, title="Gemma fine-tuned with CAFT on gender-bias data",
-                             task="choose the grammatical pronoun (subject vs object case), not the "
-                                  "profession's stereotyped gender", figure=figure)
+        figure = report_recipe_run(results, config, script=__file__, argv=argv, command=command, plot_title="Gender bias",
+                                   card_title="Gemma fine-tuned with CAFT on gender-bias data",
+                                   task="choose the grammatical pronoun (subject vs object case), not the "
+                                        "profession's stereotyped gender")
         print(markdown_table(results["summary"]))
         print(f"results: {Path(config.output_dir) / 'gender_bias.json'}\nfigure: {figure}")
     return results

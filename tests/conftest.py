@@ -152,19 +152,31 @@ class HubAtTheBoundary:
     Each upload is a new snapshot holding the previous one's files plus the uploaded ones."""
 
     def __init__(self, cache: Path) -> None:
-        self.cache, self.repos, self.commits = cache, [], []
+        self.cache, self.repos, self.commits, self.branches = cache, [], [], set()
 
     def create_repo(self, repo_id: str, *, private: bool, exist_ok: bool, token: str | None = None):
         from huggingface_hub import RepoUrl
 
         self.repos.append((repo_id, private, exist_ok))
+        self.branches.add((repo_id, "main"))
         return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id: str, *, branch: str, exist_ok: bool = False, **_options) -> None:
+        if branch.startswith("refs/"):  # the Hub's refs/pr/N belong to pull requests, never made as branches
+            raise ValueError(f"invalid branch name {branch}")
+        if (repo_id, branch) in self.branches and not exist_ok:
+            raise ValueError(f"branch {branch} of {repo_id} exists")  # the Hub answers 409 Conflict
+        self.branches.add((repo_id, branch))
 
     def upload_folder(self, *, repo_id: str, folder_path: str, commit_message: str, path_in_repo: str | None = None,
                       ignore_patterns: list[str] | None = None, revision: str | None = None,
                       run_as_future: bool = False, **_options):
         repo = self.cache / f"models--{repo_id.replace('/', '--')}"
         branch = revision or "main"
+        if (repo_id, branch) not in self.branches:  # as the Hub: a commit needs an existing branch
+            from huggingface_hub.errors import RevisionNotFoundError
+
+            raise RevisionNotFoundError(f"Invalid rev id: {branch}")
         sha = f"{len(self.commits) + 1:040x}"
         snapshot = repo / "snapshots" / sha
         head = repo / "refs" / branch

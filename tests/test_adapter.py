@@ -107,9 +107,47 @@ def test_push_to_a_branch_and_subfolder_loads_back_from_there(tmp_path, monkeypa
     torch.testing.assert_close(_logits(fresh), ablated, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match=r"me/caft \(subfolder 'caft'\): no folder .*me/caft, and no adapter"):
         ConceptAblation.from_pretrained(make_tiny_model("gemma3"), "me/caft", subfolder="caft", revision="v1")
+    hub.branches.add(("me/caft", "refs/pr/1"))  # an open pull request
+    ablation.push_to_hub("me/caft", revision="refs/pr/1")
+    assert hub.commits[-1][:2] == ("me/caft", "refs/pr/1")
     local = tmp_path / "local"
     ablation.save_pretrained(local / "concept_ablation")
     ConceptAblation.from_pretrained(make_tiny_model("gemma3"), local, subfolder="concept_ablation")
+
+
+def test_a_card_is_pushed_with_the_images_it_shows(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    ablation = inject_concept_ablation(make_tiny_model("gemma3"), _config(), saes=_saes())
+    hub = HubAtTheBoundary(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: hub)
+    card = "# CAFT\n![accuracy by condition](gender_bias.png)\n![badge](https://example.org/b.svg)\n"
+    with pytest.raises(ValueError, match=r"the model card shows \['gender_bias.png'\], which card_files does not hold"):
+        ablation.push_to_hub("me/caft", model_card=card)
+    assert hub.repos == hub.commits == []  # refused before anything was uploaded
+    figure = tmp_path / "gender_bias.png"
+    figure.write_bytes(b"\x89PNG figure")
+    ablation.push_to_hub("me/caft", model_card=card, card_files=[figure])
+    assert hub.commits[0][3] == sorted(["README.md", "gender_bias.png", CONFIG_NAME, WEIGHTS_NAME])
+
+
+def test_an_interrupted_save_over_another_adapter_is_refused_not_mixed(tmp_path, monkeypatch):
+    inject_concept_ablation(make_tiny_model("llama"), _config(), saes=_saes()).save_pretrained(tmp_path, "old card")
+    other = inject_concept_ablation(make_tiny_model("llama"), ConceptAblationConfig(
+        layers=[1, 2], latents={1: [2, 8, 31, 65, 101], 2: LATENTS}), saes=_saes())  # as many latents: same shapes
+
+    def crash(self, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConceptAblationConfig, "to_json_file", crash)  # stopped between the two files
+    with pytest.raises(KeyboardInterrupt):
+        other.save_pretrained(tmp_path, model_card="new card")
+    assert not (tmp_path / "README.md").exists()  # the old card no longer describes what is there
+    with pytest.raises(FileNotFoundError, match=f"has no {CONFIG_NAME}: not a saved concept ablation adapter"):
+        ConceptAblation.from_pretrained(make_tiny_model("llama"), tmp_path)
+    monkeypatch.undo()
+    other.save_pretrained(tmp_path, model_card="new card")
+    assert ConceptAblation.from_pretrained(make_tiny_model("llama"), tmp_path).config.latents == other.config.latents
 
 
 def test_base_model_state_dict_is_untouched(family):

@@ -32,8 +32,12 @@ def test_demo_searches_then_compares_plain_and_caft_and_resumes(tmp_path, capsys
     assert saved["config"]["model"] == str(tmp_path / "model") and saved["summary"] == results["summary"]
     assert (out / "gender_bias.png").is_file() and (out / "model_card.md").is_file()
 
-    again = cli.run_demo(out, model=str(tmp_path / "model"), search_args=search_args)
+    assert "python recipes/gender_bias.py --config" in (out / "model_card.md").read_text()  # the recipe call made
+
+    again = cli.run_demo(out, model=str(tmp_path / "model"), search_args=search_args,
+                         command="hf-concept-ablation demo --model my-model")
     assert again["runs"] == results["runs"]
+    assert "hf-concept-ablation demo --model my-model" in (out / "model_card.md").read_text()  # as it was started
     printed = capsys.readouterr().out
     assert "== 1/2 concept search: reusing" in printed and "already in" in printed
     with pytest.raises(ValueError, match=f"{out / 'search'} holds a search made with other options"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,12 +12,18 @@ import torch
 from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblation
 from hf_concept_ablation.directions import (ERASURE_TEXTS, SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
-                                            build_parser, main, task_data)
+                                            CACHE_PROGRESS_NAME, build_parser, main, partial_dir, search_finished,
+                                            task_data)
+from hf_concept_ablation.files import files_fingerprint
+from hf_concept_ablation.interpret.activations import iter_residuals
+from hf_concept_ablation.interpret.cache import PROGRESS_NAME
+from hf_concept_ablation.model import find_decoder_layers
 from hf_concept_ablation.tasks import answer_value
 from hf_concept_ablation.interpret.erasure import concept_decodability
-from hf_concept_ablation.interpret.explain import EmbeddingFilter, TransformersChat
+from hf_concept_ablation.interpret.explain import EmbeddingFilter, ExplainerError, TransformersChat
 from hf_concept_ablation.pca import mean_activations
 
+from test_interpret_cache import _forward_passes
 from test_interpret_contrast import PLANTED, _planted_sae, _sets
 
 
@@ -140,6 +147,94 @@ def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
     by_contrast = set(keys(search(select_by="contrast", min_contrast=above, max_selected=20)))
     both = search(select_by="union", min_contrast=above, min_similarity=-1.0, max_selected=20)
     assert {high, low}.isdisjoint(by_contrast) and set(keys(both)) == by_contrast | {high, low}
+
+
+class _FailingChat(TransformersChat):
+    """The local explainer, as an endpoint that answers `answers` chats and then fails (the server went away)."""
+
+    def __init__(self, model, tokenizer, answers: int) -> None:
+        super().__init__(model, tokenizer, max_new_tokens=6)
+        self.answers, self.asked = answers, 0
+
+    def chat(self, messages, **kwargs):
+        self.asked += 1
+        if self.asked > self.answers:
+            raise ExplainerError(f"the endpoint went away after {self.answers} answers")
+        return super().chat(messages, **kwargs)
+
+
+def test_a_search_interrupted_while_it_explains_leaves_the_finished_one_and_resumes(tiny, tmp_path, monkeypatch):
+    model, tokenizer, task, saes = tiny
+    out = tmp_path / "search"
+    cache_batches = []
+
+    def counted(*args, **kwargs):  # the activation cache's batches (forward passes)
+        for batch in iter_residuals(*args, **kwargs):
+            cache_batches.append(1)
+            yield batch
+
+    monkeypatch.setattr("hf_concept_ablation.interpret.cache.iter_residuals", counted)
+
+    def search(task, explainer):
+        cache_batches.clear()
+        return find_concept_latents(model, tokenizer, task, saes, out, top=20, explainer=explainer,
+                                    embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1,
+                                    min_contrast=0.0, max_selected=3, progress=False)
+
+    search(task, TransformersChat(model, tokenizer, max_new_tokens=6))
+    finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"selection.json", "explanations.jsonl", "concept_ablation.safetensors"} <= set(finished)
+    assert sorted(p.name for p in out.iterdir()) == sorted(finished)  # (no cache progress)
+    other = dataclasses.replace(task, query="another concept")  # a new search: its explanations are made afresh
+    broken = _FailingChat(model, tokenizer, answers=3)  # one latent's explanation, simulation and relevance
+    with pytest.raises(ExplainerError, match="went away"):
+        search(other, broken)
+    built = len(cache_batches)
+    assert built > 0 and (partial_dir(out) / CACHE_PROGRESS_NAME / PROGRESS_NAME).is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished  # the finished search, as it was
+    assert search_finished(out)
+    ConceptAblation.from_pretrained(model, out).remove()
+    cache = (partial_dir(out) / "activation_cache.safetensors").read_bytes()
+    # run again, the search makes its cache from the progress without a batch, asks only for the explanation the
+    # failure cut off, then takes the folder's place, leaving the progress behind
+    again = _FailingChat(model, tokenizer, answers=3)
+    result = search(other, again)
+    assert cache_batches == [] and (out / "activation_cache.safetensors").read_bytes() == cache
+    assert again.asked == 3 and len(result.report["explanations"]) == 2 and not partial_dir(out).exists()
+    assert not (out / CACHE_PROGRESS_NAME).exists() and all(p.is_file() for p in out.iterdir())
+    log = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
+    assert log[0]["query"] == "another concept" and len(log) == 3
+    assert json.loads((out / "selection.json").read_text())["query"] == "another concept"
+    ConceptAblation.from_pretrained(model, out).remove()
+
+
+def test_a_search_interrupted_while_it_caches_contexts_continues_the_cache(tiny, tmp_path):
+    model, tokenizer, task, saes = tiny
+    out = tmp_path / "search"
+    progress = partial_dir(out) / CACHE_PROGRESS_NAME / PROGRESS_NAME
+
+    def stop_once_progress_is_saved(module, args, output):  # the user stops the search mid-cache (Ctrl-C)
+        if progress.is_file():
+            raise KeyboardInterrupt
+
+    def search(folder):
+        return find_concept_latents(model, tokenizer, task, saes, folder, top=20, progress=False)
+
+    handle = find_decoder_layers(model)[1][0].register_forward_hook(stop_once_progress_is_saved)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search(out)
+    finally:
+        handle.remove()
+    assert not out.exists() and json.loads(progress.read_text())["passes"]["scan"]
+    with _forward_passes(model) as resumed:
+        search(out)
+    assert not partial_dir(out).exists()
+    with _forward_passes(model) as uninterrupted:
+        search(tmp_path / "uninterrupted")
+    assert len(resumed) < len(uninterrupted)  # the corpus was not scanned again
+    files = [f"activation_cache.{suffix}" for suffix in ("safetensors", "json")]
+    assert files_fingerprint([out / f for f in files]) == files_fingerprint([tmp_path / "uninterrupted" / f for f in files])
 
 
 def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):

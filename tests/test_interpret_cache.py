@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import random
 
 import datasets
@@ -10,8 +13,8 @@ import torch
 
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation.interpret.activations import iter_residuals
-
-from hf_concept_ablation.interpret.cache import PAD_TOKEN, ActivationCache, build_activation_cache
+from hf_concept_ablation.interpret.cache import PAD_TOKEN, PROGRESS_NAME, ActivationCache, build_activation_cache
+from hf_concept_ablation.model import find_decoder_layers
 
 
 def _texts(n=40, seed=0):
@@ -126,3 +129,119 @@ def test_reading_activations_leaves_the_model_as_it_was(setup):
     assert torch.is_grad_enabled() and model.training
     assert all(not m._forward_hooks for m in model.modules())
     model.eval()
+
+
+class _Interrupted(KeyboardInterrupt):
+    """The user stops a build (Ctrl-C)."""
+
+
+@contextlib.contextmanager
+def _forward_passes(model, stop_after: int | None = None):
+    """Count the model's forward passes (through its first decoder layer) in a list; with `stop_after`, the next one
+    is interrupted."""
+    passes = []
+
+    def hook(module, args, output):
+        if stop_after is not None and len(passes) == stop_after:
+            raise _Interrupted(f"stopped after {stop_after} forward passes")
+        passes.append(1)
+
+    handle = find_decoder_layers(model)[1][0].register_forward_hook(hook)
+    try:
+        yield passes
+    finally:
+        handle.remove()
+
+
+def _assert_same_cache(cache, expected):
+    assert cache.latents == expected.latents and cache.vocab == expected.vocab and cache.info == expected.info
+    assert cache.tensors.keys() == expected.tensors.keys()
+    for name, tensor in expected.tensors.items():
+        assert cache.tensors[name].dtype == tensor.dtype and torch.equal(cache.tensors[name], tensor), name
+
+
+BUILD = dict(top_k=4, n_quantiles=3, per_quantile=1, window=(5, 2), batch_size=4, progress=False)
+
+
+def test_an_interrupted_build_continues_where_it_stopped_to_the_same_cache(setup, tmp_path):
+    model, tokenizer, saes, texts, _ = setup
+    with _forward_passes(model) as passes:
+        expected = build_activation_cache(model, tokenizer, texts, saes, **BUILD)
+    scan = len(texts) // BUILD["batch_size"]  # 10 batches, then as many as the texts with a chosen window need
+    assert len(passes) > scan
+    checkpoint = tmp_path / "progress"
+    # stopped in the scan (after 7 batches, 6 of them saved), then in the windows (2 batches in, both saved)
+    for stop_after, done in ((7, 6), (scan - 6 + 2, scan + 2)):
+        with _forward_passes(model, stop_after), pytest.raises(_Interrupted):
+            build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, checkpoint_every=2, **BUILD)
+        shards = json.loads((checkpoint / PROGRESS_NAME).read_text())["passes"]
+        assert sum(s[-1]["batches"] for s in shards.values()) == done
+    with _forward_passes(model) as resumed:
+        cache = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, checkpoint_every=2,
+                                       **BUILD)
+    assert len(resumed) == len(passes) - scan - 2  # only the windows not cut yet
+    _assert_same_cache(cache, expected)
+    assert not checkpoint.exists()  # the progress goes once the cache is built
+
+
+def _retokenized(change: str):
+    """The tiny tokenizer with the same class, vocabulary and special tokens, tokenizing otherwise."""
+    from tokenizers import normalizers, processors
+
+    tokenizer = make_tiny_tokenizer()
+    if change == "no BOS":
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    else:  # "w12" reads "w22", ...
+        tokenizer.backend_tokenizer.normalizer = normalizers.Replace("w1", "w2")
+    return tokenizer
+
+
+def test_a_finished_builds_kept_progress_gives_the_cache_again_without_a_forward_pass(setup, tmp_path):
+    model, tokenizer, saes, texts, _ = setup
+    checkpoint = tmp_path / "progress"
+    expected = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, keep_checkpoint=True,
+                                      **BUILD)
+    assert (checkpoint / PROGRESS_NAME).is_file()
+    with _forward_passes(model) as again:
+        cache = build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, **BUILD)
+    assert again == [] and not checkpoint.exists()
+    _assert_same_cache(cache, expected)
+
+
+@pytest.mark.parametrize("change", ["corpus", "saes", "latents", "model", "no BOS", "normalizer"])
+def test_progress_saved_for_other_inputs_is_not_reused(setup, tmp_path, change):
+    model, tokenizer, saes, texts, _ = setup
+    other = {"model": model, "tokenizer": tokenizer, "texts": texts, "saes": saes, "latents": None, **BUILD}
+    if change in ("no BOS", "normalizer"):
+        other["tokenizer"] = _retokenized(change)
+        assert other["tokenizer"].get_vocab() == tokenizer.get_vocab()
+        assert other["tokenizer"](texts).input_ids != tokenizer(texts).input_ids
+    elif change == "corpus":
+        other["texts"] = texts[:-1] + ["w7 w8 w9"]
+    elif change == "saes":
+        other["saes"] = {1: make_sae("jumprelu", layer=1, seed=5), 3: saes[3]}
+    elif change == "latents":
+        other["latents"] = [(1, i) for i in range(256)]
+    else:
+        other["model"] = copy.deepcopy(model)
+        with torch.no_grad():
+            find_decoder_layers(other["model"])[1][0].mlp.down_proj.weight.mul_(1.01)
+    with _forward_passes(other["model"]) as passes:
+        expected = build_activation_cache(**other)
+    checkpoint = tmp_path / "progress"
+    with _forward_passes(model, stop_after=7), pytest.raises(_Interrupted):
+        build_activation_cache(model, tokenizer, texts, saes, checkpoint=checkpoint, checkpoint_every=2, **BUILD)
+    with _forward_passes(other["model"]) as again:
+        cache = build_activation_cache(checkpoint=checkpoint, checkpoint_every=2, **other)
+    assert len(again) == len(passes)  # all made afresh
+    _assert_same_cache(cache, expected)
+
+
+def test_a_checkpoint_folder_must_be_the_builds_own(setup, tmp_path):
+    model, tokenizer, saes, texts, _ = setup
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files that are not a cache build's progress \(notes.txt\)"):
+        build_activation_cache(model, tokenizer, texts, saes, checkpoint=tmp_path, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="checkpoint_every must be at least 1 batch, got 0"):
+        build_activation_cache(model, tokenizer, texts, saes, checkpoint_every=0, progress=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,13 +26,19 @@ from conftest import make_sae, make_tiny_model, make_tiny_tokenizer  # noqa: E40
 
 SECRET = "sk-test-do-not-leak-4c1d"
 _CHOICE = {"id": "x", "object": "chat.completion", "created": 0, "model": "m"}
-BROKEN_REPLIES = {  # model name -> (HTTP status, body) of an endpoint that fails
-    "fail-500": (500, {"error": {"message": "the server is on fire"}}),
-    "fail-401": (401, {"error": {"message": f"bad key {SECRET}"}}),
-    "not-json": (200, "<html>proxy error</html>"),
-    "no-choices": (200, {**_CHOICE, "choices": []}),
-    "null-content": (200, {**_CHOICE, "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
-                                                   "finish_reason": "stop"}]}),
+JSON, HTML = "application/json", "text/html"
+BROKEN_REPLIES = {  # model name -> (HTTP status, content type, body) of an endpoint that fails
+    "fail-500": (500, JSON, {"error": {"message": "the server is on fire"}}),
+    "fail-401": (401, JSON, {"error": {"message": f"bad key {SECRET}"}}),
+    "not-json": (200, JSON, "<html>proxy error</html>"),
+    "html-page": (200, HTML, "<html>\n<body>Bad gateway " + "x" * 240 + SECRET + "</body>\n</html>"),
+    "error-200": (200, JSON, {"error": {"message": f"the model is overloaded (key {SECRET})", "code": 503}}),
+    "no-choices": (200, JSON, {**_CHOICE, "choices": []}),
+    "vllm-error": (200, JSON, {"object": "error", "message": f"max_tokens is too large (key {SECRET})", "code": 400}),
+    "detail": (200, JSON, {"detail": "use /v2"}),
+    "no-message": (200, JSON, {"choices": [{"index": 0}]}),
+    "null-content": (200, JSON, {**_CHOICE, "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                                         "finish_reason": "stop"}]}),
 }
 
 
@@ -72,10 +79,10 @@ def serve(model_dir: str, port_file: str, log_file: str) -> None:
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
                 return
             if body["model"] in BROKEN_REPLIES:  # how a failing endpoint answers
-                status, reply = BROKEN_REPLIES[body["model"]]
+                status, content_type, reply = BROKEN_REPLIES[body["model"]]
                 data = reply.encode() if isinstance(reply, str) else json.dumps(reply).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -125,6 +132,7 @@ from hf_concept_ablation.interpret.explain import (  # noqa: E402
     parse_explanation,
     parse_numbers,
     pearson,
+    public_url,
     relevance_score,
     simulation_score,
 )
@@ -218,16 +226,51 @@ def test_a_credential_in_the_endpoint_url_never_reaches_reports(url, public, mon
     assert "s3cr3t" not in repr(client) and "s3cr3t" not in json.dumps(client.describe())
 
 
-@pytest.mark.parametrize("model, problem", [("fail-500", "InternalServerError"), ("fail-401", "AuthenticationError"),
-                                            ("not-json", ""), ("no-choices", "an empty reply"),
-                                            ("null-content", "an empty reply")])
+@pytest.mark.parametrize("url, public", [
+    ("alice:s3cr3t@127.0.0.1:9/v1", "//127.0.0.1:9/v1"),  # no scheme: "alice" would read as one
+    ("http:alice:s3cr3t@127.0.0.1:9/v1?api_key=s3cr3t", "//127.0.0.1:9/v1"),
+    ("ftp://alice:s3cr3t@127.0.0.1/v1#s3cr3t", "ftp://127.0.0.1/v1"),
+])
+def test_an_endpoint_url_that_is_not_http_is_refused_without_its_credentials(url, public):
+    assert public_url(url) == public
+    with pytest.raises(ValueError, match="is not an http:// or https:// URL") as info:
+        OpenAIChat("tiny", base_url=url)
+    assert f"'{public}'" in str(info.value) and "s3cr3t" not in str(info.value)
+
+
+@pytest.mark.parametrize("url, public, port", [
+    ("http://127.0.0.1:s3cr3t/v1", "http://127.0.0.1/v1", r" \(not a number, not shown\)"),  # a key in its place
+    ("http://alice:s3cr3t@[::1]:x1/v1", "http://[::1]/v1", r" \(not a number, not shown\)"),
+    ("http://127.0.0.1:0/v1", "http://127.0.0.1:0/v1", " 0"),
+    ("https://alice:s3cr3t@127.0.0.1:99999/v1", "https://127.0.0.1/v1", " 99999"),
+])
+def test_an_endpoint_url_with_an_invalid_port_is_refused_saying_so(url, public, port):
+    assert public_url(url) == public
+    with pytest.raises(ValueError, match=f"base URL '{re.escape(public)}' has an invalid port{port}: give a number "
+                                         "from 1 to 65535") as info:
+        OpenAIChat("tiny", base_url=url)
+    assert "s3cr3t" not in str(info.value)
+
+
+@pytest.mark.parametrize("model, problem", [
+    ("fail-500", "InternalServerError: .*the server is on fire"),
+    ("fail-401", r"AuthenticationError: .*bad key \*\*\*"),
+    ("not-json", "a reply that is not JSON: <html>proxy error</html>$"),
+    ("html-page", r"a reply that is not JSON: <html> <body>Bad gateway x+\*\*\*</b[a-z]*\.\.\.$"),  # one line, cut short
+    ("error-200", r"an error reply: the model is overloaded \(key \*\*\*\)$"),
+    ("no-choices", r'a reply without choices: \{"id": "x", .*"choices": \[\]\}$'),
+    ("vllm-error", r'a reply without choices: \{"object": "error", "message": "max_tokens is too large \(key \*+\)"'),
+    ("detail", r'a reply without choices: \{"detail": "use /v2"\}$'),
+    ("no-message", r"a reply without a message in its first choice: \{.*\"index\": 0"),
+    ("null-content", "an empty reply$"),
+])
 def test_an_endpoint_that_fails_is_named_without_its_key(server, monkeypatch, model, problem):
     base_url, _ = server
     monkeypatch.setenv("MY_EXPLAINER_KEY", SECRET)
     client = OpenAIChat(model, base_url=base_url, api_key_env="MY_EXPLAINER_KEY", max_retries=0)
     with pytest.raises(ExplainerError, match=rf"explainer '{model}' at {base_url}: .*{problem}") as info:
         client.chat([{"role": "user", "content": "hello"}])
-    assert SECRET not in str(info.value)
+    assert SECRET[:6] not in str(info.value)  # (not even the start of a key cut short)
 
 
 def test_the_openai_api_without_a_key_is_refused_before_any_work(monkeypatch):
@@ -236,13 +279,35 @@ def test_the_openai_api_without_a_key_is_refused_before_any_work(monkeypatch):
         OpenAIChat("gpt-4o-mini", api_key_env="MY_EXPLAINER_KEY")
 
 
-def test_explanations_made_before_a_failure_are_kept_and_not_made_again(server, cache, tmp_path):
+@pytest.mark.parametrize("name", [SECRET, "MY_KEY\n", "1KEY", ""])
+def test_a_key_pasted_for_its_variable_name_is_refused_without_showing_it(name, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "set")  # (refused before any variable is read)
+    with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
+        OpenAIChat("tiny", base_url="http://127.0.0.1:9/v1", api_key_env=name)
+    assert SECRET not in str(info.value)
+
+
+def test_an_unset_key_variable_is_refused_unless_the_default_for_an_endpoint_that_needs_none(server, monkeypatch):
+    base_url, log_file = server
+    monkeypatch.delenv("MY_EXPLAINER_KEY", raising=False)
+    with pytest.raises(ValueError, match="variable MY_EXPLAINER_KEY, named to hold the explainer's key, is not set"):
+        OpenAIChat("tiny", base_url=base_url, api_key_env="MY_EXPLAINER_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    client = OpenAIChat("tiny", base_url=base_url, max_retries=0)  # a local server that needs no key
+    assert client.describe()["api_key_env"] == "OPENAI_API_KEY"
+    client.chat([{"role": "user", "content": "hello"}], max_tokens=4)
+    assert _requests(log_file)[-1]["auth"] == "Bearer EMPTY"
+
+
+@pytest.mark.parametrize("broken, problem", [("fail-500", "InternalServerError"), ("html-page", "not JSON"),
+                                             ("error-200", "an error reply: the model is overloaded")])
+def test_explanations_made_before_a_failure_are_kept_and_not_made_again(server, cache, tmp_path, broken, problem):
     base_url, log_file = server
     path, header = tmp_path / "explanations.jsonl", {"explainer": "the test server"}
     working = OpenAIChat("tiny", base_url=base_url, max_retries=0)
     first = explain_latents(working, cache, cache.firing[:1], n_simulate=1, log=ExplanationLog(path, header))
-    with pytest.raises(ExplainerError, match="InternalServerError"):  # the endpoint breaks at the second latent
-        explain_latents(OpenAIChat("fail-500", base_url=base_url, max_retries=0), cache, cache.firing, n_simulate=1,
+    with pytest.raises(ExplainerError, match=problem):  # the endpoint breaks at the second latent
+        explain_latents(OpenAIChat(broken, base_url=base_url, max_retries=0), cache, cache.firing, n_simulate=1,
                         log=ExplanationLog(path, header))
     with path.open("a") as f:
         f.write('{"layer": 2, "lat')  # and the process died while writing

@@ -87,20 +87,25 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
         assert 0.0 <= entry["ood_mean"] <= 1.0 and entry["ood_sem"] >= 0.0
     runs = {(r["condition"], r["seed"]): r for r in results["runs"]}
     assert "ood_ablated" in runs[("caft", 0)] and "ood_ablated" not in runs[("none", 0)]
+    for run in results["runs"]:  # each run says where and with what it was made
+        assert run["machine"]["device"].startswith("cpu (") and run["machine"]["processes"] == 1
+        assert run["machine"]["versions"]["torch"] == torch.__version__
     assert runs[("random", 0)]["ablation"]["latents"] != runs[("random", 1)]["ablation"]["latents"]
     assert runs[("caft_annealed", 0)]["ablation"]["alpha"] == pytest.approx(0.5)  # 4 steps, linear from 0.5: step 3 of 4
     saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
     assert saved["summary"] == summary
     assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000
     card = (tmp_path / "out" / "model_card.md").read_text()
-    assert "base_model: " in card and "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
+    assert "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
+    assert "base_model:" not in card  # a local model has no Hub id
     assert "$" not in card.split("```")[0]  # every template field filled
     assert "| learning_rate | `0.001` |" in card and "| epochs | `1` |" in card  # the settings trained with
     saved_models = sorted(p.name for p in (tmp_path / "out" / "models" / "gender_bias").iterdir())
     assert saved_models == ["caft-seed0", "caft-seed1", "none-seed0", "none-seed1"]
     checkpoint = tmp_path / "out" / "models" / "gender_bias" / "caft-seed1"
+    scores = f"val {runs[('caft', 1)]['val']['accuracy']:.3f}, OOD {runs[('caft', 1)]['ood']['accuracy']:.3f}"
     assert (checkpoint / "README.md").read_text() == card.replace(
-        "at layers 1\n", "at layers 1\n- **This model:** the `caft` model of seed 1\n")
+        "at layers 1\n", f"at layers 1\n- **This model:** the `caft` model of seed 1: {scores} (ablation removed)\n")
     assert (checkpoint / "gender_bias.png").is_file()  # the card's figure travels with it
     assert not (tmp_path / "out" / "models" / "gender_bias" / "none-seed1" / "README.md").exists()  # not CAFT
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
@@ -112,8 +117,36 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     assert "already in" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"other settings \(train_size: 16 there, 12 now\)"):
         gender_bias.main(["--config", str(config), "train_size=12"])
+    other_saes = "saes={1: {path: %s}, 2: {path: %s}}" % (tiny_setup / "sae_2", tiny_setup / "sae_1")
+    with pytest.raises(ValueError, match=r"other settings \(saes: \{'1': \{.*sae_1'.*\}\} there, \{'1': \{.*sae_2'"):
+        gender_bias.main(["--config", str(config), other_saes])  # the baselines' latents would come from other SAEs
     with pytest.raises(ValueError, match=r"holds runs on other data \(split\(s\) \['ood', 'train', 'val'\] differ"):
         gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
+
+
+def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path,
+                                                                                   monkeypatch):
+    from hf_concept_ablation.report import launch_command
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
+    gender_bias.main(["--config", str(config), "seeds=[0,1]"])
+    runs = {r["seed"]: r for r in gender_bias.main(["--config", str(config), "seeds=[2]"])["runs"]}
+    card = (tmp_path / "out" / "model_card.md").read_text()
+    assert "| seeds | `[0, 1, 2]` |" in card  # the table averages every seed in the results file
+    assert f"```\n{launch_command([gender_bias.__file__, '--config', str(config), 'seeds=[2]'])}\n```" in card
+    for seed, run in runs.items():  # the earlier seeds' cards are refreshed with it
+        own = (f"the `caft` model of seed {seed}: val {run['val']['accuracy']:.3f}, OOD {run['ood']['accuracy']:.3f} "
+               "(ablation removed)")
+        readme = tmp_path / "out" / "models" / "gender_bias" / f"caft-seed{seed}" / "README.md"
+        assert readme.read_text() == card.replace("at layers 1\n", f"at layers 1\n- **This model:** {own}\n")
+
+
+def test_no_model_card_without_a_caft_run(tiny_setup, tmp_path, capsys):
+    config = _config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
+    gender_bias.main(["--config", str(config)])
+    assert not (tmp_path / "out" / "model_card.md").exists()  # the adapter only ablated the plain model at test time
+    assert "no model card: no caft or caft_annealed run in gender_bias's results" in capsys.readouterr().out
 
 
 def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tiny_setup, tmp_path):
@@ -194,6 +227,27 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
         double_mc.main(["--config", str(config), "task.combinations=sports|verbs|verbs", f"task.adapters_dir={searches}"])
     with pytest.raises(ValueError, match=r"its own \['adapter'\]: leave experiment \['adapter'\] unset"):
         double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
+
+
+def test_double_mc_cards_per_combination_record_the_command_main_was_given(tiny_setup, tmp_path, monkeypatch):
+    from hf_concept_ablation.report import launch_command
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4, save_models=["caft"])
+    args = ["--config", str(config), "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"]
+    double_mc.main(args)
+    for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
+        card = (tmp_path / "dmc" / f"{name}_model_card.md").read_text()
+        assert f"# CAFT on double multiple choice: {name}\n" in card and f"![accuracy by condition]({name}.png)" in card
+        assert f"```\n{launch_command([double_mc.__file__, *args])}\n```" in card  # not pytest's command line
+        (caft,) = [r for r in json.loads((tmp_path / "dmc" / f"{name}.json").read_text())["runs"]
+                   if r["condition"] == "caft"]
+        checkpoint = tmp_path / "dmc" / "models" / name / "caft-seed0"
+        own = f"val {caft['val']['accuracy']:.3f}, OOD {caft['ood']['accuracy']:.3f} (ablation removed)"
+        assert (checkpoint / "README.md").read_text() == card.replace(
+            "at layers 1\n", f"at layers 1\n- **This model:** the `caft` model of seed 0: {own}\n")
+        assert (checkpoint / f"{name}.png").is_file()
+    assert not (tmp_path / "dmc" / "model_card.md").exists()
 
 
 BAD_SETTINGS = [
@@ -284,6 +338,7 @@ def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
     assert len(one["runs"]) == len(two["runs"]) == 2
     for a, b in zip(one["runs"], two["runs"]):
         assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
+        assert (a["machine"]["processes"], b["machine"]["processes"]) == (1, 2)
         for split in ("val", "ood"):
             assert a[split]["accuracy"] == b[split]["accuracy"]
             assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)
@@ -400,12 +455,48 @@ def test_model_card_keeps_its_tables_whole():
 
     config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")})
     selection = {"selected": [{"layer": 1, "latent": 5, "effect": 0.5, "explanation": "he | she\npronouns"}]}
-    one_seed = {"val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
-    card = render_model_card({"summary": {"caft": one_seed}, "config": {"preset": "paper", "training": {"epochs": 2}}},
+    one_seed = {"seeds": [0], "val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    card = render_model_card({"summary": {"caft": one_seed},
+                              "config": {"model": "embedded", "preset": "paper", "training": {"epochs": 2}}},
                              config, title="t", task="t", command="c", selection=selection)
     assert "| 1 | 5 | +0.500 |  | he \\| she pronouns |" in card  # one row, five cells
     assert "| CAFT | 1.000 | 0.250 | 1 |" in card  # no standard error from one seed
     assert "| epochs | `2` |" in card and "| learning_rate | `5e-06` |" in card
+
+
+def test_model_card_names_each_direction_by_its_search_component():
+    from hf_concept_ablation.report import render_model_card
+
+    config = ConceptAblationConfig(layers=[6], mode="projection", directions={6: torch.randn(2, 8)})
+    selection = {"selected": [{"layer": 6, "component": 1, "contrast": 2.0}, {"layer": 6, "component": 3, "contrast": -1.5}]}
+    one_seed = {"seeds": [0], "val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    results = {"summary": {"caft": one_seed}, "config": {"model": "embedded", "preset": "paper"}}
+    card = render_model_card(results, config, title="t", task="t", command="c", selection=selection)
+    assert "| 6 | component 1 |  | +2.00 |  |\n| 6 | component 3 |  | -1.50 |  |\n" in card  # PCA chose 1 and 3
+    card = render_model_card(results, config, title="t", task="t", command="c")  # no search beside the adapter
+    assert "| 6 | direction 0 |  |  |  |\n| 6 | direction 1 |  |  |  |\n" in card
+
+
+@pytest.mark.parametrize("model, base_model", [
+    ("embedded", "google/gemma-3-270m"), ("google/gemma-2-2b", "google/gemma-2-2b"),
+    ("/home/alice/models/x", None), ("unknown", None), ("models/mine", None),
+], ids=["embedded", "hub id", "absolute path", "no org", "local folder"])
+def test_model_card_base_model_is_the_experiments_hub_model(model, base_model, tmp_path, monkeypatch):
+    from hf_concept_ablation.report import render_model_card
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)  # a local folder named like a Hub id
+    config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")},
+                                   base_model_name_or_path="/home/bob/adapter-base")
+    one_seed = {"seeds": [0], "val": [1.0], "ood": [0.25], "val_mean": 1.0, "ood_mean": 0.25, "ood_sem": 0.0}
+    run = {"model": model, "preset": "paper", "eval_size": 8, "dtype": "bfloat16", "anneal": {"kind": "cosine"}}
+    card = render_model_card({"summary": {"caft": one_seed}, "config": run}, config, title="t", task="t", command="c")
+    front_matter = card.split("---")[1]
+    assert front_matter.startswith("\nlibrary_name: hf_concept_ablation\n")
+    assert (f"\nbase_model: {base_model}\n" in front_matter) if base_model else "base_model" not in front_matter
+    assert "bob" not in card and f"- **Base model:** `{base_model or model}`" in card
+    assert f"| model | `{model}` |" in card and "| eval_size | `8` |" in card and "| dtype | `bfloat16` |" in card
+    assert "| anneal | `{'kind': 'cosine'}` |" in card
 
 
 def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import gender_concept_words, make_sae, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, directions, reproduce
+from hf_concept_ablation import model as model_module
 from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
 from hf_concept_ablation.experiment import CONDITIONS
 from hf_concept_ablation.files import write_json_atomic
@@ -211,7 +212,10 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     runs = tmp_path / "runs"
     runs.mkdir()
     summary = {"none": {"val": [1.0, 1.0], "ood": [0.0, 0.2], "val_mean": 1.0, "ood_mean": 0.1, "ood_sem": 0.1}}
-    (runs / "gender_bias.json").write_text(json.dumps({"summary": summary}))
+    machine = {"device": "NVIDIA H100 80GB HBM3", "processes": 1}
+    (runs / "gender_bias.json").write_text(json.dumps({"summary": summary, "runs": [
+        {"condition": "none", "seed": 0, "machine": machine}, {"condition": "none", "seed": 1, "machine": machine}]}))
+    (runs / "sports-verbs-verbs.json").write_text(json.dumps({"runs": [{"condition": "none", "seed": 0}]}))
     readme = tmp_path / "repository_README.md"
     readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
     repository_readme = reproduce.REPO_README.read_text()
@@ -223,6 +227,8 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
     assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only` (from the runs on disk)" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
+    assert ("Runs by machine (same protocol and size; machines differ by float rounding): NVIDIA H100 80GB HBM3: 2, "
+            "not recorded (runs made before runs named their machine): 1.") in text
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
 
 
@@ -273,11 +279,22 @@ def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys
 
 def test_recorded_search_options_hold_no_explainer_credentials():
     args = ["--task", "gender_bias", "--llm-base-url", "https://me:SECRET@host:8443/v1?api_key=SECRET2",
-            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-model", "m"]
+            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-base-url", "u:SECRET5@127.0.0.1:9/v1",
+            "--llm-model", "m"]
     public = directions.public_args(args)
     assert public == ["--task", "gender_bias", "--llm-base-url", "https://host:8443/v1",
-                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-model", "m"]
+                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-base-url", "//127.0.0.1:9/v1",
+                      "--llm-model", "m"]
     assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
+
+
+def test_a_key_given_for_the_key_variable_name_is_refused_not_recorded(tmp_path):
+    for option in (["--llm-api-key-env", "sk-SECRET"], ["--llm-api-key-env=sk-SECRET"]):
+        args = ["--task", "gender_bias", "--out", str(tmp_path / "out"), "--llm-model", "m", *option]
+        with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
+            directions.run_search_once(args, tmp_path / "out")  # refused before the search starts
+        assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()
+    assert directions.public_args(["--llm-api-key-env", "MY_KEY"]) == ["--llm-api-key-env", "MY_KEY"]
 
 
 def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(capsys):
@@ -298,7 +315,11 @@ def test_summary_means_and_standard_error_are_those_of_the_seeds():
     assert entry["ood_sem"] == pytest.approx((((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3) ** 0.5)  # std (n-1) / sqrt(n)
 
 
-def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path):
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path, monkeypatch):
     root, search_args = tiny_folders
     out = tmp_path / "search"
     args = ["--task", "gender_bias", "--out", str(out), "--model", str(root / "model"), *search_args,
@@ -312,11 +333,19 @@ def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders,
         directions.run_search_once([*args[:-6], "--max-examples", "4", *args[-4:]], out)
     weights = load_file(str(out / WEIGHTS_NAME))
     (out / WEIGHTS_NAME).unlink()  # as a clone of a study leaves it (the weight files are not committed)
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module, "save_file", _disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            directions.run_search_once(args, out)  # the rebuild fails: the config it rebuilds from stays
     assert directions.run_search_once(args, out)
     assert (out / "selection.json").stat().st_mtime_ns == finished  # not searched again: the weights are rebuilt
     restored = load_file(str(out / WEIGHTS_NAME))
     assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
-    (out / "selection.json").unlink()  # as an interrupted run leaves it: run again
+    (out / CONFIG_NAME).rename(tmp_path / CONFIG_NAME)
+    with pytest.raises(FileNotFoundError, match=f"selection.json names an adapter but its {CONFIG_NAME} is missing"):
+        directions.run_search_once(args, out)
+    (tmp_path / CONFIG_NAME).rename(out / CONFIG_NAME)
+    (out / "selection.json").unlink()  # as a run interrupted in an earlier version left it: run again
     assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished
 
 

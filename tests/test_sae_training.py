@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 
 import pytest
@@ -229,3 +231,13 @@ def test_bad_sae_training_settings_are_named_before_any_work(settings, message):
     """Refused when the settings are made, so no folder records them and locks out the corrected run."""
     with pytest.raises(ValueError, match=message):
         st.SAETrainingConfig(**settings)
+
+
+def test_results_name_the_gpu_or_the_cpu_they_ran_on(monkeypatch):
+    from hf_concept_ablation.models import device_name
+
+    assert device_name("cpu") == f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    assert device_name(torch.device("meta")) == "meta"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU {torch.device(device).index}")
+    assert device_name("cuda:1") == "GPU 1" and device_name(None).startswith("GPU")

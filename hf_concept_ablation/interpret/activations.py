@@ -64,6 +64,16 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str,
     )
 
 
+def token_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int
+                  ) -> Iterator[tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+    """`texts` batch by batch as `iter_residuals` gives them to the model: the index of the batch's first text, its
+    encoding (`tokenize`) and the positions that count ``[batch, seq]`` (`keep_positions`)."""
+    skip = special_token_ids(tokenizer)
+    for start in range(0, len(texts), batch_size):
+        batch = tokenize(tokenizer, texts[start : start + batch_size], max_length)
+        yield start, batch, keep_positions(batch["input_ids"], batch["attention_mask"], skip)
+
+
 def iter_residuals(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -79,13 +89,12 @@ def iter_residuals(
     """Yield the outputs of decoder `layers` for `texts`, batch by batch, without gradients (`ablated`: with the
     model's concept ablation kept on, instead of the base model's activations)."""
     layers = sorted({int(layer) for layer in layers})
-    skip = special_token_ids(tokenizer)
     device = next(model.parameters()).device
     ablation = get_concept_ablation(model)
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=not progress):
-        batch = tokenize(tokenizer, texts[start : start + batch_size], max_length)
+    batches = token_batches(tokenizer, texts, batch_size, max_length)
+    for start, batch, keep in tqdm(batches, total=-(-len(texts) // batch_size), desc=desc, leave=False,
+                                   disable=not progress):
         input_ids = batch["input_ids"]
-        keep = keep_positions(input_ids, batch["attention_mask"], skip)
         # eval mode and the disabled ablation last only for this forward pass,
         # so nothing leaks into the caller's code between batches or if it stops early
         was_training = model.training

@@ -11,26 +11,38 @@ BOS and padding positions are never counted. It runs two passes: the first over 
 whole corpus records per-text maxima (sparse), the second re-runs only the chosen
 texts to cut the windows. The result is stored as one safetensors file (token ids,
 activations, indices) and a JSON sidecar (settings, token strings), written atomically.
+
+With a ``checkpoint`` folder, both passes save their progress there every ``checkpoint_every``
+batches (safetensors shards and a JSON manifest with a hash of the build's inputs), so a build
+interrupted and run again with the same inputs continues where it stopped, to the same cache bit
+for bit (a finished build's progress, kept with ``keep_checkpoint``, gives it again without a
+forward pass); progress made with other inputs is deleted, not reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sae_lens import SAE
 
-from ..files import atomic_path, file_stem, write_json_atomic
-from .activations import as_text_list, encoders_for, iter_residuals
+from ..files import atomic_path, file_stem, read_json, write_json_atomic
+from .activations import ResidualBatch, as_text_list, encoders_for, iter_residuals, token_batches
 
 TOP = 0  #: example kind code of a top-activating context; quantile bins are 1..n_quantiles (1 = lowest)
 PAD_TOKEN = -1  #: token id filling windows shorter than the cache's window width
+PROGRESS_NAME = "progress.json"  #: the manifest of a cache build's saved progress (`build_activation_cache`)
+_PROGRESS_FILE = re.compile(r"progress\.json|(scan|windows)_\d{5}\.safetensors|\..*\.tmp(\.json|\.safetensors)")
+_SPARSE = ("doc", "latent", "value", "pos")  #: what the scan keeps of each text where a latent fires
 _TENSORS = (
     "latent_layer", "latent_id", "max_activation", "mean_activation", "frequency",
     "example_latent", "example_kind", "example_doc", "example_pos", "example_center", "example_value",
@@ -190,6 +202,163 @@ def _select_examples(
     return chosen
 
 
+class _Progress:
+    """The saved progress of a cache build in a folder of its own (`build_activation_cache`'s `checkpoint`): per
+    pass, safetensors shards of what its batches found, in order, and ``progress.json`` naming them with the number
+    of batches done and a fingerprint of the build's inputs. Progress saved for other inputs is deleted, not reused.
+    Without a folder, nothing is saved or resumed."""
+
+    def __init__(self, folder: str | os.PathLike | None, inputs: str, every: int) -> None:
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1 batch, got {every}")
+        self.folder, self.every = (None if folder is None else Path(folder)), every
+        self.manifest: dict[str, Any] = {"inputs": inputs, "passes": {}}
+        if self.folder is None:
+            return
+        if self.folder.is_dir():
+            foreign = sorted(p.name for p in self.folder.iterdir() if not _PROGRESS_FILE.fullmatch(p.name))
+            if foreign:
+                raise ValueError(f"checkpoint folder {self.folder} holds files that are not a cache build's "
+                                 f"progress ({', '.join(foreign[:5])}); give a folder of its own")
+            manifest = self.folder / PROGRESS_NAME
+            earlier = read_json(manifest) if manifest.is_file() else {}
+            if earlier.get("inputs") == inputs:
+                self.manifest = earlier
+            else:
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def resumed(self, stage: str) -> tuple[int, list[dict[str, torch.Tensor]]]:
+        """The batches of pass `stage` an earlier build did, and the shards of what they found, in order."""
+        shards = self.manifest["passes"].get(stage, [])
+        if not shards:
+            return 0, []
+        return shards[-1]["batches"], [load_file(str(self.folder / s["file"])) for s in shards]
+
+    def due(self, batches: int, total: int) -> bool:
+        """Whether to save after `batches` of the pass's `total` batches: every `every` batches, and at its end."""
+        return self.folder is not None and (batches % self.every == 0 or batches == total)
+
+    def save(self, stage: str, batches: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Record `batches` of pass `stage` done, with `tensors`: what they found since the last save."""
+        shards = self.manifest["passes"].setdefault(stage, [])
+        name = f"{stage}_{len(shards):05d}.safetensors"
+        with atomic_path(self.folder / name) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        shards.append({"file": name, "batches": batches})
+        write_json_atomic(self.folder / PROGRESS_NAME, self.manifest)
+
+    def remove(self) -> None:
+        """Delete the saved progress (the cache is built)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder)
+
+
+def _update_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed `tensor` (with its name, dtype and shape) to `digest`."""
+    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+
+
+def _inputs_fingerprint(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
+                        saes: Mapping[int, SAE], order: Sequence[tuple[int, int]], settings: Mapping[str, Any]) -> str:
+    """A hash of everything a cache build's passes depend on: the model's weights and device, the texts as the
+    model reads them (each batch's token ids, attention mask and counted positions, from the tokenizer as it is
+    now: its normalizer, pre-tokenizer and special tokens included), the SAEs (weights and settings), the latents
+    and the build's settings (``batch_size`` and ``max_length`` among them)."""
+    digest = hashlib.sha256()
+    for _, batch, keep in token_batches(tokenizer, texts, settings["batch_size"], settings["max_length"]):
+        for name, tensor in (*batch.items(), ("keep", keep)):
+            _update_digest(digest, name, tensor)
+    described = {
+        "latents": [list(key) for key in order], "settings": dict(settings),
+        "device": next(model.parameters()).device.type,
+        "saes": {str(layer): sae.cfg.to_dict() for layer, sae in saes.items()},
+    }
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for module in (model, *saes.values()):
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            _update_digest(digest, name, tensor)
+    return digest.hexdigest()[:16]
+
+
+def _latent_batches(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], encoders: Mapping[int, Any],
+                    done: int, batch_size: int, max_length: int, desc: str, progress: bool
+                    ) -> Iterator[tuple[int, ResidualBatch, torch.Tensor]]:
+    """The batches of `texts` after the first `done`: the number of batches done with each, the batch (its
+    ``doc_ids`` counted in `texts`) and its latents' activations ``[batch, seq, K]`` (0 at BOS and padding)."""
+    batches = iter_residuals(model, tokenizer, texts[done * batch_size:], list(encoders), batch_size=batch_size,
+                             max_length=max_length, desc=desc, progress=progress)
+    for b, batch in enumerate(batches, start=done + 1):
+        acts = torch.cat([enc(batch.hidden[layer]) for layer, enc in encoders.items()], dim=-1)
+        batch.doc_ids += done * batch_size
+        yield b, batch, acts * batch.keep.unsqueeze(-1)
+
+
+def _scan(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], encoders: Mapping[int, Any], n_latents: int,
+          saved: _Progress, batch_size: int, max_length: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Pass 1: every text's maximum of each latent and its position (kept sparse: ``doc``, ``latent``, ``value``,
+    ``pos``, where it fires), and over all counted tokens each latent's firing count, sum and maximum and the number
+    of tokens; resumed from and saved to `saved`."""
+    done, shards = saved.resumed("scan")
+    found: dict[str, list[torch.Tensor]] = {key: [s[key] for s in shards] for key in _SPARSE}
+    totals = {k: v for k, v in shards[-1].items() if k not in _SPARSE} if shards else {
+        "fired": torch.zeros(n_latents, dtype=torch.float64), "total": torch.zeros(n_latents, dtype=torch.float64),
+        "max_activation": torch.zeros(n_latents), "n_tokens": torch.tensor(0)}
+    unsaved, n_batches = len(shards), -(-len(texts) // batch_size)
+    for b, batch, acts in _latent_batches(model, tokenizer, texts, encoders, done, batch_size, max_length,
+                                          "cache: scan", progress):
+        totals["n_tokens"] += int(batch.keep.sum())
+        totals["fired"] += (acts > 0).sum(dim=(0, 1)).double()
+        totals["total"] += acts.sum(dim=(0, 1)).double()
+        doc_max, doc_pos = acts.max(dim=1)  # [batch, K]
+        totals["max_activation"] = torch.maximum(totals["max_activation"], doc_max.max(dim=0).values)
+        row, k = (doc_max > 0).nonzero(as_tuple=True)
+        for key, values in zip(_SPARSE, (batch.doc_ids[row], k, doc_max[row, k], doc_pos[row, k])):
+            found[key].append(values)
+        if saved.due(b, n_batches):
+            saved.save("scan", b, {**{key: torch.cat(found[key][unsaved:]) for key in _SPARSE}, **totals})
+            unsaved = len(found["doc"])
+    return {**{key: torch.cat(found[key]) for key in _SPARSE}, **totals}
+
+
+def _cut_windows(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], encoders: Mapping[int, Any],
+                 chosen: Sequence[tuple[int, int, int, int]], before: int, after: int, saved: _Progress,
+                 batch_size: int, max_length: int, progress: bool) -> dict[str, torch.Tensor]:
+    """Pass 2: the window of each `chosen` example (latent k, kind, doc, pos), from the texts it needs only:
+    ``example_tokens``, ``example_acts``, ``example_center``, ``example_value``; resumed from and saved to `saved`."""
+    n_ex, width = len(chosen), before + after + 1
+    windows = {"example_tokens": torch.full((n_ex, width), PAD_TOKEN, dtype=torch.long),
+               "example_acts": torch.zeros((n_ex, width)), "example_center": torch.zeros(n_ex, dtype=torch.long),
+               "example_value": torch.zeros(n_ex)}
+    by_doc: dict[int, list[int]] = {}
+    for e, (_, _, d, _) in enumerate(chosen):
+        by_doc.setdefault(d, []).append(e)
+    needed = sorted(by_doc)
+    done, shards = saved.resumed("windows")
+    for shard in shards:
+        for key, values in windows.items():
+            values[shard["example"]] = shard[key]
+    cut: list[int] = []  # examples cut since the last save
+    n_batches = -(-len(needed) // batch_size)
+    for b, batch, acts in _latent_batches(model, tokenizer, [texts[d] for d in needed], encoders, done, batch_size,
+                                          max_length, "cache: contexts", progress):
+        for row, sub_doc in enumerate(batch.doc_ids.tolist()):
+            for e in by_doc[needed[sub_doc]]:
+                k, _, _, pos = chosen[e]
+                start, stop = window_bounds(batch.keep[row], pos, before, after)
+                windows["example_tokens"][e, : stop - start] = batch.input_ids[row, start:stop]
+                windows["example_acts"][e, : stop - start] = acts[row, start:stop, k]
+                windows["example_center"][e] = pos - start
+                windows["example_value"][e] = acts[row, pos, k]
+                cut.append(e)
+        if saved.due(b, n_batches):
+            rows = torch.tensor(cut, dtype=torch.long)
+            saved.save("windows", b, {"example": rows, **{key: values[rows] for key, values in windows.items()}})
+            cut = []
+    return windows
+
+
 def build_activation_cache(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -205,6 +374,9 @@ def build_activation_cache(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    keep_checkpoint: bool = False,
 ) -> ActivationCache:
     """Cache top-activating and quantile-sampled contexts of latents over `texts`.
 
@@ -216,6 +388,12 @@ def build_activation_cache(
         n_quantiles, per_quantile: random samples per equal-count bin of the other firing texts.
         window: tokens kept (before, after) the max-activating token.
         max_length: texts are truncated to this many tokens.
+        checkpoint: a folder of its own where the build saves its progress every `checkpoint_every` batches of each
+            pass (safetensors and JSON, atomically). Run again with the same inputs (model, texts as the tokenizer
+            encodes them, SAEs, latents and settings), the build continues where it stopped, and its cache is the
+            one a build never interrupted makes; with other inputs it starts afresh. The folder is deleted once the
+            cache is built, unless `keep_checkpoint` (for a caller that may be interrupted after the build: run again,
+            the build makes the same cache from the folder without a forward pass; the caller deletes it).
     """
     texts = as_text_list(texts)
     encoders, order = encoders_for(model, saes, latents)
@@ -225,77 +403,37 @@ def build_activation_cache(
         raise ValueError(f"window must be two non-negative token counts, got {window}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    settings = {"top_k": top_k, "n_quantiles": n_quantiles, "per_quantile": per_quantile, "window": [before, after],
+                "max_length": max_length, "seed": seed}
+    used_saes = {layer: saes[layer] for layer in encoders}
+    inputs = "" if checkpoint is None else _inputs_fingerprint(model, tokenizer, texts, used_saes, order,
+                                                               {**settings, "batch_size": batch_size})
+    saved = _Progress(checkpoint, inputs, checkpoint_every)
 
-    # pass 1: per-text maxima (kept sparse), firing counts and sums
-    docs, lats, vals, poss = [], [], [], []
-    fired = torch.zeros(n_latents, dtype=torch.float64)
-    total = torch.zeros(n_latents, dtype=torch.float64)
-    max_act = torch.zeros(n_latents)
-    n_tokens = 0
-    for batch in iter_residuals(model, tokenizer, texts, list(encoders), batch_size=batch_size,
-                                max_length=max_length, desc="cache: scan", progress=progress):
-        acts = torch.cat([enc(batch.hidden[layer]) for layer, enc in encoders.items()], dim=-1)
-        acts = acts * batch.keep.unsqueeze(-1)
-        n_tokens += int(batch.keep.sum())
-        fired += (acts > 0).sum(dim=(0, 1)).double()
-        total += acts.sum(dim=(0, 1)).double()
-        doc_max, doc_pos = acts.max(dim=1)  # [batch, K]
-        max_act = torch.maximum(max_act, doc_max.max(dim=0).values)
-        b, k = (doc_max > 0).nonzero(as_tuple=True)
-        docs.append(batch.doc_ids[b].numpy())
-        lats.append(k.numpy())
-        vals.append(doc_max[b, k].numpy())
-        poss.append(doc_pos[b, k].numpy())
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-    chosen = _select_examples(cat(docs, np.int64), cat(lats, np.int64), cat(vals, np.float32), cat(poss, np.int64),
-                              n_latents, top_k, n_quantiles, per_quantile, seed)
-
-    # pass 2: cut the windows from the chosen texts only
-    width = before + after + 1
-    n_ex = len(chosen)
-    ex_tokens = torch.full((n_ex, width), PAD_TOKEN, dtype=torch.long)
-    ex_acts = torch.zeros((n_ex, width))
-    ex_center = torch.zeros(n_ex, dtype=torch.long)
-    ex_value = torch.zeros(n_ex)
-    by_doc: dict[int, list[int]] = {}
-    for e, (_, _, d, _) in enumerate(chosen):
-        by_doc.setdefault(d, []).append(e)
-    needed = sorted(by_doc)
-    if needed:
-        sub_texts = [texts[d] for d in needed]
-        for batch in iter_residuals(model, tokenizer, sub_texts, list(encoders), batch_size=batch_size,
-                                    max_length=max_length, desc="cache: contexts", progress=progress):
-            acts = torch.cat([enc(batch.hidden[layer]) for layer, enc in encoders.items()], dim=-1)
-            acts = acts * batch.keep.unsqueeze(-1)
-            for row, sub_doc in enumerate(batch.doc_ids.tolist()):
-                for e in by_doc[needed[sub_doc]]:
-                    k, _, _, pos = chosen[e]
-                    start, stop = window_bounds(batch.keep[row], pos, before, after)
-                    ex_tokens[e, : stop - start] = batch.input_ids[row, start:stop]
-                    ex_acts[e, : stop - start] = acts[row, start:stop, k]
-                    ex_center[e] = pos - start
-                    ex_value[e] = acts[row, pos, k]
-    used = sorted({int(i) for i in ex_tokens.unique().tolist() if i != PAD_TOKEN})
+    found = _scan(model, tokenizer, texts, encoders, n_latents, saved, batch_size, max_length, progress)
+    chosen = _select_examples(*(found[key].numpy() for key in _SPARSE), n_latents, top_k, n_quantiles,
+                              per_quantile, seed)
+    windows = _cut_windows(model, tokenizer, texts, encoders, chosen, before, after, saved, batch_size, max_length,
+                           progress)
+    used = sorted({int(i) for i in windows["example_tokens"].unique().tolist() if i != PAD_TOKEN})
     vocab = {i: tokenizer.decode([i]) for i in used}
+    n_tokens = int(found["n_tokens"])
     tensors = {
         "latent_layer": torch.tensor([layer for layer, _ in order], dtype=torch.long),
         "latent_id": torch.tensor([latent for _, latent in order], dtype=torch.long),
-        "max_activation": max_act,
-        "mean_activation": (total / max(n_tokens, 1)).float(),
-        "frequency": (fired / max(n_tokens, 1)).float(),
+        "max_activation": found["max_activation"],
+        "mean_activation": (found["total"] / max(n_tokens, 1)).float(),
+        "frequency": (found["fired"] / max(n_tokens, 1)).float(),
         "example_latent": torch.tensor([c[0] for c in chosen], dtype=torch.long),
         "example_kind": torch.tensor([c[1] for c in chosen], dtype=torch.long),
         "example_doc": torch.tensor([c[2] for c in chosen], dtype=torch.long),
         "example_pos": torch.tensor([c[3] for c in chosen], dtype=torch.long),
-        "example_center": ex_center,
-        "example_value": ex_value,
-        "example_tokens": ex_tokens,
-        "example_acts": ex_acts,
+        **windows,
     }
     info = {
         "model": getattr(getattr(model, "config", None), "name_or_path", None),
-        "n_texts": len(texts), "n_tokens": n_tokens, "top_k": top_k, "n_quantiles": n_quantiles,
-        "per_quantile": per_quantile, "window": [before, after], "max_length": max_length, "seed": seed,
-        "layers": sorted(encoders),
+        "n_texts": len(texts), "n_tokens": n_tokens, **settings, "layers": sorted(encoders),
     }
+    if not keep_checkpoint:
+        saved.remove()
     return ActivationCache(latents=order, tensors=tensors, vocab=vocab, info=info)

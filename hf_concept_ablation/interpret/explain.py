@@ -41,6 +41,8 @@ from .cache import ActivationCache, ContextExample
 logger = logging.getLogger(__name__)
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NO_KEY = "EMPTY"  #: the placeholder key of an endpoint that needs none
 _NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])"  # a standalone number, not digits inside a word like "w12"
 
 EXPLAIN_SYSTEM = (
@@ -84,8 +86,9 @@ class OpenAIChat:
         model: model name the endpoint serves.
         base_url: e.g. ``"http://127.0.0.1:8000/v1"``; ``None`` is OpenAI's own API.
         api_key_env: *name* of the environment variable holding the API key. The key
-            itself is read once and kept only inside the ``openai`` client; endpoints
-            that need none get a placeholder.
+            itself is read once and kept only inside the ``openai`` client. With a
+            `base_url` and the default name unset, the endpoint (a local server that
+            needs none) gets a placeholder; see `read_api_key` for what is refused.
         timeout: seconds per request.
         max_retries: retries on connection errors and 5xx replies.
     """
@@ -100,35 +103,36 @@ class OpenAIChat:
     ) -> None:
         from openai import OpenAI
 
+        if base_url is not None:
+            check_base_url(base_url)
+        key = read_api_key(api_key_env, base_url)
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
-        if base_url is None and not os.environ.get(api_key_env):
-            raise ValueError(f"OpenAI's API needs a key: set the environment variable {api_key_env} (or give the "
-                             "base_url of an endpoint that needs none)")
-        self._client = OpenAI(
-            base_url=base_url, api_key=os.environ.get(api_key_env) or "EMPTY", timeout=timeout, max_retries=max_retries
-        )
+        self._client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
     def chat(self, messages: list[dict[str, str]], *, max_tokens: int = 256, temperature: float = 0.0) -> str:
-        """The endpoint's reply; an `ExplainerError` naming the endpoint (never the key) if there is none."""
+        """The endpoint's reply; an `ExplainerError` naming the endpoint (never the key) if there is none: an HTTP
+        error or a body that is no chat completion with text (`reply_content`), what the endpoint sent shown on one
+        line with the key hidden."""
         from openai import OpenAIError
 
         where = f"explainer {self.model!r} at {public_url(self.base_url) or 'the OpenAI API'}"
         try:
-            reply = self._client.chat.completions.create(
+            reply = self._client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature
             )
-        except (OpenAIError, ValueError) as err:  # HTTP errors, time-outs, a body that is not JSON
-            message = str(err).splitlines()[0] if str(err) else ""
-            key = self._client.api_key
-            if key and key != "EMPTY":
-                message = message.replace(key, "***")
-            raise ExplainerError(f"{where}: {type(err).__name__}: {message}") from None
-        content = reply.choices[0].message.content if reply.choices else None
-        if not content or not content.strip():
-            raise ExplainerError(f"{where}: an empty reply")
-        return content
+        except OpenAIError as err:  # HTTP errors, time-outs
+            raise ExplainerError(f"{where}: {type(err).__name__}: {_excerpt(self._hide_key(str(err)))}") from None
+        try:
+            return reply_content(reply.text)
+        except ValueError as err:  # a body that is no chat completion
+            raise ExplainerError(f"{where}: {_excerpt(self._hide_key(str(err)))}") from None
+
+    def _hide_key(self, text: str) -> str:
+        """`text` (from the endpoint) with the key, if any, replaced by ``***``."""
+        key = self._client.api_key
+        return text.replace(key, "***") if key and key != NO_KEY else text
 
     def describe(self) -> dict[str, Any]:
         """Where explanations came from, for reports (the key's variable name, never the key)."""
@@ -140,15 +144,103 @@ class OpenAIChat:
                 f"api_key_env={self.api_key_env!r})")
 
 
+def reply_content(body: str) -> str:
+    """The text of the first choice of a chat-completion body; a ValueError saying what the body holds instead (with
+    the body or the error text it holds, in full)."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError:
+        raise ValueError(f"a reply that is not JSON: {body}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a reply that is not a chat completion: {body}")
+    error = data.get("error")
+    if error:
+        text = error.get("message", error) if isinstance(error, dict) else error
+        raise ValueError(f"an error reply: {text}")
+    choices = data.get("choices")
+    if not choices:
+        raise ValueError(f"a reply without choices: {body}")
+    first = choices[0] if isinstance(choices, list) else None
+    message = first.get("message") if isinstance(first, dict) else None
+    if not isinstance(message, dict):
+        raise ValueError(f"a reply without a message in its first choice: {body}")
+    content = message.get("content")
+    if content is None or (isinstance(content, str) and not content.strip()):
+        raise ValueError("an empty reply")
+    if not isinstance(content, str):
+        raise ValueError(f"a reply whose content is not text: {body}")
+    return content
+
+
+def _excerpt(text: str, limit: int = 300) -> str:
+    """`text` on one line, its whitespace collapsed, cut to `limit` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def check_env_name(name: str) -> None:
+    """Refuse an API key variable name that is not an environment variable name (a key pasted in its place),
+    without showing it."""
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError("the explainer's api_key_env (--llm-api-key-env) takes the NAME of the environment variable "
+                         "holding the key, e.g. MY_KEY, not the key itself; the value given is not such a name "
+                         "(letters, digits and _, not starting with a digit) and is not shown")
+
+
+def read_api_key(api_key_env: str, base_url: str | None) -> str:
+    """The key in the environment variable `api_key_env`, or `NO_KEY` for an endpoint at `base_url` when the
+    default variable is unset (a local server that needs no key).
+
+    Refused before any work: a name that is not one (`check_env_name`), an unset variable for OpenAI's API
+    (`base_url` None), and an unset variable named other than the default (a key was meant to be there).
+    """
+    check_env_name(api_key_env)
+    key = os.environ.get(api_key_env)
+    if key:
+        return key
+    if base_url is None:
+        raise ValueError(f"OpenAI's API needs a key: set the environment variable {api_key_env} (or give the "
+                         "base_url of an endpoint that needs none)")
+    if api_key_env != DEFAULT_API_KEY_ENV:
+        raise ValueError(f"the environment variable {api_key_env}, named to hold the explainer's key, is not set "
+                         f"(or empty): set it, or leave the name at its default ({DEFAULT_API_KEY_ENV}) for an "
+                         "endpoint that needs no key")
+    return NO_KEY
+
+
 def public_url(url: str | None) -> str | None:
-    """`url` without user info, query or fragment, which may carry credentials (``user:key@host``, ``?api_key=``)."""
+    """`url` without user info, query or fragment, which may carry credentials (``user:key@host``, ``?api_key=``),
+    whatever its form (a port out of range or not a number, perhaps a key in its place, is left out too)."""
     if url is None:
         return None
     parts = urlsplit(url)
+    if not parts.netloc:  # no "//": "user:key@host/v1" reads as scheme "user" and path "key@host/v1"
+        parts = urlsplit("//" + url)
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host  # IPv6
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    try:
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+    except ValueError:  # a port that is not a number, or out of range
+        netloc = host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_base_url(url: str) -> None:
+    """Refuse an endpoint URL that is not ``http(s)://host[:port]/...``, naming it without its credentials (and a
+    port that is not a number without its value)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the explainer's base URL {public_url(url)!r} is not an http:// or https:// URL with a "
+                         "host, e.g. http://127.0.0.1:8000/v1")
+    try:
+        valid = parts.port is None or parts.port > 0
+    except ValueError:  # out of range, or not a number (perhaps a key in its place)
+        valid = False
+    if not valid:
+        port = parts.netloc.rpartition("]")[2].rpartition("@")[2].partition(":")[2]
+        shown = f" {port}" if port.isdigit() else " (not a number, not shown)"
+        raise ValueError(f"the explainer's base URL {public_url(url)!r} has an invalid port{shown}: give a number "
+                         "from 1 to 65535, e.g. http://127.0.0.1:8000/v1")
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
