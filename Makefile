@@ -26,7 +26,7 @@ bench: $(STAMP)
 # The paper's experiments (GPU: full size; CPU: reduced size). Resumable; e.g.
 # make reproduce REPRODUCE_ARGS="--tasks gender_bias --seeds 0 1 2"
 reproduce: $(STAMP)
-	$(PY) -m hf_concept_ablation.reproduce --out results $(REPRODUCE_ARGS)
+	$(PY) -m hf_concept_ablation.experiments.study --out results $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

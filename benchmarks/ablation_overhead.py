@@ -36,10 +36,23 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_concept_ablation import ConceptAblationConfig, find_decoder_layers, inject_concept_ablation
-from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
+from hf_concept_ablation import (
+    ConceptAblationConfig,
+    find_decoder_layers,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.adapter.layer import (
+    full_sae_ablation,
+    layer_hidden,
+    with_layer_hidden,
+)
 from hf_concept_ablation.files import write_json_atomic
-from hf_concept_ablation.models import base_model_id, device_name, load_model, resolve_model_path
+from hf_concept_ablation.loading import (
+    base_model_id,
+    device_name,
+    load_model,
+    resolve_model_path,
+)
 
 RESULTS = Path(__file__).with_name("ablation_overhead.json")
 NUM_LATENTS = 10
@@ -148,7 +161,7 @@ def make_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode: 
     """
     device = next(model.parameters()).device
     if mode in ATTRIBUTION_MODES:
-        from hf_concept_ablation.attribution import attribute_latents
+        from hf_concept_ablation.search.attribution import attribute_latents
         from hf_concept_ablation.tasks import build_gender_datasets
 
         data = build_gender_datasets()["train"].select(range(args.batch))

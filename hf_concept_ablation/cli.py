@@ -31,7 +31,7 @@ def run_demo(output_dir: Path, threads: int | None = None, model: str = "embedde
     `model`: the embedded default, a Hub id or a local folder (another model needs its SAEs in
     `search_args`, e.g. ``["--sae", "6=PATH"]``; later options override the demo's own). `command`: how the
     demo was started, for the model card (default: the recipe call this makes)."""
-    from . import directions
+    from .search import pipeline as directions
 
     search_dir = output_dir / "search"
     args = ["--task", "gender_bias", "--out", str(search_dir), "--model", model, "--max-examples", "64",

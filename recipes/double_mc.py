@@ -24,11 +24,15 @@ from typing import Sequence
 
 import datasets
 
-from hf_concept_ablation.config import CONFIG_NAME
-from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+from hf_concept_ablation.adapter.config import CONFIG_NAME
+from hf_concept_ablation.experiments.recipe_settings import (
+    check_task_settings,
+    parse_recipe_args,
+)
+from hf_concept_ablation.experiments.report import markdown_table, report_recipe_run
+from hf_concept_ablation.experiments.runner import ExperimentConfig, run_experiment
+from hf_concept_ablation.experiments.training import process_state
 from hf_concept_ablation.files import write_json_atomic
-from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
-from hf_concept_ablation.report import markdown_table, report_recipe_run
 from hf_concept_ablation.tasks import (
     ALL_COMBINATIONS,
     SOURCE_SETS,
@@ -39,7 +43,6 @@ from hf_concept_ablation.tasks import (
     file_name,
     parse_combination_key,
 )
-from hf_concept_ablation.training import process_state
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "double_mc.yaml"
 BUILDER_KEYS = ("answer_form", "max_examples", "seed", "source_files")
@@ -80,7 +83,7 @@ def _search_outputs(adapters_dir: Path, key: str) -> dict[str, str]:
     folder = adapters_dir / file_name(key)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"task.adapters_dir: {folder} holds no adapter ({CONFIG_NAME}) for {key!r}; run "
-                                f"`python -m hf_concept_ablation.directions --task \"double_mc:{key}\" --out {folder}`")
+                                f"`python -m hf_concept_ablation.search.pipeline --task \"double_mc:{key}\" --out {folder}`")
     attribution = folder / "attribution.json"
     return {"adapter": str(folder), **({"attribution": str(attribution)} if attribution.is_file() else {})}
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
-from hf_concept_ablation.recipe import check_task_settings, parse_recipe_args
-from hf_concept_ablation.report import markdown_table, report_recipe_run
-from hf_concept_ablation.tasks import build_gender_datasets
-from hf_concept_ablation.training import process_state
+from hf_concept_ablation.experiments.recipe_settings import (
+    check_task_settings,
+    parse_recipe_args,
+)
+from hf_concept_ablation.experiments.report import markdown_table, report_recipe_run
+from hf_concept_ablation.experiments.runner import ExperimentConfig, run_experiment
+from hf_concept_ablation.experiments.training import process_state
+from hf_concept_ablation.tasks import build_gender_concept_texts, build_gender_datasets
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "gender_bias.yaml"
 
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> dict:
     check_task_settings(task, "gender_bias", list(inspect.signature(build_gender_datasets).parameters))
     config = ExperimentConfig.from_dict(experiment)
     data = build_gender_datasets(**task)
-    results = run_experiment(config, data, name="gender_bias")
+    results = run_experiment(config, data, name="gender_bias", concept_texts=build_gender_concept_texts()._asdict())
     if process_state().is_main_process:
         figure = report_recipe_run(results, config, script=__file__, argv=argv, command=command, plot_title="Gender bias",
                                    card_title="Gemma fine-tuned with CAFT on gender-bias data",

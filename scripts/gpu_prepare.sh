@@ -25,7 +25,7 @@ mkdir -p .g0 .g1
 for w in "$wheels"/*.whl; do case $w in *wandb*) mv "$w" .g1/ ;; *) mv "$w" .g0/ ;; esac; done
 tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 room=$((64 * 1024 * 1024 - tracked - 2000000))  # what a call can carry beside the tracked files, with a margin
-gguf=$("$python" -c "from hf_concept_ablation.models import embedded_gguf_path; print(embedded_gguf_path())")
+gguf=$("$python" -c "from hf_concept_ablation.loading import embedded_gguf_path; print(embedded_gguf_path())")
 "$python" - "$gguf" "$room" "$(du -cb .g0 | tail -1 | cut -f1)" "$(du -cb .g1 | tail -1 | cut -f1)" <<'PY'
 import math, os, sys
 gguf, room, used0, used1 = sys.argv[1], *map(int, sys.argv[2:])

@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_CONCEPT_ABLATION_GGUF=/tm
   OMP_NUM_THREADS=2
 echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  /tmp/m.gguf" | sha256sum -c - || exit 1
 python3 -c "
-from hf_concept_ablation.models import embedded_model_dir, load_tokenizer
+from hf_concept_ablation.loading import embedded_model_dir, load_tokenizer
 import torch, transformers
 print(embedded_model_dir(), transformers.__version__, torch.cuda.get_device_name())
 print('answer token of \" A\":', load_tokenizer().encode(' A', add_special_tokens=False))" || exit 1
@@ -24,7 +24,7 @@ started=$(date +%s)
 i=0
 for keys in "$@"; do
   # shellcheck disable=SC2086  # the keys are separate arguments
-  timeout -k 30 -s INT "$limit" python3 -m hf_concept_ablation.reproduce --out results --size cpu \
+  timeout -k 30 -s INT "$limit" python3 -m hf_concept_ablation.experiments.study --out results --size cpu \
     --tasks double_mc --combinations $keys --seeds $seeds \
     --conditions none caft caft_annealed random top_k test_only >"$logs/pair$i.log" 2>&1 &
   i=$((i + 1))

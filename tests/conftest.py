@@ -10,14 +10,21 @@ from typing import Sequence
 
 import pytest
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import (
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
 )
@@ -125,7 +132,7 @@ def make_tiny_tokenizer(words: Sequence[str] = ()):
 def gender_concept_words() -> list[str]:
     """The words in which the gender task's paired concept texts differ ('She is my mother.' / 'He is my father.'),
     for a tiny tokenizer that tells the two sets apart (with none of them known, every pair reads the same)."""
-    from hf_concept_ablation.directions import task_data
+    from hf_concept_ablation.search.pipeline import task_data
 
     task = task_data("gender_bias")
     return sorted({w for a, b in zip(task.concept_a, task.concept_b) for w in set(a.split()) ^ set(b.split())})

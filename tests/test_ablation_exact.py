@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_sae, make_tiny_model
+
 from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
-from hf_concept_ablation.layer import full_sae_ablation, layer_hidden, with_layer_hidden
-from hf_concept_ablation.model import find_decoder_layers
+from hf_concept_ablation.adapter.layer import (
+    full_sae_ablation,
+    layer_hidden,
+    with_layer_hidden,
+)
+from hf_concept_ablation.adapter.model import find_decoder_layers
 
 LATENTS = [3, 17, 40, 99, 128, 200]
 LAYERS = [1, 2]

@@ -6,11 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import HIDDEN, HubAtTheBoundary, make_sae, make_tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from conftest import HIDDEN, HubAtTheBoundary, make_sae, make_tiny_model
-from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
-from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
+from hf_concept_ablation import (
+    ConceptAblation,
+    ConceptAblationConfig,
+    get_concept_ablation,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
 
 LATENTS = [1, 7, 30, 64, 100]
 INPUT = torch.tensor([[2, 11, 25, 37, 48, 59, 61, 70], [2, 90, 14, 33, 47, 52, 0, 0]])

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import pytest
+from conftest import (
+    make_sae,
+    make_tiny_mc_dataset,
+    make_tiny_model,
+    make_tiny_tokenizer,
+)
 from scipy.stats import spearmanr
 
-from conftest import make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
 from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
-from hf_concept_ablation.attribution import attribute_latents, load_attribution, save_attribution
+from hf_concept_ablation.search.attribution import (
+    attribute_latents,
+    load_attribution,
+    save_attribution,
+)
 
 
 def _exact_effect(model, tokenizer, dataset, layer, sae, latent):
     """Metric change when the latent is zero-ablated (exactly, via the adapter), averaged over examples."""
-    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+    from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
     base = evaluate_multiple_choice(model, tokenizer, dataset)["logit_diff"]
     config = ConceptAblationConfig(layers=[layer], latents={layer: [latent]}, skip_token_ids=None)
@@ -73,7 +82,7 @@ def test_attribution_lists_every_latent_once_sorted_and_top_is_a_prefix():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_evaluation_and_attribution_do_not_depend_on_the_batch_size(family):
     """Left padding shifts absolute positions (GPT-2) unless position ids count from each prompt's first token."""
-    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+    from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
     model, tokenizer, dataset = make_tiny_model(family), make_tiny_tokenizer(), make_tiny_mc_dataset()
     saes = {1: make_sae("standard", d_sae=64, seed=1)}
@@ -98,7 +107,7 @@ def test_evaluation_equals_its_definition_computed_prompt_by_prompt():
     answer-minus-distractor logit at the last token; each from one unpadded forward per prompt."""
     import torch
 
-    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+    from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
     model, tokenizer, dataset = make_tiny_model("gpt2"), make_tiny_tokenizer(), make_tiny_mc_dataset(12)
     hits, pair, gaps = 0, 0, []

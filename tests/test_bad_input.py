@@ -7,15 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_sae, make_tiny_model
 from safetensors.torch import save_file
 
-from conftest import make_sae, make_tiny_model
-from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
-from hf_concept_ablation.callbacks import AblationSchedule
-from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
-from hf_concept_ablation.saes import load_sae
+from hf_concept_ablation import (
+    ConceptAblation,
+    ConceptAblationConfig,
+    SAESource,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.adapter.callbacks import AblationSchedule
+from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
+from hf_concept_ablation.adapter.sae_sources import load_sae
+from hf_concept_ablation.experiments.training import PRESETS
 from hf_concept_ablation.tasks import build_gender_datasets
-from hf_concept_ablation.training import PRESETS
 
 
 def _inject(model, layers=(1,), latents=(1, 2), sae=None, **kwargs):
@@ -190,7 +195,7 @@ def test_sae_source_needs_a_release_and_id_or_a_path():
     ],
 )
 def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, message):
-    from hf_concept_ablation.experiment import ExperimentConfig
+    from hf_concept_ablation.experiments.runner import ExperimentConfig
 
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(conditions=kwargs.pop("conditions", ["none"]), **kwargs)
@@ -215,7 +220,7 @@ def test_a_center_that_is_not_finite_is_named(fill):
 def test_a_saved_mean_ablation_with_a_bad_or_missing_center_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from hf_concept_ablation.config import read_weights
+    from hf_concept_ablation.adapter.config import read_weights
 
     model = make_tiny_model("llama")
     config = ConceptAblationConfig(layers=[1], mode="projection", directions={1: torch.randn(2, 64)},
@@ -250,7 +255,7 @@ def _rewrite_weights(folder, tensors=None, metadata=None):
     """Save the adapter's weights file again with some tensors and header entries changed."""
     from safetensors.torch import save_file
 
-    from hf_concept_ablation.config import read_weights
+    from hf_concept_ablation.adapter.config import read_weights
 
     old_tensors, old_metadata = read_weights(folder / WEIGHTS_NAME)
     save_file({**old_tensors, **(tensors or {})}, str(folder / WEIGHTS_NAME), metadata={**old_metadata, **(metadata or {})})
@@ -277,10 +282,10 @@ def test_config_and_weights_of_different_adapters_are_refused(tmp_path, change, 
 
 def test_evaluating_or_caching_nothing_is_named(tmp_path):
     import datasets
-
     from conftest import make_tiny_tokenizer
-    from hf_concept_ablation.activation_store import cache_activations
-    from hf_concept_ablation.evaluation import evaluate_multiple_choice
+
+    from hf_concept_ablation.saes.activation_store import cache_activations
+    from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
     empty = datasets.Dataset.from_dict({"prompt": [], "answer": [], "distractor": []})
     with pytest.raises(ValueError, match="eval ood: the dataset is empty"):

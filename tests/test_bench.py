@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_tiny_model, make_tiny_tokenizer
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_overhead.py"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HIDDEN, make_sae, make_tiny_model
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import HIDDEN, make_sae, make_tiny_model
 from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
 
 INPUT = torch.tensor([[2, 11, 25, 37, 48, 59, 61, 70], [2, 90, 14, 33, 47, 52, 8, 9]])

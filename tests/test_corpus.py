@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.corpus import iter_texts, read_corpus, sample_from_model
+
+from hf_concept_ablation.saes.corpus import iter_texts, read_corpus, sample_from_model
 
 PROMPTS = ("w6 w7", "w8 w9 w10", "w11")
 

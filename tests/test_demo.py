@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+
 from hf_concept_ablation import ConceptAblationConfig, cli
 
 

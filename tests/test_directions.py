@@ -8,23 +8,42 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import gender_concept_words, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblation
-from hf_concept_ablation.directions import (ERASURE_TEXTS, SEARCH_ARGS_NAME, TaskData, find_concept_latents, find_pca_directions,
-                                            CACHE_PROGRESS_NAME, build_parser, main, partial_dir, search_finished,
-                                            task_data)
-from hf_concept_ablation.files import files_fingerprint
-from hf_concept_ablation.interpret.activations import iter_residuals
-from hf_concept_ablation.interpret.cache import PROGRESS_NAME
-from hf_concept_ablation.model import find_decoder_layers
-from hf_concept_ablation.tasks import answer_value
-from hf_concept_ablation.interpret.erasure import concept_decodability
-from hf_concept_ablation.interpret.explain import EmbeddingFilter, ExplainerError, TransformersChat
-from hf_concept_ablation.pca import mean_activations
-
+from conftest import (
+    gender_concept_words,
+    make_sae,
+    make_tiny_mc_dataset,
+    make_tiny_model,
+    make_tiny_tokenizer,
+)
 from test_interpret_cache import _forward_passes
 from test_interpret_contrast import PLANTED, _planted_sae, _sets
+
+from hf_concept_ablation import ConceptAblation
+from hf_concept_ablation.adapter.model import find_decoder_layers
+from hf_concept_ablation.files import files_fingerprint
+from hf_concept_ablation.search.activations import iter_residuals
+from hf_concept_ablation.search.cache import PROGRESS_NAME
+from hf_concept_ablation.search.erasure import concept_decodability
+from hf_concept_ablation.search.explain import (
+    EmbeddingFilter,
+    ExplainerError,
+    TransformersChat,
+)
+from hf_concept_ablation.search.pca import mean_activations
+from hf_concept_ablation.search.pipeline import (
+    CACHE_PROGRESS_NAME,
+    ERASURE_TEXTS,
+    SEARCH_ARGS_NAME,
+    TaskData,
+    build_parser,
+    find_concept_latents,
+    find_pca_directions,
+    main,
+    partial_dir,
+    search_finished,
+    task_data,
+)
+from hf_concept_ablation.tasks import answer_value
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +119,7 @@ def test_a_search_that_fails_before_its_results_leaves_the_finished_one_in_its_f
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # the user stops the search again while it caches contexts
 
-    monkeypatch.setattr("hf_concept_ablation.directions.build_activation_cache", interrupted)
+    monkeypatch.setattr("hf_concept_ablation.search.pipeline.build_activation_cache", interrupted)
     with pytest.raises(KeyboardInterrupt):
         find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=3, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == finished
@@ -173,7 +192,7 @@ def test_a_search_interrupted_while_it_explains_leaves_the_finished_one_and_resu
             cache_batches.append(1)
             yield batch
 
-    monkeypatch.setattr("hf_concept_ablation.interpret.cache.iter_residuals", counted)
+    monkeypatch.setattr("hf_concept_ablation.search.cache.iter_residuals", counted)
 
     def search(task, explainer):
         cache_batches.clear()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_sae
-from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, inject_concept_ablation
-from hf_concept_ablation.models import EMBEDDED_BASE_MODEL_ID, load_model
+
+from hf_concept_ablation import (
+    ConceptAblation,
+    ConceptAblationConfig,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.loading import EMBEDDED_BASE_MODEL_ID, load_model
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +56,7 @@ def test_inject_forward_save_reload_identical_logits(embedded, tmp_path):
 
 
 def test_a_gguf_named_by_the_environment_is_used_and_a_missing_one_is_named(tmp_path, monkeypatch):
-    from hf_concept_ablation.models import embedded_gguf_path, embedded_model_dir
+    from hf_concept_ablation.loading import embedded_gguf_path, embedded_model_dir
 
     monkeypatch.setenv("HF_CONCEPT_ABLATION_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_CONCEPT_ABLATION_GGUF", str(tmp_path / "nowhere.gguf"))
@@ -72,7 +76,7 @@ def test_processes_of_one_launch_build_the_cache_once(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setenv("HF_CONCEPT_ABLATION_CACHE", str(tmp_path / "cache"))
-    rank = "from hf_concept_ablation.models import embedded_model_dir; print('found', embedded_model_dir())"
+    rank = "from hf_concept_ablation.loading import embedded_model_dir; print('found', embedded_model_dir())"
     ranks = [subprocess.Popen([sys.executable, "-c", rank], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(3)]
     outputs = [r.communicate(timeout=900)[0] for r in ranks]

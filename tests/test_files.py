@@ -9,7 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hf_concept_ablation.files import atomic_dir, atomic_path, files_fingerprint, read_json
+from hf_concept_ablation.files import (
+    atomic_dir,
+    atomic_path,
+    files_fingerprint,
+    read_json,
+)
 
 
 def test_atomic_dir_replaces_the_folder_only_when_the_writer_finishes(tmp_path):
@@ -61,7 +66,7 @@ def test_a_safetensors_file_saved_again_has_the_same_fingerprint(tmp_path):
 
 def test_a_damaged_state_file_is_named(tmp_path):
     from hf_concept_ablation import reproduce
-    from hf_concept_ablation.experiment import ResultsFile
+    from hf_concept_ablation.experiments.runner import ResultsFile
 
     path = tmp_path / "gender_bias.json"
     for text, message in (('{"runs": [', r"gender_bias.json is not valid JSON"),
@@ -79,7 +84,7 @@ def test_a_damaged_state_file_is_named(tmp_path):
 
 
 def test_a_results_file_of_an_earlier_version_is_recognised_by_its_raw_fingerprint(tmp_path):
-    from hf_concept_ablation.experiment import ResultsFile
+    from hf_concept_ablation.experiments.runner import ResultsFile
 
     weights = tmp_path / "a.safetensors"
     save_file({"w": torch.ones(2)}, str(weights), metadata={"layers.1": "{}", "layers.2": "{}"})

@@ -15,11 +15,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from torch.distributed.fsdp import fully_shard
 
-from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
-from hf_concept_ablation.experiment import ExperimentConfig, run_experiment
+from hf_concept_ablation import (
+    ConceptAblationConfig,
+    get_concept_ablation,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.experiments.runner import ExperimentConfig, run_experiment
+
 
 def _ablated_model(mode: str) -> torch.nn.Module:
     model = make_tiny_model("gemma3").train()

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import Gemma2Config, Gemma2ForCausalLM
-
 from conftest import make_tiny_tokenizer
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 RELEASE, SAE_ID = "gemma-scope-2b-pt-res-canonical", "layer_1/width_16k/canonical"
@@ -65,8 +64,8 @@ SCRIPT = textwrap.dedent(f"""
     import json, sys
     import torch
     from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
-    from hf_concept_ablation.models import load_model
-    from hf_concept_ablation.saes import load_sae
+    from hf_concept_ablation.loading import load_model
+    from hf_concept_ablation.adapter.sae_sources import load_sae
 
     source = SAESource(release="{RELEASE}", sae_id="{SAE_ID}")
     model, tokenizer = load_model("google/gemma-2-2b")

@@ -10,11 +10,16 @@ import random
 import datasets
 import pytest
 import torch
-
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.interpret.activations import iter_residuals
-from hf_concept_ablation.interpret.cache import PAD_TOKEN, PROGRESS_NAME, ActivationCache, build_activation_cache
-from hf_concept_ablation.model import find_decoder_layers
+
+from hf_concept_ablation.adapter.model import find_decoder_layers
+from hf_concept_ablation.search.activations import iter_residuals
+from hf_concept_ablation.search.cache import (
+    PAD_TOKEN,
+    PROGRESS_NAME,
+    ActivationCache,
+    build_activation_cache,
+)
 
 
 def _texts(n=40, seed=0):

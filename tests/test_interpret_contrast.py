@@ -6,12 +6,11 @@ import random
 
 import pytest
 import torch
-
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.attribution import LatentEffect
-from hf_concept_ablation.interpret.activations import iter_residuals
 
-from hf_concept_ablation.interpret.contrast import (
+from hf_concept_ablation.search.activations import iter_residuals
+from hf_concept_ablation.search.attribution import LatentEffect
+from hf_concept_ablation.search.contrast import (
     cohens_d,
     combine_with_attribution,
     contrast_latents,
@@ -144,7 +143,7 @@ def test_paired_contrast_removes_between_sentence_variation():
 
 
 def test_saes_that_do_not_fit_the_model_are_named_before_any_text_runs():
-    from hf_concept_ablation.interpret.cache import build_activation_cache
+    from hf_concept_ablation.search.cache import build_activation_cache
 
     model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
     a, b = _sets()

@@ -14,12 +14,12 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation.attribution import LatentEffect
-from hf_concept_ablation.config import ConceptAblationConfig, SAESource
-from hf_concept_ablation.interpret.cache import build_activation_cache
-from hf_concept_ablation.interpret.dashboard import (
+
+from hf_concept_ablation.adapter.config import ConceptAblationConfig, SAESource
+from hf_concept_ablation.search.attribution import LatentEffect
+from hf_concept_ablation.search.cache import build_activation_cache
+from hf_concept_ablation.search.dashboard import (
     config_from_selection,
     neuronpedia_url,
     render_dashboard,

@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
-
 from conftest import HIDDEN, make_tiny_model, make_tiny_tokenizer
+
 from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
-from hf_concept_ablation.interpret.erasure import concept_decodability, probe_accuracy
+from hf_concept_ablation.search.erasure import concept_decodability, probe_accuracy
 
 
 def test_probe_accuracy_reads_a_separable_label_and_not_a_random_one():

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -120,8 +119,8 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
-from hf_concept_ablation.interpret.cache import ContextExample, build_activation_cache  # noqa: E402
-from hf_concept_ablation.interpret.explain import (  # noqa: E402
+from hf_concept_ablation.search.cache import ContextExample, build_activation_cache  # noqa: E402
+from hf_concept_ablation.search.explain import (  # noqa: E402
     EmbeddingFilter,
     ExplainerError,
     ExplanationLog,

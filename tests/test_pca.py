@@ -7,11 +7,15 @@ import random
 
 import pytest
 import torch
-
 from conftest import HIDDEN, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblation, find_decoder_layers, inject_concept_ablation
-from hf_concept_ablation.interpret.activations import iter_residuals
-from hf_concept_ablation.pca import (
+
+from hf_concept_ablation import (
+    ConceptAblation,
+    find_decoder_layers,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.search.activations import iter_residuals
+from hf_concept_ablation.search.pca import (
     concept_directions,
     contrast_pca,
     directions_config,
@@ -147,7 +151,7 @@ def test_concept_directions_are_the_pca_of_paired_differences_pointing_from_b_to
 
 
 def test_pca_gives_no_components_beyond_the_rank_of_its_data():
-    from hf_concept_ablation.pca import pca
+    from hf_concept_ablation.search.pca import pca
 
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match="3 rows of rank 2 give only 2 of the 6 components"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import HIDDEN, make_sae
-from hf_concept_ablation.layer import ConceptAblationLayer, orthonormal_basis
+
+from hf_concept_ablation.adapter.layer import ConceptAblationLayer, orthonormal_basis
 
 
 def _x() -> torch.Tensor:

@@ -13,17 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, SAESource, inject_concept_ablation
-from hf_concept_ablation.attribution import attribute_latents, save_attribution
-from hf_concept_ablation.config import SELECTION_NAME
-from hf_concept_ablation.evaluation import evaluate_multiple_choice
-from hf_concept_ablation.experiment import random_directions_config, subsample
-from hf_concept_ablation.recipe import load_recipe_config
+from hf_concept_ablation import (
+    ConceptAblation,
+    ConceptAblationConfig,
+    SAESource,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.adapter.config import SELECTION_NAME
+from hf_concept_ablation.experiments.recipe_settings import load_recipe_config
+from hf_concept_ablation.experiments.runner import random_directions_config, subsample
+from hf_concept_ablation.search.attribution import attribute_latents, save_attribution
 from hf_concept_ablation.tasks import build_double_mc_datasets, build_gender_datasets
+from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "recipes"))
@@ -126,7 +130,7 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
 
 def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path,
                                                                                    monkeypatch):
-    from hf_concept_ablation.report import launch_command
+    from hf_concept_ablation.experiments.report import launch_command
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
@@ -230,7 +234,7 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
 
 
 def test_double_mc_cards_per_combination_record_the_command_main_was_given(tiny_setup, tmp_path, monkeypatch):
-    from hf_concept_ablation.report import launch_command
+    from hf_concept_ablation.experiments.report import launch_command
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4, save_models=["caft"])
@@ -363,7 +367,7 @@ def test_the_model_card_template_ships_inside_the_package():
     import configparser
 
     import hf_concept_ablation
-    from hf_concept_ablation.report import MODEL_CARD_TEMPLATE
+    from hf_concept_ablation.experiments.report import MODEL_CARD_TEMPLATE
 
     package = Path(hf_concept_ablation.__file__).resolve().parent
     relative = MODEL_CARD_TEMPLATE.relative_to(package)
@@ -416,19 +420,23 @@ def test_double_mc_sources_and_source_files_are_checked(tmp_path):
 
 def test_model_card_command_is_how_the_run_was_started(monkeypatch):
     from hf_concept_ablation import reproduce
-    from hf_concept_ablation.report import launch_command
+    from hf_concept_ablation.experiments.report import launch_command
 
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert launch_command([str(REPO / "recipes" / "gender_bias.py"), "seeds=[0,1]"]) == \
         "python recipes/gender_bias.py 'seeds=[0,1]'"
-    assert launch_command([reproduce.__file__, "--out", "a b"]) == "python -m hf_concept_ablation.reproduce --out 'a b'"
+    assert launch_command([reproduce.__file__, "--out", "a b"]) == "python -m hf_concept_ablation.experiments.study --out 'a b'"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate's launchers
     assert launch_command(["recipes/double_mc.py"]) == "accelerate launch recipes/double_mc.py"
 
 
 def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path, capsys):
-    from hf_concept_ablation.experiment import ExperimentConfig, run_experiment, searched_sae_sources
+    from hf_concept_ablation.experiments.runner import (
+        ExperimentConfig,
+        run_experiment,
+        searched_sae_sources,
+    )
 
     experiment = load_recipe_config(_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
     data = build_gender_datasets()
@@ -451,7 +459,7 @@ def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path,
 
 
 def test_model_card_keeps_its_tables_whole():
-    from hf_concept_ablation.report import render_model_card
+    from hf_concept_ablation.experiments.report import render_model_card
 
     config = ConceptAblationConfig(layers=[1], latents={1: [5]}, saes={1: SAESource(path="/saes/layer_1")})
     selection = {"selected": [{"layer": 1, "latent": 5, "effect": 0.5, "explanation": "he | she\npronouns"}]}
@@ -465,7 +473,7 @@ def test_model_card_keeps_its_tables_whole():
 
 
 def test_model_card_names_each_direction_by_its_search_component():
-    from hf_concept_ablation.report import render_model_card
+    from hf_concept_ablation.experiments.report import render_model_card
 
     config = ConceptAblationConfig(layers=[6], mode="projection", directions={6: torch.randn(2, 8)})
     selection = {"selected": [{"layer": 6, "component": 1, "contrast": 2.0}, {"layer": 6, "component": 3, "contrast": -1.5}]}
@@ -482,7 +490,7 @@ def test_model_card_names_each_direction_by_its_search_component():
     ("/home/alice/models/x", None), ("unknown", None), ("models/mine", None),
 ], ids=["embedded", "hub id", "absolute path", "no org", "local folder"])
 def test_model_card_base_model_is_the_experiments_hub_model(model, base_model, tmp_path, monkeypatch):
-    from hf_concept_ablation.report import render_model_card
+    from hf_concept_ablation.experiments.report import render_model_card
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "mine").mkdir(parents=True)  # a local folder named like a Hub id

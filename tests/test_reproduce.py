@@ -7,14 +7,21 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    gender_concept_words,
+    make_sae,
+    make_tiny_model,
+    make_tiny_tokenizer,
+)
 from safetensors.torch import load_file
 
-from conftest import gender_concept_words, make_sae, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblationConfig, directions, reproduce
-from hf_concept_ablation import model as model_module
-from hf_concept_ablation.config import CONFIG_NAME, WEIGHTS_NAME
-from hf_concept_ablation.experiment import CONDITIONS
+from hf_concept_ablation import ConceptAblationConfig
+from hf_concept_ablation.adapter import model as model_module
+from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
+from hf_concept_ablation.experiments import study as reproduce
+from hf_concept_ablation.experiments.runner import CONDITIONS
 from hf_concept_ablation.files import write_json_atomic
+from hf_concept_ablation.search import pipeline as directions
 
 KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
 
@@ -82,7 +89,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# Title") and text.endswith("more\n")
     assert "did not learn the task, val < 1e-09): `pronouns|verbs|pronouns` (val 0.00)" in text
-    assert "| gender bias |" in text and "python -m hf_concept_ablation.reproduce" in text
+    assert "| gender bias |" in text and "python -m hf_concept_ablation.experiments.study" in text
     assert (out / "README.md").read_text().count("| gender bias |") == 1
 
     again = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
@@ -225,7 +232,7 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias": summary}
     text = readme.read_text()
     assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
-    assert f"`python -m hf_concept_ablation.reproduce --out {tmp_path} --report-only` (from the runs on disk)" in text
+    assert f"`python -m hf_concept_ablation.experiments.study --out {tmp_path} --report-only` (from the runs on disk)" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
     assert ("Runs by machine (same protocol and size; machines differ by float rounding): NVIDIA H100 80GB HBM3: 2, "
             "not recorded (runs made before runs named their machine): 1.") in text
@@ -305,7 +312,7 @@ def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(c
 
 
 def test_summary_means_and_standard_error_are_those_of_the_seeds():
-    from hf_concept_ablation.experiment import summarize
+    from hf_concept_ablation.experiments.runner import summarize
 
     runs = [{"condition": "caft", "seed": s, "val": {"accuracy": v}, "ood": {"accuracy": o}}
             for s, v, o in [(2, 1.0, 0.9), (0, 0.9, 0.2), (1, 0.8, 0.4)]]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import NUM_LAYERS, make_tiny_model
-from hf_concept_ablation.model import find_decoder_layers
-from hf_concept_ablation.residuals import residual_stream
+
+from hf_concept_ablation.adapter.model import find_decoder_layers
+from hf_concept_ablation.adapter.residuals import residual_stream
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])

@@ -9,15 +9,15 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from sae_lens import TopKSAE, TopKSAEConfig
-
-from hf_concept_ablation import activation_store, sae_quality
-from hf_concept_ablation import sae_training as st
-from hf_concept_ablation.config import SAESource
-from hf_concept_ablation.saes import check_sae_fits, load_sae
-
 from conftest import HIDDEN, make_tiny_model
+from sae_lens import TopKSAE, TopKSAEConfig
+from safetensors.torch import load_file
+
+from hf_concept_ablation.adapter.config import SAESource
+from hf_concept_ablation.adapter.sae_sources import check_sae_fits, load_sae
+from hf_concept_ablation.saes import activation_store
+from hf_concept_ablation.saes import quality as sae_quality
+from hf_concept_ablation.saes import training as st
 
 
 class CharTokenizer:
@@ -209,7 +209,7 @@ def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_on
 
 def test_the_device_defaults_to_the_gpu_when_one_is_visible(monkeypatch):
     from hf_concept_ablation import directions
-    from hf_concept_ablation.models import resolve_device
+    from hf_concept_ablation.loading import resolve_device
 
     assert directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x"]).device == "auto"
     assert st.SAETrainingConfig().device == resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,7 +234,7 @@ def test_bad_sae_training_settings_are_named_before_any_work(settings, message):
 
 
 def test_results_name_the_gpu_or_the_cpu_they_ran_on(monkeypatch):
-    from hf_concept_ablation.models import device_name
+    from hf_concept_ablation.loading import device_name
 
     assert device_name("cpu") == f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     assert device_name(torch.device("meta")) == "meta"

@@ -5,11 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import make_sae, make_tiny_model
 from safetensors.torch import save_file
 
-from conftest import make_sae, make_tiny_model
-from hf_concept_ablation import ConceptAblationConfig, SAESource, inject_concept_ablation
-from hf_concept_ablation.saes import load_sae
+from hf_concept_ablation import (
+    ConceptAblationConfig,
+    SAESource,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.adapter.sae_sources import load_sae
 
 RAW = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 

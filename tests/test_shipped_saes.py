@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
-from hf_concept_ablation import sae_quality
-from hf_concept_ablation import saes as st
-from hf_concept_ablation.config import ConceptAblationConfig, SAESource
-from hf_concept_ablation.saes import check_sae_fits, load_sae
+from hf_concept_ablation.adapter import sae_sources as st
+from hf_concept_ablation.adapter.config import ConceptAblationConfig, SAESource
+from hf_concept_ablation.adapter.sae_sources import check_sae_fits, load_sae
+from hf_concept_ablation.saes import quality as sae_quality
 
 MIN_EXPLAINED_VARIANCE = 0.7
 MIN_CE_LOSS_RECOVERED = 0.8
@@ -52,7 +52,7 @@ def test_shipped_suite_is_named_like_a_release_so_saved_configs_do_not_hold_inst
 
 @pytest.fixture(scope="module")
 def gemma():
-    from hf_concept_ablation.models import load_model
+    from hf_concept_ablation.loading import load_model
 
     torch.manual_seed(0)
     return load_model("embedded")

@@ -4,13 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    HubAtTheBoundary,
+    make_sae,
+    make_tiny_mc_dataset,
+    make_tiny_model,
+    make_tiny_tokenizer,
+)
 from transformers import TrainerCallback
 
-from conftest import HubAtTheBoundary, make_sae, make_tiny_mc_dataset, make_tiny_model, make_tiny_tokenizer
-from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
-from hf_concept_ablation.callbacks import ADAPTER_SUBDIR, AblationSchedule, AblationScheduleCallback
-from hf_concept_ablation.evaluation import evaluate_multiple_choice
-from hf_concept_ablation.training import PRESETS, fine_tune, prepare_model_for_training, training_arguments
+from hf_concept_ablation import (
+    ConceptAblation,
+    ConceptAblationConfig,
+    get_concept_ablation,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.adapter.callbacks import (
+    ADAPTER_SUBDIR,
+    AblationSchedule,
+    AblationScheduleCallback,
+)
+from hf_concept_ablation.experiments.training import (
+    PRESETS,
+    fine_tune,
+    prepare_model_for_training,
+    training_arguments,
+)
+from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
 
 @pytest.mark.parametrize(

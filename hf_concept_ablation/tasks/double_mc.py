@@ -28,7 +28,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from ..config import check_names
+from ..checks import check_names
 from .mc import (
     ASSETS_DIR,
     AnswerForm,
@@ -37,7 +37,6 @@ from .mc import (
     format_two_option_question,
     load_source_file,
 )
-
 
 SOURCE_SETS: tuple[str, ...] = ("verbs", "pronouns", "sentiment", "sports")
 #: The 24 ordered (first, second, intended) triples over the project's source sets.

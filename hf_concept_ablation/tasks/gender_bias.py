@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from datasets import Dataset, DatasetDict
 
-from ..config import check_number
+from ..checks import check_number
 from .mc import (
     ASSETS_DIR,
     AnswerForm,
@@ -61,6 +61,8 @@ SPLIT_RULES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 #: the training rule of the skyline: every (group, gender) pair, so only grammar predicts the answer
 SKYLINE_TRAIN_RULE = SPLIT_RULES["train"] + SPLIT_RULES["ood"]
+#: each profession group's stereotyped gender: the spurious rule the training split (`SPLIT_RULES`) follows
+STEREOTYPED_GENDER: dict[str, str] = dict(SPLIT_RULES["train"])
 
 _PLACEHOLDERS = ("{profession}", "{pronoun}")
 
@@ -171,7 +173,8 @@ def build_gender_datasets(
 
     Columns: ``prompt``, ``answer``, ``distractor``, ``answer_index``,
     ``template_id``, ``case``, ``profession``, ``profession_group``, ``gender``,
-    ``pronoun`` (the correct one).
+    ``pronoun`` (the correct one), ``stereotyped_gender`` (the profession group's, the unintended
+    attribute: the label an eraser of the concept is fitted on).
     """
     check_answer_form(answer_form)
     train, heldout = split_gender_templates(load_gender_templates(templates_file), val_fraction, seed)
@@ -183,7 +186,7 @@ def build_gender_datasets(
             for group, gender in (SKYLINE_TRAIN_RULE if skyline and split == "train" else SPLIT_RULES[split]):
                 profession = rng.choice(PROFESSION_GROUPS[group])
                 row = make_gender_example(template, profession, gender, rng, answer_form)
-                rows.append({**row, "profession_group": group})
+                rows.append({**row, "profession_group": group, "stereotyped_gender": STEREOTYPED_GENDER[group]})
         splits[split] = Dataset.from_list(rows)
     return DatasetDict(splits)
 

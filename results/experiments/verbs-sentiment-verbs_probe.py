@@ -12,9 +12,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from hf_concept_ablation import ConceptAblation
-from hf_concept_ablation.evaluation import encode_prompts
-from hf_concept_ablation.models import load_model
-from hf_concept_ablation.residuals import residual_stream
+from hf_concept_ablation.tasks.evaluation import encode_prompts
+from hf_concept_ablation.loading import load_model
+from hf_concept_ablation.adapter.residuals import residual_stream
 from hf_concept_ablation.tasks import build_double_mc_datasets
 
 torch.set_num_threads(2)

@@ -23,11 +23,11 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from .evaluation import answer_gap, encode_prompts, first_token_ids
-from .files import atomic_path, write_json_atomic
-from .layer import keep_positions, layer_hidden, special_token_ids
-from .model import find_decoder_layers, get_concept_ablation
-from .saes import check_saes_fit_model
+from ..adapter.layer import keep_positions, layer_hidden, special_token_ids
+from ..adapter.model import find_decoder_layers, get_concept_ablation
+from ..adapter.sae_sources import check_saes_fit_model
+from ..files import atomic_path, write_json_atomic
+from ..tasks.evaluation import answer_gap, encode_prompts, first_token_ids
 
 METRICS = ("logit_diff", "loss")
 

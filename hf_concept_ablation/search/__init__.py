@@ -7,8 +7,8 @@
 - :mod:`.contrast`: rank latents by how they tell two text sets apart; combine with attribution.
 - :mod:`.erasure`: does an ablation erase the concept? Linear probes with the ablation off and on.
 
-PCA directions live in :mod:`hf_concept_ablation.pca`, the whole search in
-:mod:`hf_concept_ablation.directions`. See ``docs/finding_concepts.md``.
+PCA directions live in :mod:`hf_concept_ablation.search.pca`, the whole search in
+:mod:`hf_concept_ablation.search.pipeline`. See ``docs/finding_concepts.md``.
 """
 
 from .cache import ActivationCache, ContextExample, build_activation_cache
@@ -23,7 +23,12 @@ from .contrast import (
     save_contrast,
     strongest_contrast_latents,
 )
-from .dashboard import config_from_selection, neuronpedia_url, render_dashboard, save_selection_config
+from .dashboard import (
+    config_from_selection,
+    neuronpedia_url,
+    render_dashboard,
+    save_selection_config,
+)
 from .erasure import concept_decodability, describe_decodability, probe_accuracy
 from .explain import (
     EmbeddingFilter,

@@ -21,7 +21,7 @@ Three sources, each recorded in every record's ``source`` field:
 Every record is ``{"text": ..., "source": ..., "split": "train" | "heldout"}``.
 The split is a pure function of the text (:func:`split_of`), so held-out text
 never reaches training, whatever the order or subset used. The corpus lives in
-the package cache (:func:`hf_concept_ablation.models.cache_dir`), not in the
+the package cache (:func:`hf_concept_ablation.loading.cache_dir`), not in the
 repository; :func:`build_corpus` writes a ``*.recipe.json`` beside it with
 the seed, settings and counts, which is all that is needed to rebuild it.
 """
@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .files import atomic_path, write_json_atomic
-from .models import cache_dir
+from ..files import atomic_path, write_json_atomic
+from ..loading import cache_dir
 
 #: Short seed prompts for sampling from the model: many genres and registers.
 SEED_PROMPTS: tuple[str, ...] = (
@@ -196,7 +196,7 @@ def stdlib_docstrings(min_chars: int = 120) -> list[str]:
 def task_prompts() -> list[str]:
     """Prompts of the project's tasks (all splits), or ``[]`` if `hf_concept_ablation.tasks` is missing."""
     try:
-        from .tasks.gender_bias import build_gender_datasets
+        from ..tasks.gender_bias import build_gender_datasets
     except ImportError:
         return []
     prompts: list[str] = []
@@ -214,7 +214,7 @@ def task_prompts() -> list[str]:
     except Exception as err:  # a task under construction must not break the corpus
         print(f"[corpus] gender prompts skipped: {err}", file=sys.stderr)
     try:
-        from .tasks.double_mc import build_double_mc_datasets
+        from ..tasks.double_mc import build_double_mc_datasets
 
         combos = [("pronouns", "sports", "pronouns"), ("sentiment", "verbs", "verbs"), ("sports", "sentiment", "sentiment")]
         for first, second, intended in combos:
@@ -313,7 +313,7 @@ def build_corpus(recipe: CorpusRecipe | None = None, out_dir: Path | None = None
     records: list[dict[str, str]] = []
     if recipe.n_model_samples > 0:
         if model_and_tokenizer is None:
-            from .models import load_model
+            from ..loading import load_model
 
             model_and_tokenizer = load_model(recipe.model)
         model, tokenizer = model_and_tokenizer
@@ -370,7 +370,7 @@ def iter_texts(path: Path | str, split: str = "train", seed: int = 0) -> Iterato
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.corpus", description="Build the offline SAE training corpus (see module docstring).")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.saes.corpus", description="Build the offline SAE training corpus (see module docstring).")
     defaults = CorpusRecipe()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate.utils import extract_model_from_parallel
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import check_number
+from ..checks import check_number
 from .model import ConceptAblation, get_concept_ablation
 
 SCHEDULES = ("constant", "linear", "cosine", "step")

@@ -32,11 +32,17 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from sae_lens import SAE
+from safetensors.torch import load_file, save_file
 
 from ..files import atomic_path, file_stem, read_json, write_json_atomic
-from .activations import ResidualBatch, as_text_list, encoders_for, iter_residuals, token_batches
+from .activations import (
+    ResidualBatch,
+    as_text_list,
+    encoders_for,
+    iter_residuals,
+    token_batches,
+)
 
 TOP = 0  #: example kind code of a top-activating context; quantile bins are 1..n_quantiles (1 = lowest)
 PAD_TOKEN = -1  #: token id filling windows shorter than the cache's window width

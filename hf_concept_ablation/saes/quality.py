@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..adapter.layer import layer_hidden, special_token_ids, with_layer_hidden
+from ..adapter.model import find_decoder_layers
+from ..adapter.residuals import residual_stream
 from .activation_store import keep_mask, pad_batch, tokenize_chunks
-from .layer import layer_hidden, special_token_ids, with_layer_hidden
-from .model import find_decoder_layers
-from .residuals import residual_stream
 
 
 @dataclass

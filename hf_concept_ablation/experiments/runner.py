@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import datasets
 import torch
@@ -38,20 +38,70 @@ import transformers
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
-from . import __version__
-from .attribution import LatentEffect, load_attribution
-from .callbacks import AblationSchedule, AblationScheduleCallback
-from .config import (CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource, check_float_dtype,
-                     check_number, dataclass_from_settings, sae_source)
-from .evaluation import evaluate_multiple_choice
-from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
-from .model import ConceptAblation, get_concept_ablation, inject_concept_ablation
-from .models import device_name, load_model, load_tokenizer
-from .tasks import answer_strings, check_single_token
-from .training import DEFAULT_PRESET, PRESETS, fine_tune, prepare_model_for_training, process_state, training_arguments
+from .. import __version__
+from ..adapter.callbacks import AblationSchedule, AblationScheduleCallback
+from ..adapter.config import (
+    CONFIG_NAME,
+    SELECTION_NAME,
+    WEIGHTS_NAME,
+    ConceptAblationConfig,
+    SAESource,
+    sae_source,
+)
+from ..adapter.model import (
+    ConceptAblation,
+    get_concept_ablation,
+    inject_concept_ablation,
+)
+from ..checks import check_float_dtype, check_number, dataclass_from_settings
+from ..files import atomic_dir, files_fingerprint, read_json, write_json_atomic
+from ..loading import device_name, load_model, load_tokenizer
+from ..search.attribution import LatentEffect, load_attribution
+from ..search.leace import (
+    POSITIONS,
+    leace_config,
+    one_hot_labels,
+    random_eraser_config,
+    texts_sha256,
+)
+from ..tasks import answer_strings, check_single_token
+from ..tasks.evaluation import evaluate_multiple_choice
+from .training import (
+    DEFAULT_PRESET,
+    PRESETS,
+    fine_tune,
+    prepare_model_for_training,
+    process_state,
+    training_arguments,
+)
 
-CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
-TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k")
+CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_contrast",
+              "random_eraser")
+TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "leace", "leace_contrast", "random_eraser")
+#: conditions that fine-tune through a LEACE eraser fitted on the base model (`EraserSettings`)
+ERASER_CONDITIONS = ("leace", "leace_contrast", "random_eraser")
+
+
+@dataclass
+class EraserSettings:
+    """How the eraser conditions fit their erasers (`hf_concept_ablation.search.leace`) on the base model.
+
+    Args:
+        label_column: the training split's column naming the unintended attribute, whose values ``leace`` erases
+            (gender task: ``gender``, the profession group's stereotyped gender on the training data).
+        positions: ``all`` counted positions of each prompt (not BOS or padding) or only the ``last``.
+        layers: decoder layers to erase at; None: every one.
+    """
+
+    label_column: str | None = None
+    positions: str = "all"
+    layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"eraser.positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers):
+            raise ValueError(f"eraser.layers must be a non-empty list of decoder layers or null, got {self.layers!r}")
 
 
 @dataclass
@@ -69,6 +119,7 @@ class ExperimentConfig:
         saes: SAE source per layer (`SAESource` fields) for the latents of ``random`` /
             ``top_k``; layers missing here fall back to the ``caft`` adapter's sources.
         anneal: the `AblationSchedule` fields of ``caft_annealed``.
+        eraser: the `EraserSettings` fields of ``leace``, ``leace_contrast`` and ``random_eraser``.
         train_size, eval_size: subsample the splits (None: all).
         eval_batch_size: batch size of evaluation.
         output_dir: where results and figures go.
@@ -90,6 +141,7 @@ class ExperimentConfig:
     attribution: str | None = None
     saes: dict[int, dict[str, Any]] = field(default_factory=dict)
     anneal: dict[str, Any] = field(default_factory=lambda: {"kind": "linear", "start": 0.5, "end": 1.0})
+    eraser: dict[str, Any] = field(default_factory=dict)
     train_size: int | None = None
     eval_size: int | None = None
     eval_batch_size: int = 32
@@ -118,12 +170,16 @@ class ExperimentConfig:
             raise ValueError(f"unknown condition(s) {bad}; choose from {CONDITIONS}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
-        for name in ("training", "anneal", "saes"):
+        for name in ("training", "anneal", "saes", "eraser"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must be a mapping of settings, got {getattr(self, name)!r} "
                                  f"(e.g. {name}.KEY=VALUE)")
         PRESETS[self.preset].replace(**self.training)  # names unknown or bad training settings
         dataclass_from_settings(AblationSchedule, self.anneal, "anneal setting")
+        eraser = dataclass_from_settings(EraserSettings, self.eraser, "eraser setting")
+        if "leace" in self.conditions and not eraser.label_column:
+            raise ValueError("condition 'leace' needs eraser.label_column: the training data's column naming the "
+                             "unintended attribute (gender task: eraser.label_column=gender)")
         for layer, source in self.saes.items():
             if not str(layer).isdigit():
                 raise ValueError(f"saes: {layer!r} is not a decoder layer index")
@@ -175,7 +231,8 @@ class ResultsFile:
     """The experiment's JSON results, rewritten atomically after every run."""
 
     #: settings that must match for runs to be mixed in one file (those of `OPTIONAL_SETTINGS` only where both set one)
-    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter", "saes")
+    SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter", "saes",
+                     "eraser")
     #: the adapter, and the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter)
     OPTIONAL_SETTINGS = ("adapter", "saes")
     #: header keys holding content hashes (`data_fingerprint`, `inputs_fingerprint`); a hash the file and the new
@@ -320,6 +377,7 @@ def run_experiment(
     results_path: Path | None = None,
     siblings: Mapping[str, datasets.DatasetDict] | None = None,
     sibling_adapters: Mapping[str, str | os.PathLike] | None = None,
+    concept_texts: Mapping[str, Sequence[str]] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every (seed, condition) not yet in the results file; return the results data.
@@ -328,7 +386,8 @@ def run_experiment(
     of a double multiple-choice pair): each ``none`` model is also evaluated on their splits
     and recorded in their results files (``<output_dir>/<sibling>.json``), so it is trained once;
     with ``test_only`` among the conditions, a sibling named in `sibling_adapters` also gets its
-    ``test_only`` run from that model, evaluated with the sibling's own adapter.
+    ``test_only`` run from that model, evaluated with the sibling's own adapter. `concept_texts` (class name ->
+    texts, e.g. female and male sentences) are what ``leace_contrast`` fits its erasers on.
     """
     sharded = [how for how, on in {
         "ACCELERATE_USE_FSDP=true": parse_flag_from_env("ACCELERATE_USE_FSDP"),
@@ -388,6 +447,15 @@ def run_experiment(
             if unknown:
                 raise ValueError(f"condition {condition!r} may draw latents at layer(s) {unknown}, which have no SAE "
                                  f"source: set `saes` in the experiment config (known: {sorted(sae_sources)})")
+    eraser = EraserSettings(**config.eraser)
+    if eraser.label_column and {"leace", "random_eraser"} & set(config.conditions):
+        if eraser.label_column not in train.column_names:
+            raise ValueError(f"eraser.label_column {eraser.label_column!r} is not a column of the training data; "
+                             f"columns: {train.column_names}")
+        one_hot_labels(train[eraser.label_column])  # at least two values
+    if "leace_contrast" in config.conditions and not concept_texts:
+        raise ValueError("condition 'leace_contrast' needs contrast texts of the concept, which this task's recipe "
+                         "does not give")
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
             test_only_now = condition == "none" and "test_only" in config.conditions
@@ -412,6 +480,11 @@ def run_experiment(
                 callbacks.append(AblationScheduleCallback(schedule))
             elif condition == "random" and caft_config.directions:
                 inject_concept_ablation(model, random_directions_config(caft_config, seed))
+                callbacks.append(AblationScheduleCallback())
+            elif condition in ERASER_CONDITIONS:
+                folder = eraser_adapter(model, tokenizer, out_dir / "erasers" / name, condition, eraser, train,
+                                        concept_texts or {}, seed, state)
+                ConceptAblation.from_pretrained(model, folder)
                 callbacks.append(AblationScheduleCallback())
             elif condition in ("random", "top_k"):
                 latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
@@ -497,6 +570,37 @@ def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: 
     complete = {int(step): p for p in folder.glob("checkpoint-*")
                 if (step := p.name.removeprefix("checkpoint-")).isdigit() and (p / "trainer_state.json").is_file()}
     yield folder, str(complete[max(complete)]) if complete else None
+
+
+def eraser_adapter(model: nn.Module, tokenizer: Any, folder: Path, condition: str, settings: EraserSettings,
+                   train: datasets.Dataset, concept_texts: Mapping[str, Sequence[str]], seed: int, state: Any) -> Path:
+    """The saved eraser adapter of an eraser `condition` (``leace``: fitted on the training prompts labeled by
+    ``settings.label_column``; ``leace_contrast``: on `concept_texts`; ``random_eraser``: on the training prompts
+    with random labels, seeded by `seed`, of the rank ``leace`` has), fitted on `model` (the base model) by the main
+    process into a subfolder of `folder` named by what it is fitted on, unless one is there."""
+    texts, labels = list(train["prompt"]), list(train[settings.label_column]) if settings.label_column else []
+    if condition == "leace_contrast":
+        texts = [t for ts in concept_texts.values() for t in ts]
+        labels = [c for c, ts in concept_texts.items() for _ in ts]
+    rank = len(set(labels)) - 1 if condition != "leace_contrast" and labels else 1
+    key = {"condition": condition, "settings": dataclasses.asdict(settings), "data": texts_sha256(texts, labels),
+           **({"seed": seed, "rank": rank} if condition == "random_eraser" else {})}
+    target = folder / f"{condition}{f'-seed{seed}' if condition == 'random_eraser' else ''}-" \
+                      f"{_sha256(json.dumps(key, sort_keys=True).encode())[:12]}"
+    if state.is_main_process and not (target / CONFIG_NAME).is_file():
+        common = {"layers": settings.layers, "positions": settings.positions}
+        if condition == "random_eraser":
+            adapter = random_eraser_config(model, tokenizer, texts, rank, seed, **common)
+        else:
+            source = {"source": "labels", "column": settings.label_column} if condition == "leace" \
+                else {"source": "contrast texts"}
+            adapter = leace_config(model, tokenizer, texts, labels, fitted_on=source, **common)
+        handle = inject_concept_ablation(model, adapter)
+        with atomic_dir(target) as tmp:
+            handle.save_pretrained(tmp)
+        handle.remove()
+    state.wait_for_everyone()
+    return target
 
 
 def random_directions_config(config: ConceptAblationConfig, seed: int) -> ConceptAblationConfig:

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .files import atomic_path, read_json, write_json_atomic
-from .layer import keep_positions, special_token_ids
-from .residuals import residual_stream
+from ..adapter.layer import keep_positions, special_token_ids
+from ..adapter.residuals import residual_stream
+from ..files import atomic_path, read_json, write_json_atomic
 
 
 def tokenize_chunks(tokenizer: Any, texts: Iterable[str], context_size: int) -> Iterator[list[int]]:

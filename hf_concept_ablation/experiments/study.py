@@ -2,14 +2,14 @@
 
 For each task, in order:
 
-1. **concept search** (`hf_concept_ablation.directions`): attribution of the SAE latents on
+1. **concept search** (`hf_concept_ablation.search.pipeline`): attribution of the SAE latents on
    ``D_amb``, contrast selection, a saved adapter in ``<out>/search/<task>/``;
 2. **validity scan** (double multiple choice only): plain fine-tuning with the first seed on
    every requested combination; a combination is kept only when that run learned the
    ambiguous task (validation accuracy at least `MIN_PLAIN_VAL`) and its OOD accuracy on the
    intended question is at most `MAX_PLAIN_OOD` (``<out>/validity.json``; the verdict is
    recomputed from the stored accuracies, so it follows these constants);
-3. **experiment**: every condition x seed (`hf_concept_ablation.experiment.run_experiment`),
+3. **experiment**: every condition x seed (`hf_concept_ablation.experiments.runner.run_experiment`),
    one results file per task in ``<out>/runs/`` (the scan's plain runs are reused; ``test_only``
    needs the plain model itself, which the scan does not keep, so for it the first seed's plain
    model is trained again with the same seed; the two intended questions of a pair share each
@@ -40,11 +40,17 @@ from typing import Any, Mapping, Sequence
 import datasets
 import torch
 
-from .experiment import CONDITIONS, ExperimentConfig, run_experiment
-from .files import read_json, write_json_atomic, write_text_atomic
+from ..files import read_json, write_json_atomic, write_text_atomic
+from ..tasks import (
+    ALL_COMBINATIONS,
+    build_double_mc_datasets,
+    build_gender_datasets,
+    combination_key,
+    file_name,
+    parse_combination_key,
+)
 from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, table_cell
-from .tasks import (ALL_COMBINATIONS, build_double_mc_datasets, build_gender_datasets, combination_key, file_name,
-                    parse_combination_key)
+from .runner import CONDITIONS, ExperimentConfig, run_experiment
 from .training import DEFAULT_PRESET, PRESETS, process_state
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
@@ -55,7 +61,7 @@ MIN_SHARE_BEATING_PLAIN, DOUBLE_MC_MIN_OOD = 0.75, 0.64  #: double MC: CAFT over
 RANDOM_MARGIN = 0.10  #: random latents' mean OOD must be at least this much below CAFT's
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 TASKS = ("gender_bias", "double_mc")
-REPO_README = Path(__file__).resolve().parent.parent / "README.md"
+REPO_README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,9 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
     The folder records the search's options (``search_args.json``); reusing it with other
     options (another answer form, source or contrast) is refused, naming the folder.
 
-    `search_args` are extra `hf_concept_ablation.directions` options (e.g. ``--sae 6=PATH``).
+    `search_args` are extra `hf_concept_ablation.search.pipeline` options (e.g. ``--sae 6=PATH``).
     """
-    from . import directions
+    from ..search import pipeline as directions
 
     args = ["--task", task, "--out", str(out_dir), "--model", model, "--batch-size", "16",
             "--min-contrast", str(size.min_contrast)]
@@ -438,13 +444,13 @@ def summary_from_disk(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, An
 def report_from_disk(out: Path, readme: Path | None) -> str:
     """Write summary.json, the figures, `out`/README.md (and `readme`'s table) from every run in `out`."""
     summary, validity = summary_from_disk(out)
-    return write_report(out, summary, validity, f"python -m hf_concept_ablation.reproduce --out {out} --report-only",
+    return write_report(out, summary, validity, f"python -m hf_concept_ablation.experiments.study --out {out} --report-only",
                         readme)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m hf_concept_ablation.reproduce`` command line."""
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.reproduce", description=__doc__.split("\n\n")[0])
+    """The ``python -m hf_concept_ablation.experiments.study`` command line."""
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.experiments.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results"),
                    help="results folder: search/, runs/, validity.json, summary.json, figures/, README.md")
     p.add_argument("--size", choices=("auto", *SIZES), default="auto",
@@ -461,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's full fine-tuning (use it for Gemma 2 2B)")
     p.add_argument("--search-args", default="", help="extra options of the concept search, e.g. '--sae 6=PATH'")
     p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
-                   help="where the gender concept comes from (see hf_concept_ablation.directions)")
+                   help="where the gender concept comes from (see hf_concept_ablation.search.pipeline)")
     p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
     p.add_argument("--readme", type=Path, default=None,
                    help="README whose results table is updated (default: the repository's, when --out is its results/)")

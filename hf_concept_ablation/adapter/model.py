@@ -22,15 +22,27 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
 from sae_lens import SAE
+from safetensors.torch import save_file
 from torch import nn
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, ConceptAblationConfig, read_weights
-from .files import atomic_path, write_text_atomic
-from .layer import ConceptAblationLayer, keep_positions, layer_hidden, special_token_ids, with_layer_hidden
-from .models import check_layer_exists, text_config
-from .saes import check_sae_fits, load_sae
+from ..files import atomic_path, write_text_atomic
+from ..loading import check_layer_exists, text_config
+from .config import (
+    CONFIG_NAME,
+    ERASER_TENSORS,
+    WEIGHTS_NAME,
+    ConceptAblationConfig,
+    read_weights,
+)
+from .layer import (
+    ConceptAblationLayer,
+    keep_positions,
+    layer_hidden,
+    special_token_ids,
+    with_layer_hidden,
+)
+from .sae_sources import check_sae_fits, load_sae
 
 _HANDLE_ATTR = "_concept_ablation"
 _MODULE_NAME = "concept_ablation"
@@ -244,7 +256,9 @@ class ConceptAblation:
                 raise ValueError(f"{weights}: layer {index} is not a valid ablation ({err})") from err
         explicit = {i: m.Q.T for i, m in layers.items() if i in set(data.get("directions", []))}
         centers = {i: m.center for i, m in layers.items() if i in set(data.get("centers", []))}
-        config = ConceptAblationConfig.from_dict(data, directions=explicit, centers=centers)
+        erasers = {i: {name: getattr(m, name) for name in ERASER_TENSORS} for i, m in layers.items()
+                   if i in set(data.get("erasers", [])) and m.kind == "leace"}
+        config = ConceptAblationConfig.from_dict(data, directions=explicit, centers=centers, erasers=erasers)
         missing = sorted(set(config.layers) - set(layers))
         if missing:
             raise ValueError(f"{weights} has no tensors for layer(s) {missing} named in {CONFIG_NAME}")
@@ -296,7 +310,7 @@ def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], conf
     """Refuse weights whose kind, size or (where they are stored, in topk ablations) latent ids per layer are not what
     the config says (files of different adapters)."""
     for index, module in sorted(layers.items()):
-        if (module.kind == "projection") != (config.mode == "projection"):
+        if _mode_of_kind(module.kind) != config.mode:
             raise ValueError(f"{weights}: layer {index} holds a {module.kind!r} ablation but {CONFIG_NAME} says "
                              f"mode={config.mode!r}: the two files are from different adapters")
         latents = config.latents.get(index)
@@ -308,6 +322,11 @@ def _check_weights_match_config(layers: Mapping[int, ConceptAblationLayer], conf
         if latents is not None and ids is not None and ids.tolist() != latents:
             raise ValueError(f"{weights}: layer {index} holds latents {ids.tolist()} but {CONFIG_NAME} names "
                              f"{latents}: the two files are from different adapters")
+
+
+def _mode_of_kind(kind: str) -> str:
+    """The config mode that makes an ablation module of `kind`."""
+    return kind if kind in ("projection", "leace") else "latent"
 
 
 def _check_layers_fit(model: nn.Module, layers: Mapping[int, ConceptAblationLayer]) -> None:
@@ -347,6 +366,16 @@ def inject_concept_ablation(
     layers: dict[int, ConceptAblationLayer] = {}
     for index in config.layers:
         check_layer_exists(index, language.num_hidden_layers)
+        if index in config.erasers:
+            eraser = {name: None if t is None else torch.as_tensor(t) for name, t in config.erasers[index].items()}
+            try:
+                layers[index] = ConceptAblationLayer.from_eraser(**eraser)
+            except (ValueError, RuntimeError) as err:
+                raise ValueError(f"layer {index}: {err}") from err
+            if layers[index].d_model != language.hidden_size:
+                raise ValueError(f"layer {index}: the eraser has d_model={layers[index].d_model}, the model's hidden "
+                                 f"size is {language.hidden_size}")
+            continue
         if index in config.directions:
             directions = torch.as_tensor(config.directions[index], dtype=torch.float32)
             if directions.ndim != 2 or directions.shape[-1] != language.hidden_size:

@@ -18,10 +18,10 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .config import ConceptAblationConfig  # noqa: E402
-from .files import atomic_path, write_text_atomic  # noqa: E402
-from .experiment import checkpoint_dir  # noqa: E402
-from .models import base_model_id  # noqa: E402
+from ..adapter.config import ConceptAblationConfig  # noqa: E402
+from ..files import atomic_path, write_text_atomic  # noqa: E402
+from ..loading import base_model_id  # noqa: E402
+from .runner import checkpoint_dir  # noqa: E402
 from .training import PRESETS  # noqa: E402
 
 CONDITION_LABELS = {
@@ -31,6 +31,9 @@ CONDITION_LABELS = {
     "random": "random latents",
     "top_k": "top-k attribution",
     "test_only": "test-time ablation",
+    "leace": "LEACE (labels)",
+    "leace_contrast": "LEACE (contrast texts)",
+    "random_eraser": "random eraser",
 }
 #: How every accuracy is measured: the deployed model, except the condition defined by ablating at test time.
 MEASURED = "ablation removed; test-time ablation: applied"
@@ -45,9 +48,11 @@ def plot_accuracy(summary: Mapping[str, Mapping[str, Any]], path: str | os.PathL
     width = 0.38
     for i, condition in enumerate(conditions):
         entry = summary[condition]
-        ax.bar(i - width / 2, entry["val_mean"], width, color="#9db4d0", label="validation" if i == 0 else None)
-        ax.bar(i + width / 2, entry["ood_mean"], width, yerr=entry["ood_sem"], capsize=3, color="#d0704a",
-               label="OOD" if i == 0 else None)
+        val = ax.bar(i - width / 2, entry["val_mean"], width, color="#9db4d0", label="validation" if i == 0 else None)
+        ood = ax.bar(i + width / 2, entry["ood_mean"], width, yerr=entry["ood_sem"], capsize=3, color="#d0704a",
+                     label="OOD" if i == 0 else None)
+        for bars in (val, ood):  # the value on every bar, so a zero is seen as one
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
         ax.scatter([i + width / 2] * len(entry["ood"]), entry["ood"], color="black", s=10, zorder=3)
     ax.set_xticks(range(len(conditions)), [CONDITION_LABELS[c] for c in conditions], rotation=15)
     ax.set_ylim(0, 1.05)
@@ -111,7 +116,7 @@ def table_cell(text: Any) -> str:
 #: conditions trained with the adapter the card describes: their saved checkpoints get it as README.md
 CARD_CONDITIONS = ("caft", "caft_annealed")
 #: packaged with the library; the repository's `model_cards/` links to it
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "assets" / "model_cards" / "caft_model_card.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "assets" / "model_cards" / "caft_model_card.md"
 
 
 def _ablated_rows(config: ConceptAblationConfig, selection: Mapping[str, Any] | None,

@@ -17,13 +17,13 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from ..loading import check_layer_exists, text_config
 from .config import SAESource
-from .models import check_layer_exists, text_config
 
 SAE_LENS_FILES = ("cfg.json", "sae_weights.safetensors")
 RAW_PARAM_FILES = ("params.safetensors", "params.npz")
@@ -35,12 +35,12 @@ TOPK_ARCHITECTURES = ("topk",)
 SUPPORTED_ARCHITECTURES = PER_LATENT_ARCHITECTURES + TOPK_ARCHITECTURES
 
 #: Release name of the SAE suite shipped with the package for the embedded Gemma 3 270M (made with
-#: `hf_concept_ablation.sae_training`; see ``docs/saes.md``); its ids are ``layer_<L>``. Configs name it
+#: `hf_concept_ablation.saes.training`; see ``docs/saes.md``); its ids are ``layer_<L>``. Configs name it
 #: like a sae-lens release, so a saved adapter does not depend on where the package is installed.
 SHIPPED_RELEASE = "hf-concept-ablation/gemma-3-270m-res"
 #: Decoder layers of the embedded Gemma 3 270M (18 layers) with a shipped SAE.
 SHIPPED_LAYERS: tuple[int, ...] = (3, 6, 9, 12)
-SHIPPED_SUITE_DIR = Path(__file__).parent / "assets" / "saes" / "gemma-3-270m"
+SHIPPED_SUITE_DIR = Path(__file__).resolve().parent.parent / "assets" / "saes" / "gemma-3-270m"
 
 
 def shipped_sae_dir(layer: int) -> Path:

@@ -12,6 +12,9 @@ are not left alone:
   directions (SAE decoder rows or explicit directions such as PCA components) and ``c``
   a center: zero (zero ablation) or the mean activation (mean ablation: the component
   along the directions is set to the mean's instead of to zero).
+* ``leace``: an oblique eraser ``r(x) = ((x - b) @ R.T) @ L.T`` with ``L`` ``[d_model, r]`` and ``R``
+  ``[r, d_model]``, as fitted by ``concept_erasure.LeaceFitter`` (LEACE: no linear probe can recover
+  the concept from the erased activations it was fitted on; the mean ``b`` is kept).
 
 Tensors are buffers (never parameters), non-persistent so they stay out of the
 base model's ``state_dict``; `ConceptAblation.save_pretrained` stores them apart.
@@ -26,10 +29,10 @@ import torch
 from sae_lens import SAE
 from torch import nn
 
-from .config import check_number
-from .saes import PER_LATENT_ARCHITECTURES, TOPK_ARCHITECTURES
+from ..checks import check_number
+from .sae_sources import PER_LATENT_ARCHITECTURES, TOPK_ARCHITECTURES
 
-KINDS = ("relu", "jumprelu", "topk", "projection")
+KINDS = ("relu", "jumprelu", "topk", "projection", "leace")
 #: each kind's tensors and their dimensions: ``n`` latents or directions removed, ``d_sae`` the SAE's full width
 _BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
     "relu": {"W_enc": ("d_model", "n"), "b_enc": ("n",), "b_in": ("d_model",), "W_dec": ("n", "d_model")},
@@ -38,6 +41,7 @@ _BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
     "topk": {"W_enc": ("d_model", "d_sae"), "b_enc": ("d_sae",), "b_in": ("d_model",), "W_dec": ("n", "d_model"),
              "latent_ids": ("n",), "decoder_norm": ("d_sae",)},
     "projection": {"Q": ("d_model", "n"), "center": ("d_model",)},
+    "leace": {"proj_left": ("d_model", "n"), "proj_right": ("n", "d_model"), "bias": ("d_model",)},
 }
 
 
@@ -122,9 +126,9 @@ class ConceptAblationLayer(nn.Module):
         if kind == "topk" and not k:
             raise ValueError("a topk ablation needs k, the number of active latents")
         _check_shapes(kind, tensors)
-        if kind == "projection":
-            _check_finite(tensors["Q"], "directions")
-            _check_finite(tensors["center"], "center values")
+        if kind in ("projection", "leace"):
+            for name in _BUFFERS[kind]:
+                _check_finite(tensors[name], f"{kind} tensor {name} values")
         self.kind = kind
         self.k = k
         for name in _BUFFERS[kind]:
@@ -185,20 +189,41 @@ class ConceptAblationLayer(nn.Module):
             raise ValueError(f"center has shape {tuple(center.shape)}, expected [{q.shape[0]}] (d_model)")
         return cls("projection", {"Q": q, "center": center})
 
+    @classmethod
+    def from_eraser(cls, proj_left: torch.Tensor, proj_right: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype = torch.float32) -> ConceptAblationLayer:
+        """A ``leace`` ablation from the factors of a ``concept_erasure.LeaceEraser`` (``x - ((x - bias) @
+        proj_right.T) @ proj_left.T``), stored at its rank: ``proj_left @ proj_right`` is refactored by SVD and
+        only its nonzero singular directions are kept (the library pads the factors with zero columns)."""
+        product = (proj_left.detach().to(torch.float64) @ proj_right.detach().to(torch.float64))
+        _check_finite(product, "eraser factors")
+        u, s, vh = torch.linalg.svd(product)
+        keep = s > (s.max() * 1e-7 if bool(s.max() > 0) else 1.0)
+        if not bool(keep.any()):
+            raise ValueError("the eraser removes nothing (its projection is the identity): was it fitted on labels "
+                             "that vary?")
+        bias = torch.zeros(product.shape[0], dtype=torch.float64) if bias is None else bias.detach()
+        tensors = {"proj_left": u[:, keep] * s[keep], "proj_right": vh[keep], "bias": bias}
+        return cls("leace", {name: t.to(dtype).contiguous() for name, t in tensors.items()})
+
     @property
     def d_model(self) -> int:
         """Size of the residual stream this layer expects."""
-        return self.Q.shape[0] if self.kind == "projection" else self.W_dec.shape[-1]
+        if self.kind == "projection":
+            return self.Q.shape[0]
+        return self.bias.shape[0] if self.kind == "leace" else self.W_dec.shape[-1]
 
     @property
     def num_directions(self) -> int:
-        """Number of latents or (orthonormalized) directions removed."""
-        return self.Q.shape[1] if self.kind == "projection" else self.W_dec.shape[0]
+        """Number of latents, (orthonormalized) directions or eraser ranks removed."""
+        if self.kind == "projection":
+            return self.Q.shape[1]
+        return self.proj_left.shape[1] if self.kind == "leace" else self.W_dec.shape[0]
 
     def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Activations ``f_S(x)`` ``[..., |S|]`` of the selected latents (latent mode only)."""
-        if self.kind == "projection":
-            raise TypeError("a projection ablation has no latent activations")
+        if self.kind in ("projection", "leace"):
+            raise TypeError(f"a {self.kind} ablation has no latent activations")
         pre = (x - self.b_in) @ self.W_enc + self.b_enc
         if self.kind == "relu":
             return torch.relu(pre)
@@ -213,11 +238,13 @@ class ConceptAblationLayer(nn.Module):
         """What the ablation subtracts from `x` at full strength."""
         if self.kind == "projection":
             return (x @ self.Q - self.center @ self.Q) @ self.Q.T
+        if self.kind == "leace":
+            return ((x - self.bias) @ self.proj_right.T) @ self.proj_left.T
         return self.latent_activations(x) @ self.W_dec
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Return `x` with the concepts removed at the positions where `keep` is true."""
-        compute_dtype = self.Q.dtype if self.kind == "projection" else self.W_dec.dtype
+        compute_dtype = self._buffers[next(iter(_BUFFERS[self.kind]))].dtype
         removed = self.removed_part(x.to(compute_dtype)) * self.alpha.to(compute_dtype)
         if keep is not None:
             removed = removed * keep.unsqueeze(-1).to(compute_dtype)

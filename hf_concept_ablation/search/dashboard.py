@@ -26,9 +26,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..attribution import LatentEffect
-from ..config import ConceptAblationConfig, SAESource
+from ..adapter.config import ConceptAblationConfig, SAESource
 from ..files import write_text_atomic
+from .attribution import LatentEffect
 from .cache import ActivationCache, ContextExample
 
 NEURONPEDIA_URL = "https://www.neuronpedia.org"
@@ -89,7 +89,9 @@ def save_selection_config(
 @functools.lru_cache(maxsize=1)
 def _registry() -> dict[str, Any]:
     try:
-        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+        from sae_lens.loading.pretrained_saes_directory import (
+            get_pretrained_saes_directory,
+        )
 
         return get_pretrained_saes_directory()
     except Exception:  # noqa: BLE001 - an unreadable registry only costs the links

@@ -8,61 +8,28 @@ in a safetensors file written by `ConceptAblation.save_pretrained`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import operator
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .files import read_json, write_json_atomic
+from ..checks import (
+    check_float_dtype,
+    check_names,
+    check_number,
+    dataclass_from_settings,
+)
+from ..files import read_json, write_json_atomic
 
 CONFIG_NAME = "concept_ablation_config.json"
 WEIGHTS_NAME = "concept_ablation.safetensors"
 SELECTION_NAME = "selection.json"  #: a concept search's report, written last: a search is finished when it is there
 
-AblationMode = Literal["latent", "projection"]
-
-
-def check_names(given: Iterable[str], known: Iterable[str], what: str, where: str = "") -> None:
-    """Raise a ValueError naming each of `given` that is not `known` (``unknown <what>(s) [...]<where>``), and the
-    known ones."""
-    known = sorted(known)
-    unknown = sorted(set(given) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}{where}; known: {known}")
-
-
-def dataclass_from_settings(cls: type, settings: Mapping[str, Any], what: str) -> Any:
-    """``cls(**settings)`` for a dataclass `cls`, after `check_names` of the settings against its fields."""
-    check_names(settings, (f.name for f in dataclasses.fields(cls)), what)
-    return cls(**settings)
-
-
-def check_number(value: Any, what: str, low: float, high: float = math.inf, *, low_open: bool = False,
-                 high_open: bool = False, integer: bool = False) -> None:
-    """Raise a ValueError naming `what` and `value` unless `value` is a finite number (an integer with `integer`, never
-    a bool; numpy scalars and one-element tensors count as their number) from `low` to `high`, each end included unless
-    it is open."""
-    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-    kind = numbers.Integral if integer else numbers.Real
-    ok = isinstance(number, kind) and not isinstance(number, (bool, np.bool_)) and math.isfinite(number) \
-        and (low < number if low_open else low <= number) and (number < high if high_open else number <= high)
-    if not ok:
-        where = f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
-        raise ValueError(f"{what} must be {'an integer' if integer else 'a number'} in {where}, got {value!r}")
-
-
-def check_float_dtype(name: Any) -> None:
-    """Raise a ValueError naming `name` unless it names a floating-point torch dtype."""
-    dtype = getattr(torch, str(name), None)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be the name of a floating-point torch dtype such as 'float32' or 'bfloat16', "
-                         f"got {name!r}")
+AblationMode = Literal["latent", "projection", "leace"]
 
 
 def _index(value: Any, what: str) -> int:
@@ -79,7 +46,9 @@ def _check_list(value: Any, what: str) -> None:
         raise ValueError(f"{what}, got {value!r}")
 
 
-MODES: tuple[str, ...] = ("latent", "projection")
+MODES: tuple[str, ...] = ("latent", "projection", "leace")
+#: the tensors of one layer's LEACE eraser (``concept_erasure.LeaceEraser``'s fields)
+ERASER_TENSORS = ("proj_left", "proj_right", "bias")
 
 
 @dataclass
@@ -134,7 +103,9 @@ class ConceptAblationConfig:
             ``x - f_S(x) @ W_dec[S]``; ``"projection"`` projects the residual stream
             onto the orthogonal complement of the selected directions (the SAE
             decoder rows of the latents, or explicit directions such as PCA
-            components).
+            components); ``"leace"`` applies a fitted LEACE eraser per layer
+            (``erasers``), ``x - ((x - b) @ R.T) @ L.T``, after which no linear probe
+            recovers the concept on the activations it was fitted on.
         latents: per layer, the SAE latent ids to ablate.
         saes: per layer, the SAE the latents belong to. Needed to build the
             adapter the first time; a saved adapter loads without it.
@@ -147,6 +118,12 @@ class ConceptAblationConfig:
             ablation, which keeps the large constant part of a residual-stream direction
             (zero ablation can move activations far off their distribution). Layers
             without a center use zero. Tensors are stored in the safetensors file.
+        erasers: per layer, a LEACE eraser for ``leace`` mode: a mapping with the tensors
+            ``proj_left`` ``[d_model, r]``, ``proj_right`` ``[r, d_model]`` and ``bias``
+            ``[d_model]`` (a ``concept_erasure.LeaceEraser``'s fields; see
+            `hf_concept_ablation.search.leace`). Stored in the safetensors file.
+        fitted_on: how the erasers were fitted (recorded, e.g. ``{"source": "labels",
+            "column": "gender", "examples": 256, "positions": "all", "sha256": ...}``).
         alpha: strength in [0, 1] multiplying the removed part (1 = full ablation).
         skip_token_ids: positions holding these token ids are left alone. ``None``
             means the model's BOS and padding tokens; ``[]`` ablates everywhere.
@@ -165,6 +142,8 @@ class ConceptAblationConfig:
     saes: dict[int, SAESource] = field(default_factory=dict)
     directions: dict[int, Any] = field(default_factory=dict, repr=False)
     centers: dict[int, Any] = field(default_factory=dict, repr=False)
+    erasers: dict[int, Any] = field(default_factory=dict, repr=False)
+    fitted_on: dict[str, Any] = field(default_factory=dict)
     alpha: float = 1.0
     skip_token_ids: list[int] | None = None
     base_model_name_or_path: str | None = None
@@ -173,7 +152,7 @@ class ConceptAblationConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
-        for name in ("latents", "saes", "directions", "centers"):
+        for name in ("latents", "saes", "directions", "centers", "erasers", "fitted_on"):
             if not isinstance(getattr(self, name), Mapping):
                 raise ValueError(f"{name} must map each layer to its value, got {getattr(self, name)!r}")
         _check_list(self.layers, "layers must be a list of decoder layer indices")
@@ -195,6 +174,7 @@ class ConceptAblationConfig:
         self.saes = {_index(k, "layer"): sae_source(k, v) for k, v in self.saes.items()}
         self.directions = {_index(k, "layer"): v for k, v in self.directions.items()}
         self.centers = {_index(k, "layer"): v for k, v in self.centers.items()}
+        self.erasers = {_index(k, "layer"): _eraser(k, v) for k, v in self.erasers.items()}
         self.validate()
 
     def validate(self) -> None:
@@ -209,10 +189,19 @@ class ConceptAblationConfig:
         if self.centers and self.mode != "projection":
             raise ValueError(f"centers apply to mode='projection' only, got mode={self.mode!r}")
         for name, mapping in (("latents", self.latents), ("saes", self.saes), ("directions", self.directions),
-                              ("centers", self.centers)):
+                              ("centers", self.centers), ("erasers", self.erasers)):
             extra = sorted(set(mapping) - set(self.layers))
             if extra:
                 raise ValueError(f"{name} names layer(s) {extra} that are not in layers={self.layers}")
+        if self.mode == "leace":
+            missing = sorted(set(self.layers) - set(self.erasers))
+            other = [name for name in ("latents", "directions", "centers") if getattr(self, name)]
+            if missing or other:
+                raise ValueError("mode='leace' needs an eraser for every layer and nothing else: "
+                                 + (f"no erasers for layer(s) {missing}" if missing else f"got {other} too"))
+            return
+        if self.erasers:
+            raise ValueError(f"erasers apply to mode='leace' only, got mode={self.mode!r}")
         for layer in self.layers:
             has_latents = layer in self.latents
             has_directions = layer in self.directions
@@ -237,7 +226,7 @@ class ConceptAblationConfig:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("directions", "centers"):
+            if f.name in ("directions", "centers", "erasers"):
                 value = sorted(value)  # only the layers; tensors go to safetensors
             elif f.name == "saes":
                 value = {str(k): dataclasses.asdict(v) for k, v in value.items()}
@@ -248,12 +237,12 @@ class ConceptAblationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], directions: dict[int, Any] | None = None,
-                  centers: dict[int, Any] | None = None) -> ConceptAblationConfig:
+                  centers: dict[int, Any] | None = None, erasers: dict[int, Any] | None = None) -> ConceptAblationConfig:
         """Build a config from `to_dict` output and the tensors it lists; unknown fields raise an error naming them."""
         check_names(data, (f.name for f in dataclasses.fields(cls)), "field", " in concept ablation config")
         data = dict(data)
         tensors = {}
-        for name, given in (("directions", directions or {}), ("centers", centers or {})):
+        for name, given in (("directions", directions or {}), ("centers", centers or {}), ("erasers", erasers or {})):
             layers = [int(x) for x in data.pop(name, [])]
             missing = sorted(set(layers) - set(given))
             if missing:
@@ -271,12 +260,16 @@ class ConceptAblationConfig:
         its safetensors file."""
         directory = Path(directory)
         data = cls.read_json(directory / CONFIG_NAME)
-        tensors = read_weights(directory / WEIGHTS_NAME)[0] if data.get("directions") or data.get("centers") else {}
+        tensors = read_weights(directory / WEIGHTS_NAME)[0] \
+            if data.get("directions") or data.get("centers") or data.get("erasers") else {}
         directions = {int(layer): tensors[f"layers.{layer}.Q"].T for layer in data.get("directions", [])
                       if f"layers.{layer}.Q" in tensors}
         centers = {int(layer): tensors[f"layers.{layer}.center"] for layer in data.get("centers", [])
                    if f"layers.{layer}.center" in tensors}
-        return cls.from_dict(data, directions=directions, centers=centers)
+        erasers = {int(layer): {name: tensors[f"layers.{layer}.{name}"] for name in ERASER_TENSORS}
+                   for layer in data.get("erasers", [])
+                   if all(f"layers.{layer}.{name}" in tensors for name in ERASER_TENSORS)}
+        return cls.from_dict(data, directions=directions, centers=centers, erasers=erasers)
 
     @classmethod
     def read_json(cls, path: str | os.PathLike) -> dict[str, Any]:
@@ -285,6 +278,17 @@ class ConceptAblationConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no concept ablation config at {path}")
         return read_json(path)
+
+
+def _eraser(layer: Any, value: Any) -> dict[str, Any]:
+    """`value` as an eraser's tensors (a mapping with `ERASER_TENSORS`, or an object with those attributes such as a
+    ``concept_erasure.LeaceEraser``); else an error naming the layer."""
+    tensors = value if isinstance(value, Mapping) else {n: getattr(value, n) for n in ERASER_TENSORS if hasattr(value, n)}
+    missing = [name for name in ERASER_TENSORS if name not in tensors]
+    if missing:
+        raise ValueError(f"erasers[{layer}] must hold the tensors {list(ERASER_TENSORS)} (a LeaceEraser's fields), "
+                         f"missing {missing}")
+    return {name: tensors[name] for name in ERASER_TENSORS}
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -1,13 +1,13 @@
 """The whole concept search for a task, in one call or one command: attribution + selection -> a saved adapter.
 
-``python -m hf_concept_ablation.directions --task gender_bias --out runs/gender_latents``
+``python -m hf_concept_ablation.search.pipeline --task gender_bias --out runs/gender_latents``
 
 SAE latents (``--source sae``, the default):
 
 1. **attribution** of every latent of the chosen layers' SAEs on ``D_amb`` (the task's
-   ``train`` split), top 100 by |effect| (`hf_concept_ablation.attribution`);
+   ``train`` split), top 100 by |effect| (`hf_concept_ablation.search.attribution`);
 2. **contrast** score (Cohen's d) of those latents between the task's two concept text
-   sets (`task_data` says which; `hf_concept_ablation.interpret.contrast`);
+   sets (`task_data` says which; `hf_concept_ablation.search.contrast`);
 3. **activation cache** of those latents over the concept texts and task prompts, and,
    when an LLM is configured, **explanations** with simulation and relevance scores and
    an **embedding filter** against the task's query (e.g. "gender");
@@ -28,7 +28,7 @@ SAE latents (``--source sae``, the default):
    ``.<name>.partial`` beside ``out`` (`partial_dir`) and moves them into ``out`` only when it is
    finished, so a search interrupted at any step leaves the one finished in ``out`` as it was;
    run again, it resumes what it had left there (the activation cache's progress, the explanations);
-6. **erasure check** of the saved adapter (`hf_concept_ablation.interpret.erasure`): how well a
+6. **erasure check** of the saved adapter (`hf_concept_ablation.search.erasure`): how well a
    linear probe still tells the two concept text sets apart at each ablated layer with the
    ablation on, against the same probe with it off (``selection.json``'s ``erasure``; also
    printed). A concept that stays decodable is still there for fine-tuning to use.
@@ -40,7 +40,7 @@ examples) and ``selection.json``.
 
 Concept directions (``--source concept``): per layer (default: every layer but the last),
 the top components of the differences between the task's two concept text sets
-(`hf_concept_ablation.pca.concept_directions`; for the paired gender sentences, the
+(`hf_concept_ablation.search.pca.concept_directions`; for the paired gender sentences, the
 "female minus male" direction and the next ones), all written as a projection adapter.
 
 Task contrasts: for ``gender_bias`` the paired female/male sentences of
@@ -74,21 +74,39 @@ from typing import Any, Mapping, Sequence
 import torch
 from sae_lens import SAE
 
+from ..adapter.config import (
+    CONFIG_NAME,
+    SELECTION_NAME,
+    WEIGHTS_NAME,
+    ConceptAblationConfig,
+    SAESource,
+)
+from ..adapter.model import find_decoder_layers, inject_concept_ablation
+from ..adapter.sae_sources import (
+    SHIPPED_LAYERS,
+    check_saes_fit_model,
+    shipped_sae_source,
+)
+from ..files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .attribution import attribute_latents, save_attribution
-from .config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME, ConceptAblationConfig, SAESource
-from .files import atomic_dir, files_fingerprint, read_json, write_json_atomic
-from .interpret.cache import build_activation_cache
-from .interpret.contrast import (
+from .cache import build_activation_cache
+from .contrast import (
     RULES,
     combine_with_attribution,
     save_contrast,
     strongest_contrast_latents,
 )
-from .interpret.dashboard import config_from_selection, render_dashboard
-from .interpret.erasure import concept_decodability, describe_decodability
-from .interpret.explain import (ChatClient, EmbeddingFilter, ExplanationLog, LatentExplanation, check_env_name,
-                                explain_latents, public_url)
-from .model import find_decoder_layers, inject_concept_ablation
+from .dashboard import config_from_selection, render_dashboard
+from .erasure import concept_decodability, describe_decodability
+from .explain import (
+    ChatClient,
+    EmbeddingFilter,
+    ExplanationLog,
+    LatentExplanation,
+    check_env_name,
+    explain_latents,
+    public_url,
+)
 from .pca import (
     concept_directions,
     contrast_pca,
@@ -98,7 +116,6 @@ from .pca import (
     save_pca,
     select_directions,
 )
-from .saes import SHIPPED_LAYERS, check_saes_fit_model, shipped_sae_source
 
 SELECT_BY = ("contrast", "explanation", "union")
 CONTRASTS = ("topic", "value")
@@ -155,7 +172,12 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
     female/male sentences) and `source_files` (double multiple choice: source set name -> question file, for the
     training prompts and the contrast texts alike).
     """
-    from .tasks import build_double_mc_datasets, build_gender_concept_texts, build_gender_datasets, load_source_set
+    from ..tasks import (
+        build_double_mc_datasets,
+        build_gender_concept_texts,
+        build_gender_datasets,
+        load_source_set,
+    )
 
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
@@ -173,7 +195,7 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
                         "contrast: paired female-themed vs male-themed sentences (build_gender_concept_texts)",
                         paired=True)
     if task.startswith("double_mc:"):
-        from .tasks import parse_combination_key
+        from ..tasks import parse_combination_key
 
         first, second, intended = parse_combination_key(task.split(":", 1)[1])
         unintended = second if intended == first else first
@@ -191,7 +213,7 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
 
 def _value_task_data(name: str, train: Any, source: str, questions: Sequence[dict[str, str]]) -> TaskData:
     """The ``contrast="value"`` `TaskData`: `source`'s questions grouped by `answer_value`."""
-    from .tasks import answer_value
+    from ..tasks import answer_value
 
     groups: dict[str, list[str]] = {}
     for q in questions:
@@ -312,7 +334,7 @@ def restore_adapter_weights(out_dir: str | os.PathLike, model_spec: str, device:
     """Write the weights of the finished search's adapter in `out_dir` again from its config, which names the SAEs
     and latents (a clone of a study whose large weight files are not committed). An adapter with explicit directions
     (PCA) is refused: they are stored only in the weights file."""
-    from .models import load_model, resolve_device
+    from ..loading import load_model, resolve_device
 
     out = Path(out_dir)
     data = ConceptAblationConfig.read_json(out / CONFIG_NAME)
@@ -617,8 +639,8 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m hf_concept_ablation.directions`` command line."""
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.directions", description=__doc__.split("\n\n")[0],
+    """The ``python -m hf_concept_ablation.search.pipeline`` command line."""
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.search.pipeline", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
     p.add_argument("--out", required=True, help="output folder (becomes a loadable adapter)")
@@ -676,8 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = _parse_sae_args(args.sae)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .models import load_model, resolve_device
-    from .saes import load_sae
+    from ..adapter.sae_sources import load_sae
+    from ..loading import load_model, resolve_device
 
     task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast,
                      templates_file=args.templates_file, source_files=dict(args.source_file or []) or None)
@@ -712,11 +734,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         saes = {layer: load_sae(sources[layer], device=device) for layer in layers}
         explainer = None
         if args.llm_base_url or args.llm_model:
-            from .interpret.explain import OpenAIChat
+            from .explain import OpenAIChat
 
             explainer = OpenAIChat(args.llm_model or "default", base_url=args.llm_base_url, api_key_env=args.llm_api_key_env)
         elif args.local_explainer:
-            from .interpret.explain import TransformersChat
+            from .explain import TransformersChat
 
             explainer = TransformersChat(model, tokenizer)
         embedding = EmbeddingFilter(args.embedding_model) if explainer is not None else None

@@ -2,7 +2,7 @@
 
 The whole pipeline (:func:`train_saes`, also the CLI) has three steps, each usable alone:
 
-1. :func:`~hf_concept_ablation.activation_store.cache_activations` stores the residual stream
+1. :func:`~hf_concept_ablation.saes.activation_store.cache_activations` stores the residual stream
    of a text corpus after every requested layer (``activation_store``);
 2. :func:`train_sae` trains one sae-lens SAE (TopK or JumpReLU) on one layer's
    cached activations with sae-lens's own `SAETrainer` (no wandb, no
@@ -13,13 +13,13 @@ The whole pipeline (:func:`train_saes`, also the CLI) has three steps, each usab
    The result is saved in sae-lens format (``cfg.json`` +
    ``sae_weights.safetensors``, float16 by default) with ``hook_name`` and
    ``model_name`` in its metadata;
-3. :func:`~hf_concept_ablation.sae_quality.evaluate_sae` measures explained variance, L0 and
+3. :func:`~hf_concept_ablation.saes.quality.evaluate_sae` measures explained variance, L0 and
    cross-entropy loss recovered on held-out text (``sae_quality``).
 
-The suite shipped with the package (`hf_concept_ablation.saes.SHIPPED_RELEASE`, found by
-`hf_concept_ablation.saes.shipped_sae_source`) was made with this module; see ``docs/saes.md``.
+The suite shipped with the package (`hf_concept_ablation.adapter.sae_sources.SHIPPED_RELEASE`, found by
+`hf_concept_ablation.adapter.sae_sources.shipped_sae_source`) was made with this module; see ``docs/saes.md``.
 
-CLI: ``python -m hf_concept_ablation.sae_training --help``.
+CLI: ``python -m hf_concept_ablation.saes.training --help``.
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .activation_store import ShuffledBatches, cache_activations, load_cached_activations
-from .config import check_number
-from .files import read_json, write_json_atomic
-from .models import resolve_device
-from .sae_quality import SAEQuality, evaluate_sae
-from .saes import SHIPPED_LAYERS
+from ..adapter.sae_sources import SHIPPED_LAYERS
+from ..checks import check_number
+from ..files import read_json, write_json_atomic
+from ..loading import resolve_device
+from .activation_store import (
+    ShuffledBatches,
+    cache_activations,
+    load_cached_activations,
+)
+from .quality import SAEQuality, evaluate_sae
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -121,7 +125,12 @@ class SAETrainingConfig:
 
 
 def _make_training_sae(cfg: SAETrainingConfig, d_in: int, layer: int, model_name: str | None):
-    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import (
+        JumpReLUTrainingSAE,
+        JumpReLUTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     metadata = SAEMetadata(hook_name=hook_name(layer), model_name=model_name)
@@ -262,7 +271,7 @@ def train_saes(
 ) -> dict[int, SAEQuality | None]:
     """Cache activations (if needed), train one SAE per layer into ``<out_dir>/layer_{L}``, evaluate each.
 
-    ``corpus`` is a corpus JSONL (:mod:`hf_concept_ablation.corpus`; default: build
+    ``corpus`` is a corpus JSONL (:mod:`hf_concept_ablation.saes.corpus`; default: build
     the default corpus) whose ``train`` split feeds training and whose
     ``heldout`` split feeds evaluation (``eval_tokens`` tokens). ``activations`` is the activation cache
     folder (default ``<out_dir>/activations``); an existing complete cache is
@@ -271,8 +280,8 @@ def train_saes(
     """
     from sae_lens import SAE
 
+    from ..loading import base_model_id, load_model
     from . import corpus as corpus_mod
-    from .models import base_model_id, load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -330,7 +339,7 @@ def train_saes(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False, 
-        prog="python -m hf_concept_ablation.sae_training",
+        prog="python -m hf_concept_ablation.saes.training",
         description="Train sae-lens SAEs on a causal LM's residual stream, offline (no wandb, no Hub). "
         "Caches activations once for all layers, trains one SAE per layer with resumable checkpoints, "
         "and reports explained variance, L0 and CE loss recovered on held-out text.",

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..model import get_concept_ablation
+from ..adapter.model import get_concept_ablation
 from .contrast import per_text_values
 
 

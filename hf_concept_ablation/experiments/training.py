@@ -18,8 +18,8 @@ from accelerate import PartialState
 from torch import nn
 from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
-from .config import check_names, check_number
-from .evaluation import encode_prompts, first_token_ids
+from ..checks import check_names, check_number
+from ..tasks.evaluation import encode_prompts, first_token_ids
 
 
 @dataclass

@@ -13,8 +13,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import yaml
 
-from .config import check_names
-
+from ..checks import check_names
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:

@@ -49,9 +49,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from sae_lens import SAE
 
-from ..attribution import LatentEffect
 from ..files import write_json_atomic
 from .activations import as_text_list, encoders_for, iter_residuals
+from .attribution import LatentEffect
 
 REDUCTIONS = ("mean", "max")
 RULES = ("threshold", "product")

@@ -15,8 +15,8 @@ import evaluate
 import torch
 from tqdm.auto import tqdm
 
-from .model import get_concept_ablation
-from .tasks.mc import check_single_token
+from ..adapter.model import get_concept_ablation
+from .mc import check_single_token
 
 
 class MultipleChoiceAccuracy(evaluate.Metric):

@@ -17,10 +17,10 @@ import torch
 from sae_lens import SAE
 from tqdm.auto import tqdm
 
-from ..layer import ConceptAblationLayer, keep_positions, special_token_ids
-from ..model import get_concept_ablation
-from ..residuals import residual_stream
-from ..saes import PER_LATENT_ARCHITECTURES, check_saes_fit_model
+from ..adapter.layer import ConceptAblationLayer, keep_positions, special_token_ids
+from ..adapter.model import get_concept_ablation
+from ..adapter.residuals import residual_stream
+from ..adapter.sae_sources import PER_LATENT_ARCHITECTURES, check_saes_fit_model
 
 
 @dataclass
