@@ -419,7 +419,7 @@ def test_double_mc_sources_and_source_files_are_checked(tmp_path):
 
 
 def test_model_card_command_is_how_the_run_was_started(monkeypatch):
-    from hf_concept_ablation import reproduce
+    from hf_concept_ablation.experiments import study as reproduce
     from hf_concept_ablation.experiments.report import launch_command
 
     monkeypatch.chdir(REPO)
@@ -510,7 +510,7 @@ def test_model_card_base_model_is_the_experiments_hub_model(model, base_model, t
 def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
     from transformers import TrainerCallback
 
-    from hf_concept_ablation import experiment
+    from hf_concept_ablation.experiments import runner as experiment
 
     def run(out: Path, *overrides: str) -> dict:
         return gender_bias.main(["--config", str(_config(tiny_setup, out, ["caft_annealed"])), "save_steps=1",

@@ -45,6 +45,10 @@ _BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+#: how a non-finite tensor is named in errors
+_FINITE_NAMES = {"Q": "directions", "center": "center values"}
+
+
 def layer_hidden(output: Any) -> torch.Tensor:
     """The hidden-state tensor of a decoder layer's output (a tensor in transformers 5.x, a tuple in 4.x)."""
     return output[0] if isinstance(output, tuple) else output
@@ -128,7 +132,7 @@ class ConceptAblationLayer(nn.Module):
         _check_shapes(kind, tensors)
         if kind in ("projection", "leace"):
             for name in _BUFFERS[kind]:
-                _check_finite(tensors[name], f"{kind} tensor {name} values")
+                _check_finite(tensors[name], _FINITE_NAMES.get(name, f"eraser {name} values"))
         self.kind = kind
         self.k = k
         for name in _BUFFERS[kind]:
