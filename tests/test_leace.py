@@ -11,12 +11,21 @@ from concept_erasure import LeaceEraser, LeaceFitter
 from conftest import HIDDEN, NUM_LAYERS, make_tiny_model, make_tiny_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from hf_concept_ablation import ConceptAblation, ConceptAblationConfig, get_concept_ablation, inject_concept_ablation
+from hf_concept_ablation import (
+    ConceptAblation,
+    ConceptAblationConfig,
+    get_concept_ablation,
+    inject_concept_ablation,
+)
 from hf_concept_ablation.adapter.callbacks import AblationSchedule
 from hf_concept_ablation.adapter.config import CONFIG_NAME
 from hf_concept_ablation.adapter.layer import ConceptAblationLayer
 from hf_concept_ablation.search.activations import iter_residuals
-from hf_concept_ablation.search.leace import leace_config, one_hot_labels, random_eraser_config
+from hf_concept_ablation.search.leace import (
+    leace_config,
+    one_hot_labels,
+    random_eraser_config,
+)
 
 INPUT = torch.tensor([[2, 11, 25, 37, 48, 59, 61, 70], [2, 90, 14, 33, 47, 52, 0, 0]])
 MASK = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])

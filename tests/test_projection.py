@@ -78,9 +78,9 @@ def test_center_of_the_wrong_size_is_named():
 def test_a_projection_saved_without_a_center_is_zero_ablation():
     """Adapters saved before mean ablation existed hold only ``Q``."""
     q = orthonormal_basis(torch.randn(2, 8)).float()
-    old = ConceptAblationLayer("projection", {"Q": q})
+    old = ConceptAblationLayer.from_state("projection", {"Q": q})
     assert torch.equal(old.center, torch.zeros(8))
     x = torch.randn(3, 8)
     torch.testing.assert_close(old(x), x - (x @ q) @ q.T)
     with pytest.raises(ValueError, match=r"needs tensors \['Q'\]"):
-        ConceptAblationLayer("projection", {"center": torch.zeros(8)})
+        ConceptAblationLayer.from_state("projection", {"center": torch.zeros(8)})

@@ -1,7 +1,7 @@
 """The ablation module: removes concepts from one decoder layer's output.
 
-Three kinds of removal, all of the form ``x' = x - alpha * r(x)`` at positions that
-are not left alone:
+One class per kind of removal, all of the form ``x' = x - alpha * r(x)`` at positions that
+are not left alone, behind the base `ConceptAblationLayer` (strength, positions, dtype, saving):
 
 * ``relu`` / ``jumprelu`` (latent mode, exact and sparse): ``r(x) = f_S(x) @ W_dec[S]``
   with ``f_S`` computed from only the selected encoder columns. This equals a full
@@ -23,7 +23,7 @@ base model's ``state_dict``; `ConceptAblation.save_pretrained` stores them apart
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from sae_lens import SAE
@@ -31,22 +31,6 @@ from torch import nn
 
 from ..checks import check_number
 from .sae_sources import PER_LATENT_ARCHITECTURES, TOPK_ARCHITECTURES
-
-KINDS = ("relu", "jumprelu", "topk", "projection", "leace")
-#: each kind's tensors and their dimensions: ``n`` latents or directions removed, ``d_sae`` the SAE's full width
-_BUFFERS: dict[str, dict[str, tuple[str, ...]]] = {
-    "relu": {"W_enc": ("d_model", "n"), "b_enc": ("n",), "b_in": ("d_model",), "W_dec": ("n", "d_model")},
-    "jumprelu": {"W_enc": ("d_model", "n"), "b_enc": ("n",), "b_in": ("d_model",), "W_dec": ("n", "d_model"),
-                 "threshold": ("n",)},
-    "topk": {"W_enc": ("d_model", "d_sae"), "b_enc": ("d_sae",), "b_in": ("d_model",), "W_dec": ("n", "d_model"),
-             "latent_ids": ("n",), "decoder_norm": ("d_sae",)},
-    "projection": {"Q": ("d_model", "n"), "center": ("d_model",)},
-    "leace": {"proj_left": ("d_model", "n"), "proj_right": ("n", "d_model"), "bias": ("d_model",)},
-}
-
-
-#: how a non-finite tensor is named in errors
-_FINITE_NAMES = {"Q": "directions", "center": "center values"}
 
 
 def layer_hidden(output: Any) -> torch.Tensor:
@@ -84,11 +68,11 @@ def _check_finite(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} hold NaN or infinite values")
 
 
-def _check_shapes(kind: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Raise a ValueError naming the first tensor whose shape disagrees with the kind's dimensions (`_BUFFERS`) as the
+def _check_shapes(kind: str, buffers: dict[str, tuple[str, ...]], tensors: dict[str, torch.Tensor]) -> None:
+    """Raise a ValueError naming the first tensor whose shape disagrees with the kind's dimensions (`buffers`) as the
     tensors before it set them, e.g. a ``W_enc`` of 1 latent beside a ``W_dec`` of 2."""
     sizes: dict[str, int] = {}
-    for name, dims in _BUFFERS[kind].items():
+    for name, dims in buffers.items():
         shape = tuple(tensors[name].shape)
         if len(shape) != len(dims) or any(sizes.setdefault(dim, size) != size for dim, size in zip(dims, shape)):
             expected = ", ".join(f"{dim}={sizes[dim]}" if dim in sizes else dim for dim in dims)
@@ -113,31 +97,42 @@ def orthonormal_basis(directions: torch.Tensor) -> torch.Tensor:
 class ConceptAblationLayer(nn.Module):
     """Removes the selected concepts from a residual-stream tensor ``[..., d_model]``.
 
-    Build it with `from_sae` or `from_directions`; `forward(x, keep)` returns the
-    ablated tensor, where ``keep`` (``[batch, seq]`` bool, optional) marks the
-    positions to ablate.
+    The base of one class per kind (`KINDS`); build one with `from_sae`, `from_directions`,
+    `from_eraser`, or `from_state` (a kind's saved tensors). `forward(x, keep)` returns the
+    ablated tensor, where ``keep`` (``[batch, seq]`` bool, optional) marks the positions to ablate.
     """
 
-    def __init__(self, kind: str, tensors: dict[str, torch.Tensor], k: int | None = None) -> None:
+    kind: ClassVar[str]
+    #: the kind's tensors and their dimensions: ``n`` latents or directions removed, ``d_sae`` the SAE's full width
+    BUFFERS: ClassVar[dict[str, tuple[str, ...]]]
+    #: tensors checked to be finite, and how errors name them
+    FINITE: ClassVar[dict[str, str]] = {}
+    _registry: ClassVar[dict[str, type[ConceptAblationLayer]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            ConceptAblationLayer._registry[cls.kind] = cls
+
+    def __init__(self, tensors: dict[str, torch.Tensor], k: int | None = None) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"unknown ablation kind {kind!r}; expected one of {KINDS}")
-        if kind == "projection" and "Q" in tensors and "center" not in tensors:  # adapters saved before centers
-            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
-        missing = [name for name in _BUFFERS[kind] if name not in tensors]
+        missing = [name for name in self.BUFFERS if name not in tensors]
         if missing:
-            raise ValueError(f"ablation kind {kind!r} needs tensors {missing}")
-        if kind == "topk" and not k:
-            raise ValueError("a topk ablation needs k, the number of active latents")
-        _check_shapes(kind, tensors)
-        if kind in ("projection", "leace"):
-            for name in _BUFFERS[kind]:
-                _check_finite(tensors[name], _FINITE_NAMES.get(name, f"eraser {name} values"))
-        self.kind = kind
+            raise ValueError(f"ablation kind {self.kind!r} needs tensors {missing}")
+        _check_shapes(self.kind, self.BUFFERS, tensors)
+        for name, what in self.FINITE.items():
+            _check_finite(tensors[name], what)
         self.k = k
-        for name in _BUFFERS[kind]:
+        for name in self.BUFFERS:
             self.register_buffer(name, tensors[name], persistent=False)
         self.register_buffer("alpha", torch.ones((), dtype=torch.float32), persistent=False)
+
+    @classmethod
+    def from_state(cls, kind: str, tensors: dict[str, torch.Tensor], k: int | None = None) -> ConceptAblationLayer:
+        """The ablation of `kind` (one of `KINDS`) made of its saved `tensors` (`state_tensors`), and `k` for topk."""
+        if kind not in cls._registry:
+            raise ValueError(f"unknown ablation kind {kind!r}; expected one of {KINDS}")
+        return cls._registry[kind](tensors, k=k)
 
     @classmethod
     def from_sae(
@@ -154,17 +149,13 @@ class ConceptAblationLayer(nn.Module):
         architecture = sae.cfg.architecture()
         b_in = sae.b_dec.detach() * float(sae.cfg.apply_b_dec_to_input)
         if architecture in PER_LATENT_ARCHITECTURES:
-            tensors = {
-                "W_enc": sae.W_enc.detach()[:, ids],
-                "b_enc": sae.b_enc.detach()[ids],
-                "b_in": b_in,
-                "W_dec": W_dec,
-            }
-            kind = "relu"
+            tensors = {"W_enc": sae.W_enc.detach()[:, ids], "b_enc": sae.b_enc.detach()[ids], "b_in": b_in,
+                       "W_dec": W_dec}
+            kind = ReLULatentAblation
             if architecture == "jumprelu":
                 tensors["threshold"] = sae.threshold.detach()[ids]
-                kind = "jumprelu"
-            return cls(kind, {name: t.to(dtype).clone() for name, t in tensors.items()})
+                kind = JumpReLULatentAblation
+            return kind({name: t.to(dtype).clone() for name, t in tensors.items()})
         if architecture in TOPK_ARCHITECTURES:
             rescale = bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
             norm = sae.W_dec.detach().norm(dim=-1) if rescale else torch.ones(sae.cfg.d_sae, device=ids.device)
@@ -176,7 +167,7 @@ class ConceptAblationLayer(nn.Module):
                 "latent_ids": ids.clone(),
                 "decoder_norm": norm.to(dtype).clone(),
             }
-            return cls("topk", tensors, k=int(sae.cfg.k))
+            return TopKLatentAblation(tensors, k=int(sae.cfg.k))
         raise ValueError(f"cannot ablate latents of a {architecture!r} SAE")
 
     @classmethod
@@ -191,7 +182,7 @@ class ConceptAblationLayer(nn.Module):
         center = q.new_zeros(q.shape[0]) if center is None else center.detach().to(q.device, dtype).clone()
         if center.shape != (q.shape[0],):
             raise ValueError(f"center has shape {tuple(center.shape)}, expected [{q.shape[0]}] (d_model)")
-        return cls("projection", {"Q": q, "center": center})
+        return ProjectionAblation({"Q": q, "center": center})
 
     @classmethod
     def from_eraser(cls, proj_left: torch.Tensor, proj_right: torch.Tensor, bias: torch.Tensor | None,
@@ -199,7 +190,7 @@ class ConceptAblationLayer(nn.Module):
         """A ``leace`` ablation from the factors of a ``concept_erasure.LeaceEraser`` (``x - ((x - bias) @
         proj_right.T) @ proj_left.T``), stored at its rank: ``proj_left @ proj_right`` is refactored by SVD and
         only its nonzero singular directions are kept (the library pads the factors with zero columns)."""
-        product = (proj_left.detach().to(torch.float64) @ proj_right.detach().to(torch.float64))
+        product = proj_left.detach().to(torch.float64) @ proj_right.detach().to(torch.float64)
         _check_finite(product, "eraser factors")
         u, s, vh = torch.linalg.svd(product)
         keep = s > (s.max() * 1e-7 if bool(s.max() > 0) else 1.0)
@@ -208,47 +199,25 @@ class ConceptAblationLayer(nn.Module):
                              "that vary?")
         bias = torch.zeros(product.shape[0], dtype=torch.float64) if bias is None else bias.detach()
         tensors = {"proj_left": u[:, keep] * s[keep], "proj_right": vh[keep], "bias": bias}
-        return cls("leace", {name: t.to(dtype).contiguous() for name, t in tensors.items()})
+        return LeaceAblation({name: t.to(dtype).contiguous() for name, t in tensors.items()})
 
     @property
     def d_model(self) -> int:
         """Size of the residual stream this layer expects."""
-        if self.kind == "projection":
-            return self.Q.shape[0]
-        return self.bias.shape[0] if self.kind == "leace" else self.W_dec.shape[-1]
+        raise NotImplementedError
 
     @property
     def num_directions(self) -> int:
         """Number of latents, (orthonormalized) directions or eraser ranks removed."""
-        if self.kind == "projection":
-            return self.Q.shape[1]
-        return self.proj_left.shape[1] if self.kind == "leace" else self.W_dec.shape[0]
-
-    def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Activations ``f_S(x)`` ``[..., |S|]`` of the selected latents (latent mode only)."""
-        if self.kind in ("projection", "leace"):
-            raise TypeError(f"a {self.kind} ablation has no latent activations")
-        pre = (x - self.b_in) @ self.W_enc + self.b_enc
-        if self.kind == "relu":
-            return torch.relu(pre)
-        if self.kind == "jumprelu":
-            return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
-        pre = pre * self.decoder_norm
-        values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)
-        acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
-        return acts[..., self.latent_ids] / self.decoder_norm[self.latent_ids]
+        raise NotImplementedError
 
     def removed_part(self, x: torch.Tensor) -> torch.Tensor:
         """What the ablation subtracts from `x` at full strength."""
-        if self.kind == "projection":
-            return (x @ self.Q - self.center @ self.Q) @ self.Q.T
-        if self.kind == "leace":
-            return ((x - self.bias) @ self.proj_right.T) @ self.proj_left.T
-        return self.latent_activations(x) @ self.W_dec
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Return `x` with the concepts removed at the positions where `keep` is true."""
-        compute_dtype = self._buffers[next(iter(_BUFFERS[self.kind]))].dtype
+        compute_dtype = self._buffers[next(iter(self.BUFFERS))].dtype
         removed = self.removed_part(x.to(compute_dtype)) * self.alpha.to(compute_dtype)
         if keep is not None:
             removed = removed * keep.unsqueeze(-1).to(compute_dtype)
@@ -261,7 +230,7 @@ class ConceptAblationLayer(nn.Module):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors that define this ablation (for saving)."""
-        return {name: getattr(self, name) for name in _BUFFERS[self.kind]}
+        return {name: getattr(self, name) for name in self.BUFFERS}
 
     def metadata(self) -> str:
         """JSON string of the non-tensor state (kind, k), stored in the safetensors header."""
@@ -269,6 +238,114 @@ class ConceptAblationLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, d_model={self.d_model}, n={self.num_directions}, alpha={float(self.alpha):.3g}"
+
+
+class LatentAblation(ConceptAblationLayer):
+    """Latent mode: ``r(x) = f_S(x) @ W_dec[S]``, the selected latents' exact contribution."""
+
+    @property
+    def d_model(self) -> int:
+        return self.W_dec.shape[-1]
+
+    @property
+    def num_directions(self) -> int:
+        return self.W_dec.shape[0]
+
+    def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations ``f_S(x)`` ``[..., |S|]`` of the selected latents."""
+        raise NotImplementedError
+
+    def removed_part(self, x: torch.Tensor) -> torch.Tensor:
+        return self.latent_activations(x) @ self.W_dec
+
+
+class ReLULatentAblation(LatentAblation):
+    """Latents of a ReLU SAE, from only their own encoder columns (sparse: the cost does not depend on the width)."""
+
+    kind = "relu"
+    BUFFERS = {"W_enc": ("d_model", "n"), "b_enc": ("n",), "b_in": ("d_model",), "W_dec": ("n", "d_model")}
+
+    def _pre(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_in) @ self.W_enc + self.b_enc
+
+    def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._pre(x))
+
+
+class JumpReLULatentAblation(ReLULatentAblation):
+    """Latents of a JumpReLU SAE (Gemma Scope): ``relu(pre) * (pre > threshold)``."""
+
+    kind = "jumprelu"
+    BUFFERS = {**ReLULatentAblation.BUFFERS, "threshold": ("n",)}
+
+    def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self._pre(x)
+        return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
+
+
+class TopKLatentAblation(LatentAblation):
+    """Latents of a TopK SAE: which latents fire depends on all of them, so the full encoder is kept."""
+
+    kind = "topk"
+    BUFFERS = {"W_enc": ("d_model", "d_sae"), "b_enc": ("d_sae",), "b_in": ("d_model",), "W_dec": ("n", "d_model"),
+               "latent_ids": ("n",), "decoder_norm": ("d_sae",)}
+
+    def __init__(self, tensors: dict[str, torch.Tensor], k: int | None = None) -> None:
+        if not k:
+            raise ValueError("a topk ablation needs k, the number of active latents")
+        super().__init__(tensors, k=k)
+
+    def latent_activations(self, x: torch.Tensor) -> torch.Tensor:
+        pre = ((x - self.b_in) @ self.W_enc + self.b_enc) * self.decoder_norm
+        values, indices = torch.topk(pre, k=self.k, dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        return acts[..., self.latent_ids] / self.decoder_norm[self.latent_ids]
+
+
+class ProjectionAblation(ConceptAblationLayer):
+    """Projection mode: ``r(x) = ((x - c) @ Q) @ Q.T``, ``Q`` orthonormal, ``c`` the center (zero or the mean)."""
+
+    kind = "projection"
+    BUFFERS = {"Q": ("d_model", "n"), "center": ("d_model",)}
+    FINITE = {"Q": "directions", "center": "center values"}
+
+    def __init__(self, tensors: dict[str, torch.Tensor], k: int | None = None) -> None:
+        if "Q" in tensors and "center" not in tensors:  # users' adapters saved before centers: zero ablation
+            tensors = {**tensors, "center": tensors["Q"].new_zeros(tensors["Q"].shape[0])}
+        super().__init__(tensors, k=k)
+
+    @property
+    def d_model(self) -> int:
+        return self.Q.shape[0]
+
+    @property
+    def num_directions(self) -> int:
+        return self.Q.shape[1]
+
+    def removed_part(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.Q - self.center @ self.Q) @ self.Q.T
+
+
+class LeaceAblation(ConceptAblationLayer):
+    """A LEACE eraser: ``r(x) = ((x - b) @ R.T) @ L.T`` (``concept_erasure.LeaceEraser``, stored at its rank)."""
+
+    kind = "leace"
+    BUFFERS = {"proj_left": ("d_model", "n"), "proj_right": ("n", "d_model"), "bias": ("d_model",)}
+    FINITE = {name: f"eraser {name} values" for name in BUFFERS}
+
+    @property
+    def d_model(self) -> int:
+        return self.bias.shape[0]
+
+    @property
+    def num_directions(self) -> int:
+        return self.proj_left.shape[1]
+
+    def removed_part(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.bias) @ self.proj_right.T) @ self.proj_left.T
+
+
+KINDS = tuple(ConceptAblationLayer._registry)
 
 
 def full_sae_ablation(sae: SAE, latents: Sequence[int], x: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,7 @@ class ConceptAblation:
             prefix = f"layers.{index}."
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             try:
-                layers[index] = ConceptAblationLayer(**json.loads(meta), tensors=state)
+                layers[index] = ConceptAblationLayer.from_state(**json.loads(meta), tensors=state)
             except (TypeError, ValueError) as err:  # metadata that is not JSON, an unknown key, tensors that misfit
                 raise ValueError(f"{weights}: layer {index} is not a valid ablation ({err})") from err
         explicit = {i: m.Q.T for i, m in layers.items() if i in set(data.get("directions", []))}
