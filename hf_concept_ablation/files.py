@@ -78,7 +78,7 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
 def files_fingerprint(paths: Sequence[str | os.PathLike], *, raw: bool = False) -> str:
     """A short hash of the files' contents, in order (to tell whether an input changed); a safetensors file counts
     by its tensors and metadata, not by the order its header happens to list them in. `raw`: the hash of the bytes as
-    they are, which versions before session 12 recorded (to recognise their records)."""
+    they are, which earlier versions of the package recorded (to recognise their records)."""
     digest = hashlib.sha256()
     for path in paths:
         canonical = Path(path).suffix == ".safetensors" and not raw

@@ -225,9 +225,9 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     (runs / "sports-verbs-verbs.json").write_text(json.dumps({"runs": [{"condition": "none", "seed": 0}]}))
     readme = tmp_path / "repository_README.md"
     readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
-    repository_readme = reproduce.REPO_README.read_text()
+    results_page = reproduce.RESULTS_DOC.read_text()
     assert reproduce.main(["--out", str(tmp_path), "--report-only"]) == 0
-    assert reproduce.REPO_README.read_text() == repository_readme  # another results folder: its own README only
+    assert reproduce.RESULTS_DOC.read_text() == results_page  # another results folder: its own README only
     assert reproduce.main(["--out", str(tmp_path), "--report-only", "--readme", str(readme)]) == 0
     assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias": summary}
     text = readme.read_text()
@@ -361,3 +361,14 @@ def test_adapter_weights_of_explicit_directions_cannot_be_rebuilt(tmp_path):
     write_json_atomic(tmp_path / CONFIG_NAME, config.to_dict())
     with pytest.raises(FileNotFoundError, match=r"directions of layer\(s\) \[1\] are stored only there"):
         directions.restore_adapter_weights(tmp_path, "unused")
+
+
+def test_a_report_of_the_repositorys_own_results_rewrites_the_table_of_docs_results_md(monkeypatch):
+    written = []
+    monkeypatch.setattr(reproduce, "report_from_disk", lambda out, readme: written.append((out, readme)) or "")
+    assert reproduce.main(["--out", str(reproduce.REPO_ROOT / "results"), "--report-only"]) == 0
+    assert written == [(reproduce.REPO_ROOT / "results", reproduce.RESULTS_DOC)]
+    assert reproduce.RESULTS_DOC == reproduce.REPO_ROOT / "docs" / "results.md"
+    page = reproduce.RESULTS_DOC.read_text()
+    assert page.count(reproduce.README_MARKERS[0]) == page.count(reproduce.README_MARKERS[1]) == 1
+    assert reproduce.README_MARKERS[0] not in (reproduce.REPO_ROOT / "README.md").read_text()  # the README links it

@@ -19,8 +19,8 @@ For each task, in order:
    combination the scan's seed dropped but the mean admits is studied too, and the report's
    means keep only the combinations valid by the mean;
 4. **report**: ``<out>/summary.json``, figures in ``<out>/figures/``, ``<out>/README.md`` and
-   the results table of the repository README (between ``<!-- results:start -->`` and
-   ``<!-- results:end -->``).
+   the results table of the repository's results page, ``docs/results.md`` (between
+   ``<!-- results:start -->`` and ``<!-- results:end -->``).
 
 Sizes: ``full`` (all data, the preset's epochs; meant for a GPU) and ``cpu`` (256 training
 examples, 3 epochs, 150 evaluation questions per split, searches on 64 prompts).
@@ -61,7 +61,9 @@ MIN_SHARE_BEATING_PLAIN, DOUBLE_MC_MIN_OOD = 0.75, 0.64  #: double MC: CAFT over
 RANDOM_MARGIN = 0.10  #: random latents' mean OOD must be at least this much below CAFT's
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 TASKS = ("gender_bias", "double_mc")
-REPO_README = Path(__file__).resolve().parents[2] / "README.md"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: the repository's results page: a run into the repository's own ``results/`` rewrites its table (`update_readme`)
+RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,8 @@ def _task_summaries(summary: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 
 def update_readme(readme: Path, table: str) -> bool:
-    """Replace the text between the README's results markers with `table`; False if there are no markers."""
+    """Replace the text between the results markers of `readme` (a markdown page, e.g. `RESULTS_DOC`) with `table`;
+    False if there are no markers."""
     text = readme.read_text()
     start, end = README_MARKERS
     if start not in text or end not in text:
@@ -374,7 +377,7 @@ def update_readme(readme: Path, table: str) -> bool:
 
 def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, Any], command: str,
                  readme: Path | None) -> str:
-    """Write summary.json, the figures and README.md in `out` (and the repository README's table)."""
+    """Write summary.json, the figures and README.md in `out` (and the results table of the page `readme`)."""
     write_json_atomic(out / "summary.json", summary)
     for name, s in _named_summaries(summary):
         plot_accuracy(s, out / "figures" / f"{file_name(name.strip('`')).replace(' ', '_')}.png", name.strip("`"))
@@ -470,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the gender concept comes from (see hf_concept_ablation.search.pipeline)")
     p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
     p.add_argument("--readme", type=Path, default=None,
-                   help="README whose results table is updated (default: the repository's, when --out is its results/)")
+                   help="page whose results table is updated (default: the repository's docs/results.md, when --out "
+                        "is its results/)")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild summary, figures and tables from every run on disk (all tasks and seeds)")
     p.add_argument("--scan-only", action="store_true",
@@ -489,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [k for k in combinations if k not in {combination_key(*c) for c in ALL_COMBINATIONS}]
     if bad:
         raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
-    readme = args.readme or (REPO_README if args.out.resolve() == REPO_README.parent / "results" else None)
+    readme = args.readme or (RESULTS_DOC if args.out.resolve() == REPO_ROOT / "results" else None)
     if args.report_only:
         print(report_from_disk(args.out, readme))
         return 0
