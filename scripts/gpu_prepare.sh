@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare what the GPU machine of this workplace needs to run the embedded model (docs/status.md, "Running on
+# Prepare what the GPU machine of this workplace needs to run the embedded model (docs/gpu.md, "Running on
 # the device machine"): py3.12 wheels of the packages its image lacks (plus this venv's transformers, peft and
 # huggingface_hub, so tokenization and training match this machine), and the embedded GGUF cut into pieces
 # that each fit one call beside the tracked files (64 MiB a call), in git-ignored folders .g0/ .g1/ ...

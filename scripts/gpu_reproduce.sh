@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Seeds of `make reproduce` at the CPU size on the GPU machine, one process per task pair, all at once.
-# Set-up (wheels in /tmp/site, the embedded GGUF at /tmp/m.gguf): docs/status.md, "Running on the device machine".
+# Set-up (wheels in /tmp/site, the embedded GGUF at /tmp/m.gguf): docs/gpu.md, "Running on the device machine".
 # Usage: scripts/gpu_reproduce.sh SECONDS "SEEDS" "KEYS OF PAIR 1" "KEYS OF PAIR 2" ...
 # A pair's combinations share their plain runs, so each pair gets one process. After SECONDS every
 # process is interrupted (finished runs are already on disk); results/runs and the logs come back as
