@@ -8,8 +8,16 @@ import pytest
 import torch
 from conftest import HIDDEN, make_tiny_model, make_tiny_tokenizer
 
-from hf_concept_ablation import ConceptAblationConfig, inject_concept_ablation
-from hf_concept_ablation.search.erasure import concept_decodability, probe_accuracy
+from hf_concept_ablation import (
+    ConceptAblationConfig,
+    get_concept_ablation,
+    inject_concept_ablation,
+)
+from hf_concept_ablation.search.erasure import (
+    concept_decodability,
+    probe_accuracy,
+    select_until_erased,
+)
 
 
 def test_probe_accuracy_reads_a_separable_label_and_not_a_random_one():
@@ -40,3 +48,24 @@ def test_an_ablation_that_removes_everything_leaves_nothing_to_decode_and_the_mo
     assert result[1]["before"] > 0.9 and result[1]["chance"] == 0.5
     assert result[1]["after"] == pytest.approx(0.5, abs=0.1)  # every direction removed: chance
     assert handle.enabled and handle.strength == 1.0  # the ablation is on again afterwards
+
+
+def test_erasure_driven_selection_takes_the_fewest_ranked_items_that_erase_or_reports_a_failure():
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    texts_a, texts_b = _texts(range(6, 10), 40, 0), _texts(range(60, 64), 40, 1)
+    ranked = list(torch.eye(HIDDEN))  # the residual stream's coordinates: all of them erase everything
+
+    def make_config(items):
+        return ConceptAblationConfig(layers=[1], mode="projection", directions={1: torch.stack(list(items))})
+
+    chosen, curve = select_until_erased(model, tokenizer, ranked, make_config, texts_a, texts_b, [1], budget=HIDDEN)
+    assert curve.erased_at == len(chosen) and curve.target == 0.55
+    points = dict(zip(curve.counts, curve.accuracy))
+    assert points[0][1] > 0.9 and points[curve.erased_at][1] <= curve.target
+    assert points[curve.erased_at - 1][1] > curve.target  # the bisection measured one fewer, which did not erase
+    assert get_concept_ablation(model) is None  # every tried ablation was removed again
+    assert "bring every probed layer" in curve.describe()
+
+    chosen, failed = select_until_erased(model, tokenizer, ranked, make_config, texts_a, texts_b, [1], budget=2)
+    assert failed.erased_at is None and len(chosen) == 2 and failed.counts == [0, 1, 2]
+    assert "FAILED to erase" in failed.describe() and failed.to_dict()["accuracy"][0]["1"] > 0.9

@@ -7,15 +7,23 @@ fine-tuning is free to learn the shortcut through it. `concept_decodability` mea
 before fine-tuning: per layer, the cross-validated accuracy of an L2-regularised logistic
 regression on each text's mean residual stream (BOS and padding left out), with the model's
 injected ablation off (``before``) and on (``after``). Chance is the larger set's share.
+
+`select_until_erased` turns the check into a selection rule (the label-free route): take the
+search's ranked latents or components in order, more and more of them, until the probe falls
+to chance + a tolerance at every probed layer, or a budget is spent (a failure to erase, which
+it reports as one). Its `ErasureCurve` (count -> probe accuracy per layer) goes into the
+search's ``selection.json`` and its dashboard.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
-from ..adapter.model import get_concept_ablation
+from ..adapter.config import ConceptAblationConfig
+from ..adapter.model import get_concept_ablation, inject_concept_ablation
 from .contrast import per_text_values
 
 
@@ -64,17 +72,123 @@ def concept_decodability(model: torch.nn.Module, tokenizer: Any, texts_a: Sequen
     texts = [*texts_a, *texts_b]
     labels = torch.tensor([0] * len(texts_a) + [1] * len(texts_b))
     accuracy: dict[int, dict[str, float]] = {layer: {} for layer in layers}
+    for when, ablated in (("before", False), ("after", True)):
+        scores = _layer_probes(model, tokenizer, texts, labels, layers, ablated=ablated, batch_size=batch_size,
+                               max_length=max_length, desc=f"erasure check ({when})")
+        for layer in layers:
+            accuracy[layer][when] = scores[layer]
+    chance = max(len(texts_a), len(texts_b)) / len(texts)
+    return {layer: {**accuracy[layer], "chance": chance} for layer in layers}
 
+
+def _layer_probes(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], labels: torch.Tensor,
+                  layers: Sequence[int], *, ablated: bool, batch_size: int = 8, max_length: int = 128,
+                  desc: str = "erasure check") -> dict[int, float]:
+    """Per layer: `probe_accuracy` of `labels` from each text's mean residual stream (ablation on if `ablated`)."""
     def all_layers(hidden: dict[int, torch.Tensor]) -> torch.Tensor:  # [batch, seq, len(layers) * d_model]
         return torch.cat([hidden[layer] for layer in layers], dim=-1)
 
-    for when, ablated in (("before", False), ("after", True)):
-        features = per_text_values(model, tokenizer, texts, layers, all_layers, batch_size=batch_size,
-                                   max_length=max_length, desc=f"erasure check ({when})", ablated=ablated)
-        for layer, per_layer in zip(layers, features.chunk(len(layers), dim=-1)):
-            accuracy[layer][when] = probe_accuracy(per_layer, labels)
+    features = per_text_values(model, tokenizer, texts, layers, all_layers, batch_size=batch_size,
+                               max_length=max_length, desc=desc, ablated=ablated)
+    return {layer: probe_accuracy(per_layer, labels) for layer, per_layer in zip(layers, features.chunk(len(layers), -1))}
+
+
+Item = TypeVar("Item")
+
+
+@dataclass
+class ErasureCurve:
+    """Probe accuracy on the concept texts as more of the ranked items are ablated.
+
+    Attributes:
+        counts: how many of the ranked items were ablated at each point (0: none).
+        accuracy: per point, layer -> probe accuracy with those items ablated.
+        chance: the larger text set's share; target: chance + the tolerance.
+        erased_at: the fewest items whose ablation brings every layer to the target, or None when the budget
+            was spent without it (a failure to erase).
+        budget: the most items tried.
+    """
+
+    counts: list[int]
+    accuracy: list[dict[int, float]]
+    chance: float
+    target: float
+    erased_at: int | None
+    budget: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (layer keys as strings, accuracies rounded)."""
+        data = asdict(self)
+        data["accuracy"] = [{str(k): round(v, 3) for k, v in point.items()} for point in self.accuracy]
+        return data
+
+    def describe(self) -> str:
+        """One line: where the concept was erased, or that it was not within the budget."""
+        last = self.accuracy[-1]
+        worst = max(last, key=last.get)
+        if self.erased_at is not None:
+            return (f"erasure-driven selection: {self.erased_at} ablated bring every probed layer to <= "
+                    f"{self.target:.2f} (chance {self.chance:.2f})")
+        return (f"erasure-driven selection FAILED to erase: with all {self.counts[-1]} of the budget ablated, the probe "
+                f"still reads {last[worst]:.2f} at layer {worst} (target <= {self.target:.2f}, chance {self.chance:.2f})")
+
+
+def select_until_erased(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ranked: Sequence[Item],
+    make_config: Callable[[Sequence[Item]], ConceptAblationConfig],
+    texts_a: Sequence[str],
+    texts_b: Sequence[str],
+    layers: Sequence[int],
+    *,
+    budget: int = 100,
+    tolerance: float = 0.05,
+    batch_size: int = 8,
+    max_length: int = 128,
+    saes: Mapping[int, Any] | None = None,
+) -> tuple[list[Item], ErasureCurve]:
+    """Ablate the first 1, 2, 4, ... of `ranked` (latents or components, in the search's order; at most `budget`)
+    until a probe tells `texts_a` from `texts_b` at no better than chance + `tolerance` at every one of `layers`;
+    then narrow down (bisection) to the fewest that do. Returns those items (all `budget` of them, on a failure to
+    erase) and the curve. `make_config` builds the adapter config of a prefix of `ranked` (`saes`: passed to the
+    injection, e.g. the search's loaded SAEs)."""
+    if get_concept_ablation(model) is not None:
+        raise ValueError("the model already carries a concept ablation: remove it before the erasure-driven selection")
+    budget = min(budget, len(ranked))
+    if budget < 1:
+        raise ValueError("nothing to select from: the ranking is empty or the budget is 0")
+    layers = sorted(set(layers))
+    texts = [*texts_a, *texts_b]
+    labels = torch.tensor([0] * len(texts_a) + [1] * len(texts_b))
     chance = max(len(texts_a), len(texts_b)) / len(texts)
-    return {layer: {**accuracy[layer], "chance": chance} for layer in layers}
+    target = chance + tolerance
+    points: dict[int, dict[int, float]] = {0: _layer_probes(model, tokenizer, texts, labels, layers, ablated=False,
+                                                            batch_size=batch_size, max_length=max_length)}
+
+    def measure(count: int) -> bool:
+        if count not in points:
+            handle = inject_concept_ablation(model, make_config(ranked[:count]), saes=saes)
+            try:
+                points[count] = _layer_probes(model, tokenizer, texts, labels, layers, ablated=True,
+                                              batch_size=batch_size, max_length=max_length,
+                                              desc=f"erasure check ({count} ablated)")
+            finally:
+                handle.remove()
+        return all(accuracy <= target for accuracy in points[count].values())
+
+    low, count = 0, 1
+    while not measure(count):
+        if count == budget:
+            curve = ErasureCurve(sorted(points), [points[c] for c in sorted(points)], chance, target, None, budget)
+            return list(ranked[:budget]), curve
+        low, count = count, min(2 * count, budget)
+    high = count
+    while high - low > 1:  # the fewest that erase, between the last count that did not and the first that did
+        middle = (low + high) // 2
+        low, high = (low, middle) if measure(middle) else (middle, high)
+    curve = ErasureCurve(sorted(points), [points[c] for c in sorted(points)], chance, target, high, budget)
+    return list(ranked[:high]), curve
 
 
 def describe_decodability(decodability: Mapping[Any, Mapping[str, float]]) -> str:
