@@ -196,7 +196,8 @@ def build_double_mc_datasets(
 
     Columns: ``prompt``, ``answer``, ``distractor``, ``answer_index``,
     ``first``, ``second``, ``intended``, ``question_first``, ``question_second``,
-    ``correct_first``, ``correct_second``.
+    ``correct_first``, ``correct_second``, ``unintended_value`` (what the unintended question's correct answer
+    says, `answer_value`: the label an eraser of the unintended concept is fitted on).
     """
     check_answer_form(answer_form)
     if answer_form != "letters":
@@ -224,9 +225,11 @@ def build_double_mc_datasets(
         rows = []
         for i, j in _pair_indices(len(a), len(b), max(1, round(max_examples * fraction)), rng):
             row = make_double_mc_example(a[i], b[j], split != "ood", intended == first, rng)
+            unintended_source, unintended = (second, b[j]) if intended == first else (first, a[i])
             rows.append({**row, "first": first, "second": second, "intended": intended,
                          "question_first": a[i]["question"], "question_second": b[j]["question"],
-                         "correct_first": a[i]["correct"], "correct_second": b[j]["correct"]})
+                         "correct_first": a[i]["correct"], "correct_second": b[j]["correct"],
+                         "unintended_value": answer_value(unintended_source, unintended)})
         result[split] = Dataset.from_list(rows)
     return DatasetDict(result)
 
