@@ -144,7 +144,10 @@ BAD_TEMPLATES = [
     ("bad_case.csv", "template,case\nThe {profession} said {pronoun} left.,subject\n"
      "We paid the {profession} and {pronoun},possessive\n", 3, "invalid case 'possessive'"),
     ("stray.jsonl", '{"template": "The {profession} said {pronoun} met {name}.", "case": "subject"}\n', 1,
-     "unknown placeholder or stray brace"),
+     "unknown placeholder {name}"),
+    ("capital.csv", "template,case\nThe {profession} said {pronoun} met the {Profession}.,subject\n", 2,
+     "unknown placeholder {Profession}"),
+    ("brace.csv", "template,case\nThe {profession} said {pronoun} left :-}.,subject\n", 2, "stray brace"),
     ("duplicate.csv", "template,case\nThe {profession} said {pronoun} left.,subject\n"
      "The {profession} said {pronoun} left.,subject\n", 3, "duplicate template (first seen on line 2)"),
     ("no_case.csv", "template\nThe {profession} said {pronoun} left.\n", 1, "missing column(s) case"),

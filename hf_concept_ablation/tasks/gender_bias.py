@@ -14,6 +14,7 @@ A user's own file (CSV or JSONL, columns ``template,case``) can replace them.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,9 @@ def load_gender_templates(path: PathLike | None = None) -> list[GenderTemplate]:
                 raise TaskDataError(path, f"{problem} {placeholder} (exactly one is required)", line=row.line)
         rest = template.replace("{profession}", "").replace("{pronoun}", "")
         if "{" in rest or "}" in rest:
-            raise TaskDataError(
-                path, "unknown placeholder or stray brace (only {profession} and {pronoun} are allowed)", line=row.line
-            )
+            stray = re.findall(r"\{[^{}]*\}", rest)
+            what = f"unknown placeholder {stray[0]}" if stray else "stray brace"
+            raise TaskDataError(path, f"{what} (only {{profession}} and {{pronoun}} are allowed)", line=row.line)
         if template in first_seen:
             raise TaskDataError(path, f"duplicate template (first seen on line {first_seen[template]})", line=row.line)
         first_seen[template] = row.line
