@@ -23,7 +23,7 @@ PROG = "hf-concept-ablation"
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line with every subcommand."""
     parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter, allow_abbrev=False,
-                                     description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     description="Concept ablation fine-tuning (CAFT) for Hugging Face models.",
                                      epilog=f"`{prog} COMMAND --help` lists a command's settings and their defaults.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback instead of one line")

@@ -24,6 +24,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30, width=min(shutil.get_terminal_size().columns, 120) - 2)
 
 
+def filled(text: str) -> str:
+    """`text` with its plain paragraphs filled to the help's width (lists and indented lines left as they are), its
+    reStructuredText literals (``x``) as plain text."""
+    width = min(shutil.get_terminal_size().columns, 120) - 2
+    paragraphs = text.replace("``", "").strip().split("\n\n")
+    return "\n\n".join(p if re.search(r"^(\s|\d+\.)", p, re.M) else textwrap.fill(" ".join(p.split()), width)
+                       for p in paragraphs)
+
+
 def debug_parent() -> argparse.ArgumentParser:
     """The ``--debug`` option every subcommand takes (after its name; the main parser takes it before)."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -35,7 +44,7 @@ def debug_parent() -> argparse.ArgumentParser:
 def subcommand(commands: argparse._SubParsersAction, name: str, summary: str, description: str,
                run: Callable[[argparse.Namespace], int], **options: Any) -> argparse.ArgumentParser:
     """Add subcommand `name`, which `run` carries out on the parsed arguments (returning the exit code)."""
-    parser = commands.add_parser(name, help=summary, description=description, parents=[debug_parent()],
+    parser = commands.add_parser(name, help=summary, description=filled(description), parents=[debug_parent()],
                                  formatter_class=HelpFormatter, allow_abbrev=False, **options)
     parser.set_defaults(run=run)
     return parser

@@ -14,6 +14,7 @@ from ..experiments.recipe_settings import RECIPES, load_recipe_config, packaged_
 from ._common import (
     HelpFormatter,
     debug_parent,
+    filled,
     first_clause,
     parse_overrides,
     positive_int,
@@ -34,7 +35,7 @@ NESTED_SETTINGS = {"training": ("experiments.training", "TrainingPreset"),
 def how_started(argv: Sequence[str]) -> str:
     """The command line of this process as a user would retype it (for model cards): ``hf-concept-ablation ...``,
     or ``python -m hf_concept_ablation ...`` (``accelerate launch -m ...``) where it was started so."""
-    if sys.argv and sys.argv[0].endswith("__main__.py"):
+    if sys.argv and Path(sys.argv[0]).resolve() == Path(__file__).resolve().parent.parent / "__main__.py":
         from ..experiments.report import launch_command
 
         return launch_command([sys.argv[0], *argv])
@@ -46,7 +47,7 @@ def how_started(argv: Sequence[str]) -> str:
 
 def add_demo(commands: argparse._SubParsersAction) -> None:
     parser = subcommand(commands, "demo", "the whole pipeline on the embedded model, quick size", demo.__doc__,
-                        run_demo)
+                        run_demo, usage="%(prog)s [options]")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: outputs/demo, or outputs/demo-<model folder name>)")
     parser.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder (%(default)s)")
@@ -85,7 +86,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
 
 def recipe_arguments(parser: argparse.ArgumentParser, recipe: str) -> None:
     """The arguments of a recipe, and its help: the description and every setting with its default."""
-    parser.description = f"{RECIPES[recipe].description}\nWrites {RECIPES[recipe].writes}."
+    parser.description = filled(f"{RECIPES[recipe].description} It writes {RECIPES[recipe].writes}.")
     parser.epilog = recipe_settings_help(recipe)
     parser.add_argument("--config", metavar="FILE", help="recipe YAML, or the name of a packaged one: "
                         f"{', '.join(n for n in packaged_configs() if n.startswith(recipe))} (default: {recipe})")
@@ -147,10 +148,11 @@ def add_reproduce(commands: argparse._SubParsersAction) -> None:
         "The paper's experiments on gender bias and double multiple choice: concept searches, a validity scan, every "
         "condition x seed, then the report (summary.json, figures, README.md). Everything on disk is reused, so an "
         "interrupted run continues where it stopped. Sizes: full (all data; for a GPU), cpu (256 examples, 3 epochs, "
-        "150 questions per split); auto picks full when CUDA is available.", run_reproduce)
+        "150 questions per split); auto picks full when CUDA is available.", run_reproduce,
+        usage="%(prog)s [options]")
     parser.add_argument("--out", type=Path, default=Path("results"), metavar="DIR",
                         help="results folder: search/, runs/, validity.json, summary.json, figures/ (%(default)s)")
-    parser.add_argument("--size", choices=("auto", *constant(study, "SIZES")), default="auto",
+    parser.add_argument("--size", choices=("auto", *constant(study, "SIZES")), default="auto", metavar="SIZE",
                         help="%(choices)s (%(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S",
                         help="training seeds; the first also seeds the validity scan (0 1 2 3 4)")
@@ -163,14 +165,14 @@ def add_reproduce(commands: argparse._SubParsersAction) -> None:
                         f"{' '.join(constant(study, 'STUDY_CONDITIONS'))}); test_only needs none")
     parser.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder (%(default)s)")
     parser.add_argument("--preset", choices=presets, default=constant("experiments.training", "DEFAULT_PRESET"),
-                        help="training preset: gemma3-270m for the embedded model on a CPU, paper for the paper's "
+                        metavar="NAME", help="training preset: gemma3-270m for the embedded model on a CPU, paper for the paper's "
                              "full fine-tuning (%(default)s)")
     parser.add_argument("--search-args", default="", metavar="OPTIONS",
                         help="further options of every concept search, e.g. '--sae 6=PATH --layers 6'")
-    parser.add_argument("--gender-source", choices=constant(study, "GENDER_SOURCES"), default="sae",
+    parser.add_argument("--gender-source", choices=constant(study, "GENDER_SOURCES"), default="sae", metavar="SOURCE",
                         help="where the gender concept comes from: %(choices)s (%(default)s)")
-    parser.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters",
-                        help="%(choices)s (%(default)s)")
+    parser.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters", metavar="FORM",
+                        help="the gender prompts' answers: %(choices)s (%(default)s)")
     _readme_option(parser)
     parser.add_argument("--scan-only", action="store_true",
                         help="only the validity scan of the double multiple-choice combinations (validity.json)")

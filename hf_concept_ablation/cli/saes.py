@@ -7,10 +7,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ._common import boolean, positive_int, shown, subcommand
+from ._common import boolean, first_clause, positive_int, shown, subcommand
 from ._source import Setting, constant, dataclass_settings, function_defaults
 
 TYPES = {"int": int, "float": float, "str": str, "bool": boolean}
+METAVARS = {int: "N", float: "X", str: "NAME", boolean: "BOOL"}
 
 
 def _add_settings(group: Any, settings: list[Setting], skip: tuple[str, ...] = ()) -> list[str]:
@@ -21,8 +22,7 @@ def _add_settings(group: Any, settings: list[Setting], skip: tuple[str, ...] = (
             continue
         kind = TYPES[s.type.split("|")[0].strip()]
         group.add_argument("--" + s.name.replace("_", "-"), dest=s.name, type=kind, default=argparse.SUPPRESS,
-                           metavar="BOOL" if kind is boolean else s.name.split("_")[-1].upper(),
-                           help=f"{s.help} ({shown(s.default)})")
+                           metavar=METAVARS[kind], help=f"{first_clause(s.help)} ({shown(s.default)})")
         names.append(s.name)
     return names
 
@@ -31,7 +31,8 @@ def add_corpus(commands: argparse._SubParsersAction) -> None:
     parser = subcommand(commands, "corpus", "build the offline text corpus for training SAEs",
                         "Build the offline SAE training corpus: text sampled from the model, the project's task "
                         "prompts and the standard library's docstrings, each record with a train/heldout split. "
-                        "Made once; an interrupted run continues. See docs/saes.md.", run_corpus)
+                        "Made once; an interrupted run continues. See docs/saes.md.", run_corpus,
+                        usage="%(prog)s [options]")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: the package's cache)")
     parser.set_defaults(recipe_fields=_add_settings(parser.add_argument_group("corpus recipe"),
                                                     dataclass_settings("saes.corpus", "CorpusRecipe")))
@@ -56,20 +57,21 @@ def add_train_sae(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder: layer_<L>/ per SAE, "
                      "quality.json")
     run.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder (%(default)s)")
-    run.add_argument("--layers", type=int, nargs="+", default=list(constant("adapter.sae_sources", "SHIPPED_LAYERS")),
-                     metavar="L", help="decoder layers (%(default)s)")
+    shipped = constant("adapter.sae_sources", "SHIPPED_LAYERS")
+    run.add_argument("--layers", type=int, nargs="+", default=list(shipped), metavar="L",
+                     help=f"decoder layers ({' '.join(map(str, shipped))})")
     run.add_argument("--corpus", type=Path, metavar="FILE", help="corpus JSONL (default: build the default corpus)")
     run.add_argument("--activations", type=Path, metavar="DIR", help="activation cache (default: <out>/activations)")
 
     def option(flag: str, help: str, **kwargs: Any) -> None:
         name = flag[2:].replace("-", "_")
-        run.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=f"{help} ({shown(defaults[name])})",
-                         **kwargs)
+        default = f" ({shown(defaults[name])})" if defaults[name] is not None else ""
+        run.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help + default, **kwargs)
 
     option("--max-corpus-tokens", "tokens of activations to cache", type=positive_int, metavar="N")
     option("--context-size", "tokens per context", type=positive_int, metavar="N")
     option("--eval-tokens", "held-out tokens for the quality report", type=positive_int, metavar="N")
-    option("--eval-ce-tokens", "held-out tokens for CE loss recovered, the costly part (default: --eval-tokens)",
+    option("--eval-ce-tokens", "held-out tokens for CE loss recovered (default: --eval-tokens)",
            type=positive_int, metavar="N")
     option("--threads", "torch CPU threads", type=positive_int, metavar="N")
     option("--jobs", "layers trained at once, in worker processes", type=positive_int, metavar="N")

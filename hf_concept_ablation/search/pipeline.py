@@ -597,7 +597,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     """Load the model, the task and the SAEs `config` names, run the search of its ``source`` into ``config.out``
     and record its settings there (``search_args.json``)."""
     from ..adapter.sae_sources import load_sae
-    from ..loading import load_model, resolve_device
+    from ..loading import load_model, resolve_device, resolve_model_path
 
     record = config.record()  # a key given as the key's variable name is refused before any work
     if config.threads:
@@ -606,6 +606,8 @@ def run_search(config: SearchConfig) -> SearchResult:
                      templates_file=config.templates_file, source_files=config.source_files or None)
     if config.query:
         task.query = config.query
+    if config.model != "embedded":
+        resolve_model_path(config.model)  # a folder that does not exist is named before anything else
     if config.source == "sae" and config.model != "embedded":
         missing = [layer for layer in config.layers or SHIPPED_LAYERS if layer not in config.saes]
         if missing and not config.sae_release:
