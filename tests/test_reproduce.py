@@ -19,11 +19,11 @@ from hf_concept_ablation import ConceptAblationConfig, cli
 from hf_concept_ablation.adapter import model as model_module
 from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
 from hf_concept_ablation.experiments import study as reproduce
-from hf_concept_ablation.experiments.runner import CONDITIONS
 from hf_concept_ablation.files import write_json_atomic
 from hf_concept_ablation.search import pipeline as directions
 from hf_concept_ablation.search.config import SearchConfig
 
+CONDITIONS = reproduce.STUDY_CONDITIONS  # the paper's, which a study runs by default
 KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
 
 

@@ -211,10 +211,10 @@ def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_on
 
 
 def test_the_device_defaults_to_the_gpu_when_one_is_visible(monkeypatch):
-    from hf_concept_ablation import directions
     from hf_concept_ablation.loading import resolve_device
+    from hf_concept_ablation.search.config import SearchConfig
 
-    assert directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x"]).device == "auto"
+    assert SearchConfig(task="gender_bias", out="x").device == "auto"
     assert st.SAETrainingConfig().device == resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert st.SAETrainingConfig().device == resolve_device(None) == "cuda"
