@@ -65,7 +65,7 @@ def test_a_safetensors_file_saved_again_has_the_same_fingerprint(tmp_path):
 
 
 def test_a_damaged_state_file_is_named(tmp_path):
-    from hf_concept_ablation import reproduce
+    from hf_concept_ablation.experiments import study as reproduce
     from hf_concept_ablation.experiments.runner import ResultsFile
 
     path = tmp_path / "gender_bias.json"

@@ -24,7 +24,7 @@ from ._common import (
     subcommand,
 )
 from ._source import NO_DEFAULT, constant, dataclass_settings
-from .search import parse_search_options
+from .search import layer_assignment, parse_search_options
 
 #: the experiment settings that hold further settings, and the dataclass whose fields they take
 NESTED_SETTINGS = {"training": ("experiments.training", "TrainingPreset"),
@@ -52,16 +52,15 @@ def add_demo(commands: argparse._SubParsersAction) -> None:
                         help="output folder (default: outputs/demo, or outputs/demo-<model folder name>)")
     parser.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder (%(default)s)")
     parser.add_argument("--sae", dest="saes", action="append", default=[], metavar="LAYER=PATH",
-                        help="an SAE folder for a layer (needed for a model other than the embedded one)")
+                        type=layer_assignment, help="an SAE folder for a layer (needed for a model other than the "
+                        "embedded one)")
     parser.add_argument("--layers", type=int, nargs="+", metavar="L",
                         help="layers to search (default: the shipped SAEs' layers)")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads of the search")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from ..search.config import parse_assignment
-
-    search: dict[str, Any] = {"saes": dict(parse_assignment(s, "--sae", "LAYER=PATH") for s in args.saes)}
+    search: dict[str, Any] = {"saes": dict(args.saes)}
     if args.layers:
         search["layers"] = args.layers
     demo.run_demo(args.out or demo.default_output_dir(args.model), model=args.model, search=search,

@@ -35,6 +35,9 @@ def _assignment(what: str, example: str, key: type = str):
     return parse
 
 
+layer_assignment = _assignment("--sae", "LAYER=PATH with a layer number", int)  #: argparse type of ``--sae``
+
+
 def _pca_indices(text: str) -> dict[int, list[int]]:
     try:
         return search_config.parse_pca_indices(text)
@@ -75,7 +78,7 @@ def add_search_options(parser: argparse.ArgumentParser, task_and_out: bool = Tru
     option(what, "--layers", f"decoder layers (default: {shipped}; concept: all but the last)", type=int, nargs="+",
            metavar="L")
     option(what, "--sae", "an SAE folder for a layer (repeatable)", dest="saes", action="append",
-           type=_assignment("--sae", "LAYER=PATH with a layer number", int), metavar="LAYER=PATH")
+           type=layer_assignment, metavar="LAYER=PATH")
     option(what, "--sae-release", "sae-lens release for every layer", metavar="NAME")
     option(what, "--sae-id-template", "its SAE ids, e.g. 'layer_{layer}/width_16k/canonical'", metavar="ID")
     option(what, "--no-check-model-name", "accept SAEs trained on another model", dest="check_model_name",

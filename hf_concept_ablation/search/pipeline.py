@@ -320,7 +320,7 @@ def run_search_once(config: SearchConfig) -> bool:
                                 "it (e.g. with git) or delete the folder to search again")
     elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
         restore_adapter_weights(out, config.model, device=config.device)
-    if earlier is None:  # a finished search from before searches recorded their settings
+    if not (out / SEARCH_ARGS_NAME).is_file():  # a finished search from before searches recorded their settings
         write_json_atomic(out / SEARCH_ARGS_NAME, config.record(), default=str)
     return (out / CONFIG_NAME).is_file()
 
