@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import experiments, saes, search
-from ._common import HelpFormatter, run_command
+from ._common import HelpFormatter, parse_overrides, run_command
 
 PROG = "hf-concept-ablation"
 
@@ -47,12 +47,7 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: the process's arguments); the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and not (hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest)):
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if rest:  # key=value overrides of `train` after its options
-        args.overrides = [*args.overrides, *rest]
+    args = parse_overrides(build_parser(), argv)
     args.argv = argv
     return run_command(args.run, args, f"{PROG} {args.command}")
 

@@ -122,10 +122,11 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 
 
 def parse_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
-    """Parse `argv` whose ``key=value`` overrides (``overrides``) may come before and after the options."""
+    """Parse `argv`, whose ``key=value`` overrides (a recipe's ``overrides``) may come before and after the options."""
     args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if a.startswith("-") or "=" not in a]
+    unknown = [a for a in rest if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *rest]
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     return args
