@@ -11,14 +11,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs tests
 
 demo: $(STAMP)
-	$(PY) -m hf_concept_ablation.cli demo
+	$(VENV)/bin/hf-concept-ablation demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/ablation_overhead.py
@@ -26,7 +26,7 @@ bench: $(STAMP)
 # The paper's experiments (GPU: full size; CPU: reduced size). Resumable; e.g.
 # make reproduce REPRODUCE_ARGS="--tasks gender_bias --seeds 0 1 2"
 reproduce: $(STAMP)
-	$(PY) -m hf_concept_ablation.experiments.study --out results $(REPRODUCE_ARGS)
+	$(VENV)/bin/hf-concept-ablation reproduce --out results $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache

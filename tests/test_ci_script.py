@@ -1,18 +1,30 @@
-"""The CI script parses and runs the README's test command (a syntax error there fails CI before any test)."""
+"""The CI scripts parse, check the installed wheel and run the README's test command (a syntax error there fails CI
+before any test)."""
 
 import os
 import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 CI_SCRIPT = ROOT / ".ci" / "run"
+WHEEL_CHECK = ROOT / ".ci" / "check_wheel"
 
 
-def test_ci_script_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", str(CI_SCRIPT)], capture_output=True, text=True)
+@pytest.mark.parametrize("script", [CI_SCRIPT, WHEEL_CHECK], ids=["run", "check_wheel"])
+def test_ci_scripts_are_valid_bash(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert os.access(CI_SCRIPT, os.X_OK), f"{CI_SCRIPT} is not executable"
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+
+
+def test_ci_checks_the_installed_wheel_before_the_tests() -> None:
+    commands = [line.strip() for line in CI_SCRIPT.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert commands.index(".ci/check_wheel") < commands.index("make test")
+    check = WHEEL_CHECK.read_text()
+    assert "install --quiet torch==2.13.0" in check and "train gender_bias --help" in check
 
 
 def test_ci_script_runs_the_readme_test_command_with_browser_tests_required() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
+import re
 
 import pytest
 import torch
@@ -18,11 +18,13 @@ from conftest import (
 from test_interpret_cache import _forward_passes
 from test_interpret_contrast import PLANTED, _planted_sae, _sets
 
-from hf_concept_ablation import ConceptAblation
+from hf_concept_ablation import ConceptAblation, cli
 from hf_concept_ablation.adapter.model import find_decoder_layers
+from hf_concept_ablation.cli.search import search_settings
 from hf_concept_ablation.files import files_fingerprint
 from hf_concept_ablation.search.activations import iter_residuals
 from hf_concept_ablation.search.cache import PROGRESS_NAME
+from hf_concept_ablation.search.config import SearchConfig
 from hf_concept_ablation.search.erasure import concept_decodability
 from hf_concept_ablation.search.explain import (
     EmbeddingFilter,
@@ -35,10 +37,8 @@ from hf_concept_ablation.search.pipeline import (
     ERASURE_TEXTS,
     SEARCH_ARGS_NAME,
     TaskData,
-    build_parser,
     find_concept_latents,
     find_pca_directions,
-    main,
     partial_dir,
     search_finished,
     task_data,
@@ -342,8 +342,9 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     model, tokenizer = make_tiny_model("llama"), make_tiny_tokenizer(gender_concept_words())
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    code = main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "pca", "--layers", "1",
-                 "--pca-components", "3", "--pca-texts", "16", "--pca-indices", "1:0,2", "--out", str(tmp_path / "out")])
+    search = ["search", "--task", "gender_bias", "--model", str(tmp_path / "model")]
+    code = cli.main([*search, "--source", "pca", "--layers", "1", "--pca-components", "3", "--pca-texts", "16",
+                     "--pca-indices", "1:0,2", "--out", str(tmp_path / "out")])
     assert code == 0
     out = capsys.readouterr()
     printed = json.loads(out.out)
@@ -351,40 +352,42 @@ def test_command_line_on_a_local_model_folder(tmp_path, capsys):
     assert "erasure check (probe accuracy on the concept texts, ablation off -> on; chance 0.50): layer 1 " in out.err
     config = json.loads((tmp_path / "out" / "concept_ablation_config.json").read_text())
     assert config["mode"] == "projection" and config["directions"] == [1]
-    with pytest.raises(SystemExit):
-        main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--layers", "1", "--out", str(tmp_path / "x")])
-    capsys.readouterr()
-    assert main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "concept",
-                 "--out", str(tmp_path / "concept")]) == 0
+    recorded = json.loads((tmp_path / "out" / SEARCH_ARGS_NAME).read_text())  # the settings, by name
+    assert recorded["source"] == "pca" and recorded["pca_indices"] == {"1": [0, 2]} and recorded["pca_texts"] == 16
+    assert cli.main([*search, "--layers", "1", "--out", str(tmp_path / "x")]) == 1  # SAE latents of a model without SAEs
+    assert capsys.readouterr().err == (f"hf-concept-ablation search: error: no SAE for layer(s) [1] of {tmp_path / 'model'}"
+                                       ": give saes (--sae LAYER=PATH) or sae_release (--sae-release)\n")
+    assert not (tmp_path / "x").exists()
+    assert cli.main([*search, "--source", "concept", "--out", str(tmp_path / "concept")]) == 0
     config = json.loads((tmp_path / "concept" / "concept_ablation_config.json").read_text())
     assert config["mode"] == "projection" and config["directions"] == [0, 1, 2]  # every layer but the last
     selection = json.loads((tmp_path / "concept" / "selection.json").read_text())
     assert selection["source"] == "concept" and len(selection["selected"]) == 3 * 2
     make_tiny_tokenizer().save_pretrained(tmp_path / "model")  # one that reads every gender word as unknown
+    capsys.readouterr()
+    assert cli.main([*search, "--source", "concept", "--out", str(tmp_path / "blind")]) == 1
+    assert "layer 0: the two concept text sets give the same activations" in capsys.readouterr().err
     with pytest.raises(ValueError, match="layer 0: the two concept text sets give the same activations"):
-        main(["--task", "gender_bias", "--model", str(tmp_path / "model"), "--source", "concept",
-              "--out", str(tmp_path / "blind")])
+        cli.main([*search, "--source", "concept", "--out", str(tmp_path / "blind"), "--debug"])  # the traceback
 
 
 @pytest.mark.parametrize(
     "option, message",
     [
-        (["--pca-indices", "6:0;9"], r"--pca-indices: layer 9 names no component in '6:0;9'"),
-        (["--pca-indices", "6:a"], r"--pca-indices takes LAYER:I,J;LAYER:K .* got '6:a'"),
-        (["--sae", "x=/saes/l6"], r"--sae takes LAYER=PATH with a layer number, got 'x=/saes/l6'"),
-        (["--sae", "6"], r"--sae takes LAYER=PATH with a layer number, got '6'"),
+        (["--pca-indices", "6:0;9"], r"argument --pca-indices: layer 9 names no component in '6:0;9'"),
+        (["--pca-indices", "6:a"], r"argument --pca-indices: takes LAYER:I,J;LAYER:K .* got '6:a'"),
+        (["--sae", "x=/saes/l6"], r"argument --sae: takes LAYER=PATH with a layer number, got 'x=/saes/l6'"),
+        (["--sae", "6"], r"argument --sae: takes LAYER=PATH with a layer number, got '6'"),
+        (["--batch-size", "0"], r"argument --batch-size: expected a positive integer, got '0'"),
+        (["--batch-size", "many"], r"argument --batch-size: expected a positive integer, got 'many'"),
+        (["--source-file", "capitals.csv"], r"argument --source-file: takes SET=PATH .* got 'capitals.csv'"),
+        (["--source", "pcaa"], r"argument --source: invalid choice: 'pcaa'"),
     ],
 )
-def test_malformed_options_are_named_before_the_model_loads(option, message):
-    with pytest.raises(SystemExit, match=message):
-        main(["--task", "gender_bias", "--model", "/no/such/model", "--out", "/tmp/unused", *option])
-
-
-@pytest.mark.parametrize("value", ["0", "-3", "many"])
-def test_counts_must_be_positive_integers(value, capsys):
-    with pytest.raises(SystemExit):
-        main(["--task", "gender_bias", "--out", "/tmp/unused", "--batch-size", value])
-    assert f"argument --batch-size: expected a positive integer, got '{value}'" in capsys.readouterr().err
+def test_malformed_options_are_named_before_the_model_loads(option, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["search", "--task", "gender_bias", "--model", "/no/such/model", "--out", "/tmp/unused", *option])
+    assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_sae_of_another_model_is_refused_before_the_search_and_accepted_when_asked(tmp_path):
@@ -422,8 +425,8 @@ def test_the_search_takes_the_users_data_as_the_recipes_do(tmp_path):
         task_data("double_mc:verbs|sports|verbs", source_files={"capital": questions})
     with pytest.raises(ValueError, match="templates_file is for the gender task"):
         task_data("double_mc:verbs|sports|verbs", templates_file=templates)
-    args = build_parser().parse_args(["--task", "t", "--out", "o", "--source-file", f"capitals={questions}",
-                                      "--source-file", "sports=s.jsonl", "--templates-file", str(templates)])
-    assert args.source_file == [("capitals", questions), ("sports", Path("s.jsonl"))]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["--task", "t", "--out", "o", "--source-file", "capitals.csv"])
+    args = cli.build_parser().parse_args(["search", "--task", "t", "--out", "o", "--source-file", f"capitals={questions}",
+                                          "--source-file", "sports=s.jsonl", "--templates-file", str(templates)])
+    config = SearchConfig(**search_settings(args))
+    assert config.source_files == {"capitals": str(questions), "sports": "s.jsonl"}
+    assert config.templates_file == str(templates)

@@ -23,16 +23,17 @@ from hf_concept_ablation import (
     inject_concept_ablation,
 )
 from hf_concept_ablation.adapter.config import SELECTION_NAME
-from hf_concept_ablation.experiments.recipe_settings import load_recipe_config
+from hf_concept_ablation.experiments.recipe_settings import (
+    load_recipe_config,
+    packaged_configs,
+)
+from hf_concept_ablation.experiments.recipes import double_mc_runs, run_recipe
 from hf_concept_ablation.experiments.runner import random_directions_config, subsample
 from hf_concept_ablation.search.attribution import attribute_latents, save_attribution
 from hf_concept_ablation.tasks import build_double_mc_datasets, build_gender_datasets
 from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
-import double_mc  # noqa: E402
-import gender_bias  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def _config(root: Path, out: Path, conditions, **experiment) -> Path:
 def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, capsys):
     conditions = ["none", "caft", "caft_annealed", "random", "top_k", "test_only"]
     config = _config(tiny_setup, tmp_path / "out", conditions)
-    results = gender_bias.main(["--config", str(config), "seeds=[0,1]", "save_models=[caft,none]"])
+    results = run_recipe("gender_bias", config, ["seeds=[0,1]", "save_models=[caft,none]"])
     summary = results["summary"]
     assert set(summary) == set(conditions)
     for entry in summary.values():
@@ -116,29 +117,25 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     ablation = ConceptAblation.from_pretrained(reloaded, checkpoint / "concept_ablation")
     assert ablation.config.latents == {1: runs[("caft", 1)]["ablation"]["latents"]["1"]}
 
-    again = gender_bias.main(["--config", str(config), "seeds=[0,1]"])
+    again = run_recipe("gender_bias", config, ["seeds=[0,1]"])
     assert again["runs"] == results["runs"]
     assert "already in" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"other settings \(train_size: 16 there, 12 now\)"):
-        gender_bias.main(["--config", str(config), "train_size=12"])
+        run_recipe("gender_bias", config, ["train_size=12"])
     other_saes = "saes={1: {path: %s}, 2: {path: %s}}" % (tiny_setup / "sae_2", tiny_setup / "sae_1")
     with pytest.raises(ValueError, match=r"other settings \(saes: \{'1': \{.*sae_1'.*\}\} there, \{'1': \{.*sae_2'"):
-        gender_bias.main(["--config", str(config), other_saes])  # the baselines' latents would come from other SAEs
+        run_recipe("gender_bias", config, [other_saes])  # the baselines' latents would come from other SAEs
     with pytest.raises(ValueError, match=r"holds runs on other data \(split\(s\) \['ood', 'train', 'val'\] differ"):
-        gender_bias.main(["--config", str(config), "task.seed=1"])  # another template split
+        run_recipe("gender_bias", config, ["task.seed=1"])  # another template split
 
 
-def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path,
-                                                                                   monkeypatch):
-    from hf_concept_ablation.experiments.report import launch_command
-
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
-    gender_bias.main(["--config", str(config), "seeds=[0,1]"])
-    runs = {r["seed"]: r for r in gender_bias.main(["--config", str(config), "seeds=[2]"])["runs"]}
+    run_recipe("gender_bias", config, ["seeds=[0,1]"])
+    runs = {r["seed"]: r for r in run_recipe("gender_bias", config, ["seeds=[2]"])["runs"]}
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "| seeds | `[0, 1, 2]` |" in card  # the table averages every seed in the results file
-    assert f"```\n{launch_command([gender_bias.__file__, '--config', str(config), 'seeds=[2]'])}\n```" in card
+    assert f"```\nhf-concept-ablation train gender_bias --config {config} 'seeds=[2]'\n```" in card  # how to redo it
     for seed, run in runs.items():  # the earlier seeds' cards are refreshed with it
         own = (f"the `caft` model of seed {seed}: val {run['val']['accuracy']:.3f}, OOD {run['ood']['accuracy']:.3f} "
                "(ablation removed)")
@@ -148,7 +145,7 @@ def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_sco
 
 def test_no_model_card_without_a_caft_run(tiny_setup, tmp_path, capsys):
     config = _config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
-    gender_bias.main(["--config", str(config)])
+    run_recipe("gender_bias", config)
     assert not (tmp_path / "out" / "model_card.md").exists()  # the adapter only ablated the plain model at test time
     assert "no model card: no caft or caft_annealed run in gender_bias's results" in capsys.readouterr().out
 
@@ -160,26 +157,25 @@ def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tin
     shutil.copytree(tiny_setup / "adapter", adapter)
     shutil.copy(tiny_setup / "attribution.json", attribution)
     config = _config(tiny_setup, tmp_path / "out", ["caft", "top_k"], adapter=str(adapter), attribution=str(attribution))
-    first = gender_bias.main(["--config", str(config)])
+    first = run_recipe("gender_bias", config)
     assert set(first["inputs"]) == {"adapter", "attribution"}
 
     redone = ConceptAblationConfig.from_pretrained(adapter)
     redone.latents = {1: [3, 4]}  # the search chose other latents and wrote them to the same folder
     redone.to_json_file(adapter / "concept_ablation_config.json")
     with pytest.raises(ValueError, match=r"made with another \['adapter'\] \(same path, other content"):
-        gender_bias.main(["--config", str(config), "seeds=[1]"])
+        run_recipe("gender_bias", config, ["seeds=[1]"])
     shutil.copytree(tiny_setup / "adapter", adapter, dirs_exist_ok=True)
     attribution.write_text(json.dumps(json.loads(attribution.read_text())[::-1]))  # another ranking
     with pytest.raises(ValueError, match=r"made with another \['attribution'\]"):
-        gender_bias.main(["--config", str(config), "seeds=[1]"])
+        run_recipe("gender_bias", config, ["seeds=[1]"])
 
 
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
-    summary = double_mc.main(["--config", str(config), "task.mode=skyline", "task.sources=[verbs]"])
+    summary = run_recipe("double_mc", config, ["task.mode=skyline", "task.sources=[verbs]"])
     assert set(summary) == {"skyline-verbs"}
-    summary = double_mc.main(["--config", str(config),
-                              "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"])
+    summary = run_recipe("double_mc", config, ["task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"])
     assert set(summary) == {"verbs-sentiment-sentiment", "verbs-sentiment-verbs"}
     assert (tmp_path / "dmc" / "verbs-sentiment-sentiment.png").is_file()
     # one plain model serves both intended questions (they share D_amb)
@@ -190,7 +186,7 @@ def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
 def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setup, tmp_path, capsys):
     config = _config(tiny_setup, tmp_path / "dmc", ["none", "test_only"], train_size=8, eval_size=4)
     keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
-    summary = double_mc.main(["--config", str(config), keys, "save_models=[none]"])
+    summary = run_recipe("double_mc", config, [keys, "save_models=[none]"])
     assert capsys.readouterr().out.count("training none") == 1
     for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
         assert set(summary[name]) == {"none", "test_only"}
@@ -205,7 +201,7 @@ def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setu
     assert recorded["accuracy"] == expected["accuracy"]
     assert recorded["logit_diff"] == pytest.approx(expected["logit_diff"], abs=1e-5)
     assert recorded["logit_diff"] != pytest.approx(runs["test_only"]["deployed"]["val"]["logit_diff"], abs=1e-7)
-    double_mc.main(["--config", str(config), keys])
+    run_recipe("double_mc", config, [keys])
     assert "training" not in capsys.readouterr().out  # everything was recorded
 
 
@@ -219,31 +215,28 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
     config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4,
                      adapter=None, attribution=None)
     keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
-    summary = double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}"])
+    summary = run_recipe("double_mc", config, [keys, f"task.adapters_dir={searches}"])
     for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
         assert set(summary[name]) == {"none", "caft"}
         header = json.loads((tmp_path / "dmc" / f"{name}.json").read_text())
         assert header["config"]["adapter"] == str(searches / name)
     assert header["config"]["attribution"] is None
     with pytest.raises(ValueError, match=r"top_k.*needs `attribution`"):  # the second search has no table
-        double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", "conditions=[none,top_k]"])
+        run_recipe("double_mc", config, [keys, f"task.adapters_dir={searches}", "conditions=[none,top_k]"])
     with pytest.raises(FileNotFoundError, match=r"holds no adapter .* for 'sports\|verbs\|verbs'"):
-        double_mc.main(["--config", str(config), "task.combinations=sports|verbs|verbs", f"task.adapters_dir={searches}"])
+        run_recipe("double_mc", config, ["task.combinations=sports|verbs|verbs", f"task.adapters_dir={searches}"])
     with pytest.raises(ValueError, match=r"its own \['adapter'\]: leave experiment \['adapter'\] unset"):
-        double_mc.main(["--config", str(config), keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
+        run_recipe("double_mc", config, [keys, f"task.adapters_dir={searches}", f"adapter={searches}"])
 
 
-def test_double_mc_cards_per_combination_record_the_command_main_was_given(tiny_setup, tmp_path, monkeypatch):
-    from hf_concept_ablation.experiments.report import launch_command
-
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+def test_double_mc_cards_per_combination_record_the_command_it_was_started_with(tiny_setup, tmp_path):
     config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4, save_models=["caft"])
-    args = ["--config", str(config), "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"]
-    double_mc.main(args)
+    keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
+    run_recipe("double_mc", config, [keys], command="accelerate launch recipes/double_mc.py KEYS")
     for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
         card = (tmp_path / "dmc" / f"{name}_model_card.md").read_text()
         assert f"# CAFT on double multiple choice: {name}\n" in card and f"![accuracy by condition]({name}.png)" in card
-        assert f"```\n{launch_command([double_mc.__file__, *args])}\n```" in card  # not pytest's command line
+        assert "```\naccelerate launch recipes/double_mc.py KEYS\n```" in card  # not pytest's command line
         (caft,) = [r for r in json.loads((tmp_path / "dmc" / f"{name}.json").read_text())["runs"]
                    if r["condition"] == "caft"]
         checkpoint = tmp_path / "dmc" / "models" / name / "caft-seed0"
@@ -274,7 +267,7 @@ BAD_SETTINGS = [
 def test_recipe_settings_are_checked_before_any_work(tiny_setup, tmp_path, recipe, override, message):
     config = _config(tiny_setup, tmp_path / "bad", ["none"])
     with pytest.raises(ValueError, match=message):
-        {"gender_bias": gender_bias, "double_mc": double_mc}[recipe].main(["--config", str(config), override])
+        run_recipe(recipe, config, [override])
     assert not (tmp_path / "bad").exists()
 
 
@@ -287,7 +280,7 @@ def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_s
     handle.save_pretrained(tmp_path / "directions")
     config = _config(tiny_setup, tmp_path / "out", ["none", "random", "test_only"],
                      adapter=str(tmp_path / "directions"), attribution=None)
-    runs = {(r["condition"], r["seed"]): r for r in gender_bias.main(["--config", str(config), "seeds=[0,1]"])["runs"]}
+    runs = {(r["condition"], r["seed"]): r for r in run_recipe("gender_bias", config, ["seeds=[0,1]"])["runs"]}
     assert set(runs) == {(c, s) for c in ("none", "random", "test_only") for s in (0, 1)}
     for seed in (0, 1):
         ablation = runs[("random", seed)]["ablation"]
@@ -299,7 +292,7 @@ def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_s
     assert torch.equal(drawn[0].directions[1], drawn[1].directions[1])
     assert not torch.equal(drawn[0].directions[1], drawn[2].directions[1])
     with pytest.raises(ValueError, match="'top_k' needs `attribution`"):
-        gender_bias.main(["--config", str(config), "conditions=[top_k]"])
+        run_recipe("gender_bias", config, ["conditions=[top_k]"])
 
 
 def test_baselines_of_a_projection_mode_sae_adapter_ablate_in_projection_mode(tiny_setup, tmp_path):
@@ -308,7 +301,7 @@ def test_baselines_of_a_projection_mode_sae_adapter_ablate_in_projection_mode(ti
     projection = dataclasses.replace(adapter, mode="projection")
     inject_concept_ablation(model, projection).save_pretrained(tmp_path / "projection")
     config = _config(tiny_setup, tmp_path / "out", ["random", "top_k"], adapter=str(tmp_path / "projection"))
-    runs = gender_bias.main(["--config", str(config)])["runs"]
+    runs = run_recipe("gender_bias", config)["runs"]
     assert {r["condition"]: r["ablation"]["mode"] for r in runs} == {"random": "projection", "top_k": "projection"}
 
 
@@ -351,7 +344,7 @@ def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
 def test_shipped_recipe_configs_point_at_what_the_search_writes():
     """The search writes the adapter into its ``--out`` folder and the attribution table beside it."""
     checked = []
-    for path in sorted((REPO / "recipes" / "configs").glob("*.yaml")):
+    for path in packaged_configs().values():
         experiment = load_recipe_config(path, [])["experiment"]
         if experiment.get("adapter") is None:
             continue
@@ -360,6 +353,16 @@ def test_shipped_recipe_configs_point_at_what_the_search_writes():
         assert Path(experiment["attribution"]) == Path(adapter) / "attribution.json"
         checked.append(path.name)
     assert "gender_bias.yaml" in checked
+
+
+def test_the_recipe_configs_ship_inside_the_package_and_the_repository_links_to_them():
+    """``recipes/configs/`` (what ``--config recipes/configs/<name>.yaml`` names) holds links to the packaged
+    configs, so a config added or changed there is one an installed package has too."""
+    packaged = packaged_configs()
+    linked = sorted((REPO / "recipes" / "configs").iterdir())
+    assert [p.name for p in linked] == [f"{name}.yaml" for name in packaged]
+    for path in linked:
+        assert path.is_symlink() and path.resolve() == packaged[path.stem].resolve(), f"{path} is not a link to {packaged[path.stem]}"
 
 
 def test_the_model_card_template_ships_inside_the_package():
@@ -408,25 +411,25 @@ def test_a_malformed_recipe_file_is_named(tmp_path, content, message):
 def test_double_mc_sources_and_source_files_are_checked(tmp_path):
     path = tmp_path / "capitals.csv"
     path.write_text("\n".join(["question,correct,incorrect"] + [f"Capital of {i},city{i},town{i}" for i in range(40)]))
-    assert [name for name, _, _ in double_mc._runs({"mode": "skyline", "sources": "verbs"})] == ["skyline-verbs"]
-    runs = double_mc._runs({"combinations": ["capitals|verbs|verbs", "verbs|sentiment|sentiment"], "max_examples": 20,
+    assert [name for name, _, _ in double_mc_runs({"mode": "skyline", "sources": "verbs"})] == ["skyline-verbs"]
+    runs = double_mc_runs({"combinations": ["capitals|verbs|verbs", "verbs|sentiment|sentiment"], "max_examples": 20,
                             "source_files": {"capitals": str(path)}})  # a set of its own, used by one combination
     assert [data["train"][0]["first"] for _, data, _ in runs] == ["capitals", "verbs"]
     with pytest.raises(ValueError, match=r"unknown source set\(s\) \['verb'\] in source_files"):
-        double_mc._runs({"combinations": "verbs|sentiment|sentiment", "source_files": {"verb": str(path)}})
+        double_mc_runs({"combinations": "verbs|sentiment|sentiment", "source_files": {"verb": str(path)}})
     with pytest.raises(ValueError, match=r"source_files must map source set names to files, got '.*capitals.csv'"):
-        double_mc._runs({"mode": "skyline", "sources": ["verbs"], "source_files": str(path)})
+        double_mc_runs({"mode": "skyline", "sources": ["verbs"], "source_files": str(path)})
 
 
 def test_model_card_command_is_how_the_run_was_started(monkeypatch):
-    from hf_concept_ablation.experiments import study as reproduce
+    from hf_concept_ablation import __main__ as command
     from hf_concept_ablation.experiments.report import launch_command
 
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     assert launch_command([str(REPO / "recipes" / "gender_bias.py"), "seeds=[0,1]"]) == \
         "python recipes/gender_bias.py 'seeds=[0,1]'"
-    assert launch_command([reproduce.__file__, "--out", "a b"]) == "python -m hf_concept_ablation.experiments.study --out 'a b'"
+    assert launch_command([command.__file__, "report", "--out", "a b"]) == "python -m hf_concept_ablation report --out 'a b'"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate's launchers
     assert launch_command(["recipes/double_mc.py"]) == "accelerate launch recipes/double_mc.py"
 
@@ -513,8 +516,7 @@ def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_se
     from hf_concept_ablation.experiments import runner as experiment
 
     def run(out: Path, *overrides: str) -> dict:
-        return gender_bias.main(["--config", str(_config(tiny_setup, out, ["caft_annealed"])), "save_steps=1",
-                                 *overrides])
+        return run_recipe("gender_bias", _config(tiny_setup, out, ["caft_annealed"]), ["save_steps=1", *overrides])
 
     whole = run(tmp_path / "whole")["runs"][0]  # 4 steps (16 examples, batch 4, 1 epoch), uninterrupted
     assert not (tmp_path / "whole" / "training").exists()  # the checkpoints go once the run is recorded

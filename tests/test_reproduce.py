@@ -15,14 +15,15 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from hf_concept_ablation import ConceptAblationConfig
+from hf_concept_ablation import ConceptAblationConfig, cli
 from hf_concept_ablation.adapter import model as model_module
 from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
 from hf_concept_ablation.experiments import study as reproduce
-from hf_concept_ablation.experiments.runner import CONDITIONS
 from hf_concept_ablation.files import write_json_atomic
 from hf_concept_ablation.search import pipeline as directions
+from hf_concept_ablation.search.config import SearchConfig
 
+CONDITIONS = reproduce.STUDY_CONDITIONS  # the paper's, which a study runs by default
 KEYS = ["verbs|sentiment|sentiment", "sentiment|verbs|verbs", "verbs|sentiment|verbs"]  # the first and last: one pair
 
 
@@ -32,15 +33,15 @@ def tiny_folders(tmp_path_factory):
     model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer(gender_concept_words())
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    search_args = ["--layers", "1", "2"]
+    search = {"layers": [1, 2], "saes": {}}
     for layer in (1, 2):
         make_sae("standard", d_sae=128, seed=layer, layer=layer).save_model(root / f"sae_{layer}")
-        search_args += ["--sae", f"{layer}={root / f'sae_{layer}'}"]
-    return root, search_args
+        search["saes"][layer] = str(root / f"sae_{layer}")
+    return root, search
 
 
 def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_path, monkeypatch, capsys):
-    root, search_args = tiny_folders
+    root, search = tiny_folders
     monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 1e-9)  # one epoch of a tiny random model learns little
     monkeypatch.setattr(reproduce, "MAX_PLAIN_OOD", 1.0)  # ... so keep every combination it scans
     size = reproduce.ReproduceSize(train_size=16, eval_size=8, epochs=1, search_examples=16, min_contrast=0.0,
@@ -53,7 +54,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
     (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))
     summary = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, [*KEYS, dropped], CONDITIONS,
-                                  model=str(root / "model"), search_args=search_args, readme=readme)
+                                  model=str(root / "model"), search=search, readme=readme)
 
     validity = json.loads((out / "validity.json").read_text())
     assert set(validity) == {*KEYS, dropped} and not validity.pop(dropped)["valid"]
@@ -89,15 +90,15 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# Title") and text.endswith("more\n")
     assert "did not learn the task, val < 1e-09): `pronouns|verbs|pronouns` (val 0.00)" in text
-    assert "| gender bias |" in text and "python -m hf_concept_ablation.experiments.study" in text
+    assert "| gender bias |" in text and f"hf-concept-ablation report --out {out}" in text
     assert (out / "README.md").read_text().count("| gender bias |") == 1
 
     again = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, KEYS, CONDITIONS, model=str(root / "model"),
-                                search_args=search_args, readme=readme)
+                                search=search, readme=readme)
     assert again == summary  # everything reused
     table = text[text.index(reproduce.README_MARKERS[0]):]
     part = reproduce.reproduce(out, size, [1], ["gender_bias"], [], ["none"], model=str(root / "model"),
-                               search_args=search_args, readme=readme)
+                               search=search, readme=readme)
     assert part == summary  # a run of one task and seed reports every run on disk ...
     assert readme.read_text().endswith(table) and "| `verbs\\|sentiment\\|verbs` |" in table  # ... the table too
 
@@ -142,7 +143,7 @@ def test_results_table_names_dropped_combinations_and_double_mc_means():
 
 def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_when_it_passes(tiny_folders, tmp_path,
                                                                                           monkeypatch, capsys):
-    root, search_args = tiny_folders
+    root, search = tiny_folders
     monkeypatch.setattr(reproduce, "MIN_PLAIN_VAL", 1e-9)
     monkeypatch.setattr(reproduce, "MAX_PLAIN_OOD", 1.0)
     size = reproduce.ReproduceSize(train_size=8, eval_size=4, epochs=1, search_examples=8, min_contrast=0.0,
@@ -153,7 +154,7 @@ def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_whe
     stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
     (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))  # the scan's verdict
     summary = reproduce.reproduce(out, size, [0, 1], ["double_mc"], [kept, dropped], ["none", "caft"],
-                                  model=str(root / "model"), search_args=search_args, readme=None)
+                                  model=str(root / "model"), search=search, readme=None)
 
     assert not reproduce.read_validity(out / "validity.json")[dropped]["valid"]  # the scan's record is kept
     verdict = reproduce.plain_verdicts(out, reproduce.read_validity(out / "validity.json"))[dropped]
@@ -171,11 +172,11 @@ def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_whe
 
 
 def test_reproduce_with_concept_directions_for_gender(tiny_folders, tmp_path):
-    root, search_args = tiny_folders
+    root, search = tiny_folders
     size = reproduce.ReproduceSize(train_size=8, eval_size=4, epochs=1, search_examples=8, min_contrast=0.0,
                                    training={"learning_rate": 1e-3, "batch_size": 4, "warmup_ratio": 0.0})
     summary = reproduce.reproduce(tmp_path / "r", size, [0], ["gender_bias"], [], CONDITIONS, model=str(root / "model"),
-                                  search_args=["--layers", "1", "2"], gender_source="concept",
+                                  search={"layers": [1, 2]}, gender_source="concept",
                                   gender_answer_form="words")
     assert set(summary) == {"gender_bias"}
     assert set(summary["gender_bias"]) == set(CONDITIONS) - {"top_k"}  # no attribution table for top-k
@@ -226,13 +227,13 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     readme = tmp_path / "repository_README.md"
     readme.write_text("intro\n<!-- results:start -->\nOLD TABLE\n<!-- results:end -->\nrest\n")
     results_page = reproduce.RESULTS_DOC.read_text()
-    assert reproduce.main(["--out", str(tmp_path), "--report-only"]) == 0
+    assert cli.main(["report", "--out", str(tmp_path)]) == 0
     assert reproduce.RESULTS_DOC.read_text() == results_page  # another results folder: its own README only
-    assert reproduce.main(["--out", str(tmp_path), "--report-only", "--readme", str(readme)]) == 0
+    assert cli.main(["report", "--out", str(tmp_path), "--readme", str(readme)]) == 0
     assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias": summary}
     text = readme.read_text()
     assert "OLD TABLE" not in text and text.startswith("intro") and text.endswith("rest\n")
-    assert f"`python -m hf_concept_ablation.experiments.study --out {tmp_path} --report-only` (from the runs on disk)" in text
+    assert f"`hf-concept-ablation report --out {tmp_path}` (from the runs on disk)" in text
     assert "| gender bias | 1.00 / 0.10 ± 0.10 (2) |" in text
     assert ("Runs by machine (same protocol and size; machines differ by float rounding): NVIDIA H100 80GB HBM3: 2, "
             "not recorded (runs made before runs named their machine): 1.") in text
@@ -246,7 +247,7 @@ def test_a_study_takes_the_training_preset_of_its_model(tmp_path):
     config = reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path / "runs", adapter)
     assert config.preset == "gemma3-270m" and config.conditions == ["none", "top_k"]
     assert reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none"], tmp_path, preset="paper").preset == "paper"
-    assert reproduce.build_parser().parse_args(["--preset", "paper"]).preset == "paper"
+    assert cli.build_parser().parse_args(["reproduce", "--preset", "paper"]).preset == "paper"
     (adapter / "attribution.json").unlink()
     assert reproduce.experiment_config(reproduce.SIZES["cpu"], [0], ["none", "top_k"], tmp_path, adapter).conditions == ["none"]
 
@@ -258,56 +259,76 @@ def test_a_search_folder_is_not_reused_with_other_options(tmp_path):
     (out / "concept_ablation.safetensors").write_text("")
     (out / "selection.json").write_text("{}")
     size = reproduce.SIZES["cpu"]
-    assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
-    assert json.loads((out / "search_args.json").read_text())[-2:] == ["--source", "sae"]
-    assert reproduce.concept_search("gender_bias", out, size, search_args=["--source", "sae"]) == out
-    with pytest.raises(ValueError, match="other options"):
-        reproduce.concept_search("gender_bias", out, size, search_args=["--source", "concept"])
+    assert reproduce.concept_search("gender_bias", out, size, search={"source": "sae"}) == out
+    recorded = json.loads((out / "search_args.json").read_text())
+    assert recorded["source"] == "sae" and recorded["min_contrast"] == size.min_contrast and "threads" not in recorded
+    assert reproduce.concept_search("gender_bias", out, size) == out  # the same settings (sae is the default)
+    with pytest.raises(ValueError, match=r"other settings \(setting: \(made with, now\) \{'source': \('sae', 'concept'\)\}"):
+        reproduce.concept_search("gender_bias", out, size, search={"source": "concept"})
+
+
+def test_a_search_recorded_as_command_line_options_is_read_as_its_settings(tmp_path):
+    """Searches made before settings were recorded by name recorded their command-line options."""
+    out = tmp_path / "results" / "search" / "gender_bias"
+    out.mkdir(parents=True)
+    (out / "selection.json").write_text("{}")  # a finished search that selected nothing
+    (out / "search_args.json").write_text(json.dumps([
+        "--task", "gender_bias", "--out", "results/search/gender_bias", "--model", "embedded", "--batch-size", "16",
+        "--min-contrast", "0.5", "--max-examples", "64", "--source", "sae", "--answer-form", "letters",
+        "--sae=6=/saes/l6", "--layers", "6", "9", "--no-check-model-name"]))
+    legacy = directions.recorded_search(out)
+    assert legacy == SearchConfig(task="gender_bias", out="results/search/gender_bias", batch_size=16, min_contrast=0.5,
+                                  max_examples=64, saes={6: "/saes/l6"}, layers=[6, 9], check_model_name=False)
+    now = dataclasses.replace(legacy, out=str(out), threads=2)  # the folder moved; threads do not count
+    assert directions.run_search_once(now) is False  # reused: it made no adapter
+    with pytest.raises(ValueError, match=r"\{'max_examples': \(64, 32\)\}"):
+        directions.run_search_once(dataclasses.replace(now, max_examples=32))
+    (out / "search_args.json").write_text('["gender_bias"]')
+    with pytest.raises(ValueError, match="search_args.json is not a record of search settings"):
+        directions.run_search_once(now)
 
 
 def test_an_interrupted_search_is_run_again(tiny_folders, tmp_path):
     """An adapter without ``selection.json`` is what a search stopped during its erasure check leaves."""
-    root, search_args = tiny_folders
+    root, search = tiny_folders
     out = tmp_path / "search"
     out.mkdir()
     (out / "concept_ablation_config.json").write_text("{}")
     size = reproduce.ReproduceSize(train_size=16, eval_size=8, epochs=1, search_examples=16, min_contrast=0.0)
-    reproduce.concept_search("gender_bias", out, size, model=str(root / "model"), search_args=search_args)
+    reproduce.concept_search("gender_bias", out, size, model=str(root / "model"), search=search)
     assert json.loads((out / "selection.json").read_text())["selected"]
     assert ConceptAblationConfig.from_pretrained(out).latents
 
 
 def test_test_only_without_none_is_refused_before_anything_runs(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        reproduce.main(["--out", str(tmp_path), "--conditions", "test_only", "--tasks", "double_mc"])
-    assert "--conditions test_only evaluates the plain (none) model: add none" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--out", str(tmp_path), "--conditions", "test_only", "--tasks", "double_mc"]) == 1
+    assert capsys.readouterr().err == ("hf-concept-ablation reproduce: error: condition test_only evaluates the plain "
+                                       "(none) model: add none to the conditions\n")
     assert not any(tmp_path.iterdir())
 
 
-def test_recorded_search_options_hold_no_explainer_credentials():
-    args = ["--task", "gender_bias", "--llm-base-url", "https://me:SECRET@host:8443/v1?api_key=SECRET2",
-            "--llm-base-url=http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "--llm-base-url", "u:SECRET5@127.0.0.1:9/v1",
-            "--llm-model", "m"]
-    public = directions.public_args(args)
-    assert public == ["--task", "gender_bias", "--llm-base-url", "https://host:8443/v1",
-                      "--llm-base-url=http://127.0.0.1:8000/v1", "--llm-base-url", "//127.0.0.1:9/v1",
-                      "--llm-model", "m"]
-    assert "SECRET" not in " ".join(public) and args[3].endswith("SECRET2")  # the caller's list is left alone
+@pytest.mark.parametrize("url, public", [
+    ("https://me:SECRET@host:8443/v1?api_key=SECRET2", "https://host:8443/v1"),
+    ("http://u:SECRET3@127.0.0.1:8000/v1#SECRET4", "http://127.0.0.1:8000/v1"),
+    ("u:SECRET5@127.0.0.1:9/v1", "//127.0.0.1:9/v1"),
+])
+def test_recorded_search_settings_hold_no_explainer_credentials(url, public):
+    config = SearchConfig(task="gender_bias", out="o", llm_base_url=url, llm_model="m")
+    assert config.record()["llm_base_url"] == public and "SECRET" not in json.dumps(config.record())
+    assert config.llm_base_url == url  # the search itself gets the URL as given
 
 
 def test_a_key_given_for_the_key_variable_name_is_refused_not_recorded(tmp_path):
-    for option in (["--llm-api-key-env", "sk-SECRET"], ["--llm-api-key-env=sk-SECRET"]):
-        args = ["--task", "gender_bias", "--out", str(tmp_path / "out"), "--llm-model", "m", *option]
-        with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
-            directions.run_search_once(args, tmp_path / "out")  # refused before the search starts
-        assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()
-    assert directions.public_args(["--llm-api-key-env", "MY_KEY"]) == ["--llm-api-key-env", "MY_KEY"]
+    config = SearchConfig(task="gender_bias", out=str(tmp_path / "out"), llm_model="m", llm_api_key_env="sk-SECRET")
+    with pytest.raises(ValueError, match="takes the NAME of the environment variable") as info:
+        directions.run_search_once(config)  # refused before the search starts
+    assert "SECRET" not in str(info.value) and not (tmp_path / "out").exists()
+    assert SearchConfig(task="t", out="o", llm_api_key_env="MY_KEY").record()["llm_api_key_env"] == "MY_KEY"
 
 
-def test_abbreviated_options_are_refused_so_no_credential_escapes_the_cleaning(capsys):
+def test_abbreviated_options_are_refused(capsys):
     with pytest.raises(SystemExit):
-        directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x",
-                                              "--llm-base", "http://u:SECRET@h/v1"])
+        cli.main(["search", "--task", "gender_bias", "--out", "x", "--llm-base", "http://h/v1"])
     assert "unrecognized arguments: --llm-base" in capsys.readouterr().err
 
 
@@ -326,34 +347,35 @@ def _disk_full(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
-def test_a_search_is_reused_only_with_the_options_it_was_made_with(tiny_folders, tmp_path, monkeypatch):
-    root, search_args = tiny_folders
+def test_a_search_is_reused_only_with_the_settings_it_was_made_with(tiny_folders, tmp_path, monkeypatch):
+    root, search = tiny_folders
     out = tmp_path / "search"
-    args = ["--task", "gender_bias", "--out", str(out), "--model", str(root / "model"), *search_args,
-            "--max-examples", "8", "--min-contrast", "0.0", "--threads", "2"]
-    assert directions.run_search_once(args, out)
+    config = SearchConfig(task="gender_bias", out=str(out), model=str(root / "model"), **search, max_examples=8,
+                          min_contrast=0.0, threads=2)
+    assert directions.run_search_once(config)
     finished = (out / "selection.json").stat().st_mtime_ns
-    assert json.loads((out / directions.SEARCH_ARGS_NAME).read_text()) == args[:-2]  # no thread count
-    assert directions.run_search_once([*args[:-1], "1"], out)  # another thread count: the same search, reused
+    recorded = json.loads((out / directions.SEARCH_ARGS_NAME).read_text())
+    assert SearchConfig.from_record(recorded) == dataclasses.replace(config, threads=None)  # no thread count
+    assert directions.run_search_once(dataclasses.replace(config, threads=1))  # the same search, reused
     assert (out / "selection.json").stat().st_mtime_ns == finished
-    with pytest.raises(ValueError, match=r"holds a search made with other options .*'--max-examples', '4'"):
-        directions.run_search_once([*args[:-6], "--max-examples", "4", *args[-4:]], out)
+    with pytest.raises(ValueError, match=r"holds a search made with other settings .*\{'max_examples': \(8, 4\)\}"):
+        directions.run_search_once(dataclasses.replace(config, max_examples=4))
     weights = load_file(str(out / WEIGHTS_NAME))
     (out / WEIGHTS_NAME).unlink()  # as a clone of a study leaves it (the weight files are not committed)
     with monkeypatch.context() as patch:
         patch.setattr(model_module, "save_file", _disk_full)
         with pytest.raises(OSError, match="No space left"):
-            directions.run_search_once(args, out)  # the rebuild fails: the config it rebuilds from stays
-    assert directions.run_search_once(args, out)
+            directions.run_search_once(config)  # the rebuild fails: the config it rebuilds from stays
+    assert directions.run_search_once(config)
     assert (out / "selection.json").stat().st_mtime_ns == finished  # not searched again: the weights are rebuilt
     restored = load_file(str(out / WEIGHTS_NAME))
     assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
     (out / CONFIG_NAME).rename(tmp_path / CONFIG_NAME)
     with pytest.raises(FileNotFoundError, match=f"selection.json names an adapter but its {CONFIG_NAME} is missing"):
-        directions.run_search_once(args, out)
+        directions.run_search_once(config)
     (tmp_path / CONFIG_NAME).rename(out / CONFIG_NAME)
     (out / "selection.json").unlink()  # as a run interrupted in an earlier version left it: run again
-    assert directions.run_search_once(args, out) and (out / "selection.json").stat().st_mtime_ns != finished
+    assert directions.run_search_once(config) and (out / "selection.json").stat().st_mtime_ns != finished
 
 
 def test_adapter_weights_of_explicit_directions_cannot_be_rebuilt(tmp_path):
@@ -366,7 +388,7 @@ def test_adapter_weights_of_explicit_directions_cannot_be_rebuilt(tmp_path):
 def test_a_report_of_the_repositorys_own_results_rewrites_the_table_of_docs_results_md(monkeypatch):
     written = []
     monkeypatch.setattr(reproduce, "report_from_disk", lambda out, readme: written.append((out, readme)) or "")
-    assert reproduce.main(["--out", str(reproduce.REPO_ROOT / "results"), "--report-only"]) == 0
+    assert cli.main(["report", "--out", str(reproduce.REPO_ROOT / "results")]) == 0
     assert written == [(reproduce.REPO_ROOT / "results", reproduce.RESULTS_DOC)]
     assert reproduce.RESULTS_DOC == reproduce.REPO_ROOT / "docs" / "results.md"
     page = reproduce.RESULTS_DOC.read_text()

@@ -172,12 +172,15 @@ def test_evaluate_sae_perfect_and_zero_reconstructions(tiny):
         sae_quality.evaluate_sae(model, tok, zero, 1, TEXTS[:8], context_size=32, ce_max_tokens=0)
 
 
-def test_cli_help(capsys):
+def test_command_line_help(capsys):
+    from hf_concept_ablation import cli
+
     with pytest.raises(SystemExit) as exit_info:
-        st.main(["--help"])
+        cli.main(["train-sae", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--layers" in out and "--architecture" in out and "--activations" in out and "--jobs" in out
+    assert "--d-sae N " in out and "number of latents (2048)" in out and "--model-name" not in out
 
 
 def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_only(tmp_path):
@@ -209,9 +212,9 @@ def test_train_saes_trains_every_layer_in_worker_processes_on_the_train_split_on
 
 def test_the_device_defaults_to_the_gpu_when_one_is_visible(monkeypatch):
     from hf_concept_ablation.loading import resolve_device
-    from hf_concept_ablation.search import pipeline as directions
+    from hf_concept_ablation.search.config import SearchConfig
 
-    assert directions.build_parser().parse_args(["--task", "gender_bias", "--out", "x"]).device == "auto"
+    assert SearchConfig(task="gender_bias", out="x").device == "auto"
     assert st.SAETrainingConfig().device == resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert st.SAETrainingConfig().device == resolve_device(None) == "cuda"

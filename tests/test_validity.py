@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from hf_concept_ablation.tasks.validity import SKYLINE_MIN, check_skyline, recorded_skyline
+from hf_concept_ablation.tasks.validity import (
+    SKYLINE_MIN,
+    check_skyline,
+    recorded_skyline,
+)
 
 
 def test_the_embedded_models_letters_form_is_refused_naming_its_skyline_and_the_valid_form():

@@ -1,19 +1,72 @@
-"""Shared command line of the recipes: a YAML config plus ``key=value`` overrides.
+"""The recipes' settings: a YAML config (sections ``task`` and ``experiment``) plus ``key=value`` overrides.
 
-``python recipes/gender_bias.py --config my.yaml seeds=[0,1,2] training.learning_rate=1e-5``.
-Values are parsed as YAML (numbers, lists, null); dotted keys reach into sections.
+``hf-concept-ablation train gender_bias --config my.yaml seeds=[0,1,2] training.learning_rate=1e-5``.
+Values are parsed as YAML (numbers, lists, null); dotted keys reach into sections; a key outside ``task.`` is an
+experiment setting. The recipes (`RECIPES`) and their configs ship with the package (``assets/recipes``).
+
+Light on purpose (no torch): the command line's ``--help`` reads the recipes from here.
 """
 
 from __future__ import annotations
 
-import argparse
 import re
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import yaml
 
-from ..checks import check_names
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe is: its one-line description, what it writes, and its ``task:`` settings (name -> the recipe's
+    default and a short help; a recipe config may set another value)."""
+
+    description: str
+    writes: str
+    task_settings: Mapping[str, tuple[Any, str]]
+
+
+RECIPES = {
+    "gender_bias": Recipe(
+        "CAFT on the gender-bias task: learn pronoun grammar, not the profession's stereotyped gender.",
+        "<output_dir>/gender_bias.json, gender_bias.png and model_card.md",
+        {"seed": (0, "template split seed"),
+         "val_fraction": (0.2, "share of the templates held out for val and ood"),
+         "templates_file": (None, "your sentence templates (CSV/JSONL, docs/tasks.md)"),
+         "answer_form": ("letters", "letters (A/B) or words (the pronouns)"),
+         "skyline": (False, "train on every profession group with both genders (the skyline)")}),
+    "double_mc": Recipe(
+        "CAFT on double multiple choice: answer the intended question, ignore the other one.",
+        "per combination (or source) <output_dir>/<name>.json, .png and <name>_model_card.md; double_mc_summary.json",
+        {"mode": ("pairs", "pairs (the conditions on each combination) or skyline (plain FT on each source set)"),
+         "combinations": ("all", "keys like verbs|sentiment|sentiment, or all (the 24)"),
+         "sources": (["verbs", "pronouns", "sentiment", "sports"], "the source sets of skyline mode"),
+         "adapters_dir": (None, "a search folder per combination (verbs-sentiment-verbs), instead of adapter"),
+         "answer_form": ("letters", "letters (A/B) or words"),
+         "max_examples": (2000, "questions per combination (pairs mode)"),
+         "seed": (0, "question split seed"),
+         "source_files": (None, "your questions per source set (CSV/JSONL, docs/tasks.md)")}),
+}
+
+
+def packaged_configs() -> dict[str, Path]:
+    """The recipe configs shipped with the package, by name (``gender_bias_quick`` for ``gender_bias_quick.yaml``)."""
+    folder = resources.files("hf_concept_ablation") / "assets" / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in sorted(folder.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".yaml")}
+
+
+def config_path(config: str | Path) -> Path:
+    """A recipe config given as a YAML file or as the name of a packaged one (`packaged_configs`)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    packaged = packaged_configs()
+    if str(config) in packaged:
+        return packaged[str(config)]
+    raise FileNotFoundError(f"recipe config {config} does not exist (packaged configs: {', '.join(packaged)})")
 
 
 def apply_override(config: dict[str, Any], assignment: str) -> None:
@@ -82,32 +135,16 @@ def load_recipe_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[
     return config
 
 
-def parse_recipe_args(description: str, default_config: Path, argv: Sequence[str] | None = None
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Parse ``--config`` and overrides; return the task settings and the experiment settings (checked by
-    `ExperimentConfig.from_dict` once the recipe has added what it derives per run, e.g. each combination's adapter)."""
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=description)
-    parser.add_argument("--config", default=str(default_config), help="recipe YAML (default: %(default)s)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seeds=[0,1] experiment.train_size=64")
-    args = parser.parse_args(argv)
+def recipe_settings(config: str | Path, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The task settings and the experiment settings of recipe `config` (a file or a packaged name, `config_path`)
+    with `overrides` (``key=value``; a key outside ``task.`` and ``experiment.`` is an experiment setting). The
+    experiment settings are checked by `ExperimentConfig.from_dict` once the recipe has added what it derives per
+    run (e.g. each combination's adapter)."""
+    path = config_path(config)
     overrides = [o if o.split("=", 1)[0].split(".")[0] in ("task", "experiment") else f"experiment.{o}"
-                 for o in args.overrides]
-    config = load_recipe_config(args.config, overrides)
+                 for o in overrides]
+    settings = load_recipe_config(path, overrides)
     for section in ("task", "experiment"):
-        if not isinstance(config.get(section) or {}, dict):
-            raise ValueError(f"{args.config}: section {section!r} must be a mapping, got {config[section]!r}")
-    return dict(config.get("task") or {}), dict(config.get("experiment") or {})
-
-
-def check_task_settings(task: Mapping[str, Any], recipe: str, known: Sequence[str],
-                        choices: Mapping[str, Sequence[str]] | None = None) -> None:
-    """Refuse ``task:`` settings the recipe does not know, a value outside its `choices`, and a ``seed`` or
-    ``max_examples`` that is not a whole number, naming each (a typo must not start days of other runs)."""
-    check_names(task, known, "task setting", f" for {recipe}")
-    for key, allowed in (choices or {}).items():
-        if key in task and task[key] not in allowed:
-            raise ValueError(f"task.{key} must be one of {list(allowed)}, got {task[key]!r}")
-    for key in ("seed", "max_examples"):
-        value = task.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"task.{key} must be a whole number >= 0, got {value!r}")
+        if not isinstance(settings.get(section) or {}, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping, got {settings[section]!r}")
+    return dict(settings.get("task") or {}), dict(settings.get("experiment") or {})

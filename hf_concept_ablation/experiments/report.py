@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import shutil
-import sys
 from pathlib import Path
 from string import Template
 from typing import Any, Callable, Mapping, Sequence
@@ -258,14 +257,12 @@ def _checkpoint_line(run: Mapping[str, Any]) -> str:
             f"OOD {run['ood']['accuracy']:.3f} (ablation removed)")
 
 
-def report_recipe_run(results: Mapping[str, Any], experiment: Any, *, script: str | os.PathLike,
-                      argv: Sequence[str] | None, plot_title: str, card_title: str, task: str,
-                      card_name: str = "model_card.md", command: str | None = None) -> Path:
+def report_recipe_run(results: Mapping[str, Any], experiment: Any, *, command: str, plot_title: str, card_title: str,
+                      task: str, card_name: str = "model_card.md") -> Path:
     """What a recipe writes after one experiment: its figure ``<output_dir>/<name>.png`` (`plot_accuracy`) and its
-    model card (`write_run_model_card`), whose command is `command`, by default `script` run with `argv`, the
-    arguments its ``main`` was given (the process's own where None); returns the figure's path."""
+    model card (`write_run_model_card`), whose command is `command` (how the recipe was started); returns the
+    figure's path."""
     figure = plot_accuracy(results["summary"], Path(experiment.output_dir) / f"{results['name']}.png", plot_title)
-    command = command or launch_command([str(script), *(sys.argv[1:] if argv is None else argv)])
     write_run_model_card(results, experiment, title=card_title, task=task, command=command, figure=figure,
                          card_name=card_name)
     return figure

@@ -1,4 +1,5 @@
-"""``make reproduce``: the paper's experiments (gender bias and double multiple choice), resumable.
+"""``make reproduce`` (``hf-concept-ablation reproduce``): the paper's experiments (gender bias and double multiple
+choice), resumable.
 
 For each task, in order:
 
@@ -24,21 +25,18 @@ For each task, in order:
 
 Sizes: ``full`` (all data, the preset's epochs; meant for a GPU) and ``cpu`` (256 training
 examples, 3 epochs, 150 evaluation questions per split, searches on 64 prompts).
-``--size auto`` picks ``full`` when CUDA is available. Everything already on disk is
+Size ``auto`` picks ``full`` when CUDA is available (`size_named`). Everything already on disk is
 reused, so an interrupted run (or a run with more seeds) continues where it stopped.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import datasets
-import torch
 
 from ..files import read_json, write_json_atomic, write_text_atomic
 from ..tasks import (
@@ -51,7 +49,7 @@ from ..tasks import (
 )
 from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, table_cell
 from .runner import CONDITIONS, ExperimentConfig, run_experiment
-from .training import DEFAULT_PRESET, PRESETS, process_state
+from .training import DEFAULT_PRESET, process_state
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
 MIN_PLAIN_VAL = 0.9  #: ... and one where it does not reach this validation accuracy (it measures nothing)
@@ -64,6 +62,9 @@ TASKS = ("gender_bias", "double_mc")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the repository's results page: a run into the repository's own ``results/`` rewrites its table (`update_readme`)
 RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
+GENDER_SOURCES = ("sae", "pca", "concept")  #: where the gender concept may come from (the search's ``source``)
+#: the conditions a study runs by default: the paper's (Figure 2); the eraser conditions need their settings
+STUDY_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
 
 
 @dataclass(frozen=True)
@@ -92,24 +93,50 @@ SIZES = {
 }
 
 
+def size_named(name: str) -> ReproduceSize:
+    """The `SIZES` entry `name`; ``auto``: ``full`` when CUDA is available, else ``cpu``."""
+    if name == "auto":
+        import torch
+
+        name = "full" if torch.cuda.is_available() else "cpu"
+    if name not in SIZES:
+        raise ValueError(f"size must be one of {['auto', *SIZES]}, got {name!r}")
+    return SIZES[name]
+
+
+def check_combinations(keys: Sequence[str] | None) -> list[str]:
+    """`keys` (None: all 24 combinations), each checked to be a double multiple-choice combination key."""
+    every = [combination_key(*c) for c in ALL_COMBINATIONS]
+    bad = [k for k in keys or () if k not in every]
+    if bad:
+        raise ValueError(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
+    return list(keys) if keys else every
+
+
+def default_readme(out: Path) -> Path | None:
+    """The page whose results table a study in `out` updates: the repository's `RESULTS_DOC` for its ``results/``
+    folder."""
+    return RESULTS_DOC if Path(out).resolve() == REPO_ROOT / "results" else None
+
+
 def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "embedded",
-                   search_args: Sequence[str] = ()) -> Path:
-    """Run (or reuse) the automatic SAE-latent search for `task`; return the adapter folder.
+                   search: Mapping[str, Any] | None = None) -> Path:
+    """Run (or reuse) the automatic concept search for `task`; return the adapter folder.
 
-    The folder records the search's options (``search_args.json``); reusing it with other
-    options (another answer form, source or contrast) is refused, naming the folder.
+    The folder records the search's settings (``search_args.json``); reusing it with other
+    settings (another answer form, source or contrast) is refused, naming the folder.
 
-    `search_args` are extra `hf_concept_ablation.search.pipeline` options (e.g. ``--sae 6=PATH``).
+    `search` holds further `SearchConfig` settings (e.g. ``{"saes": {6: PATH}}``), which take precedence over
+    the study's own.
     """
-    from ..search import pipeline as directions
+    from ..search import pipeline
+    from ..search.config import SearchConfig
 
-    args = ["--task", task, "--out", str(out_dir), "--model", model, "--batch-size", "16",
-            "--min-contrast", str(size.min_contrast)]
-    if size.search_examples:
-        args += ["--max-examples", str(size.search_examples)]
-    args += list(search_args)
-    if not directions.run_search_once(args, out_dir):
-        raise RuntimeError(f"the concept search for {task} selected nothing; see {out_dir / 'selection.json'}")
+    settings = {"model": model, "batch_size": 16, "min_contrast": size.min_contrast,
+                **({"max_examples": size.search_examples} if size.search_examples else {}), **(search or {})}
+    if not pipeline.run_search_once(SearchConfig(task=task, out=str(out_dir), **settings)):
+        raise ValueError(f"the concept search for {task} selected nothing (see {out_dir / 'selection.json'}): lower "
+                         "min_contrast, or delete the folder to search again with other settings")
     return out_dir
 
 
@@ -394,18 +421,21 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
 
 def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str],
               combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
-              search_args: Sequence[str] = (), readme: Path | None = None, gender_source: str = "sae",
+              search: Mapping[str, Any] | None = None, readme: Path | None = None, gender_source: str = "sae",
               gender_answer_form: str = "letters", preset: str = DEFAULT_PRESET) -> dict[str, Any]:
     """Run every step of the module doc for `tasks`, `combinations` and `seeds`; return the summary, which (like
     the report it writes) covers every run in `out`, also those of tasks and seeds this call did not name.
 
-    `gender_source` is the gender search's ``--source`` (``sae``, ``pca`` or ``concept``) and
-    `gender_answer_form` its prompts' answer form (``letters`` or ``words``); `preset` names the training preset.
+    `search` holds further settings of every concept search (`concept_search`); `gender_source` is the gender
+    search's ``source`` (`GENDER_SOURCES`) and `gender_answer_form` its prompts' answer form (``letters`` or
+    ``words``); `preset` names the training preset.
     """
+    if "test_only" in conditions and "none" not in conditions:
+        raise ValueError("condition test_only evaluates the plain (none) model: add none to the conditions")
     state = process_state()
     if "gender_bias" in tasks:
-        gender_args = [*search_args, "--source", gender_source, "--answer-form", gender_answer_form]
-        adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender_args)
+        gender = {**(search or {}), "source": gender_source, "answer_form": gender_answer_form}
+        adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender)
         run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model, preset),
                        task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias")
     if "double_mc" in tasks:
@@ -417,7 +447,7 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
             studied += pending
             for first_key, *other_keys in by_pair(pending):  # a pair's plain model is trained once, as in the scan
                 adapters = {key: concept_search(f"double_mc:{key}", out / "search" / file_name(key), size, model,
-                                                search_args) for key in (first_key, *other_keys)}
+                                                search) for key in (first_key, *other_keys)}
                 pair = parse_combination_key(first_key)[:2]
                 unstudied = [k for k in combinations if parse_combination_key(k)[:2] == pair and k not in studied]
                 for key in (first_key, *other_keys):
@@ -447,64 +477,4 @@ def summary_from_disk(out: Path) -> tuple[dict[str, Any], dict[str, dict[str, An
 def report_from_disk(out: Path, readme: Path | None) -> str:
     """Write summary.json, the figures, `out`/README.md (and `readme`'s table) from every run in `out`."""
     summary, validity = summary_from_disk(out)
-    return write_report(out, summary, validity, f"python -m hf_concept_ablation.experiments.study --out {out} --report-only",
-                        readme)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m hf_concept_ablation.experiments.study`` command line."""
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.experiments.study", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("results"),
-                   help="results folder: search/, runs/, validity.json, summary.json, figures/, README.md")
-    p.add_argument("--size", choices=("auto", *SIZES), default="auto",
-                   help="full (all data; for a GPU), cpu (256 examples, 3 epochs, 150 questions); auto picks by CUDA")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                   help="training seeds; the first also seeds the validity scan")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    p.add_argument("--combinations", nargs="+", help="double-MC keys like verbs|sentiment|sentiment (default: all 24)")
-    p.add_argument("--conditions", nargs="+", choices=CONDITIONS, default=list(CONDITIONS),
-                   help="test_only evaluates the none model, so it needs none too")
-    p.add_argument("--model", default="embedded", help="'embedded' (Gemma 3 270M), a Hub id or a local folder")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
-                   help="training preset: gemma3-270m is tuned for the embedded model on the CPU, paper is the "
-                        "paper's full fine-tuning (use it for Gemma 2 2B)")
-    p.add_argument("--search-args", default="", help="extra options of the concept search, e.g. '--sae 6=PATH'")
-    p.add_argument("--gender-source", choices=("sae", "pca", "concept"), default="sae",
-                   help="where the gender concept comes from (see hf_concept_ablation.search.pipeline)")
-    p.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters")
-    p.add_argument("--readme", type=Path, default=None,
-                   help="page whose results table is updated (default: the repository's docs/results.md, when --out "
-                        "is its results/)")
-    p.add_argument("--report-only", action="store_true",
-                   help="only rebuild summary, figures and tables from every run on disk (all tasks and seeds)")
-    p.add_argument("--scan-only", action="store_true",
-                   help="only the validity scan of the double multiple-choice combinations (validity.json)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run (or, with ``--report-only``, only report) the study the command line asks for; the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if "test_only" in args.conditions and "none" not in args.conditions:
-        parser.error("--conditions test_only evaluates the plain (none) model: add none")
-    size = SIZES["full" if torch.cuda.is_available() else "cpu"] if args.size == "auto" else SIZES[args.size]
-    combinations = args.combinations or [combination_key(*c) for c in ALL_COMBINATIONS]
-    bad = [k for k in combinations if k not in {combination_key(*c) for c in ALL_COMBINATIONS}]
-    if bad:
-        raise SystemExit(f"unknown combination(s) {bad}: use keys like verbs|sentiment|sentiment")
-    readme = args.readme or (RESULTS_DOC if args.out.resolve() == REPO_ROOT / "results" else None)
-    if args.report_only:
-        print(report_from_disk(args.out, readme))
-        return 0
-    if args.scan_only:
-        validity = scan_validity(combinations, args.out, size, args.seeds[0], args.model, args.preset)
-        print(validity_markdown({key: validity[key] for key in combinations}))
-        return 0
-    reproduce(args.out, size, args.seeds, args.tasks, combinations, args.conditions, args.model,
-              shlex.split(args.search_args), readme, args.gender_source, args.gender_answer_form, args.preset)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return write_report(out, summary, validity, f"hf-concept-ablation report --out {out}", readme)

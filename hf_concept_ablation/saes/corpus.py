@@ -365,25 +365,3 @@ def iter_texts(path: Path | str, split: str = "train", seed: int = 0) -> Iterato
     random.Random(seed).shuffle(records)
     for r in records:
         yield r["text"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.saes.corpus", description="Build the offline SAE training corpus (see module docstring).")
-    defaults = CorpusRecipe()
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    parser.add_argument("--out-dir", type=Path, default=None)
-    args = vars(parser.parse_args(argv))
-    out_dir = args.pop("out_dir")
-    path = build_corpus(CorpusRecipe(**args), out_dir)
-    print(path)
-
-
-if __name__ == "__main__":
-    main()

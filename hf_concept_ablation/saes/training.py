@@ -1,6 +1,6 @@
 """Train sae-lens SAEs on the residual stream of any transformers causal LM, fully offline.
 
-The whole pipeline (:func:`train_saes`, also the CLI) has three steps, each usable alone:
+The whole pipeline (:func:`train_saes`, also ``hf-concept-ablation train-sae``) has three steps, each usable alone:
 
 1. :func:`~hf_concept_ablation.saes.activation_store.cache_activations` stores the residual stream
    of a text corpus after every requested layer (``activation_store``);
@@ -19,12 +19,11 @@ The whole pipeline (:func:`train_saes`, also the CLI) has three steps, each usab
 The suite shipped with the package (`hf_concept_ablation.adapter.sae_sources.SHIPPED_RELEASE`, found by
 `hf_concept_ablation.adapter.sae_sources.shipped_sae_source`) was made with this module; see ``docs/saes.md``.
 
-CLI: ``python -m hf_concept_ablation.saes.training --help``.
+Command line: ``hf-concept-ablation train-sae --help`` (and ``hf-concept-ablation corpus`` for the corpus alone).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -36,7 +35,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from ..adapter.sae_sources import SHIPPED_LAYERS
 from ..checks import check_number
 from ..files import read_json, write_json_atomic
 from ..loading import resolve_device
@@ -335,40 +333,3 @@ def train_saes(
     }
     write_json_atomic(report_path, report, indent=2)
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(allow_abbrev=False, 
-        prog="python -m hf_concept_ablation.saes.training",
-        description="Train sae-lens SAEs on a causal LM's residual stream, offline (no wandb, no Hub). "
-        "Caches activations once for all layers, trains one SAE per layer with resumable checkpoints, "
-        "and reports explained variance, L0 and CE loss recovered on held-out text.",
-    )
-    parser.add_argument("--model", default="embedded", help="'embedded' (Gemma 3 270M), a Hub id or a local folder")
-    parser.add_argument("--layers", type=int, nargs="+", default=list(SHIPPED_LAYERS), help="decoder layers")
-    parser.add_argument("--out", type=Path, required=True, help="output folder: layer_{L}/ per SAE, quality.json")
-    parser.add_argument("--corpus", type=Path, default=None, help="corpus JSONL (default: build the default corpus)")
-    parser.add_argument("--activations", type=Path, default=None, help="activation cache folder (default <out>/activations)")
-    parser.add_argument("--max-corpus-tokens", type=int, default=300_000, help="tokens of activations to cache")
-    parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for the quality report")
-    parser.add_argument("--eval-ce-tokens", type=int, default=None,
-                        help="held-out tokens for CE loss recovered (default: --eval-tokens; the costly part)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--jobs", type=int, default=1, help="layers trained at once, in worker processes")
-    defaults = SAETrainingConfig()
-    for name, value in asdict(defaults).items():
-        if name == "model_name":
-            continue
-        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
-    args = vars(parser.parse_args(argv))
-    cfg = SAETrainingConfig(**{k: args.pop(k) for k in asdict(defaults) if k in args})
-    train_saes(
-        args["model"], args["layers"], args["out"], cfg, corpus=args["corpus"], activations=args["activations"],
-        max_corpus_tokens=args["max_corpus_tokens"], context_size=args["context_size"],
-        eval_tokens=args["eval_tokens"], eval_ce_tokens=args["eval_ce_tokens"], threads=args["threads"], jobs=args["jobs"],
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -8,65 +8,54 @@
 - :mod:`.erasure`: does an ablation erase the concept? Linear probes with the ablation off and on.
 
 PCA directions live in :mod:`hf_concept_ablation.search.pca`, the whole search in
-:mod:`hf_concept_ablation.search.pipeline`. See ``docs/finding_concepts.md``.
+:mod:`hf_concept_ablation.search.pipeline`, its settings in :mod:`hf_concept_ablation.search.config`. See
+``docs/finding_concepts.md``. Names are imported on first use (the command line reads the settings without torch).
 """
 
-from .cache import ActivationCache, ContextExample, build_activation_cache
-from .contrast import (
-    ContrastScore,
-    SelectedLatent,
-    cohens_d,
-    combine_with_attribution,
-    contrast_directions,
-    contrast_latents,
-    paired_d,
-    save_contrast,
-    strongest_contrast_latents,
-)
-from .dashboard import (
-    config_from_selection,
-    neuronpedia_url,
-    render_dashboard,
-    save_selection_config,
-)
-from .erasure import concept_decodability, describe_decodability, probe_accuracy
-from .explain import (
-    EmbeddingFilter,
-    LatentExplanation,
-    OpenAIChat,
-    TransformersChat,
-    explain_examples,
-    explain_latents,
-    relevance_score,
-    simulation_score,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ActivationCache",
-    "ContextExample",
-    "ContrastScore",
-    "EmbeddingFilter",
-    "LatentExplanation",
-    "OpenAIChat",
-    "SelectedLatent",
-    "TransformersChat",
-    "build_activation_cache",
-    "cohens_d",
-    "combine_with_attribution",
-    "concept_decodability",
-    "config_from_selection",
-    "contrast_directions",
-    "contrast_latents",
-    "describe_decodability",
-    "strongest_contrast_latents",
-    "explain_examples",
-    "explain_latents",
-    "neuronpedia_url",
-    "paired_d",
-    "probe_accuracy",
-    "relevance_score",
-    "render_dashboard",
-    "save_contrast",
-    "save_selection_config",
-    "simulation_score",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ActivationCache": "cache",
+    "ContextExample": "cache",
+    "ContrastScore": "contrast",
+    "EmbeddingFilter": "explain",
+    "LatentExplanation": "explain",
+    "OpenAIChat": "explain",
+    "SelectedLatent": "contrast",
+    "TransformersChat": "explain",
+    "build_activation_cache": "cache",
+    "cohens_d": "contrast",
+    "combine_with_attribution": "contrast",
+    "concept_decodability": "erasure",
+    "config_from_selection": "dashboard",
+    "contrast_directions": "contrast",
+    "contrast_latents": "contrast",
+    "describe_decodability": "erasure",
+    "explain_examples": "explain",
+    "explain_latents": "explain",
+    "neuronpedia_url": "dashboard",
+    "paired_d": "contrast",
+    "probe_accuracy": "erasure",
+    "relevance_score": "explain",
+    "render_dashboard": "dashboard",
+    "save_contrast": "contrast",
+    "save_selection_config": "dashboard",
+    "simulation_score": "explain",
+    "strongest_contrast_latents": "contrast",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -52,9 +52,7 @@ from sae_lens import SAE
 from ..files import write_json_atomic
 from .activations import as_text_list, encoders_for, iter_residuals
 from .attribution import LatentEffect
-
-REDUCTIONS = ("mean", "max")
-RULES = ("threshold", "product")
+from .config import REDUCTIONS, RULES
 
 
 @dataclass(frozen=True)

