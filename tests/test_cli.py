@@ -145,10 +145,10 @@ def test_each_command_passes_its_settings_to_the_python_functions(monkeypatch, t
     monkeypatch.setattr(study, "reproduce", recorder("reproduce"))
     monkeypatch.setattr(recipes, "run_recipe", recorder("run_recipe"))
 
-    assert cli.main(["demo", "--model", "my/model", "--sae", "6=/saes/l6", "--layers", "6", "--threads", "2"]) == 0
+    assert cli.main(["demo", "--model", "my/model"]) == 0
     args, kwargs = calls["run_demo"]
-    assert args == (Path("outputs/demo-model"),) and kwargs["search"] == {"saes": {6: "/saes/l6"}, "layers": [6]}
-    assert kwargs["threads"] == 2 and kwargs["command"].startswith("hf-concept-ablation demo --model my/model")
+    assert args == (Path("outputs/demo-model"),) and kwargs["model"] == "my/model"
+    assert kwargs["command"].startswith("hf-concept-ablation demo --model my/model")
     assert cli.main(["corpus", "--out", str(tmp_path), "--n-model-samples", "0", "--include-tasks", "false"]) == 0
     assert calls["build_corpus"][0] == (corpus.CorpusRecipe(n_model_samples=0, include_tasks=False), tmp_path)
     assert cli.main(["train-sae", "--out", str(tmp_path), "--d-sae", "64", "--jobs", "2", "--layers", "1"]) == 0

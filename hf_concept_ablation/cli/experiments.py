@@ -7,7 +7,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..experiments import demo
 from ..experiments.recipe_settings import RECIPES, load_recipe_config, packaged_configs
@@ -17,14 +17,13 @@ from ._common import (
     filled,
     first_clause,
     parse_overrides,
-    positive_int,
     run_command,
     settings_table,
     shown,
     subcommand,
 )
 from ._source import NO_DEFAULT, constant, dataclass_settings
-from .search import layer_assignment, parse_search_options
+from .search import parse_search_options
 
 #: the experiment settings that hold further settings, and the dataclass whose fields they take
 NESTED_SETTINGS = {"training": ("experiments.training", "TrainingPreset"),
@@ -46,25 +45,15 @@ def how_started(argv: Sequence[str]) -> str:
 
 
 def add_demo(commands: argparse._SubParsersAction) -> None:
-    parser = subcommand(commands, "demo", "the whole pipeline on the embedded model, quick size", demo.__doc__,
-                        run_demo, usage="%(prog)s [options]")
+    parser = subcommand(commands, "demo", "plain fine-tuning vs CAFT with a LEACE eraser vs its random control, quick "
+                        "size", demo.__doc__, run_demo, usage="%(prog)s [options]")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: outputs/demo, or outputs/demo-<model folder name>)")
     parser.add_argument("--model", default="embedded", help="'embedded', a Hub id or a local folder (%(default)s)")
-    parser.add_argument("--sae", dest="saes", action="append", default=[], metavar="LAYER=PATH",
-                        type=layer_assignment, help="an SAE folder for a layer (needed for a model other than the "
-                        "embedded one)")
-    parser.add_argument("--layers", type=int, nargs="+", metavar="L",
-                        help="layers to search (default: the shipped SAEs' layers)")
-    parser.add_argument("--threads", type=positive_int, metavar="N", help="torch CPU threads of the search")
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    search: dict[str, Any] = {"saes": dict(args.saes)}
-    if args.layers:
-        search["layers"] = args.layers
-    demo.run_demo(args.out or demo.default_output_dir(args.model), model=args.model, search=search,
-                  threads=args.threads, command=how_started(args.argv))
+    demo.run_demo(args.out or demo.default_output_dir(args.model), model=args.model, command=how_started(args.argv))
     return 0
 
 
@@ -170,7 +159,7 @@ def add_reproduce(commands: argparse._SubParsersAction) -> None:
                         help="further options of every concept search, e.g. '--sae 6=PATH --layers 6'")
     parser.add_argument("--gender-source", choices=constant(study, "GENDER_SOURCES"), default="sae", metavar="SOURCE",
                         help="where the gender concept comes from: %(choices)s (%(default)s)")
-    parser.add_argument("--gender-answer-form", choices=("letters", "words"), default="letters", metavar="FORM",
+    parser.add_argument("--gender-answer-form", choices=("letters", "words"), default="words", metavar="FORM",
                         help="the gender prompts' answers: %(choices)s (%(default)s)")
     _readme_option(parser)
     parser.add_argument("--scan-only", action="store_true",

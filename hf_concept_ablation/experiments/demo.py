@@ -1,52 +1,57 @@
-"""The demo (``make demo`` = ``hf-concept-ablation demo``): the whole CAFT pipeline on the embedded Gemma 3 270M, at a
-size that runs on two CPU cores in about a quarter of an hour:
+"""The demo (``make demo`` = ``hf-concept-ablation demo``): CAFT that steers generalization, on the embedded Gemma 3
+270M at a size that runs on two CPU cores in about a quarter of an hour. The gender-bias task (words form, the form
+the model can learn): fine-tuning data where the grammatical pronoun and the profession's stereotyped gender always
+agree, and OOD data where they disagree.
 
-1. concept search on the gender-bias task (attribution of the shipped SAEs' latents,
-   contrast with female/male sentences, selection) -> a saved adapter, and its erasure check;
-2. plain fine-tuning and CAFT with that adapter (the gender recipe's quick config, ``gender_bias_quick``),
-   evaluated on validation and OOD data with the ablation removed;
-3. a results JSON, a figure, a table and a model card.
+1. plain fine-tuning: the model learns the stereotype;
+2. fine-tuning through LEACE erasers of the stereotyped gender at every decoder layer (fitted on the training
+   prompts, removed again for evaluation): the model learns the grammar;
+3. the control: a random eraser of the same rank, so the effect is told from "any erasure".
 
-Finished steps are kept, so a second run only redoes what is missing.
+Then a results JSON, a figure and a one-screen summary. Finished runs are kept, so a second run only redoes what is
+missing. The recipe behind it: ``hf-concept-ablation train gender_bias --config gender_bias_quick``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
-
-from ..search.config import SearchConfig
+from typing import Any
 
 QUICK_CONFIG = "gender_bias_quick"  #: the packaged recipe config the demo trains with
-#: the demo's search settings (`SearchConfig` fields), which the caller's may change
-DEMO_SEARCH: Mapping[str, Any] = {"max_examples": 64, "batch_size": 16, "min_contrast": 0.5}
+#: the demo's stages: condition, what it is
+STAGES = (("none", "plain fine-tuning"),
+          ("leace", "fine-tuning through LEACE erasers of the stereotyped gender at every decoder layer"),
+          ("random_eraser", "the control: fine-tuning through a random eraser of the same rank"))
+METHOD = ("LEACE concept erasure (concept_erasure.LeaceFitter) of the profession group's stereotyped gender, fitted "
+          "on the base model's residual stream over the training prompts, at every decoder layer, during "
+          "fine-tuning only")
 
 
-def run_demo(out: str | Path, model: str = "embedded", search: Mapping[str, Any] | None = None,
-             threads: int | None = None, command: str | None = None) -> dict:
-    """Search for the gender concept into ``<out>/search``, then run the quick gender recipe into `out` with the
-    adapter found; return the recipe's results.
-
-    `model`: the embedded default, a Hub id or a local folder (another model needs its SAEs in `search`, e.g.
-    ``{"saes": {6: PATH}, "layers": [6]}``; `search` settings take precedence over `DEMO_SEARCH`). `threads`: torch
-    CPU threads of the search. `command`: how the demo was started, for the model card (default: the recipe command
-    line it runs)."""
-    from ..search.pipeline import run_search_once, search_finished
+def run_demo(out: str | Path, model: str = "embedded", command: str | None = None) -> dict[str, Any]:
+    """Run the demo's stages into `out` (`model`: the embedded default, a Hub id or a local folder; no SAE is needed)
+    and print its summary; return the recipe's results. `command`: how the demo was started, for the results."""
     from .recipes import run_recipe
 
-    out = Path(out)
-    search_dir = out / "search"
-    config = SearchConfig(task="gender_bias", out=str(search_dir), **{"model": model, "threads": threads, **DEMO_SEARCH,
-                                                                      **(search or {})})
-    print(f"== 1/2 concept search: reusing {search_dir}" if search_finished(search_dir) else
-          f"== 1/2 concept search -> {search_dir}", flush=True)
-    if not run_search_once(config):
-        raise ValueError(f"the concept search selected nothing (see {search_dir / 'selection.json'}): lower "
-                         "min_contrast, or try other layers")
-    print("== 2/2 fine-tuning: plain and CAFT", flush=True)
-    return run_recipe("gender_bias", QUICK_CONFIG, [
-        f"adapter={search_dir}", f"attribution={search_dir / 'attribution.json'}", f"output_dir={out}",
-        f"model={model}"], command=command)
+    results: dict[str, Any] = {}
+    for number, (condition, what) in enumerate(STAGES, start=1):
+        print(f"== {number}/{len(STAGES)} {what}", flush=True)
+        results = run_recipe("gender_bias", QUICK_CONFIG, [f"output_dir={out}", f"model={model}",
+                                                           f"conditions=[{condition}]"], command=command)
+    print(summary(results["summary"], Path(out)))
+    return results
+
+
+def summary(by_condition: dict[str, Any], out: Path) -> str:
+    """The demo's closing lines: the method, and each stage's validation and OOD accuracy (eraser removed)."""
+    lines = ["", f"method: {METHOD}",
+             "accuracy with the eraser removed at test (OOD: only the grammatical rule answers right):"]
+    for condition, what in STAGES:
+        if condition in by_condition:
+            entry = by_condition[condition]
+            lines.append(f"  {what.split(':')[0]:<{max(len(w.split(':')[0]) for _, w in STAGES)}}  "
+                         f"val {entry['val_mean']:.2f}  OOD {entry['ood_mean']:.2f}")
+    lines.append(f"results: {out / 'gender_bias.json'}  figure: {out / 'gender_bias.png'}")
+    return "\n".join(lines)
 
 
 def default_output_dir(model: str) -> Path:

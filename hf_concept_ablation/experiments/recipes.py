@@ -33,6 +33,7 @@ import datasets
 from ..adapter.config import CONFIG_NAME
 from ..checks import check_names
 from ..files import write_json_atomic
+from ..loading import base_model_id
 from ..tasks import (
     ALL_COMBINATIONS,
     SOURCE_SETS,
@@ -45,6 +46,7 @@ from ..tasks import (
     file_name,
     parse_combination_key,
 )
+from ..tasks.validity import check_skyline
 from .recipe_settings import RECIPES, recipe_settings
 from .report import markdown_table, report_recipe_run
 from .runner import ExperimentConfig, run_experiment
@@ -99,6 +101,8 @@ def gender_bias(task: dict[str, Any], experiment: dict[str, Any], *, command: st
     check_task_settings(task, "gender_bias", list(inspect.signature(build_gender_datasets).parameters))
     config = ExperimentConfig.from_dict(experiment)
     check_search_outputs(config, "gender_bias")
+    if not task.get("skyline"):  # (a skyline run measures what this checks)
+        print(check_skyline(base_model_id(config.model), "gender_bias", task.get("answer_form", "letters")), flush=True)
     data = build_gender_datasets(**task)
     results = run_experiment(config, data, name="gender_bias", concept_texts=build_gender_concept_texts()._asdict())
     if process_state().is_main_process:

@@ -422,7 +422,7 @@ def write_report(out: Path, summary: Mapping[str, Any], validity: Mapping[str, A
 def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Sequence[str],
               combinations: Sequence[str], conditions: Sequence[str], model: str = "embedded",
               search: Mapping[str, Any] | None = None, readme: Path | None = None, gender_source: str = "sae",
-              gender_answer_form: str = "letters", preset: str = DEFAULT_PRESET) -> dict[str, Any]:
+              gender_answer_form: str = "words", preset: str = DEFAULT_PRESET) -> dict[str, Any]:
     """Run every step of the module doc for `tasks`, `combinations` and `seeds`; return the summary, which (like
     the report it writes) covers every run in `out`, also those of tasks and seeds this call did not name.
 
