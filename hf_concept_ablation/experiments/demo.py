@@ -22,6 +22,7 @@ QUICK_CONFIG = "gender_bias_quick"  #: the packaged recipe config the demo train
 STAGES = (("none", "plain fine-tuning"),
           ("leace", "fine-tuning through LEACE erasers of the stereotyped gender at every decoder layer"),
           ("random_eraser", "the control: fine-tuning through a random eraser of the same rank"))
+SHORT_NAMES = {"none": "plain", "leace": "LEACE", "random_eraser": "random eraser"}
 METHOD = ("LEACE concept erasure (concept_erasure.LeaceFitter) of the profession group's stereotyped gender, fitted "
           "on the base model's residual stream over the training prompts, at every decoder layer, during "
           "fine-tuning only")
@@ -45,11 +46,10 @@ def summary(by_condition: dict[str, Any], out: Path) -> str:
     """The demo's closing lines: the method, and each stage's validation and OOD accuracy (eraser removed)."""
     lines = ["", f"method: {METHOD}",
              "accuracy with the eraser removed at test (OOD: only the grammatical rule answers right):"]
-    for condition, what in STAGES:
+    for condition, label in SHORT_NAMES.items():
         if condition in by_condition:
             entry = by_condition[condition]
-            lines.append(f"  {what.split(':')[0]:<{max(len(w.split(':')[0]) for _, w in STAGES)}}  "
-                         f"val {entry['val_mean']:.2f}  OOD {entry['ood_mean']:.2f}")
+            lines.append(f"  {label:<13}  val {entry['val_mean']:.2f}  OOD {entry['ood_mean']:.2f}")
     lines.append(f"results: {out / 'gender_bias.json'}  figure: {out / 'gender_bias.png'}")
     return "\n".join(lines)
 
