@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 from conftest import (
+    HIDDEN,
     gender_concept_words,
     make_sae,
     make_tiny_mc_dataset,
@@ -274,6 +275,33 @@ def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
     zero = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "zero", n_components=4, min_contrast=0.0,
                                max_selected=2, ablation="zero", progress=False)
     assert zero.config.centers == {} and zero.report["settings"]["ablation"] == "zero"
+
+
+def test_erasure_driven_selection_takes_a_prefix_of_the_ranking_and_records_its_curve(tiny, tmp_path):
+    model, tokenizer, task, saes = tiny
+    result = find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, max_selected=4,
+                                  select_by="erasure", progress=False)
+    report = json.loads((tmp_path / "selection.json").read_text())
+    curve = report["erasure_curve"]
+    ranking = [(r["layer"], r["latent"]) for r in json.loads((tmp_path / "attribution.json").read_text())]
+    chosen = [(s["layer"], s["latent"]) for s in report["selected"]]
+    assert chosen == ranking[:len(chosen)] and all(s["by"] == ["erasure"] for s in report["selected"])
+    assert curve["counts"][0] == 0 and curve["budget"] == 4 and set(curve["accuracy"][0]) == {"1", "2"}
+    assert len(chosen) == (curve["erased_at"] or 4) and report["settings"]["select_by"] == "erasure"
+    if curve["erased_at"] is None:  # a failure to erase is said as one
+        assert "FAILED to erase" in report["note"] and "FAILED to erase" in result.config.description
+    assert '<figure class="curve"><svg' in (tmp_path / "dashboard.html").read_text()
+
+    # directions: with every component of the residual stream on offer, erasure is reached, at the fewest that do
+    pca = find_pca_directions(model, tokenizer, task, [1], tmp_path / "pca", n_components=HIDDEN,
+                              max_selected=HIDDEN, select_by="erasure", ablation="zero", progress=False)
+    curve = pca.report["erasure_curve"]
+    assert curve["erased_at"] == sum(len(v) for v in pca.config.directions.values()) and pca.report["note"] is None
+    assert curve["accuracy"][-1]["1"] <= curve["target"] < curve["accuracy"][0]["1"]
+    with pytest.raises(ValueError, match="leave indices unset"):
+        find_pca_directions(model, tokenizer, task, [1], tmp_path / "bad", indices={1: [0]}, select_by="erasure")
+    with pytest.raises(ValueError, match="leave pca_indices unset"):
+        SearchConfig(task="gender_bias", out=str(tmp_path), source="pca", select_by="erasure", pca_indices={1: [0]})
 
 
 def test_task_contrasts():

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 SOURCES = ("sae", "pca", "concept")  #: SAE latents, PCA of task prompts, PCA of concept-text differences
-SELECT_BY = ("contrast", "explanation", "union")
+#: how latents (sae) or components (pca, concept) are chosen; ``erasure`` is the label-free route of
+#: `hf_concept_ablation.search.erasure.select_until_erased`
+SELECT_BY = ("contrast", "explanation", "union", "erasure")
 CONTRASTS = ("topic", "value")
 RULES = ("threshold", "product")  #: how contrast and attribution combine (`search.contrast.combine_with_attribution`)
 REDUCTIONS = ("mean", "max")  #: per-text reduction of a latent's activations for the contrast
@@ -52,9 +54,12 @@ class SearchConfig:
         max_examples: D_amb examples used for attribution (None: all).
         rule: how contrast and attribution combine.
         min_contrast: the |Cohen's d| a latent or direction needs.
-        max_selected: at most this many are chosen.
+        max_selected: at most this many are chosen (with ``select_by="erasure"``: the budget, all of it chosen
+            and reported as a failure to erase when the probe is still above its target).
         reduce: per-text reduction for the contrast.
-        select_by: ``contrast``, ``explanation`` or ``union`` (None: contrast, or union with an explainer).
+        select_by: ``contrast``, ``explanation``, ``union`` (None: contrast, or union with an explainer), or
+            ``erasure``: the ranked latents (attribution order) or components (|contrast| order), more and more of
+            them, until a probe of the concept texts is at chance + 0.05 at every searched layer.
         llm_base_url, llm_model: an OpenAI-compatible endpoint for explanations, and its model.
         llm_api_key_env: the NAME of the environment variable holding the endpoint's key.
         local_explainer: explain with the analysed model itself (weak).
@@ -132,6 +137,11 @@ class SearchConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.select_by == "erasure" and self.pca_indices is not None:
+            raise ValueError("select_by='erasure' chooses the components itself: leave pca_indices unset")
+        if self.select_by in ("explanation", "union") and self.source != "sae":
+            raise ValueError(f"select_by={self.select_by!r} explains SAE latents: it needs source='sae', "
+                             f"got source={self.source!r}")
         if self.sae_release and not self.sae_id_template:
             raise ValueError("sae_release needs sae_id_template (the SAE id with {layer})")
 

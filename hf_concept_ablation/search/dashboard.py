@@ -13,7 +13,9 @@ download a ``ConceptAblationConfig`` JSON in the same format as
 The page can be driven from its URL: ``dashboard.html#select=3:17,6:5&export``
 ticks those latents and exports, which is how the browser tests read it.
 
-`config_from_selection` / `save_selection_config` do the same export from Python.
+`config_from_selection` / `save_selection_config` do the same export from Python. After an erasure-driven
+selection the page opens with its curve: the probe accuracy at each probed layer against the number of latents
+ablated, with the target (chance + tolerance) and the count that reached it.
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ import dataclasses
 import functools
 import html
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..adapter.config import ConceptAblationConfig, SAESource
 from ..files import write_text_atomic
 from .attribution import LatentEffect
 from .cache import ActivationCache, ContextExample
+
+if TYPE_CHECKING:
+    from .erasure import ErasureCurve
 
 NEURONPEDIA_URL = "https://www.neuronpedia.org"
 
@@ -230,6 +236,47 @@ def _as_mapping(values: Any, attr: str) -> dict[tuple[int, int], Any]:
     return {(int(v.layer), int(v.latent)): (getattr(v, attr) if attr else v) for v in values}
 
 
+_CURVE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def erasure_curve_svg(curve: ErasureCurve, width: int = 560, height: int = 260) -> str:
+    """An inline SVG figure of `curve`: probe accuracy per probed layer (one line each) against the latents ablated
+    (log-spaced x: 0, 1, 2, 4, ...), the target as a dashed line, and a caption saying where erasure was reached."""
+    left, right, top, bottom = 48, 110, 16, 36
+    xs = [0.0 if count == 0 else 1 + math.log2(count) for count in curve.counts]
+    span = max(xs) or 1.0
+
+    def x(value: float) -> float:
+        return left + (width - left - right) * value / span
+
+    def y(accuracy: float) -> float:  # 0.4 .. 1.0 on the axis
+        return top + (height - top - bottom) * (1.0 - min(max(accuracy, 0.4), 1.0)) / 0.6
+
+    parts = [f'<figure class="curve"><svg width="{width}" height="{height}" role="img" '
+             'aria-label="probe accuracy against latents ablated" style="background:#fff;border:1px solid #dde">']
+    for tick in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+        parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" font-size="11" text-anchor="end">{tick:.1f}</text>'
+                     f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#eee"/>')
+    for value, count in zip(xs, curve.counts):
+        parts.append(f'<text x="{x(value):.1f}" y="{height - bottom + 14}" font-size="11" '
+                     f'text-anchor="middle">{count}</text>')
+    parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(curve.target):.1f}" y2="{y(curve.target):.1f}" '
+                 f'stroke="#333" stroke-dasharray="5,4"/><text x="{width - right + 4}" y="{y(curve.target) + 4:.1f}" '
+                 f'font-size="11">target {curve.target:.2f}</text>')
+    layers = sorted({layer for point in curve.accuracy for layer in point}, key=lambda k: int(k))
+    for i, layer in enumerate(layers):
+        color = _CURVE_COLORS[i % len(_CURVE_COLORS)]
+        points = " ".join(f"{x(v):.1f},{y(point[layer]):.1f}" for v, point in zip(xs, curve.accuracy)
+                          if layer in point)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{points}"/>'
+                     f'<text x="{width - right + 4}" y="{top + 14 * (i + 2)}" font-size="11" fill="{color}">'
+                     f'layer {layer}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2:.1f}" y="{height - 4}" font-size="11" text-anchor="middle">'
+                 'latents ablated (search ranking order)</text></svg>')
+    parts.append(f"<figcaption>{html.escape(curve.describe())}</figcaption></figure>")
+    return "".join(parts)
+
+
 def render_dashboard(
     attribution: Sequence[LatentEffect],
     path: str | os.PathLike,
@@ -243,6 +290,7 @@ def render_dashboard(
     title: str = "Concept ablation: choose latents",
     max_latents: int = 100,
     n_contexts: int = 6,
+    erasure_curve: ErasureCurve | None = None,
 ) -> Path:
     """Write the dashboard HTML for the top `max_latents` rows of `attribution`; returns its path.
 
@@ -254,6 +302,7 @@ def render_dashboard(
             Neuronpedia links.
         preselected: latents ticked when the page opens (e.g. the automatic choice).
         n_contexts: top contexts shown per latent (quantile samples go in a fold).
+        erasure_curve: the erasure-driven selection's curve, drawn above the latents.
     """
     sae_sources = dict(sae_sources or {})
     explanation_map = _as_mapping(explanations, "")
@@ -326,6 +375,7 @@ def render_dashboard(
 </div></header>
 <main>
 <div id="export-panel"><div id="export-msg"></div><pre id="export-json"></pre></div>
+{erasure_curve_svg(erasure_curve) if erasure_curve is not None else ""}
 {"".join(cards) if cards else '<p class="none">the attribution table is empty</p>'}
 </main>
 <script type="application/json" id="dashboard-data">{data_json}</script>

@@ -17,7 +17,11 @@ SAE latents (``source="sae"``, the default):
    `combine_with_attribution`); ``"explanation"`` keeps those whose explanation's
    embedding similarity to the query is ``>= min_similarity`` (and LLM relevance
    ``>= min_relevance`` when scored); ``"union"`` keeps both. At most ``max_selected``,
-   ordered by |attribution|;
+   ordered by |attribution|. ``"erasure"`` (the label-free route, `select_until_erased`) takes the
+   attribution ranking's first latents, more and more of them, until a probe of the concept texts
+   is at chance + 0.05 at every searched layer, at most ``max_selected`` (a failure to erase, said
+   as one); ``selection.json``'s ``erasure_curve`` holds the probe accuracy per count and layer, and
+   the dashboard draws it;
 5. **outputs** in ``out``: ``attribution.csv``/``.json``, ``contrast.json``,
    ``activation_cache.safetensors``/``.json``, ``explanations.jsonl`` (with an explainer: each
    explanation as soon as it is made, so a search run again after an endpoint failure asks only
@@ -37,7 +41,8 @@ SAE latents (``source="sae"``, the default):
 PCA directions (``source="pca"``): principal components of the layers' activations on
 ``D_amb`` prompts, ranked by the same contrast score, the chosen ones written as a
 projection-mode adapter, with ``pca.safetensors``/``.json`` (components, top and bottom
-examples) and ``selection.json``.
+examples) and ``selection.json``; ``select_by="erasure"`` takes components in |contrast| order
+until the probe is at chance, as for latents.
 
 Concept directions (``source="concept"``): per layer (default: every layer but the last),
 the top components of the differences between the task's two concept text sets
@@ -69,7 +74,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from sae_lens import SAE
@@ -105,7 +110,7 @@ from .contrast import (
     strongest_contrast_latents,
 )
 from .dashboard import config_from_selection, render_dashboard
-from .erasure import concept_decodability, describe_decodability
+from .erasure import ErasureCurve, concept_decodability, describe_decodability, select_until_erased
 from .explain import (
     ChatClient,
     EmbeddingFilter,
@@ -123,6 +128,7 @@ from .pca import (
     select_directions,
 )
 
+Item = TypeVar("Item")
 BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
@@ -357,6 +363,29 @@ def _save_adapter(model, tokenizer: Any, config: ConceptAblationConfig, out: Pat
     return {str(layer): {k: round(v, 3) for k, v in scores.items()} for layer, scores in decodability.items()}
 
 
+def _select_until_erased(model, tokenizer: Any, task: TaskData, ranked: Sequence[Item],
+                         make_config: Callable[[Sequence[Item]], ConceptAblationConfig], layers: Sequence[int],
+                         budget: int, *, saes: Mapping[int, SAE] | None = None, batch_size: int = 8
+                         ) -> tuple[list[Item], ErasureCurve]:
+    """`select_until_erased` on the task's concept texts (at most `ERASURE_TEXTS` of each set), probed at `layers`;
+    refused with fewer than `MIN_ERASURE_TEXTS` texts in a set."""
+    if min(len(task.concept_a), len(task.concept_b)) < MIN_ERASURE_TEXTS:
+        raise ValueError(f"select_by='erasure' needs at least {MIN_ERASURE_TEXTS} concept texts in each set; "
+                         f"{task.name} has {len(task.concept_a)} and {len(task.concept_b)}")
+    chosen, curve = select_until_erased(model, tokenizer, ranked, make_config, task.concept_a[:ERASURE_TEXTS],
+                                        task.concept_b[:ERASURE_TEXTS], layers, budget=budget, saes=saes,
+                                        batch_size=batch_size)
+    print(curve.describe(), file=sys.stderr, flush=True)
+    return chosen, curve
+
+
+def _selection_note(chosen: Sequence[Any] | Mapping[Any, Any], curve: ErasureCurve | None, empty: str) -> str | None:
+    """``selection.json``'s note: why nothing was chosen, or that the erasure-driven selection failed to erase."""
+    if not chosen:
+        return empty
+    return curve.describe() if curve is not None and curve.erased_at is None else None
+
+
 def find_concept_latents(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -390,7 +419,7 @@ def find_concept_latents(
     select_by = select_by or ("union" if explainer is not None else "contrast")
     if select_by not in SELECT_BY:
         raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
-    if select_by != "contrast" and explainer is None:
+    if select_by in ("explanation", "union") and explainer is None:
         raise ValueError(f"select_by={select_by!r} needs an explainer (an LLM endpoint or local model)")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -440,12 +469,18 @@ def find_concept_latents(
         and (e.similarity is not None or min_relevance is not None)
     ]
     chosen_keys: list[tuple[int, int]] = []
+    curve = None
+    if select_by == "erasure":
+        chosen_keys, curve = _select_until_erased(
+            model, tokenizer, task, keys, lambda prefix: config_from_selection(prefix, sae_sources,
+                                                                               check_model_name=check_model_name),
+            sorted(saes), max_selected, saes=saes, batch_size=batch_size)
     if select_by in ("contrast", "union"):
         chosen_keys += [(s.layer, s.latent) for s in by_contrast]
     if select_by in ("explanation", "union"):
         chosen_keys += [k for k in by_explanation if k not in chosen_keys]
     effect = {(r.layer, r.latent): r.effect for r in rows}
-    if rule == "threshold" or select_by != "contrast":
+    if rule == "threshold" or select_by not in ("contrast", "erasure"):
         chosen_keys.sort(key=lambda k: abs(effect[k]), reverse=True)
     chosen_keys = chosen_keys[:max_selected]
     contrast_chosen = {(s.layer, s.latent) for s in by_contrast}
@@ -456,7 +491,8 @@ def find_concept_latents(
             "layer": layer, "latent": latent, "effect": effect[(layer, latent)],
             "contrast": contrast_map[(layer, latent)],
             "rank": keys.index((layer, latent)) + 1,
-            "by": [name for name, ok in (("contrast", (layer, latent) in contrast_chosen),
+            "by": ["erasure"] if curve is not None else
+                  [name for name, ok in (("contrast", (layer, latent) in contrast_chosen),
                                          ("explanation", (layer, latent) in by_explanation)) if ok],
             **({k: v for k, v in e.to_dict().items() if k not in ("layer", "latent")} if e else {}),
         })
@@ -464,11 +500,12 @@ def find_concept_latents(
     render_dashboard(rows, work / "dashboard.html", cache=cache, explanations=explanations, contrast=contrast,
                      sae_sources=sae_sources, preselected=chosen_keys,
                      base_model_name_or_path=getattr(model.config, "name_or_path", None),
-                     title=f"Concept ablation: {task.name}", max_latents=top)
+                     title=f"Concept ablation: {task.name}", max_latents=top, erasure_curve=curve)
     config, erasure = None, None
     if chosen_keys:
         description = (f"{task.name}: {len(chosen_keys)} latents chosen automatically (select_by={select_by}, "
-                       f"rule={rule}, min_contrast={min_contrast}) from the attribution top {top}")
+                       + (f"{curve.describe()}" if curve is not None else f"rule={rule}, min_contrast={min_contrast}")
+                       + f") from the attribution top {top}")
         config = config_from_selection(chosen_keys, sae_sources,
                                        base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                        description=description, check_model_name=check_model_name)
@@ -487,14 +524,24 @@ def find_concept_latents(
         "explainer": explainer.describe() if explainer is not None else None,
         "selected": selected,
         "erasure": erasure,
+        "erasure_curve": curve.to_dict() if curve is not None else None,
         "explanations": [e.to_dict() for e in explanations],
         "timings": {k: round(v, 1) for k, v in timings.items()},
         "adapter": str(out) if config else None,
-        "note": None if chosen_keys else "no latent passed the selection; lower min_contrast or inspect dashboard.html",
+        "note": _selection_note(chosen_keys, curve, "no latent passed the selection; lower min_contrast or inspect "
+                                                    "dashboard.html"),
     }
     write_json_atomic(work / SELECTION_NAME, report, default=str)
     _finish_search(work, out)
     return SearchResult(out, config, selected, report)
+
+
+def _by_layer(keys: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
+    """(layer, component) pairs -> layer -> sorted components."""
+    chosen: dict[int, list[int]] = {}
+    for layer, i in keys:
+        chosen.setdefault(layer, []).append(i)
+    return {layer: sorted(ids) for layer, ids in sorted(chosen.items())}
 
 
 def find_pca_directions(
@@ -512,6 +559,7 @@ def find_pca_directions(
     reduce: str = "mean",
     basis: str = "prompts",
     ablation: str = "mean",
+    select_by: str = "contrast",
     batch_size: int = 8,
     progress: bool = True,
 ) -> SearchResult:
@@ -521,8 +569,13 @@ def find_pca_directions(
     (or `indices`). ``basis="concept"``: `concept_directions` of the task's two concept text
     sets (`n_components` per layer), all of them chosen unless `indices` says otherwise.
     ``ablation="mean"`` sets the removed components to their mean over the D_amb prompts
-    (mean ablation); ``"zero"`` removes them outright.
+    (mean ablation); ``"zero"`` removes them outright. ``select_by="erasure"``: components in |contrast| order, more
+    and more of them, until the concept texts' probe is at chance (at most `max_selected`; `select_until_erased`).
     """
+    if select_by not in ("contrast", "erasure"):
+        raise ValueError(f"select_by must be 'contrast' or 'erasure' for directions, got {select_by!r}")
+    if select_by == "erasure" and indices is not None:
+        raise ValueError("select_by='erasure' chooses the components itself: leave indices unset")
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if task.more_contrasts:
@@ -539,7 +592,8 @@ def find_pca_directions(
         results = concept_directions(model, tokenizer, task.concept_a, task.concept_b, layers,
                                      n_components=n_components if task.paired else 1, paired=task.paired,
                                      batch_size=batch_size)
-        indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
+        if select_by == "contrast":
+            indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
     if indices is not None:  # bad indices are refused before the contrast is computed
         select_directions(results, indices=indices)
     contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
@@ -547,7 +601,21 @@ def find_pca_directions(
     out, work = Path(out_dir), _start_search(out_dir)
     save_pca(results, work / "pca")
     save_contrast(contrast, work / "contrast.json")
-    if indices is not None:
+    centers: dict[int, torch.Tensor] | None = None
+    if ablation == "mean":
+        centers = ({layer: r.mean for layer, r in results.items()} if basis == "prompts" else
+                   mean_activations(model, tokenizer, prompts, list(results), batch_size=batch_size, progress=progress))
+    curve = None
+    if select_by == "erasure":
+        ranked = [(c.layer, c.latent) for c in sorted(contrast, key=lambda c: abs(c.score), reverse=True)]
+
+        def prefix_config(prefix: Sequence[tuple[int, int]]) -> ConceptAblationConfig:
+            return directions_config(results, _by_layer(prefix), centers=centers)
+
+        picked, curve = _select_until_erased(model, tokenizer, task, ranked, prefix_config, sorted(results),
+                                             max_selected, batch_size=batch_size)
+        chosen = _by_layer(picked)
+    elif indices is not None:
         chosen = select_directions(results, indices=indices)
     else:
         chosen = select_directions(results, contrast=contrast, min_contrast=min_contrast, max_selected=max_selected)
@@ -562,13 +630,9 @@ def find_pca_directions(
     ]
     config, erasure = None, None
     if chosen:
-        how = f"indices {dict(indices)}" if indices is not None else f"|contrast| >= {min_contrast}"
+        how = (curve.describe() if curve is not None else f"indices {dict(indices)}" if indices is not None
+               else f"|contrast| >= {min_contrast}")
         kind = "PCA" if basis == "prompts" else "concept"
-        centers = None
-        if ablation == "mean":
-            centers = ({layer: r.mean for layer, r in results.items()} if basis == "prompts" else
-                       mean_activations(model, tokenizer, prompts, list(chosen), batch_size=batch_size,
-                                        progress=progress))
         config = directions_config(results, chosen, centers=centers,
                                    base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                    description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions "
@@ -580,10 +644,12 @@ def find_pca_directions(
         "n_texts": len(prompts), "settings": {"n_components": n_components, "min_contrast": min_contrast,
                                               "ablation": ablation,
                                               "max_selected": max_selected, "reduce": reduce,
+                                              "select_by": select_by,
                                               "indices": {str(k): list(v) for k, v in indices.items()} if indices else None},
-        "selected": selected, "erasure": erasure, "timings": {"total_s": round(time.time() - start, 1)},
+        "selected": selected, "erasure": erasure, "erasure_curve": curve.to_dict() if curve is not None else None,
+        "timings": {"total_s": round(time.time() - start, 1)},
         "adapter": str(out) if config else None,
-        "note": None if chosen else "no component passed the selection; lower min_contrast or pick indices",
+        "note": _selection_note(chosen, curve, "no component passed the selection; lower min_contrast or pick indices"),
     }
     write_json_atomic(work / SELECTION_NAME, report, default=str)
     _finish_search(work, out)
@@ -623,7 +689,7 @@ def run_search(config: SearchConfig) -> SearchResult:
             n_components=config.pca_components or (PCA_COMPONENTS if config.source == "pca" else CONCEPT_COMPONENTS),
             n_texts=config.pca_texts, indices=config.pca_indices, min_contrast=config.min_contrast,
             ablation=config.ablation, max_selected=config.max_selected, reduce=config.reduce,
-            batch_size=config.batch_size,
+            select_by=config.select_by or "contrast", batch_size=config.batch_size,
         )
     else:
         sources = {layer: SAESource(path=path) for layer, path in config.saes.items()}
@@ -665,5 +731,7 @@ def print_search_result(result: SearchResult) -> None:
         print(result.report.get("note"), file=sys.stderr)
         return
     erasure = result.report["erasure"]
+    if result.report.get("erasure_curve"):
+        print(ErasureCurve(**result.report["erasure_curve"]).describe(), file=sys.stderr)
     print(describe_decodability(erasure) if erasure else
           f"erasure check skipped: fewer than {MIN_ERASURE_TEXTS} concept texts in a set", file=sys.stderr)
