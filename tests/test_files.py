@@ -108,7 +108,8 @@ def test_a_results_file_of_an_earlier_version_is_resumed_or_refused_by_the_hashe
         path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": old}}))
         results = ResultsFile(path, header, earlier={"inputs": earlier_input_hashes(config)})
         assert results.data["inputs"] == header["inputs"]  # recorded so from the next run on
-        results.add({"condition": "none", "seed": 0, "val": {"accuracy": 1.0, "n": 8}, "ood": {"accuracy": 0.0, "n": 8}})
+        results.add({"condition": "none", "seed": 0, "val": {"accuracy": 1.0, "n": 8},
+                     "ood": {"accuracy": 0.0, "n": 8}})
         assert json.loads(path.read_text())["inputs"] == header["inputs"]
     path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": "0123456789abcdef"}}))
     with pytest.raises(ValueError, match=r"holds runs made with another \['adapter'\] \(other content, by its sha256"):

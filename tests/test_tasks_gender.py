@@ -162,18 +162,6 @@ BAD_TEMPLATES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "content", "line", "problem"), BAD_TEMPLATES, ids=[b[0] for b in BAD_TEMPLATES])
-def test_malformed_templates_file_error_names_file_line_and_problem(tmp_path, name, content, line, problem):
-    path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(TaskDataError) as info:
-        build_gender_datasets(templates_file=path)
-    message = str(info.value)
-    assert name in message and problem in message
-    if line is not None:
-        assert f"line {line}:" in message
-
-
 def test_too_few_templates_to_split_is_an_error(tmp_path):
     path = tmp_path / "one.csv"
     path.write_text("template,case\nThe {profession} said {pronoun} left.,subject\n")
@@ -201,7 +189,7 @@ def test_user_profession_groups_file_is_used(tmp_path, data):
     stereotyped = {"pilot": "male", "dancer": "female", "engineer": "male"}
     for split in mine:
         rows = mine[split].to_list()
-        assert Counter(r["profession_group"] for r in rows) == {g: len(rows) // 3 for g in MY_GROUPS}  # one per template
+        assert Counter(r["profession_group"] for r in rows) == {g: len(rows) // 3 for g in MY_GROUPS}  # each template
         assert {r["template_id"] for r in rows} == set(data[split]["template_id"])
         for row in rows:
             assert row["profession"] in MY_GROUPS[row["profession_group"]]["professions"]
@@ -258,14 +246,17 @@ BAD_GROUPS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "content", "line", "problem"), BAD_GROUPS, ids=[b[0] for b in BAD_GROUPS])
-def test_malformed_profession_groups_error_names_file_group_and_value(tmp_path, name, content, line, problem):
+BAD_FILES = [("templates_file", *bad) for bad in BAD_TEMPLATES] + [("professions_file", *bad) for bad in BAD_GROUPS]
+
+
+@pytest.mark.parametrize(("setting", "name", "content", "line", "problem"), BAD_FILES, ids=[b[1] for b in BAD_FILES])
+def test_malformed_task_file_error_names_file_line_and_problem(tmp_path, setting, name, content, line, problem):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(TaskDataError) as info:
-        build_gender_datasets(professions_file=path)
+        build_gender_datasets(**{setting: path})
     message = str(info.value)
-    assert message.startswith(str(path)) and problem in message
+    assert message.startswith(str(path)) and problem in message  # (a profession group file: the group and value)
     if line is not None:
         assert f"line {line}:" in message
 

@@ -54,6 +54,7 @@ def test_runs_at_chance_are_flagged_in_the_record_the_summary_the_log_and_the_ta
     assert summary["none"]["did_not_learn"] == [1, 2]
     assert "| plain FT | 0.750 | 0.250 ± 0.000 | 3; seeds 1, 2: val at chance, did not learn the task |" in \
         markdown_table(summary)
-    assert "(3; seeds 1, 2: val at chance, did not learn the task) †" in results_markdown({"gender_bias": summary}, {}, "x")
+    report = results_markdown({"gender_bias": summary}, {}, "x")
+    assert "(3; seeds 1, 2: val at chance, did not learn the task) †" in report
     earlier = {k: v for k, v in summary["none"].items() if k != "did_not_learn"}  # a summary from before the flag
     assert markdown_table({"none": earlier}).endswith("| 3 |")

@@ -149,7 +149,8 @@ def double_mc_runs(task: dict) -> list[DoubleMCRun]:
     keys = [combination_key(*c) for c in ALL_COMBINATIONS] if keys == "all" else [keys] if isinstance(keys, str) else keys
     combinations = [(key, parse_combination_key(key)) for key in keys]
     check_source_files(files, {name for _, sets in combinations for name in sets})
-    return [DoubleMCRun(file_name(key), build_double_mc_datasets(*sets, **builder_args, source_files=_files_of(files, sets)),
+    return [DoubleMCRun(file_name(key),
+                        build_double_mc_datasets(*sets, **builder_args, source_files=_files_of(files, sets)),
                         _search_outputs(Path(task["adapters_dir"]), key) if task.get("adapters_dir") else {},
                         double_mc_task_files(sets[:2], files))
             for key, sets in combinations]

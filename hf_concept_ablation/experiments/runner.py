@@ -248,7 +248,8 @@ class ResultsFile:
                   "task file edited?)",
     }
 
-    def __init__(self, path: Path, header: dict[str, Any], earlier: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    def __init__(self, path: Path, header: dict[str, Any],
+                 earlier: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  machine: Mapping[str, Any] | None = None) -> None:
         """`earlier`: per fingerprint key and name, the hashes earlier versions of this package recorded for the same
         inputs (`earlier_input_hashes`): a file recording one of them is accepted, and its record replaced by the new
@@ -271,8 +272,8 @@ class ResultsFile:
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
             accepted = (earlier or {}).get(key, {})
-            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys()
-                             if _content_hash(old_hashes[k]) not in (_content_hash(new_hashes[k]), *accepted.get(k, ())))
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if _content_hash(old_hashes[k])
+                             not in (_content_hash(new_hashes[k]), *accepted.get(k, ())))
             if changed:
                 raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
                                  "use another output_dir or delete the file")
@@ -326,7 +327,8 @@ def inputs_record(config: ExperimentConfig) -> dict[str, dict[str, str]]:
     """The ``inputs`` a results file records of the adapter and the attribution table `config` names, each by its
     ``path`` as given and the ``sha256`` of its content (the adapter's: of its config and weights, `files_sha256`),
     so that runs made with another concept search's output under the same path are never mixed in one file."""
-    return {name: {"path": given, "sha256": files_sha256(paths)} for name, (given, paths) in _search_files(config).items()}
+    return {name: {"path": given, "sha256": files_sha256(paths)}
+            for name, (given, paths) in _search_files(config).items()}
 
 
 def earlier_input_hashes(config: ExperimentConfig) -> dict[str, tuple[str, ...]]:
@@ -459,7 +461,8 @@ def run_experiment(
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
-                                    {"name": n, **plain_header, "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])},
+                                    {"name": n, **plain_header,
+                                     "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])},
                                      "inputs": dict(task_files or {})},
                                     machine=machine)
                      for n in siblings or {}}

@@ -172,8 +172,8 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
     `answer_form` is that of the training prompts (``"words"`` exists for gender only);
     `contrast` (double multiple choice) is ``"topic"`` or ``"value"``. The user's data, as the recipes take it:
     `templates_file` and `professions_file` (gender: sentence templates and profession groups, for the training
-    prompts; the contrast texts stay the project's female/male sentences) and `source_files` (double multiple choice: source set name -> question file, for the
-    training prompts and the contrast texts alike).
+    prompts; the contrast texts stay the project's female/male sentences) and `source_files` (double multiple
+    choice: source set name -> question file, for the training prompts and the contrast texts alike).
     """
     from ..tasks import (
         build_double_mc_datasets,

@@ -131,17 +131,17 @@ def _profession_group(path: Path, name: str, group: Any, group_of: dict[str, str
         raise TaskDataError(path, f"{where}: professions must be a list of strings, got {professions!r:.60}")
     if not professions:
         raise TaskDataError(path, f"{where} is empty: list at least one profession")
-    for profession in professions:
-        if not isinstance(profession, str) or not profession.strip():
-            raise TaskDataError(path, f"{where}: every profession must be a non-empty string, got {profession!r}")
-        if any(c in profession for c in "{}\r\n"):
-            raise TaskDataError(path, f"{where}: profession {profession!r} must be one line without braces (it fills "
+    for given in professions:
+        if not isinstance(given, str) or not given.strip():
+            raise TaskDataError(path, f"{where}: every profession must be a non-empty string, got {given!r}")
+        if any(c in given for c in "{}\r\n"):
+            raise TaskDataError(path, f"{where}: profession {given!r} must be one line without braces (it fills "
                                       "the templates' {profession} slot)")
-        if profession.strip() in group_of:
-            other = group_of[profession.strip()]
-            twice = "listed twice" if other == name else f"also in group {other!r}"
-            raise TaskDataError(path, f"{where}: profession {profession.strip()!r} is {twice}")
-        group_of[profession.strip()] = name
+        profession = given.strip()
+        if profession in group_of:
+            twice = "listed twice" if group_of[profession] == name else f"also in group {group_of[profession]!r}"
+            raise TaskDataError(path, f"{where}: profession {profession!r} is {twice}")
+        group_of[profession] = name
     return ProfessionGroup(name, gender.lower(), tuple(p.strip() for p in professions))
 
 
@@ -150,7 +150,8 @@ def _profession_group(path: Path, name: str, group: Any, group_of: dict[str, str
 PROFESSION_GROUPS: dict[str, tuple[str, ...]] = {g.name: g.professions for g in load_profession_groups()}
 
 
-def split_pairs(groups: Sequence[ProfessionGroup], split: str, skyline: bool = False) -> list[tuple[ProfessionGroup, str]]:
+def split_pairs(groups: Sequence[ProfessionGroup], split: str,
+                skyline: bool = False) -> list[tuple[ProfessionGroup, str]]:
     """The (profession group, pronoun gender) pairs of `split`: ``train`` and ``val`` pair each group with its
     stereotyped gender, ``ood`` with the other one; the skyline's ``train`` has both (only grammar predicts the
     answer)."""
