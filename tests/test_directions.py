@@ -447,14 +447,21 @@ def test_the_search_takes_the_users_data_as_the_recipes_do(tmp_path):
     templates = tmp_path / "mine.csv"
     templates.write_text("template,case\n" + "".join(f"We thanked the {{profession}} and paid {{pronoun}} {i} dollars.,"
                                                        "object\n" for i in range(6)))
-    gender = task_data("gender_bias", templates_file=templates)
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"pilot": {"stereotyped_gender": "male", "professions": ["pilot"]},
+                                  "dancer": {"stereotyped_gender": "female", "professions": ["dancer"]}}))
+    gender = task_data("gender_bias", templates_file=templates, professions_file=groups)
     assert all("dollars" in prompt for prompt in gender.train["prompt"])
+    assert set(gender.train["profession"]) == {"pilot", "dancer"}
     with pytest.raises(ValueError, match=r"unknown source set\(s\) \['capital'\]"):
         task_data("double_mc:verbs|sports|verbs", source_files={"capital": questions})
     with pytest.raises(ValueError, match="templates_file is for the gender task"):
         task_data("double_mc:verbs|sports|verbs", templates_file=templates)
+    with pytest.raises(ValueError, match="professions_file is for the gender task"):
+        task_data("double_mc:verbs|sports|verbs", professions_file=groups)
     args = cli.build_parser().parse_args(["search", "--task", "t", "--out", "o", "--source-file", f"capitals={questions}",
-                                          "--source-file", "sports=s.jsonl", "--templates-file", str(templates)])
+                                          "--source-file", "sports=s.jsonl", "--templates-file", str(templates),
+                                          "--professions-file", str(groups)])
     config = SearchConfig(**search_settings(args))
     assert config.source_files == {"capitals": str(questions), "sports": "s.jsonl"}
-    assert config.templates_file == str(templates)
+    assert config.templates_file == str(templates) and config.professions_file == str(groups)

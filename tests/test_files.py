@@ -13,6 +13,7 @@ from hf_concept_ablation.files import (
     atomic_dir,
     atomic_path,
     files_fingerprint,
+    files_sha256,
     read_json,
 )
 
@@ -83,16 +84,33 @@ def test_a_damaged_state_file_is_named(tmp_path):
         read_json(tmp_path / "args.json", list)
 
 
-def test_a_results_file_of_an_earlier_version_is_recognised_by_its_raw_fingerprint(tmp_path):
-    from hf_concept_ablation.experiments.runner import ResultsFile
+def test_a_results_file_of_an_earlier_version_is_resumed_or_refused_by_the_hashes_it_recorded(tmp_path):
+    from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
+    from hf_concept_ablation.experiments.runner import (
+        ExperimentConfig,
+        ResultsFile,
+        earlier_input_hashes,
+        inputs_record,
+    )
 
-    weights = tmp_path / "a.safetensors"
-    save_file({"w": torch.ones(2)}, str(weights), metadata={"layers.1": "{}", "layers.2": "{}"})
-    assert files_fingerprint([weights], raw=True) == hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": "raw-hash"}}))
-    header = {"config": {}, "inputs": {"adapter": "canonical-hash"}}
-    results = ResultsFile(path, header, earlier={"inputs": {"adapter": "raw-hash"}})
-    assert results.data["inputs"] == {"adapter": "canonical-hash"}  # recorded so from the next run on
-    with pytest.raises(ValueError, match=r"made with another \['adapter'\]"):
-        ResultsFile(path, header, earlier={"inputs": {"adapter": "another-raw-hash"}})
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / CONFIG_NAME).write_text("{}")
+    save_file({"w": torch.ones(2)}, str(adapter / WEIGHTS_NAME), metadata={"layers.1": "{}", "layers.2": "{}"})
+    files = [adapter / CONFIG_NAME, adapter / WEIGHTS_NAME]
+    assert files_fingerprint(files[1:], raw=True) == hashlib.sha256(files[1].read_bytes()).hexdigest()[:16]
+    config = ExperimentConfig(adapter=str(adapter))
+    assert inputs_record(config) == {"adapter": {"path": str(adapter), "sha256": files_sha256(files)}}
+    header = {"config": {}, "inputs": {**inputs_record(config), "templates_file": {"path": None, "sha256": "1f"}}}
+    # the two earlier versions recorded the first 16 digits of the hash, one of the raw safetensors bytes
+    for old in (files_fingerprint(files), files_fingerprint(files, raw=True)):
+        path = tmp_path / f"{old}.json"
+        path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": old}}))
+        results = ResultsFile(path, header, earlier={"inputs": earlier_input_hashes(config)})
+        assert results.data["inputs"] == header["inputs"]  # recorded so from the next run on
+        results.add({"condition": "none", "seed": 0, "val": {"accuracy": 1.0, "n": 8},
+                     "ood": {"accuracy": 0.0, "n": 8}})
+        assert json.loads(path.read_text())["inputs"] == header["inputs"]
+    path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": "0123456789abcdef"}}))
+    with pytest.raises(ValueError, match=r"holds runs made with another \['adapter'\] \(other content, by its sha256"):
+        ResultsFile(path, header, earlier={"inputs": earlier_input_hashes(config)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -22,16 +23,19 @@ from hf_concept_ablation import (
     SAESource,
     inject_concept_ablation,
 )
-from hf_concept_ablation.adapter.config import SELECTION_NAME
+from hf_concept_ablation.adapter.config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME
 from hf_concept_ablation.experiments.recipe_settings import (
     load_recipe_config,
     packaged_configs,
 )
 from hf_concept_ablation.experiments.recipes import double_mc_runs, run_recipe
-from hf_concept_ablation.experiments.runner import random_directions_config, subsample
+from hf_concept_ablation.experiments.runner import random_directions_config, scores_line, subsample
+from hf_concept_ablation.files import files_fingerprint
 from hf_concept_ablation.search.attribution import attribute_latents, save_attribution
 from hf_concept_ablation.tasks import build_double_mc_datasets, build_gender_datasets
 from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
+from hf_concept_ablation.tasks.gender_bias import DEFAULT_PROFESSIONS_FILE
+from hf_concept_ablation.tasks.validity import did_not_learn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +103,12 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
     assert runs[("caft_annealed", 0)]["ablation"]["alpha"] == pytest.approx(0.5)  # 4 steps, linear from 0.5: step 3 of 4
     saved = json.loads((tmp_path / "out" / "gender_bias.json").read_text())
     assert saved["summary"] == summary
+    log = capsys.readouterr().out
+    for run in results["runs"]:  # a run at chance is flagged in its record, the log line and the summary
+        assert run["did_not_learn"] == did_not_learn(run["val"])
+        assert run["condition"] == "test_only" or f"{run['condition']} seed {run['seed']}: {scores_line(run)}\n" in log
+    for condition, entry in summary.items():
+        assert entry["did_not_learn"] == [seed for seed in (0, 1) if runs[(condition, seed)]["did_not_learn"]]
     assert (tmp_path / "out" / "gender_bias.png").stat().st_size > 5000
     card = (tmp_path / "out" / "model_card.md").read_text()
     assert "| 1 | 5 |" in card and "![accuracy by condition](gender_bias.png)" in card
@@ -158,17 +168,51 @@ def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tin
     shutil.copy(tiny_setup / "attribution.json", attribution)
     config = _config(tiny_setup, tmp_path / "out", ["caft", "top_k"], adapter=str(adapter), attribution=str(attribution))
     first = run_recipe("gender_bias", config)
-    assert set(first["inputs"]) == {"adapter", "attribution"}
+    assert set(first["inputs"]) == {"adapter", "attribution", "templates_file", "professions_file"}
+    assert first["inputs"]["adapter"]["path"] == str(adapter) and first["inputs"]["templates_file"]["path"] is None
 
     redone = ConceptAblationConfig.from_pretrained(adapter)
     redone.latents = {1: [3, 4]}  # the search chose other latents and wrote them to the same folder
     redone.to_json_file(adapter / "concept_ablation_config.json")
-    with pytest.raises(ValueError, match=r"made with another \['adapter'\] \(same path, other content"):
+    with pytest.raises(ValueError, match=r"made with another \['adapter'\] \(other content, by its sha256"):
         run_recipe("gender_bias", config, ["seeds=[1]"])
     shutil.copytree(tiny_setup / "adapter", adapter, dirs_exist_ok=True)
     attribution.write_text(json.dumps(json.loads(attribution.read_text())[::-1]))  # another ranking
     with pytest.raises(ValueError, match=r"made with another \['attribution'\]"):
         run_recipe("gender_bias", config, ["seeds=[1]"])
+
+
+def test_results_files_of_earlier_versions_resume_and_task_files_are_recorded(tiny_setup, tmp_path, capsys):
+    groups = tmp_path / "groups.json"
+    shutil.copy(DEFAULT_PROFESSIONS_FILE, groups)  # the project's groups, as a user's file
+    config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4)
+    first = run_recipe("gender_bias", config, [f"task.professions_file={groups}"])
+    assert first["inputs"]["professions_file"] == {"path": str(groups), "sha256": hashlib.sha256(
+        groups.read_bytes()).hexdigest()}
+    # the file as the version before wrote it: 16-digit hashes of the adapter and table, no task files, no flags
+    path = tmp_path / "out" / "gender_bias.json"
+    earlier = json.loads(path.read_text())
+    earlier["inputs"] = {"adapter": files_fingerprint([tiny_setup / "adapter" / CONFIG_NAME,
+                                                       tiny_setup / "adapter" / WEIGHTS_NAME]),
+                         "attribution": files_fingerprint([tiny_setup / "attribution.json"])}
+    earlier["runs"] = [{k: v for k, v in run.items() if k not in ("did_not_learn", "val_p_chance")}
+                       for run in earlier["runs"]]
+    earlier["summary"] = {c: {k: v for k, v in e.items() if k != "did_not_learn"}
+                          for c, e in earlier["summary"].items()}
+    path.write_text(json.dumps(earlier))
+    capsys.readouterr()
+    again = run_recipe("gender_bias", config, [f"task.professions_file={groups}", "seeds=[0,1]"])
+    assert "caft seed 0: already in" in capsys.readouterr().out
+    assert again["inputs"] == first["inputs"] and again["summary"]["caft"]["seeds"] == [0, 1]
+    assert again["summary"]["caft"]["did_not_learn"] == [r["seed"] for r in again["runs"] if did_not_learn(r["val"])]
+    # the same content under another path (here the project's own file) is the same input; other content is not
+    assert run_recipe("gender_bias", config, ["seeds=[0]"])["inputs"]["professions_file"]["path"] is None
+    groups.write_text(groups.read_text() + "\n")  # the same groups, but the recorded sha256 no longer holds
+    with pytest.raises(ValueError, match=r"made with another \['professions_file'\]"):
+        run_recipe("gender_bias", config, [f"task.professions_file={groups}"])
+    path.write_text(json.dumps({**earlier, "inputs": {"adapter": "0123456789abcdef"}}))  # another search's adapter
+    with pytest.raises(ValueError, match=r"made with another \['adapter'\]"):
+        run_recipe("gender_bias", config)
 
 
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
@@ -179,8 +223,10 @@ def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
     assert set(summary) == {"verbs-sentiment-sentiment", "verbs-sentiment-verbs"}
     assert (tmp_path / "dmc" / "verbs-sentiment-sentiment.png").is_file()
     # one plain model serves both intended questions (they share D_amb)
-    (sibling,) = json.loads((tmp_path / "dmc" / "verbs-sentiment-verbs.json").read_text())["runs"]
+    sibling_file = json.loads((tmp_path / "dmc" / "verbs-sentiment-verbs.json").read_text())
+    (sibling,) = sibling_file["runs"]
     assert sibling["trained_for"] == "verbs-sentiment-sentiment"
+    assert set(sibling_file["inputs"]) == {"source_files.verbs", "source_files.sentiment"}  # built from the same files
 
 
 def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setup, tmp_path, capsys):
@@ -411,10 +457,16 @@ def test_a_malformed_recipe_file_is_named(tmp_path, content, message):
 def test_double_mc_sources_and_source_files_are_checked(tmp_path):
     path = tmp_path / "capitals.csv"
     path.write_text("\n".join(["question,correct,incorrect"] + [f"Capital of {i},city{i},town{i}" for i in range(40)]))
-    assert [name for name, _, _ in double_mc_runs({"mode": "skyline", "sources": "verbs"})] == ["skyline-verbs"]
+    (skyline,) = double_mc_runs({"mode": "skyline", "sources": "verbs"})
+    assert skyline.name == "skyline-verbs" and list(skyline.task_files) == ["source_files.verbs"]
     runs = double_mc_runs({"combinations": ["capitals|verbs|verbs", "verbs|sentiment|sentiment"], "max_examples": 20,
                             "source_files": {"capitals": str(path)}})  # a set of its own, used by one combination
-    assert [data["train"][0]["first"] for _, data, _ in runs] == ["capitals", "verbs"]
+    assert [run.data["train"][0]["first"] for run in runs] == ["capitals", "verbs"]
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert runs[0].task_files == {"source_files.capitals": {"path": str(path), "sha256": sha256},
+                                  "source_files.verbs": skyline.task_files["source_files.verbs"]}
+    assert skyline.task_files["source_files.verbs"]["path"] is None  # the project's own
+    assert list(runs[1].task_files) == ["source_files.verbs", "source_files.sentiment"]
     with pytest.raises(ValueError, match=r"unknown source set\(s\) \['verb'\] in source_files"):
         double_mc_runs({"combinations": "verbs|sentiment|sentiment", "source_files": {"verb": str(path)}})
     with pytest.raises(ValueError, match=r"source_files must map source set names to files, got '.*capitals.csv'"):

@@ -335,12 +335,13 @@ def test_abbreviated_options_are_refused(capsys):
 def test_summary_means_and_standard_error_are_those_of_the_seeds():
     from hf_concept_ablation.experiments.runner import summarize
 
-    runs = [{"condition": "caft", "seed": s, "val": {"accuracy": v}, "ood": {"accuracy": o}}
+    runs = [{"condition": "caft", "seed": s, "val": {"accuracy": v, "n": 10}, "ood": {"accuracy": o, "n": 10}}
             for s, v, o in [(2, 1.0, 0.9), (0, 0.9, 0.2), (1, 0.8, 0.4)]]
     entry = summarize(runs)["caft"]
     assert entry["seeds"] == [0, 1, 2] and entry["ood"] == [0.2, 0.4, 0.9] and entry["val"] == [0.9, 0.8, 1.0]
     assert entry["val_mean"] == pytest.approx(0.9) and entry["ood_mean"] == pytest.approx(0.5)
     assert entry["ood_sem"] == pytest.approx((((0.3 ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2) / 3) ** 0.5)  # std (n-1) / sqrt(n)
+    assert entry["did_not_learn"] == [1]  # 8 of 10 right is not clearly above chance (p = 0.055)
 
 
 def _disk_full(*args, **kwargs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
 
@@ -14,7 +16,9 @@ from hf_concept_ablation.tasks import (
     TaskDataError,
     build_gender_concept_texts,
     build_gender_datasets,
+    gender_task_files,
     load_gender_templates,
+    load_profession_groups,
 )
 
 PROMPT_RE = re.compile(
@@ -158,18 +162,6 @@ BAD_TEMPLATES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "content", "line", "problem"), BAD_TEMPLATES, ids=[b[0] for b in BAD_TEMPLATES])
-def test_malformed_templates_file_error_names_file_line_and_problem(tmp_path, name, content, line, problem):
-    path = tmp_path / name
-    path.write_text(content)
-    with pytest.raises(TaskDataError) as info:
-        build_gender_datasets(templates_file=path)
-    message = str(info.value)
-    assert name in message and problem in message
-    if line is not None:
-        assert f"line {line}:" in message
-
-
 def test_too_few_templates_to_split_is_an_error(tmp_path):
     path = tmp_path / "one.csv"
     path.write_text("template,case\nThe {profession} said {pronoun} left.,subject\n")
@@ -180,6 +172,93 @@ def test_too_few_templates_to_split_is_an_error(tmp_path):
 def test_missing_templates_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         build_gender_datasets(templates_file=tmp_path / "absent.jsonl")
+
+
+MY_GROUPS = {
+    "pilot": {"stereotyped_gender": "male", "professions": ["pilot", "airline captain"]},
+    "dancer": {"stereotyped_gender": "Female", "professions": ["dancer"]},
+    "engineer": {"stereotyped_gender": "male", "professions": ["engineer", "mechanic"]},
+}
+
+
+def test_user_profession_groups_file_is_used(tmp_path, data):
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps(MY_GROUPS))
+    mine = build_gender_datasets(professions_file=path)
+    assert [g.name for g in load_profession_groups(path)] == ["pilot", "dancer", "engineer"]
+    stereotyped = {"pilot": "male", "dancer": "female", "engineer": "male"}
+    for split in mine:
+        rows = mine[split].to_list()
+        assert Counter(r["profession_group"] for r in rows) == {g: len(rows) // 3 for g in MY_GROUPS}  # each template
+        assert {r["template_id"] for r in rows} == set(data[split]["template_id"])
+        for row in rows:
+            assert row["profession"] in MY_GROUPS[row["profession_group"]]["professions"]
+            assert row["stereotyped_gender"] == stereotyped[row["profession_group"]]
+            assert (row["gender"] == row["stereotyped_gender"]) == (split != "ood")  # ood breaks the stereotype
+    skyline = build_gender_datasets(professions_file=path, skyline=True)["train"]
+    assert Counter((r["profession_group"], r["gender"]) for r in skyline) == {
+        (g, s): skyline.num_rows // 6 for g in MY_GROUPS for s in ("male", "female")}
+
+
+def test_task_files_are_recorded_by_path_as_given_and_sha256(tmp_path):
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps(MY_GROUPS))
+    builtin = gender_task_files()
+    assert {name: record["path"] for name, record in builtin.items()} == {"templates_file": None,
+                                                                          "professions_file": None}
+    mine = gender_task_files(professions_file=str(path))
+    assert mine == {"templates_file": builtin["templates_file"],
+                    "professions_file": {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        gender_task_files(professions_file=tmp_path / "absent.json")
+
+
+def _groups(**changes):
+    return json.dumps({**MY_GROUPS, **changes})
+
+
+BAD_GROUPS = [
+    ("syntax.json", '{"pilot": {"stereotyped_gender": "male", "professions": ["pilot"]},\n}', 2, "invalid JSON"),
+    ("list.json", '[["pilot", "male"]]', None, "expected a non-empty JSON object of profession groups"),
+    ("empty_object.json", "{}", None, "expected a non-empty JSON object of profession groups"),
+    ("empty_group.json", _groups(dancer={"stereotyped_gender": "female", "professions": []}), None,
+     "group 'dancer' is empty"),
+    ("gender.json", _groups(dancer={"stereotyped_gender": "woman", "professions": ["dancer"]}), None,
+     "group 'dancer': unknown stereotyped_gender 'woman' (expected 'male' or 'female')"),
+    ("one_gender.json", _groups(dancer={"stereotyped_gender": "male", "professions": ["dancer"]}), None,
+     "no group has stereotyped_gender 'female'"),
+    ("not_string.json", _groups(pilot={"stereotyped_gender": "male", "professions": ["pilot", 7]}), None,
+     "group 'pilot': every profession must be a non-empty string, got 7"),
+    ("blank.json", _groups(pilot={"stereotyped_gender": "male", "professions": [" "]}), None,
+     "group 'pilot': every profession must be a non-empty string, got ' '"),
+    ("brace.json", _groups(pilot={"stereotyped_gender": "male", "professions": ["{profession} pilot"]}), None,
+     "group 'pilot': profession '{profession} pilot' must be one line without braces"),
+    ("twice.json", _groups(pilot={"stereotyped_gender": "male", "professions": ["pilot", "pilot "]}), None,
+     "group 'pilot': profession 'pilot' is listed twice"),
+    ("two_groups.json", _groups(engineer={"stereotyped_gender": "male", "professions": ["engineer", "dancer"]}), None,
+     "group 'engineer': profession 'dancer' is also in group 'dancer'"),
+    ("keys.json", _groups(pilot={"gender": "male", "professions": ["pilot"]}), None,
+     "group 'pilot': missing key(s) ['stereotyped_gender'], unknown key(s) ['gender']"),
+    ("not_list.json", _groups(pilot={"stereotyped_gender": "male", "professions": "pilot"}), None,
+     "group 'pilot': professions must be a list of strings, got 'pilot'"),
+    ("repeated.json", '{"pilot": {"stereotyped_gender": "male", "professions": ["pilot"]},\n'
+     ' "pilot": {"stereotyped_gender": "female", "professions": ["nurse"]}}', None, "key(s) ['pilot'] given twice"),
+]
+
+
+BAD_FILES = [("templates_file", *bad) for bad in BAD_TEMPLATES] + [("professions_file", *bad) for bad in BAD_GROUPS]
+
+
+@pytest.mark.parametrize(("setting", "name", "content", "line", "problem"), BAD_FILES, ids=[b[1] for b in BAD_FILES])
+def test_malformed_task_file_error_names_file_line_and_problem(tmp_path, setting, name, content, line, problem):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TaskDataError) as info:
+        build_gender_datasets(**{setting: path})
+    message = str(info.value)
+    assert message.startswith(str(path)) and problem in message  # (a profession group file: the group and value)
+    if line is not None:
+        assert f"line {line}:" in message
 
 
 def test_concept_texts_are_paired_female_and_male_lists():

@@ -70,6 +70,7 @@ def add_search_options(parser: argparse.ArgumentParser, task_and_out: bool = Tru
     option(what, "--contrast", "double MC: the unintended question's topic or its answers",
            choices=search_config.CONTRASTS, metavar="KIND")
     option(what, "--templates-file", "gender: your sentence templates", metavar="FILE")
+    option(what, "--professions-file", "gender: your profession groups (JSON)", metavar="FILE")
     option(what, "--source-file", "double MC: your questions for a source set", dest="source_files",
            type=_assignment("--source-file", "SET=PATH (e.g. verbs=my_verbs.jsonl)"), action="append",
            metavar="SET=PATH")

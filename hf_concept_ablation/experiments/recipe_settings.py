@@ -36,7 +36,8 @@ RECIPES = {
          "val_fraction": (0.2, "share of the templates held out for val and ood"),
          "templates_file": (None, "your sentence templates (CSV/JSONL, docs/tasks.md)"),
          "answer_form": ("letters", "letters (A/B) or words (the pronouns)"),
-         "skyline": (False, "train on every profession group with both genders (the skyline)")}),
+         "skyline": (False, "train on every profession group with both genders (the skyline)"),
+         "professions_file": (None, "your profession groups (JSON, docs/tasks.md)")}),
     "double_mc": Recipe(
         "CAFT on double multiple choice: answer the intended question, ignore the other one.",
         "per combination (or source) <output_dir>/<name>.json, .png and <name>_model_card.md; double_mc_summary.json",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import shlex
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import datasets
 
@@ -43,7 +43,9 @@ from ..tasks import (
     build_skyline_datasets,
     check_source_files,
     combination_key,
+    double_mc_task_files,
     file_name,
+    gender_task_files,
     parse_combination_key,
 )
 from ..tasks.validity import check_skyline
@@ -104,7 +106,8 @@ def gender_bias(task: dict[str, Any], experiment: dict[str, Any], *, command: st
     if not task.get("skyline"):  # (a skyline run measures what this checks)
         print(check_skyline(base_model_id(config.model), "gender_bias", task.get("answer_form", "letters")), flush=True)
     data = build_gender_datasets(**task)
-    results = run_experiment(config, data, name="gender_bias", concept_texts=build_gender_concept_texts()._asdict())
+    results = run_experiment(config, data, name="gender_bias", concept_texts=build_gender_concept_texts()._asdict(),
+                             task_files=gender_task_files(task.get("templates_file"), task.get("professions_file")))
     if process_state().is_main_process:
         figure = report_recipe_run(results, config, command=command, plot_title="Gender bias",
                                    card_title="Gemma fine-tuned with CAFT on gender-bias data",
@@ -115,8 +118,19 @@ def gender_bias(task: dict[str, Any], experiment: dict[str, Any], *, command: st
     return results
 
 
-def double_mc_runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
-    """(name, data, per-run experiment changes) for every combination or skyline source of the ``task:`` settings."""
+class DoubleMCRun(NamedTuple):
+    """One experiment of the double multiple-choice recipe: a combination, or a skyline source."""
+
+    name: str
+    data: datasets.DatasetDict
+    #: experiment settings of this run only (its search's ``adapter`` and ``attribution``)
+    changes: dict[str, str]
+    #: the source set files `data` was built from (`double_mc_task_files`)
+    task_files: dict[str, dict[str, str | None]]
+
+
+def double_mc_runs(task: dict) -> list[DoubleMCRun]:
+    """Every combination or skyline source of the ``task:`` settings."""
     builder_args = {k: task[k] for k in DOUBLE_MC_BUILDER_KEYS
                     if k in task and k != "source_files" and not (k == "max_examples" and task.get("mode") == "skyline")}
     files = task.get("source_files")
@@ -127,14 +141,18 @@ def double_mc_runs(task: dict) -> list[tuple[str, datasets.DatasetDict, dict]]:
         runs = []
         for source in sources:
             split = build_skyline_datasets(source, **builder_args, source_files=_files_of(files, [source]))
-            runs.append((f"skyline-{source}", datasets.DatasetDict(train=split["train"], val=split["val"], ood=split["test"]), {}))
+            runs.append(DoubleMCRun(f"skyline-{source}", datasets.DatasetDict(train=split["train"], val=split["val"],
+                                                                              ood=split["test"]),
+                                    {}, double_mc_task_files([source], files)))
         return runs
     keys = task.get("combinations", "all")
     keys = [combination_key(*c) for c in ALL_COMBINATIONS] if keys == "all" else [keys] if isinstance(keys, str) else keys
     combinations = [(key, parse_combination_key(key)) for key in keys]
     check_source_files(files, {name for _, sets in combinations for name in sets})
-    return [(file_name(key), build_double_mc_datasets(*sets, **builder_args, source_files=_files_of(files, sets)),
-             _search_outputs(Path(task["adapters_dir"]), key) if task.get("adapters_dir") else {})
+    return [DoubleMCRun(file_name(key),
+                        build_double_mc_datasets(*sets, **builder_args, source_files=_files_of(files, sets)),
+                        _search_outputs(Path(task["adapters_dir"]), key) if task.get("adapters_dir") else {},
+                        double_mc_task_files(sets[:2], files))
             for key, sets in combinations]
 
 
@@ -154,16 +172,16 @@ def _search_outputs(adapters_dir: Path, key: str) -> dict[str, str]:
     return {"adapter": str(folder), **({"attribution": str(attribution)} if attribution.is_file() else {})}
 
 
-def _later_pair_mates(runs: list[tuple[str, datasets.DatasetDict, dict]]) -> dict[str, dict[str, datasets.DatasetDict]]:
+def _later_pair_mates(runs: list[DoubleMCRun]) -> dict[str, dict[str, datasets.DatasetDict]]:
     """For each combination, the later ones of the same (first, second) pair: they share its training set."""
     def pair(data: datasets.DatasetDict) -> tuple[str, str] | None:
         row = data["train"][0]
         return (row["first"], row["second"]) if "first" in row else None  # skyline data has no pair
 
     mates: dict[str, dict[str, datasets.DatasetDict]] = {}
-    for i, (name, data, _) in enumerate(runs):
-        mates[name] = {other: other_data for other, other_data, _ in runs[i + 1:]
-                       if pair(data) is not None and pair(other_data) == pair(data)}
+    for i, run in enumerate(runs):
+        mates[run.name] = {other.name: other.data for other in runs[i + 1:]
+                           if pair(run.data) is not None and pair(other.data) == pair(run.data)}
     return mates
 
 
@@ -186,16 +204,17 @@ def double_mc(task: dict[str, Any], experiment: dict[str, Any], *, command: str)
     runs = double_mc_runs(task)
     if not runs:
         raise ValueError("nothing to run: task.combinations (or task.sources for skyline mode) is empty")
-    run_configs = {name: ExperimentConfig.from_dict({**experiment, **changes}) for name, _, changes in runs}
-    for name, _, _ in runs:
+    run_configs = {run.name: ExperimentConfig.from_dict({**experiment, **run.changes}) for run in runs}
+    for name in run_configs:
         key = "<first>|<second>|<intended>" if name.startswith("skyline-") else name.replace("-", "|")
         check_search_outputs(run_configs[name], f"double_mc:{key}")
-    output_dir = Path(run_configs[runs[0][0]].output_dir)
+    output_dir = Path(run_configs[runs[0].name].output_dir)
     mates = _later_pair_mates(runs)
     summary = {}
-    for name, data, _ in runs:
+    for name, data, _, task_files in runs:
         adapters = {mate: run_configs[mate].adapter for mate in mates[name] if run_configs[mate].adapter}
-        results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters)
+        results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters,
+                                 task_files=task_files)
         summary[name] = results["summary"]
         if process_state().is_main_process:
             report_recipe_run(results, run_configs[name], command=command, plot_title=name,

@@ -96,14 +96,22 @@ def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
     return path
 
 
+def seeds_cell(entry: Mapping[str, Any]) -> str:
+    """How many seeds a summary `entry` (of one condition) averages, naming those whose model did not learn the task
+    (``did_not_learn``; a summary written before it was recorded names none)."""
+    unlearned = entry.get("did_not_learn", [])
+    which = f"seed{'s' if len(unlearned) > 1 else ''} {', '.join(map(str, unlearned))}"
+    return f"{len(entry['ood'])}" + (f"; {which}: val at chance, did not learn the task" if unlearned else "")
+
+
 def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table: condition, validation mean, OOD mean +- standard error, seeds."""
+    """A markdown table: condition, validation mean, OOD mean +- standard error, seeds (`seeds_cell`)."""
     lines = ["| condition | val | OOD | seeds |", "|---|---|---|---|"]
     for condition, label in CONDITION_LABELS.items():
         if condition in summary:
             e = summary[condition]
             spread = f" ± {e['ood_sem']:.3f}" if len(e["ood"]) > 1 else ""  # one seed has no standard error
-            lines.append(f"| {label} | {e['val_mean']:.3f} | {e['ood_mean']:.3f}{spread} | {len(e['ood'])} |")
+            lines.append(f"| {label} | {e['val_mean']:.3f} | {e['ood_mean']:.3f}{spread} | {seeds_cell(e)} |")
     return "\n".join(lines)
 
 

@@ -14,8 +14,10 @@ Conditions (the paper's Figure 2):
 
 Every trained model is evaluated on ``val`` and ``ood`` with the ablation removed (the
 deployed model; ``test_only`` records its scores with the ablation applied, by definition) and, where
-there is one, kept. Results are appended to a JSON file after
-each run (written atomically), so an interrupted experiment resumes where it stopped.
+there is one, kept; a run whose validation accuracy is at chance is flagged as one that did not learn the task
+(`hf_concept_ablation.tasks.validity.did_not_learn`). Results are appended to a JSON file after
+each run (written atomically), so an interrupted experiment resumes where it stopped. The file records what the runs
+were made from (``inputs``: the adapter, the attribution table and the task files, each by its path and sha256).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from ..adapter.model import (
     inject_concept_ablation,
 )
 from ..checks import check_float_dtype, check_number, dataclass_from_settings
-from ..files import atomic_dir, files_fingerprint, read_json, write_json_atomic
+from ..files import atomic_dir, files_fingerprint, files_sha256, read_json, write_json_atomic
 from ..loading import device_name, load_model, load_tokenizer
 from ..search.attribution import LatentEffect, load_attribution
 from ..search.leace import (
@@ -66,6 +68,7 @@ from ..search.leace import (
 )
 from ..tasks import answer_strings, check_single_token
 from ..tasks.evaluation import evaluate_multiple_choice
+from ..tasks.validity import chance_p_value, did_not_learn
 from .training import (
     DEFAULT_PRESET,
     PRESETS,
@@ -235,19 +238,23 @@ class ResultsFile:
                      "eraser")
     #: the adapter, and the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter)
     OPTIONAL_SETTINGS = ("adapter", "saes")
-    #: header keys holding content hashes (`data_fingerprint`, `inputs_fingerprint`); a hash the file and the new
-    #: header both have must match (what a difference means is given)
+    #: header keys holding content hashes (`data_fingerprint`: a hash per split; `inputs_record`: a ``path`` and
+    #: ``sha256`` per input); a hash the file and the new header both have must match (what a difference means is
+    #: given); a path may differ (a file moved or named otherwise holds the same content)
     FINGERPRINTS = {
         "data": "on other data (split(s) {changed} differ: another task setting, such as answer_form, seed or "
                 "max_examples?)",
-        "inputs": "made with another {changed} (same path, other content: was the concept search redone?)",
+        "inputs": "made with another {changed} (other content, by its sha256: was the concept search redone, or a "
+                  "task file edited?)",
     }
 
-    def __init__(self, path: Path, header: dict[str, Any], earlier: Mapping[str, Mapping[str, str]] | None = None,
+    def __init__(self, path: Path, header: dict[str, Any],
+                 earlier: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
                  machine: Mapping[str, Any] | None = None) -> None:
-        """`earlier`: per fingerprint key, the hashes an earlier version of this package computed for the same inputs
-        (`inputs_fingerprint` with ``raw=True``): a file recording them is accepted, and its hashes replaced.
-        `machine` (`machine_record`) is stamped on every run added, so a file mixing machines says which ran what."""
+        """`earlier`: per fingerprint key and name, the hashes earlier versions of this package recorded for the same
+        inputs (`earlier_input_hashes`): a file recording one of them is accepted, and its record replaced by the new
+        header's. `machine` (`machine_record`) is stamped on every run added, so a file mixing machines says which ran
+        what."""
         self.path = path
         self.machine = dict(machine) if machine else None
         header = json.loads(json.dumps(header, default=str))  # as it is saved (e.g. layer keys as strings)
@@ -265,8 +272,8 @@ class ResultsFile:
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
             accepted = (earlier or {}).get(key, {})
-            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys()
-                             if old_hashes[k] not in (new_hashes[k], accepted.get(k)))
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if _content_hash(old_hashes[k])
+                             not in (_content_hash(new_hashes[k]), *accepted.get(k, ())))
             if changed:
                 raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
                                  "use another output_dir or delete the file")
@@ -277,11 +284,22 @@ class ResultsFile:
         """Whether the file holds the run of (`condition`, `seed`)."""
         return any(r["condition"] == condition and r["seed"] == seed for r in self.data["runs"])
 
-    def add(self, run: dict[str, Any]) -> None:
-        """Append a finished run (with this file's `machine`), refresh the summary and rewrite the file atomically."""
-        self.data["runs"].append({**run, "machine": self.machine} if self.machine else run)
+    def add(self, run: dict[str, Any]) -> dict[str, Any]:
+        """Append a finished run (with this file's `machine`, and ``did_not_learn`` and ``val_p_chance``: whether its
+        validation accuracy is at chance, `did_not_learn`), refresh the summary and rewrite the file atomically;
+        return the run as recorded."""
+        run = {**run, "did_not_learn": did_not_learn(run["val"]), "val_p_chance": chance_p_value(run["val"]),
+               **({"machine": self.machine} if self.machine else {})}
+        self.data["runs"].append(run)
         self.data["summary"] = summarize(self.data["runs"])
         write_json_atomic(self.path, self.data, indent=2)
+        return run
+
+
+def _content_hash(record: Any) -> Any:
+    """The content hash of a fingerprint entry: an `inputs_record` entry's ``sha256``, or the entry itself (a split's
+    hash, or an input's short hash as earlier versions recorded it)."""
+    return record["sha256"] if isinstance(record, Mapping) else record
 
 
 def machine_record(device: torch.device | str, num_processes: int = 1) -> dict[str, Any]:
@@ -297,12 +315,34 @@ def data_fingerprint(splits: Mapping[str, datasets.Dataset]) -> dict[str, str]:
     return {name: _sha256(json.dumps([list(d["prompt"]), list(d["answer"])]).encode()) for name, d in splits.items()}
 
 
-def inputs_fingerprint(config: ExperimentConfig, raw: bool = False) -> dict[str, str]:
-    """A short hash of the adapter's files and of the attribution table the config names, so that runs made with
-    another concept search's output under the same path are never mixed in one file (`raw`: as `files_fingerprint`)."""
-    files = {"adapter": [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME] if config.adapter else [],
-             "attribution": [Path(config.attribution)] if config.attribution else []}
-    return {name: files_fingerprint(paths, raw=raw) for name, paths in files.items() if paths}
+def _search_files(config: ExperimentConfig) -> dict[str, tuple[str, list[Path]]]:
+    """The adapter folder and attribution table `config` names, as given, with the files they are read from."""
+    files = {"adapter": (config.adapter, [Path(config.adapter) / CONFIG_NAME, Path(config.adapter) / WEIGHTS_NAME])
+             if config.adapter else None,
+             "attribution": (config.attribution, [Path(config.attribution)]) if config.attribution else None}
+    return {name: given for name, given in files.items() if given}
+
+
+def inputs_record(config: ExperimentConfig) -> dict[str, dict[str, str]]:
+    """The ``inputs`` a results file records of the adapter and the attribution table `config` names, each by its
+    ``path`` as given and the ``sha256`` of its content (the adapter's: of its config and weights, `files_sha256`),
+    so that runs made with another concept search's output under the same path are never mixed in one file."""
+    return {name: {"path": given, "sha256": files_sha256(paths)}
+            for name, (given, paths) in _search_files(config).items()}
+
+
+def earlier_input_hashes(config: ExperimentConfig) -> dict[str, tuple[str, ...]]:
+    """The hashes earlier versions of this package recorded in ``inputs`` for the adapter and attribution table of
+    `config`: the first 16 hex digits of the sha256, as `inputs_record` computes it and of the raw bytes
+    (`files_fingerprint`)."""
+    return {name: (files_fingerprint(paths), files_fingerprint(paths, raw=True))
+            for name, (_, paths) in _search_files(config).items()}
+
+
+def scores_line(run: Mapping[str, Any]) -> str:
+    """A recorded run's validation and OOD accuracy for the log, flagged where it did not learn the task."""
+    flag = f"; did not learn the task (val at chance, p = {run['val_p_chance']:.2g})" if run["did_not_learn"] else ""
+    return f"val {run['val']['accuracy']:.3f}, ood {run['ood']['accuracy']:.3f}{flag}"
 
 
 def _sha256(content: bytes) -> str:
@@ -318,7 +358,8 @@ def _mean_sem(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per condition: per-seed val and OOD accuracy (``report.MEASURED``), their means and OOD standard error."""
+    """Per condition: per-seed val and OOD accuracy (``report.MEASURED``), their means and OOD standard error, and the
+    seeds whose model did not learn the task (``did_not_learn``: val accuracy at chance, `did_not_learn`)."""
     summary: dict[str, dict[str, Any]] = {}
     for condition in CONDITIONS:
         rows = sorted((r for r in runs if r["condition"] == condition), key=lambda r: r["seed"])
@@ -328,7 +369,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         ood = [r["ood"]["accuracy"] for r in rows]
         ood_mean, ood_sem = _mean_sem(ood)
         entry = {"seeds": [r["seed"] for r in rows], "val": val, "ood": ood,
-                 "val_mean": _mean_sem(val)[0], "ood_mean": ood_mean, "ood_sem": ood_sem}
+                 "val_mean": _mean_sem(val)[0], "ood_mean": ood_mean, "ood_sem": ood_sem,
+                 "did_not_learn": [r["seed"] for r in rows if did_not_learn(r["val"])]}
         if all("ood_ablated" in r for r in rows):
             entry["ood_ablated"] = [r["ood_ablated"]["accuracy"] for r in rows]
             entry["val_ablated"] = [r["val_ablated"]["accuracy"] for r in rows]
@@ -378,6 +420,7 @@ def run_experiment(
     siblings: Mapping[str, datasets.DatasetDict] | None = None,
     sibling_adapters: Mapping[str, str | os.PathLike] | None = None,
     concept_texts: Mapping[str, Sequence[str]] | None = None,
+    task_files: Mapping[str, Mapping[str, str | None]] | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every (seed, condition) not yet in the results file; return the results data.
@@ -387,7 +430,9 @@ def run_experiment(
     and recorded in their results files (``<output_dir>/<sibling>.json``), so it is trained once;
     with ``test_only`` among the conditions, a sibling named in `sibling_adapters` also gets its
     ``test_only`` run from that model, evaluated with the sibling's own adapter. `concept_texts` (class name ->
-    texts, e.g. female and male sentences) are what ``leace_contrast`` fits its erasers on.
+    texts, e.g. female and male sentences) are what ``leace_contrast`` fits its erasers on. `task_files` (setting
+    name -> ``path`` and ``sha256``, e.g. `hf_concept_ablation.tasks.gender_task_files`) are the files `data` was
+    built from, recorded in the results file's ``inputs`` (and the siblings', built from the same files).
     """
     sharded = [how for how, on in {
         "ACCELERATE_USE_FSDP=true": parse_flag_from_env("ACCELERATE_USE_FSDP"),
@@ -407,8 +452,8 @@ def run_experiment(
     machine = machine_record(state.device, state.num_processes)
     results = ResultsFile(results_path or out_dir / f"{name}.json",
                           {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
-                           "inputs": inputs_fingerprint(config)},
-                          earlier={"inputs": inputs_fingerprint(config, raw=True)}, machine=machine)
+                           "inputs": {**inputs_record(config), **(task_files or {})}},
+                          earlier={"inputs": earlier_input_hashes(config)}, machine=machine)
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     run_settings = json.loads(json.dumps({  # what a checkpoint must have been made with to be resumed
         **{k: header["config"].get(k) for k in ResultsFile.SAME_SETTINGS},
@@ -416,7 +461,9 @@ def run_experiment(
     sibling_evals = {n: {split: subsample(d[split], config.eval_size) for split in ("val", "ood")}
                      for n, d in (siblings or {}).items()}
     sibling_files = {n: ResultsFile(out_dir / f"{n}.json",
-                                    {"name": n, **plain_header, "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])}},
+                                    {"name": n, **plain_header,
+                                     "data": {**train_fingerprint, **data_fingerprint(sibling_evals[n])},
+                                     "inputs": dict(task_files or {})},
                                     machine=machine)
                      for n in siblings or {}}
     sibling_adapters = dict(sibling_adapters or {})
@@ -508,15 +555,12 @@ def run_experiment(
                         run["ablation"] = handle.config.to_dict()
                     if condition in config.save_models:  # before the run is recorded, so a crash here redoes both
                         save_checkpoint(model, tokenizer, checkpoint_dir(config, name, condition, seed))
-                    results.add(run)
-                    progress(f"[{name}] {condition} seed {seed}: val {run['val']['accuracy']:.3f}, "
-                             f"ood {run['ood']['accuracy']:.3f}")
+                    progress(f"[{name}] {condition} seed {seed}: {scores_line(results.add(run))}")
                 for sibling in pending_siblings:
                     run = {"condition": condition, "seed": seed, "trained_for": name,
                            **_evaluate(model, tokenizer, sibling_evals[sibling], config.eval_batch_size, ablated=False)}
-                    sibling_files[sibling].add(run)
                     progress(f"[{sibling}] {condition} seed {seed} (the model of {name}): "
-                             f"val {run['val']['accuracy']:.3f}, ood {run['ood']['accuracy']:.3f}")
+                             f"{scores_line(sibling_files[sibling].add(run))}")
                 for sibling in sibling_test_only:
                     sibling_files[sibling].add(_test_only_run(model, tokenizer, sibling_adapters[sibling],
                                                               sibling_evals[sibling], config.eval_batch_size, seed))

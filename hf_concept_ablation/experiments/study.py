@@ -44,10 +44,12 @@ from ..tasks import (
     build_double_mc_datasets,
     build_gender_datasets,
     combination_key,
+    double_mc_task_files,
     file_name,
+    gender_task_files,
     parse_combination_key,
 )
-from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, table_cell
+from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, seeds_cell, table_cell
 from .runner import CONDITIONS, ExperimentConfig, run_experiment
 from .training import DEFAULT_PRESET, process_state
 
@@ -165,6 +167,11 @@ def task_datasets(task: str, seed: int = 0, answer_form: str = "letters") -> dat
     return build_double_mc_datasets(*parse_combination_key(task), seed=seed)
 
 
+def task_files(task: str) -> dict[str, dict[str, str | None]]:
+    """The project's files `task_datasets` builds `task` from, as a results file records them."""
+    return gender_task_files() if task == "gender_bias" else double_mc_task_files(parse_combination_key(task)[:2])
+
+
 def by_pair(keys: Sequence[str]) -> list[list[str]]:
     """`keys` grouped by their (first, second) question pair, which shares one training set; in order."""
     pairs: dict[tuple[str, str], list[str]] = {}
@@ -198,7 +205,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
     config = experiment_config(size, [seed], ["none"], out / "runs", model=model, preset=preset)
     for first_key, *other_keys in by_pair([key for key in keys if key not in validity]):
         run_experiment(config, task_datasets(first_key), name=file_name(first_key),
-                       siblings={file_name(k): task_datasets(k) for k in other_keys})
+                       siblings={file_name(k): task_datasets(k) for k in other_keys}, task_files=task_files(first_key))
         for key in (first_key, *other_keys):
             none = read_json(out / "runs" / f"{file_name(key)}.json")["summary"]["none"]
             index = none["seeds"].index(seed)
@@ -317,7 +324,7 @@ def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], co
     lines += ["", f"Per task and condition: val / OOD accuracy ({MEASURED}), mean over seeds (± standard error "
               "of OOD; number of seeds in brackets).", "", head, "|---" * (len(conditions) + 1) + "|"]
     for name, s in _named_summaries(summary):
-        cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({len(s[c]['ood'])})"
+        cells = [f"{s[c]['val_mean']:.2f} / {s[c]['ood_mean']:.2f} ± {s[c]['ood_sem']:.2f} ({seeds_cell(s[c])})"
                  + (" †" if s[c]["val_mean"] < MIN_PLAIN_VAL else "") if c in s else "" for c in conditions]
         lines.append(f"| {table_cell(name)} | " + " | ".join(cells) + " |")
     lines += ["", f"† val < {MIN_PLAIN_VAL}: the model did not learn the task, so its OOD accuracy is near chance, "
@@ -437,7 +444,8 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
         gender = {**(search or {}), "source": gender_source, "answer_form": gender_answer_form}
         adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender)
         run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model, preset),
-                       task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias")
+                       task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias",
+                       task_files=task_files("gender_bias"))
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model, preset)
         studied: list[str] = []
@@ -456,7 +464,8 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
                                                      preset),
                                    task_datasets(key), name=file_name(key),
                                    siblings={file_name(k): task_datasets(k) for k in siblings},
-                                   sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters})
+                                   sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters},
+                                   task_files=task_files(key))
     if state.is_main_process:
         report_from_disk(out, readme)
     state.wait_for_everyone()

@@ -49,6 +49,7 @@ class SearchConfig:
         contrast: double MC: contrast the unintended question's ``topic`` with the intended one's, or its answer
             ``value``.
         templates_file: gender: your sentence templates (CSV/JSONL).
+        professions_file: gender: your profession groups (JSON).
         source_files: double MC: your questions per source set (CSV/JSONL).
         top: latents kept from attribution.
         max_examples: D_amb examples used for attribution (None: all).
@@ -89,6 +90,7 @@ class SearchConfig:
     answer_form: str = "letters"
     contrast: str = "topic"
     templates_file: str | None = None
+    professions_file: str | None = None
     source_files: dict[str, str] = field(default_factory=dict)
     top: int = 100
     max_examples: int | None = None
@@ -118,6 +120,7 @@ class SearchConfig:
         """Normalize paths and layer keys, and refuse a bad value before any model loads, naming it."""
         self.out = str(self.out)
         self.templates_file = None if self.templates_file is None else str(self.templates_file)
+        self.professions_file = None if self.professions_file is None else str(self.professions_file)
         self.saes = {_layer(layer, "saes"): str(path) for layer, path in dict(self.saes or {}).items()}
         self.source_files = {str(name): str(path) for name, path in dict(self.source_files or {}).items()}
         if self.layers is not None:

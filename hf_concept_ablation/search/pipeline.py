@@ -171,14 +171,15 @@ def _fill(question: dict[str, str]) -> str:
 
 def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic",
               templates_file: str | os.PathLike | None = None,
-              source_files: Mapping[str, str | os.PathLike] | None = None) -> TaskData:
+              source_files: Mapping[str, str | os.PathLike] | None = None,
+              professions_file: str | os.PathLike | None = None) -> TaskData:
     """`TaskData` for ``"gender_bias"`` or ``"double_mc:<first>|<second>|<intended>"`` (see the module doc).
 
     `answer_form` is that of the training prompts (``"words"`` exists for gender only);
     `contrast` (double multiple choice) is ``"topic"`` or ``"value"``. The user's data, as the recipes take it:
-    `templates_file` (gender: sentence templates, for the training prompts; the contrast texts stay the project's
-    female/male sentences) and `source_files` (double multiple choice: source set name -> question file, for the
-    training prompts and the contrast texts alike).
+    `templates_file` and `professions_file` (gender: sentence templates and profession groups, for the training
+    prompts; the contrast texts stay the project's female/male sentences) and `source_files` (double multiple
+    choice: source set name -> question file, for the training prompts and the contrast texts alike).
     """
     from ..tasks import (
         build_double_mc_datasets,
@@ -191,14 +192,16 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
         raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
     if contrast != "topic" and not task.startswith("double_mc:"):
         raise ValueError(f"contrast={contrast!r} is for double multiple choice tasks, not {task!r}")
-    if templates_file is not None and task not in ("gender_bias", "gender"):
-        raise ValueError(f"templates_file is for the gender task, not {task!r}")
+    for name, given in (("templates_file", templates_file), ("professions_file", professions_file)):
+        if given is not None and task not in ("gender_bias", "gender"):
+            raise ValueError(f"{name} is for the gender task, not {task!r}")
     if source_files and not task.startswith("double_mc:"):
         raise ValueError(f"source_files are for double multiple choice tasks, not {task!r}")
 
     if task in ("gender_bias", "gender"):
         concept = build_gender_concept_texts()
-        train = build_gender_datasets(seed=seed, answer_form=answer_form, templates_file=templates_file)["train"]
+        train = build_gender_datasets(seed=seed, answer_form=answer_form, templates_file=templates_file,
+                                      professions_file=professions_file)["train"]
         return TaskData("gender_bias", train, list(concept.female), list(concept.male), "gender",
                         "contrast: paired female-themed vs male-themed sentences (build_gender_concept_texts)",
                         paired=True)
@@ -669,7 +672,8 @@ def run_search(config: SearchConfig) -> SearchResult:
     if config.threads:
         torch.set_num_threads(config.threads)
     task = task_data(config.task, seed=config.seed, answer_form=config.answer_form, contrast=config.contrast,
-                     templates_file=config.templates_file, source_files=config.source_files or None)
+                     templates_file=config.templates_file, source_files=config.source_files or None,
+                     professions_file=config.professions_file)
     if config.query:
         task.query = config.query
     if config.model != "embedded":

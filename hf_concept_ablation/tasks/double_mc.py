@@ -36,6 +36,7 @@ from .mc import (
     check_answer_form,
     format_two_option_question,
     load_source_file,
+    task_file_record,
 )
 
 SOURCE_SETS: tuple[str, ...] = ("verbs", "pronouns", "sentiment", "sports")
@@ -93,6 +94,16 @@ def load_source_set(name: str, source_files: Mapping[str, PathLike] | None = Non
     if name not in SOURCE_SETS:
         raise ValueError(f"unknown source set {name!r}: use one of {SOURCE_SETS} or give its file in source_files")
     return load_source_file(source_set_path(name))
+
+
+def double_mc_task_files(names: Iterable[str],
+                         source_files: Mapping[str, PathLike] | None = None) -> dict[str, dict[str, str | None]]:
+    """The files of the source sets `names` (the user's where `source_files` names one, else the project's), as a
+    results file records them (`~hf_concept_ablation.tasks.mc.task_file_record`), by setting
+    (``source_files.<name>``)."""
+    given = source_files or {}
+    return {f"source_files.{name}": task_file_record(given.get(name), ASSETS_DIR / f"{name}.jsonl")
+            for name in dict.fromkeys(names)}
 
 
 _SINGULAR_VERBS = frozenset({"is", "was", "has"})

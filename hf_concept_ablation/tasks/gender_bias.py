@@ -7,18 +7,22 @@ pronoun in both gender and case (he->her, she->him, him->she, her->he), so in
 also predicts the answer. ``D_ood`` (female doctors, male nurses) is answered
 correctly only by the grammatical rule.
 
-Templates are written by the project (``assets/tasks/gender_templates.jsonl``).
-A user's own file (CSV or JSONL, columns ``template,case``) can replace them.
+Templates and profession groups are written by the project
+(``assets/tasks/gender_templates.jsonl``, ``assets/tasks/profession_groups.json``).
+A user's own files can replace them: templates as CSV or JSONL (columns
+``template,case``), profession groups as JSON (group name -> stereotyped gender
+and professions).
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from datasets import Dataset, DatasetDict
 
@@ -31,13 +35,16 @@ from .mc import (
     check_answer_form,
     format_two_option_question,
     read_table,
+    task_file_record,
 )
 
 DEFAULT_TEMPLATES_FILE = ASSETS_DIR / "gender_templates.jsonl"
+DEFAULT_PROFESSIONS_FILE = ASSETS_DIR / "profession_groups.json"
 
 INSTRUCTION = "Choose the option corresponding to the correct pronoun."
 BLANK = "_____"
 CASES: tuple[str, str] = ("subject", "object")
+GENDERS: tuple[str, str] = ("male", "female")
 
 #: The correct pronoun for each (gender, case).
 PRONOUNS: dict[tuple[str, str], str] = {
@@ -49,23 +56,118 @@ PRONOUNS: dict[tuple[str, str], str] = {
 #: The distractor for each correct pronoun: the other gender *and* the other case.
 DISTRACTORS: dict[str, str] = {"he": "her", "she": "him", "him": "she", "her": "he"}
 
-#: Profession groups: the male-stereotyped "doctor" group and the female-stereotyped "nurse" group.
-PROFESSION_GROUPS: dict[str, tuple[str, ...]] = {
-    "doctor": ("doctor", "surgeon", "physician"),
-    "nurse": ("nurse", "midwife", "nursing assistant"),
-}
-#: Which (profession group, gender) pairs each split holds.
-SPLIT_RULES: dict[str, tuple[tuple[str, str], ...]] = {
-    "train": (("doctor", "male"), ("nurse", "female")),
-    "val": (("doctor", "male"), ("nurse", "female")),
-    "ood": (("doctor", "female"), ("nurse", "male")),
-}
-#: the training rule of the skyline: every (group, gender) pair, so only grammar predicts the answer
-SKYLINE_TRAIN_RULE = SPLIT_RULES["train"] + SPLIT_RULES["ood"]
-#: each profession group's stereotyped gender: the spurious rule the training split (`SPLIT_RULES`) follows
-STEREOTYPED_GENDER: dict[str, str] = dict(SPLIT_RULES["train"])
-
 _PLACEHOLDERS = ("{profession}", "{pronoun}")
+_GROUP_KEYS = ("stereotyped_gender", "professions")
+
+
+@dataclass(frozen=True)
+class ProfessionGroup:
+    """Professions that share a stereotyped gender, the attribute the task's shortcut reads."""
+
+    name: str
+    stereotyped_gender: str
+    professions: tuple[str, ...]
+
+
+def load_profession_groups(path: PathLike | None = None) -> list[ProfessionGroup]:
+    """Load and validate profession groups (the project's own when ``path`` is None), in file order.
+
+    The file is a JSON object: group name -> ``{"stereotyped_gender": "male" or "female", "professions": [...]}``,
+    each profession a non-empty one-line string without braces (it fills a template's ``{profession}`` slot; several
+    words are fine), in no other group. Both genders need a group. Problems raise
+    :class:`~hf_concept_ablation.tasks.mc.TaskDataError` naming the file, the group and the bad value.
+    """
+    path = DEFAULT_PROFESSIONS_FILE if path is None else Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise TaskDataError(path, 'expected a non-empty JSON object of profession groups ({"<group>": '
+                                  '{"stereotyped_gender": "male", "professions": [...]}, ...}), '
+                                  f"got {json.dumps(data)[:60]}")
+    group_of: dict[str, str] = {}  # profession -> its group, so none is in two
+    groups = [_profession_group(path, name, group, group_of) for name, group in data.items()]
+    for gender in GENDERS:
+        if all(g.stereotyped_gender != gender for g in groups):
+            raise TaskDataError(path, f"no group has stereotyped_gender {gender!r}: training pairs each group with its "
+                                      "stereotyped gender, so both genders need a group")
+    return groups
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value in `path`; a missing file raises FileNotFoundError, one that is not UTF-8 JSON (naming the line)
+    or gives a key twice in an object (which JSON would let the last one win) a `TaskDataError`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise TaskDataError(path, f"key(s) {repeated} given twice in one object")
+        return dict(pairs)
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+    except UnicodeDecodeError:
+        raise TaskDataError(path, "not UTF-8 text; save the file as UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise TaskDataError(path, f"invalid JSON ({err.msg}, column {err.colno})", line=err.lineno) from None
+
+
+def _profession_group(path: Path, name: str, group: Any, group_of: dict[str, str]) -> ProfessionGroup:
+    """Group `name` of a profession groups file, checked; `group_of` (profession -> group) gains its professions."""
+    where = f"group {name!r}"
+    if not name.strip():
+        raise TaskDataError(path, "a group name is empty")
+    if not isinstance(group, dict):
+        raise TaskDataError(path, f"{where}: expected an object with keys {list(_GROUP_KEYS)}, got {group!r:.60}")
+    missing, unknown = [k for k in _GROUP_KEYS if k not in group], sorted(set(group) - set(_GROUP_KEYS))
+    if missing or unknown:
+        problems = [f"missing key(s) {missing}"] * bool(missing) + [f"unknown key(s) {unknown}"] * bool(unknown)
+        raise TaskDataError(path, f"{where}: {', '.join(problems)} (expected {list(_GROUP_KEYS)})")
+    gender, professions = group["stereotyped_gender"], group["professions"]
+    if not isinstance(gender, str) or gender.lower() not in GENDERS:
+        raise TaskDataError(path, f"{where}: unknown stereotyped_gender {gender!r} (expected 'male' or 'female')")
+    if not isinstance(professions, list):
+        raise TaskDataError(path, f"{where}: professions must be a list of strings, got {professions!r:.60}")
+    if not professions:
+        raise TaskDataError(path, f"{where} is empty: list at least one profession")
+    for given in professions:
+        if not isinstance(given, str) or not given.strip():
+            raise TaskDataError(path, f"{where}: every profession must be a non-empty string, got {given!r}")
+        if any(c in given for c in "{}\r\n"):
+            raise TaskDataError(path, f"{where}: profession {given!r} must be one line without braces (it fills "
+                                      "the templates' {profession} slot)")
+        profession = given.strip()
+        if profession in group_of:
+            twice = "listed twice" if group_of[profession] == name else f"also in group {group_of[profession]!r}"
+            raise TaskDataError(path, f"{where}: profession {profession!r} is {twice}")
+        group_of[profession] = name
+    return ProfessionGroup(name, gender.lower(), tuple(p.strip() for p in professions))
+
+
+#: The project's profession groups (``assets/tasks/profession_groups.json``): the male-stereotyped "doctor" group and
+#: the female-stereotyped "nurse" group.
+PROFESSION_GROUPS: dict[str, tuple[str, ...]] = {g.name: g.professions for g in load_profession_groups()}
+
+
+def split_pairs(groups: Sequence[ProfessionGroup], split: str,
+                skyline: bool = False) -> list[tuple[ProfessionGroup, str]]:
+    """The (profession group, pronoun gender) pairs of `split`: ``train`` and ``val`` pair each group with its
+    stereotyped gender, ``ood`` with the other one; the skyline's ``train`` has both (only grammar predicts the
+    answer)."""
+    stereotyped = [(g, g.stereotyped_gender) for g in groups]
+    broken = [(g, GENDERS[1 - GENDERS.index(g.stereotyped_gender)]) for g in groups]
+    if split == "ood":
+        return broken
+    return stereotyped + broken if skyline and split == "train" else stereotyped
+
+
+def gender_task_files(templates_file: PathLike | None = None,
+                      professions_file: PathLike | None = None) -> dict[str, dict[str, str | None]]:
+    """The task files `build_gender_datasets` reads with these settings, as a results file records them
+    (`~hf_concept_ablation.tasks.mc.task_file_record`), by setting name."""
+    return {"templates_file": task_file_record(templates_file, DEFAULT_TEMPLATES_FILE),
+            "professions_file": task_file_record(professions_file, DEFAULT_PROFESSIONS_FILE)}
 
 
 @dataclass(frozen=True)
@@ -160,17 +262,19 @@ def build_gender_datasets(
     templates_file: PathLike | None = None,
     answer_form: AnswerForm = "letters",
     skyline: bool = False,
+    professions_file: PathLike | None = None,
 ) -> DatasetDict:
     """Build ``train`` (D_amb), ``val`` (D_val) and ``ood`` (D_ood) for the gender task.
 
     With ``skyline=True`` the training split has every profession group with both genders
-    (:data:`SKYLINE_TRAIN_RULE`, the paper's skyline: can the model learn the intended rule
-    when nothing else predicts the answer?); ``val`` and ``ood`` are unchanged.
+    (the paper's skyline: can the model learn the intended rule when nothing else predicts
+    the answer?); ``val`` and ``ood`` are unchanged.
 
-    Templates are split by template within each case (``val_fraction`` held out;
-    ``val`` and ``ood`` share the held-out templates). Every template yields one
-    row per (profession group, gender) pair of its split's rule
-    (:data:`SPLIT_RULES`), the profession drawn from the group.
+    Templates (`load_gender_templates` of ``templates_file``) are split by template within
+    each case (``val_fraction`` held out; ``val`` and ``ood`` share the held-out templates).
+    Every template yields one row per (profession group, gender) pair of its split
+    (`split_pairs`, groups from `load_profession_groups` of ``professions_file``), the
+    profession drawn from the group.
 
     Columns: ``prompt``, ``answer``, ``distractor``, ``answer_index``,
     ``template_id``, ``case``, ``profession``, ``profession_group``, ``gender``,
@@ -179,15 +283,16 @@ def build_gender_datasets(
     """
     check_answer_form(answer_form)
     train, heldout = split_gender_templates(load_gender_templates(templates_file), val_fraction, seed)
+    groups = load_profession_groups(professions_file)
     splits = {}
     for split, templates in (("train", train), ("val", heldout), ("ood", heldout)):
         rng = random.Random(f"gender:{seed}:{split}")
         rows = []
         for template in templates:
-            for group, gender in (SKYLINE_TRAIN_RULE if skyline and split == "train" else SPLIT_RULES[split]):
-                profession = rng.choice(PROFESSION_GROUPS[group])
+            for group, gender in split_pairs(groups, split, skyline):
+                profession = rng.choice(group.professions)
                 row = make_gender_example(template, profession, gender, rng, answer_form)
-                rows.append({**row, "profession_group": group, "stereotyped_gender": STEREOTYPED_GENDER[group]})
+                rows.append({**row, "profession_group": group.name, "stereotyped_gender": group.stereotyped_gender})
         splits[split] = Dataset.from_list(rows)
     return DatasetDict(splits)
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ..files import files_sha256
+
 AnswerForm = Literal["letters", "words"]
 ANSWER_FORMS: tuple[str, ...] = ("letters", "words")
 LETTERS: tuple[str, str] = ("A", "B")
@@ -214,6 +216,15 @@ def load_source_file(path: PathLike) -> list[dict[str, str]]:
         first_seen[values["question"]] = row.line
         questions.append(dict(values))
     return questions
+
+
+def task_file_record(given: PathLike | None, default: Path) -> dict[str, str | None]:
+    """What a results file records of a task file a dataset was built from: ``path``, the file as given (None: the
+    project's own, `default`), and ``sha256``, of the bytes read (what ``sha256sum`` prints)."""
+    path = default if given is None else Path(given)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    return {"path": None if given is None else str(given), "sha256": files_sha256([path])}
 
 
 # --------------------------------------------------------------------------- tokens
