@@ -24,6 +24,7 @@ from hf_concept_ablation import (
     inject_concept_ablation,
 )
 from hf_concept_ablation.experiments.runner import ExperimentConfig, check_launch, run_experiment
+from hf_concept_ablation.experiments.training import shard_model
 
 
 def _ablated_model(mode: str) -> torch.nn.Module:
@@ -108,3 +109,8 @@ def test_fsdp_on_cpu_processes_refuses_checkpoints_it_cannot_resume(monkeypatch,
     check_launch(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), state)
     check_launch(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path), save_steps=5),
                  SimpleNamespace(distributed_type=DistributedType.FSDP))  # accelerate's FSDP saves them
+
+
+def test_sharding_needs_the_models_decoder_layer_class():
+    with pytest.raises(ValueError, match="Linear names no _no_split_modules"):
+        shard_model(torch.nn.Linear(2, 2))

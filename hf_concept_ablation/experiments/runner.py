@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -376,7 +377,7 @@ def searched_sae_sources(adapter: str | os.PathLike) -> dict[int, SAESource]:
     return {int(k): sae_source(k, v) for k, v in read_json(selection).get("sae_sources", {}).items()}
 
 
-def check_launch(config: ExperimentConfig, state: Any) -> None:
+def check_launch(config: ExperimentConfig, state: PartialState) -> None:
     """Refuse a launch the recipes cannot run, naming why: FSDP1 (`fsdp_launch`), DeepSpeed ZeRO stage 3, and
     ``save_steps`` where `fine_tune` shards the model itself (`shards_itself`: FSDP on CPU processes)."""
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":

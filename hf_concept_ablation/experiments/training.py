@@ -156,8 +156,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2 over the default process group as accelerate's FSDP2 plugin applies it by default: ``fully_shard`` on
     every block the model names in ``_no_split_modules`` (its decoder layers), then on the whole model (in place).
     The model is marked as sharded already, so the `Trainer` neither wraps it in DDP nor shards it again."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformers model
-    if not hasattr(type(base), "is_distributed_loading_by_transformers"):
+    if not hasattr(transformers.PreTrainedModel, "is_distributed_loading_by_transformers"):
         raise RuntimeError(f"transformers {transformers.__version__}: its Trainer cannot train a model sharded before "
                            "it, as FSDP on CPU processes needs; upgrade transformers, or launch on accelerators")
     blocks = set(getattr(model, "_no_split_modules", None) or ())
@@ -167,6 +166,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     for module in [m for m in model.modules() if type(m).__name__ in blocks]:
         fully_shard(module)
     fully_shard(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformers model
     base._is_distributed_loading_by_transformers = True  # the Trainer's mark of a model that shards itself
     return model
 
