@@ -382,9 +382,9 @@ def check_launch(config: ExperimentConfig, state: PartialState) -> None:
     ``save_steps`` where `fine_tune` shards the model itself (`shards_itself`: FSDP on CPU processes)."""
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
         raise ValueError("DeepSpeed ZeRO stage 3 is not supported by the recipes: evaluating and saving a ZeRO-3 "
-                         "partitioned model is untested, since accelerate runs DeepSpeed on accelerators only; launch "
-                         "with FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), DDP, or DeepSpeed ZeRO stage "
-                         "1 or 2")
+                         "partitioned model is untested (the recipes run a group of CPU processes without DeepSpeed); "
+                         "launch with FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), which shards the same "
+                         "things, DDP, or DeepSpeed ZeRO stage 1 or 2")
     if fsdp_launch() and shards_itself(state) and config.save_steps:
         raise ValueError(f"save_steps={config.save_steps}: FSDP on CPU processes keeps no checkpoints to resume from "
                          "(the recipes shard the model themselves there, and the Trainer saves no optimizer state of "
