@@ -5,11 +5,13 @@ from __future__ import annotations
 import concurrent.futures
 import fnmatch
 import shutil
+import socket
 from pathlib import Path
 from typing import Sequence
 
 import pytest
 import torch
+import yaml
 from sae_lens import (
     JumpReLUSAE,
     JumpReLUSAEConfig,
@@ -151,6 +153,65 @@ def make_tiny_mc_dataset(n: int = 12, seed: int = 0):
         answer, distractor = (" A", " B") if i % 2 == 0 else (" B", " A")
         rows.append({"prompt": words, "answer": answer, "distractor": distractor})
     return datasets.Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """For the recipes: a tiny Gemma 3 model folder, a caft adapter from a real sae-lens SAE folder, and an attribution table."""
+    from hf_concept_ablation import ConceptAblationConfig, SAESource, inject_concept_ablation
+    from hf_concept_ablation.search.attribution import attribute_latents, save_attribution
+    from hf_concept_ablation.tasks import build_gender_datasets
+
+    root = tmp_path_factory.mktemp("tiny")
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    sources = {}
+    saes = {}
+    for layer in (1, 2):
+        saes[layer] = make_sae("standard", d_sae=128, seed=layer, layer=layer)
+        saes[layer].save_model(root / f"sae_{layer}")
+        sources[layer] = SAESource(path=str(root / f"sae_{layer}"))
+    data = build_gender_datasets()["train"].select(range(16))
+    table = attribute_latents(model, tokenizer, data, saes, top=100)
+    save_attribution(table, root / "attribution")
+    chosen = {1: [table[0].latent if table[0].layer == 1 else 0, 5]}
+    ablation = inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents=chosen, saes={1: sources[1]}))
+    ablation.save_pretrained(root / "adapter")
+    return root
+
+
+def recipe_config(root: Path, out: Path, conditions, **experiment) -> Path:
+    """A gender recipe YAML (beside `out`, which it names as output_dir) on the `tiny_setup` in `root`: one seed, one
+    epoch of 16 examples, 8 evaluated per split; `experiment` adds or replaces experiment settings."""
+    config = {
+        "task": {"seed": 0},
+        "experiment": {
+            "model": str(root / "model"),
+            "seeds": [0],
+            "conditions": conditions,
+            "preset": "paper",
+            "training": {"learning_rate": 1e-3, "batch_size": 4, "epochs": 1, "warmup_ratio": 0.0},
+            "adapter": str(root / "adapter"),
+            "attribution": str(root / "attribution.json"),
+            "saes": {layer: {"path": str(root / f"sae_{layer}")} for layer in (1, 2)},
+            "train_size": 16,
+            "eval_size": 8,
+            "output_dir": str(out),
+            **experiment,
+        },
+    }
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class HubAtTheBoundary:

@@ -2,20 +2,20 @@
 
 Every decoder layer and the whole model are sharded, as accelerate's FSDP2 plugin does with a
 transformer auto-wrap policy; logits and every parameter's gradient must match the unsharded model.
-accelerate itself only applies FSDP on accelerators; the recipes, which evaluate on the main
-process only, refuse an FSDP launch with a clear message.
+The recipes under FSDP on several processes: `test_distributed.py`; here, the launches they refuse.
 """
 
 from __future__ import annotations
 
 import os
-import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from accelerate.utils import DistributedType
+from conftest import free_port, make_sae, make_tiny_model, make_tiny_tokenizer
 from torch.distributed.fsdp import fully_shard
 
 from hf_concept_ablation import (
@@ -23,7 +23,8 @@ from hf_concept_ablation import (
     get_concept_ablation,
     inject_concept_ablation,
 )
-from hf_concept_ablation.experiments.runner import ExperimentConfig, run_experiment
+from hf_concept_ablation.experiments.runner import ExperimentConfig, check_launch, run_experiment
+from hf_concept_ablation.experiments.training import shard_model
 
 
 def _ablated_model(mode: str) -> torch.nn.Module:
@@ -66,12 +67,6 @@ def _worker(rank: int, port: int, mode: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("mode", ["latent", "projection"])
 def test_fully_sharded_ablated_model_matches_the_unsharded_one(mode):
     reference = _ablated_model(mode)
@@ -79,7 +74,7 @@ def test_fully_sharded_ablated_model_matches_the_unsharded_one(mode):
     loss.backward()
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), mode, results), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), mode, results), nprocs=2, join=True)
         sharded = dict(results)
     handle = get_concept_ablation(reference)
     assert sharded["enabled"] == handle.config.layers
@@ -90,13 +85,32 @@ def test_fully_sharded_ablated_model_matches_the_unsharded_one(mode):
         torch.testing.assert_close(sharded["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_recipes_refuse_an_fsdp_launch(monkeypatch, tmp_path):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="ACCELERATE_USE_FSDP=true.*without --use_fsdp"):
-        run_experiment(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), {}, name="gender_bias")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ValueError, match=r"\(DeepSpeed ZeRO stage 3\).*ZeRO stage 1 or 2"):
+@pytest.mark.parametrize(("env", "message"), [
+    ({"ACCELERATE_USE_FSDP": "true"}, r"FSDP version 1 \(FSDP_VERSION=1\): the recipes run FSDP2 only; .*--fsdp_version 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, r"FSDP version 1 .*FSDP2 only"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+     r"DeepSpeed ZeRO stage 3 is not supported by the recipes: .*untested \(the recipes run a group of CPU processes "
+     r"without DeepSpeed\); launch with FSDP2"),
+])
+def test_recipes_refuse_a_launch_they_cannot_run(monkeypatch, tmp_path, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
         run_experiment(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), {}, name="gender_bias")
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_fsdp_on_cpu_processes_refuses_checkpoints_it_cannot_resume(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)  # a group of CPU processes, as launched
+    with pytest.raises(ValueError, match=r"save_steps=5: FSDP on CPU processes keeps no checkpoints .*save_steps=0"):
+        check_launch(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path), save_steps=5), state)
+    check_launch(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path)), state)
+    check_launch(ExperimentConfig(conditions=["none"], output_dir=str(tmp_path), save_steps=5),
+                 SimpleNamespace(distributed_type=DistributedType.FSDP))  # accelerate's FSDP saves them
+
+
+def test_sharding_needs_the_models_decoder_layer_class():
+    with pytest.raises(ValueError, match="Linear names no _no_split_modules"):
+        shard_model(torch.nn.Linear(2, 2))

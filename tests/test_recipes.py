@@ -1,20 +1,17 @@
-"""The recipes end to end on a tiny model folder: every condition, results JSON, figure, resume, and DDP."""
+"""The recipes end to end on a tiny model folder: every condition, results JSON, figure and resume (several processes:
+`test_distributed.py`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import make_sae, make_tiny_model, make_tiny_tokenizer
+from conftest import make_tiny_tokenizer, recipe_config
 from transformers import AutoModelForCausalLM
 
 from hf_concept_ablation import (
@@ -31,7 +28,6 @@ from hf_concept_ablation.experiments.recipe_settings import (
 from hf_concept_ablation.experiments.recipes import double_mc_runs, run_recipe
 from hf_concept_ablation.experiments.runner import random_directions_config, scores_line, subsample
 from hf_concept_ablation.files import files_fingerprint
-from hf_concept_ablation.search.attribution import attribute_latents, save_attribution
 from hf_concept_ablation.tasks import build_double_mc_datasets, build_gender_datasets
 from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 from hf_concept_ablation.tasks.gender_bias import DEFAULT_PROFESSIONS_FILE
@@ -40,54 +36,9 @@ from hf_concept_ablation.tasks.validity import did_not_learn
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """A tiny Gemma 3 model folder, a caft adapter from a real sae-lens SAE folder, and an attribution table."""
-    root = tmp_path_factory.mktemp("tiny")
-    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    sources = {}
-    saes = {}
-    for layer in (1, 2):
-        saes[layer] = make_sae("standard", d_sae=128, seed=layer, layer=layer)
-        saes[layer].save_model(root / f"sae_{layer}")
-        sources[layer] = SAESource(path=str(root / f"sae_{layer}"))
-    data = build_gender_datasets()["train"].select(range(16))
-    table = attribute_latents(model, tokenizer, data, saes, top=100)
-    save_attribution(table, root / "attribution")
-    chosen = {1: [table[0].latent if table[0].layer == 1 else 0, 5]}
-    ablation = inject_concept_ablation(model, ConceptAblationConfig(layers=[1], latents=chosen, saes={1: sources[1]}))
-    ablation.save_pretrained(root / "adapter")
-    return root
-
-
-def _config(root: Path, out: Path, conditions, **experiment) -> Path:
-    config = {
-        "task": {"seed": 0},
-        "experiment": {
-            "model": str(root / "model"),
-            "seeds": [0],
-            "conditions": conditions,
-            "preset": "paper",
-            "training": {"learning_rate": 1e-3, "batch_size": 4, "epochs": 1, "warmup_ratio": 0.0},
-            "adapter": str(root / "adapter"),
-            "attribution": str(root / "attribution.json"),
-            "saes": {layer: {"path": str(root / f"sae_{layer}")} for layer in (1, 2)},
-            "train_size": 16,
-            "eval_size": 8,
-            "output_dir": str(out),
-            **experiment,
-        },
-    }
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, capsys):
     conditions = ["none", "caft", "caft_annealed", "random", "top_k", "test_only"]
-    config = _config(tiny_setup, tmp_path / "out", conditions)
+    config = recipe_config(tiny_setup, tmp_path / "out", conditions)
     results = run_recipe("gender_bias", config, ["seeds=[0,1]", "save_models=[caft,none]"])
     summary = results["summary"]
     assert set(summary) == set(conditions)
@@ -140,7 +91,7 @@ def test_gender_recipe_runs_every_condition_and_resumes(tiny_setup, tmp_path, ca
 
 
 def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_scores(tiny_setup, tmp_path):
-    config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
+    config = recipe_config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4, save_models=["caft"])
     run_recipe("gender_bias", config, ["seeds=[0,1]"])
     runs = {r["seed"]: r for r in run_recipe("gender_bias", config, ["seeds=[2]"])["runs"]}
     card = (tmp_path / "out" / "model_card.md").read_text()
@@ -154,7 +105,7 @@ def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_sco
 
 
 def test_no_model_card_without_a_caft_run(tiny_setup, tmp_path, capsys):
-    config = _config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
+    config = recipe_config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
     run_recipe("gender_bias", config)
     assert not (tmp_path / "out" / "model_card.md").exists()  # the adapter only ablated the plain model at test time
     assert "no model card: no caft or caft_annealed run in gender_bias's results" in capsys.readouterr().out
@@ -166,7 +117,7 @@ def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tin
     adapter, attribution = tmp_path / "search" / "adapter", tmp_path / "search" / "attribution.json"
     shutil.copytree(tiny_setup / "adapter", adapter)
     shutil.copy(tiny_setup / "attribution.json", attribution)
-    config = _config(tiny_setup, tmp_path / "out", ["caft", "top_k"], adapter=str(adapter), attribution=str(attribution))
+    config = recipe_config(tiny_setup, tmp_path / "out", ["caft", "top_k"], adapter=str(adapter), attribution=str(attribution))
     first = run_recipe("gender_bias", config)
     assert set(first["inputs"]) == {"adapter", "attribution", "templates_file", "professions_file"}
     assert first["inputs"]["adapter"]["path"] == str(adapter) and first["inputs"]["templates_file"]["path"] is None
@@ -185,7 +136,7 @@ def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tin
 def test_results_files_of_earlier_versions_resume_and_task_files_are_recorded(tiny_setup, tmp_path, capsys):
     groups = tmp_path / "groups.json"
     shutil.copy(DEFAULT_PROFESSIONS_FILE, groups)  # the project's groups, as a user's file
-    config = _config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4)
+    config = recipe_config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4)
     first = run_recipe("gender_bias", config, [f"task.professions_file={groups}"])
     assert first["inputs"]["professions_file"] == {"path": str(groups), "sha256": hashlib.sha256(
         groups.read_bytes()).hexdigest()}
@@ -216,7 +167,7 @@ def test_results_files_of_earlier_versions_resume_and_task_files_are_recorded(ti
 
 
 def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
-    config = _config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
+    config = recipe_config(tiny_setup, tmp_path / "dmc", ["none"], train_size=8, eval_size=4)
     summary = run_recipe("double_mc", config, ["task.mode=skyline", "task.sources=[verbs]"])
     assert set(summary) == {"skyline-verbs"}
     summary = run_recipe("double_mc", config, ["task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"])
@@ -230,7 +181,7 @@ def test_double_mc_recipe_skyline_and_pairs(tiny_setup, tmp_path):
 
 
 def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setup, tmp_path, capsys):
-    config = _config(tiny_setup, tmp_path / "dmc", ["none", "test_only"], train_size=8, eval_size=4)
+    config = recipe_config(tiny_setup, tmp_path / "dmc", ["none", "test_only"], train_size=8, eval_size=4)
     keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
     summary = run_recipe("double_mc", config, [keys, "save_models=[none]"])
     assert capsys.readouterr().out.count("training none") == 1
@@ -258,7 +209,7 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
     for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
         shutil.copytree(tiny_setup / "adapter", searches / name)
     shutil.copy(tiny_setup / "attribution.json", searches / "verbs-sentiment-sentiment")  # a PCA search writes none
-    config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4,
+    config = recipe_config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4,
                      adapter=None, attribution=None)
     keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
     summary = run_recipe("double_mc", config, [keys, f"task.adapters_dir={searches}"])
@@ -276,7 +227,7 @@ def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tm
 
 
 def test_double_mc_cards_per_combination_record_the_command_it_was_started_with(tiny_setup, tmp_path):
-    config = _config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4, save_models=["caft"])
+    config = recipe_config(tiny_setup, tmp_path / "dmc", ["none", "caft"], train_size=8, eval_size=4, save_models=["caft"])
     keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
     run_recipe("double_mc", config, [keys], command="accelerate launch recipes/double_mc.py KEYS")
     for name in ("verbs-sentiment-sentiment", "verbs-sentiment-verbs"):
@@ -311,7 +262,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize("recipe, override, message", BAD_SETTINGS, ids=[o for _, o, _ in BAD_SETTINGS])
 def test_recipe_settings_are_checked_before_any_work(tiny_setup, tmp_path, recipe, override, message):
-    config = _config(tiny_setup, tmp_path / "bad", ["none"])
+    config = recipe_config(tiny_setup, tmp_path / "bad", ["none"])
     with pytest.raises(ValueError, match=message):
         run_recipe(recipe, config, [override])
     assert not (tmp_path / "bad").exists()
@@ -324,7 +275,7 @@ def test_random_condition_of_a_directions_adapter_draws_random_directions(tiny_s
     handle = inject_concept_ablation(model, ConceptAblationConfig(layers=[1, 2], mode="projection", directions=directions,
                                                                   centers=centers))
     handle.save_pretrained(tmp_path / "directions")
-    config = _config(tiny_setup, tmp_path / "out", ["none", "random", "test_only"],
+    config = recipe_config(tiny_setup, tmp_path / "out", ["none", "random", "test_only"],
                      adapter=str(tmp_path / "directions"), attribution=None)
     runs = {(r["condition"], r["seed"]): r for r in run_recipe("gender_bias", config, ["seeds=[0,1]"])["runs"]}
     assert set(runs) == {(c, s) for c in ("none", "random", "test_only") for s in (0, 1)}
@@ -346,7 +297,7 @@ def test_baselines_of_a_projection_mode_sae_adapter_ablate_in_projection_mode(ti
     model = AutoModelForCausalLM.from_pretrained(tiny_setup / "model")
     projection = dataclasses.replace(adapter, mode="projection")
     inject_concept_ablation(model, projection).save_pretrained(tmp_path / "projection")
-    config = _config(tiny_setup, tmp_path / "out", ["random", "top_k"], adapter=str(tmp_path / "projection"))
+    config = recipe_config(tiny_setup, tmp_path / "out", ["random", "top_k"], adapter=str(tmp_path / "projection"))
     runs = run_recipe("gender_bias", config)["runs"]
     assert {r["condition"]: r["ablation"]["mode"] for r in runs} == {"random": "projection", "top_k": "projection"}
 
@@ -358,33 +309,6 @@ def test_numbers_in_exponent_form_are_floats(tmp_path):
                                        "experiment.seeds=[0,1]"])["experiment"]
     assert config["training"] == {"learning_rate": 5e-5, "weight_decay": 0.01}
     assert config["output_dir"] == "1e-5x" and config["seeds"] == [0, 1]
-
-
-def _launch(config: Path, processes: int) -> tuple[dict, str]:
-    """Run the gender recipe under `accelerate launch`; with more than one process as a CPU DDP group (accelerate's
-    ``--cpu`` starts a single process unless given an MPI hostfile, so the CPU group is started like a GPU one)."""
-    launcher = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--cpu", "--num_processes", "1"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher,
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "recipes" / "gender_bias.py"), "--config", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    return json.loads((config.with_suffix("") / "gender_bias.json").read_text()), done.stdout
-
-
-def test_two_ddp_processes_match_one_process(tiny_setup, tmp_path):
-    one, one_log = _launch(_config(tiny_setup, tmp_path / "one", ["none", "caft"]), 1)
-    two, two_log = _launch(_config(tiny_setup, tmp_path / "two", ["none", "caft"]), 2)
-    # every process announces each training it takes part in, with the size of its group: one group of two ran
-    assert one_log.count("[gender_bias] training caft, seed 0 (16 examples)") == 1
-    assert two_log.count("[gender_bias] training caft, seed 0 (16 examples, 2 processes)") == 2
-    assert len(one["runs"]) == len(two["runs"]) == 2
-    for a, b in zip(one["runs"], two["runs"]):
-        assert (a["condition"], a["seed"]) == (b["condition"], b["seed"])
-        assert (a["machine"]["processes"], b["machine"]["processes"]) == (1, 2)
-        for split in ("val", "ood"):
-            assert a[split]["accuracy"] == b[split]["accuracy"]
-            assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4)
 
 
 def test_shipped_recipe_configs_point_at_what_the_search_writes():
@@ -493,7 +417,7 @@ def test_what_would_fail_after_training_is_named_before_it(tiny_setup, tmp_path,
         searched_sae_sources,
     )
 
-    experiment = load_recipe_config(_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
+    experiment = load_recipe_config(recipe_config(tiny_setup, tmp_path / "early", ["none", "random"]))["experiment"]
     data = build_gender_datasets()
     bad_ood = data["ood"].map(lambda row: {"distractor": "w5 w6"})  # a user's skyline words, say
     with pytest.raises(ValueError, match=r"'w5 w6'"):
@@ -568,7 +492,7 @@ def test_a_run_interrupted_mid_training_resumes_from_its_last_checkpoint(tiny_se
     from hf_concept_ablation.experiments import runner as experiment
 
     def run(out: Path, *overrides: str) -> dict:
-        return run_recipe("gender_bias", _config(tiny_setup, out, ["caft_annealed"]), ["save_steps=1", *overrides])
+        return run_recipe("gender_bias", recipe_config(tiny_setup, out, ["caft_annealed"]), ["save_steps=1", *overrides])
 
     whole = run(tmp_path / "whole")["runs"][0]  # 4 steps (16 examples, batch 4, 1 epoch), uninterrupted
     assert not (tmp_path / "whole" / "training").exists()  # the checkpoints go once the run is recorded

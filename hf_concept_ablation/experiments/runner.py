@@ -37,8 +37,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 from .. import __version__
 from ..adapter.callbacks import AblationSchedule, AblationScheduleCallback
@@ -73,8 +76,10 @@ from .training import (
     DEFAULT_PRESET,
     PRESETS,
     fine_tune,
+    fsdp_launch,
     prepare_model_for_training,
     process_state,
+    shards_itself,
     training_arguments,
 )
 
@@ -379,13 +384,16 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _evaluate(model, tokenizer, splits: dict[str, datasets.Dataset], batch_size: int, ablated: bool) -> dict:
+    """Every split's scores with the ablation off and, where `ablated`, on; every process of the run calls it and
+    scores its share of the questions (`evaluate_multiple_choice` with ``distributed=True``)."""
     out = {}
     for name, data in splits.items():
         out[name] = evaluate_multiple_choice(model, tokenizer, data, batch_size=batch_size, ablation=False,
-                                             desc=f"eval {name}")
+                                             desc=f"eval {name}", distributed=True)
         if ablated:
             out[f"{name}_ablated"] = evaluate_multiple_choice(model, tokenizer, data, batch_size=batch_size,
-                                                              ablation=True, desc=f"eval {name} (ablated)")
+                                                              ablation=True, desc=f"eval {name} (ablated)",
+                                                              distributed=True)
     return out
 
 
@@ -411,6 +419,21 @@ def searched_sae_sources(adapter: str | os.PathLike) -> dict[int, SAESource]:
     return {int(k): sae_source(k, v) for k, v in read_json(selection).get("sae_sources", {}).items()}
 
 
+def check_launch(config: ExperimentConfig, state: PartialState) -> None:
+    """Refuse a launch the recipes cannot run, naming why: FSDP1 (`fsdp_launch`), DeepSpeed ZeRO stage 3, and
+    ``save_steps`` where `fine_tune` shards the model itself (`shards_itself`: FSDP on CPU processes)."""
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ValueError("DeepSpeed ZeRO stage 3 is not supported by the recipes: evaluating and saving a ZeRO-3 "
+                         "partitioned model is untested (the recipes run a group of CPU processes without DeepSpeed); "
+                         "launch with FSDP2 (`accelerate launch --use_fsdp --fsdp_version 2`), which shards the same "
+                         "things, DDP, or DeepSpeed ZeRO stage 1 or 2")
+    if fsdp_launch() and shards_itself(state) and config.save_steps:
+        raise ValueError(f"save_steps={config.save_steps}: FSDP on CPU processes keeps no checkpoints to resume from "
+                         "(the recipes shard the model themselves there, and the Trainer saves no optimizer state of "
+                         "such a model); set save_steps=0, or launch on accelerators, where accelerate's FSDP saves "
+                         "them")
+
+
 def run_experiment(
     config: ExperimentConfig,
     data: datasets.DatasetDict,
@@ -434,16 +457,8 @@ def run_experiment(
     name -> ``path`` and ``sha256``, e.g. `hf_concept_ablation.tasks.gender_task_files`) are the files `data` was
     built from, recorded in the results file's ``inputs`` (and the siblings', built from the same files).
     """
-    sharded = [how for how, on in {
-        "ACCELERATE_USE_FSDP=true": parse_flag_from_env("ACCELERATE_USE_FSDP"),
-        "DeepSpeed ZeRO stage 3": parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3",
-    }.items() if on]
-    if sharded:
-        raise ValueError(f"run_experiment evaluates each trained model on the main process only, which a sharded model "
-                         f"cannot do ({sharded[0]}): launch the recipes single-process or with DDP (`accelerate launch` "
-                         "without --use_fsdp, or DeepSpeed ZeRO stage 1 or 2)")
     state = process_state()
+    check_launch(config, state)
     out_dir = Path(config.output_dir)
     header = {"config": dataclasses.asdict(config)}
     train = subsample(data["train"], config.train_size)
@@ -546,26 +561,32 @@ def run_experiment(
                 if resume_from:
                     progress(f"[{name}] {condition} seed {seed}: resuming from {resume_from}")
                 fine_tune(model, tokenizer, train, args, callbacks=callbacks, resume_from_checkpoint=resume_from)
-            if state.is_main_process:
-                if not results.done(condition, seed):
-                    handle = get_concept_ablation(model)
-                    run = {"condition": condition, "seed": seed,
-                           **_evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=handle is not None)}
-                    if handle is not None:
-                        run["ablation"] = handle.config.to_dict()
-                    if condition in config.save_models:  # before the run is recorded, so a crash here redoes both
-                        save_checkpoint(model, tokenizer, checkpoint_dir(config, name, condition, seed))
+            # every process evaluates its share of the questions (a sharded model needs them all); the main one records
+            if not results.done(condition, seed):
+                handle = get_concept_ablation(model)
+                run = {"condition": condition, "seed": seed,
+                       **_evaluate(model, tokenizer, evals, config.eval_batch_size, ablated=handle is not None)}
+                if handle is not None:
+                    run["ablation"] = handle.config.to_dict()
+                if condition in config.save_models:  # before the run is recorded, so a crash here redoes both
+                    save_checkpoint(model, tokenizer, checkpoint_dir(config, name, condition, seed))
+                if state.is_main_process:
                     progress(f"[{name}] {condition} seed {seed}: {scores_line(results.add(run))}")
-                for sibling in pending_siblings:
-                    run = {"condition": condition, "seed": seed, "trained_for": name,
-                           **_evaluate(model, tokenizer, sibling_evals[sibling], config.eval_batch_size, ablated=False)}
+            for sibling in pending_siblings:
+                run = {"condition": condition, "seed": seed, "trained_for": name,
+                       **_evaluate(model, tokenizer, sibling_evals[sibling], config.eval_batch_size, ablated=False)}
+                if state.is_main_process:
                     progress(f"[{sibling}] {condition} seed {seed} (the model of {name}): "
                              f"{scores_line(sibling_files[sibling].add(run))}")
-                for sibling in sibling_test_only:
-                    sibling_files[sibling].add(_test_only_run(model, tokenizer, sibling_adapters[sibling],
-                                                              sibling_evals[sibling], config.eval_batch_size, seed))
-                if needs_test_only:
-                    results.add(_test_only_run(model, tokenizer, config.adapter, evals, config.eval_batch_size, seed))
+            for sibling in sibling_test_only:
+                run = _test_only_run(model, tokenizer, sibling_adapters[sibling], sibling_evals[sibling],
+                                     config.eval_batch_size, seed)
+                if state.is_main_process:
+                    sibling_files[sibling].add(run)
+            if needs_test_only:
+                run = _test_only_run(model, tokenizer, config.adapter, evals, config.eval_batch_size, seed)
+                if state.is_main_process:
+                    results.add(run)
             state.wait_for_everyone()
             if state.is_main_process and config.save_steps:
                 _remove_training_dir(training_dir(config, name, condition, seed))
@@ -666,13 +687,19 @@ def checkpoint_dir(config: ExperimentConfig, name: str, condition: str, seed: in
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """Save a fine-tuned model and tokenizer (and its concept ablation, if any, in ``concept_ablation/``); the folder
-    appears only once everything is written."""
-    with atomic_dir(directory) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        handle = get_concept_ablation(model)
-        if handle is not None:
-            handle.save_pretrained(tmp / "concept_ablation")
+    appears only once everything is written. Every process of the run calls it: the main process writes, and a
+    sharded (FSDP2) model's full state dict is first gathered onto it, so the folder loads without FSDP."""
+    sharded = any(isinstance(module, FSDPModule) for module in model.modules())
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if sharded else None
+    if process_state().is_main_process:
+        with atomic_dir(directory) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            handle = get_concept_ablation(model)
+            if handle is not None:
+                handle.save_pretrained(tmp / "concept_ablation")
+    process_state().wait_for_everyone()
 
 
 def _latent_config(latents: dict[int, list[int]], sources: dict[int, SAESource], model,

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import datasets
 import torch
+import transformers
 from accelerate import PartialState
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments
 
 from ..checks import check_names, check_number
@@ -129,6 +133,44 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.accelerator.is_available())
 
 
+def fsdp_launch() -> bool:
+    """Whether the run was launched with FSDP (``accelerate launch --use_fsdp``). Only FSDP2 (``--fsdp_version 2``)
+    is accepted: FSDP1 wraps the model in a module that flattens its parameters, which the recipes' evaluation and
+    saving of the trained model cannot read."""
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return False
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(f"FSDP version {version} (FSDP_VERSION={version}): the recipes run FSDP2 only; launch with "
+                         "`accelerate launch --use_fsdp --fsdp_version 2` (or fsdp_version: 2 in the accelerate config)")
+    return True
+
+
+def shards_itself(state: PartialState) -> bool:
+    """Whether `fine_tune` shards the model itself (`shard_model`): an FSDP launch (`fsdp_launch`) of CPU processes,
+    to which accelerate applies no FSDP (it does on accelerators only)."""
+    return state.distributed_type == DistributedType.MULTI_CPU and fsdp_launch()
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 over the default process group as accelerate's FSDP2 plugin applies it by default: ``fully_shard`` on
+    every block the model names in ``_no_split_modules`` (its decoder layers), then on the whole model (in place).
+    The model is marked as sharded already, so the `Trainer` neither wraps it in DDP nor shards it again."""
+    if not hasattr(transformers.PreTrainedModel, "is_distributed_loading_by_transformers"):
+        raise RuntimeError(f"transformers {transformers.__version__}: its Trainer cannot train a model sharded before "
+                           "it, as FSDP on CPU processes needs; upgrade transformers, or launch on accelerators")
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no _no_split_modules (its decoder layer class), which FSDP "
+                         "shards one by one")
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module)
+    fully_shard(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel's transformers model
+    base._is_distributed_loading_by_transformers = True  # the Trainer's mark of a model that shards itself
+    return model
+
+
 def training_arguments(preset: TrainingPreset, output_dir: str, seed: int, num_processes: int = 1,
                        **overrides: Any) -> TrainingArguments:
     """`TrainingArguments` for a preset; the per-device batch is the preset's batch split over processes."""
@@ -179,10 +221,13 @@ def fine_tune(
     callbacks: Sequence[TrainerCallback] = (),
     resume_from_checkpoint: str | bool | None = None,
 ) -> LastTokenTrainer:
-    """Fine-tune `model` on `train_dataset` (``prompt``/``answer`` columns) and return the trainer."""
+    """Fine-tune `model` on `train_dataset` (``prompt``/``answer`` columns) and return the trainer. Under FSDP2 the
+    model is sharded in place (by accelerate, or by `shard_model` on CPU processes) and stays so."""
     if len(train_dataset) == 0:
         raise ValueError("the training set is empty")
     first_token_ids(tokenizer, sorted(set(train_dataset["answer"])))  # fail early on multi-token answers
+    if shards_itself(process_state()):
+        shard_model(model)
     trainer = LastTokenTrainer(
         model=model,
         args=args,

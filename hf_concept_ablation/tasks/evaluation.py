@@ -13,6 +13,7 @@ from typing import Any
 import datasets
 import evaluate
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..adapter.model import get_concept_ablation
@@ -68,6 +69,28 @@ def encode_prompts(tokenizer: Any, prompts: list[str], device: torch.device | st
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def process_share(count: int, distributed: bool) -> tuple[list[int], int]:
+    """The indices of `count` items this process scores, and how many processes share them: with `distributed` and
+    an initialized default process group, one contiguous block per rank, every block padded to the same length with a
+    repeat of an index (so every process runs as many batches, as a sharded model needs); else every index and 1."""
+    if not (distributed and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(range(count)), 1
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = -(-count // world)
+    share = list(range(rank * per, min((rank + 1) * per, count)))
+    return share + [share[-1] if share else 0] * (per - len(share)), world
+
+
+def gather_rows(rows: dict[int, Any], processes: int) -> dict[int, Any]:
+    """Every process's `rows` (index -> result) merged, when `processes` > 1 (every process of the default group must
+    call it); a padding repeat of an index collapses into one entry."""
+    if processes == 1:
+        return rows
+    shares: list[dict[int, Any] | None] = [None] * processes
+    dist.all_gather_object(shares, rows)
+    return {index: row for share in shares for index, row in share.items()}
+
+
 @torch.no_grad()
 def evaluate_multiple_choice(
     model: torch.nn.Module,
@@ -77,11 +100,16 @@ def evaluate_multiple_choice(
     batch_size: int = 32,
     ablation: bool | None = None,
     desc: str = "evaluating",
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Accuracy, pair accuracy and mean logit difference (answer - distractor) on `dataset`.
 
     `ablation`: ``None`` leaves an injected ablation as it is, ``False`` disables it for
     the evaluation (deployment), ``True`` requires it to be present and enabled.
+    `distributed`: every process of the default process group calls this alike; each scores its share of the
+    questions (`process_share`) and the per-question results are gathered, so every process returns what one
+    process scoring all of them would (to float rounding of the logit difference). Needed for a sharded (FSDP)
+    model, whose forward passes every process takes part in.
     """
     if len(dataset) == 0:
         raise ValueError(f"{desc}: the dataset is empty, there is nothing to evaluate")
@@ -90,26 +118,28 @@ def evaluate_multiple_choice(
         raise ValueError("evaluation with ablation=True, but the model has no concept ablation injected")
     answers = first_token_ids(tokenizer, dataset["answer"])
     distractors = first_token_ids(tokenizer, dataset["distractor"])
-    metric = MultipleChoiceAccuracy(keep_in_memory=True)
-    gaps = []
+    share, processes = process_share(len(dataset), distributed)
+    prompts = dataset["prompt"]
+    rows: dict[int, tuple[int, int, float]] = {}  # index -> (prediction, pair correct, logit difference)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     context = contextlib.nullcontext() if handle is None or ablation is None else handle.enabled_as(ablation)
     try:
         with context:
-            for start in tqdm(range(0, len(dataset), batch_size), desc=desc, leave=False):
-                prompts = dataset["prompt"][start : start + batch_size]
-                batch = encode_prompts(tokenizer, prompts, device)
+            for start in tqdm(range(0, len(share), batch_size), desc=desc, leave=False,
+                              disable=processes > 1 and dist.get_rank() > 0):  # one bar for the group
+                indices = share[start : start + batch_size]
+                batch = encode_prompts(tokenizer, [prompts[i] for i in indices], device)
                 logits = model(**batch, logits_to_keep=1).logits[:, -1].float()
-                a = answers[start : start + batch_size].to(device)
-                d = distractors[start : start + batch_size].to(device)
-                gap = answer_gap(logits, a, d)
-                metric.add_batch(predictions=logits.argmax(-1).tolist(), references=a.tolist(), pair_correct=(gap > 0).long().tolist())
-                gaps.append(gap.cpu())
+                gap = answer_gap(logits, answers[indices].to(device), distractors[indices].to(device))
+                rows.update(zip(indices, zip(logits.argmax(-1).tolist(), (gap > 0).long().tolist(), gap.tolist())))
     finally:
         model.train(was_training)
-    result = metric.compute()
-    result["logit_diff"] = float(torch.cat(gaps).mean())
+    rows = gather_rows(rows, processes)
+    predictions, pair_correct, gaps = zip(*(rows[i] for i in range(len(dataset))))
+    metric = MultipleChoiceAccuracy(keep_in_memory=True)
+    result = metric.compute(predictions=list(predictions), references=answers.tolist(), pair_correct=list(pair_correct))
+    result["logit_diff"] = float(torch.tensor(gaps).mean())
     result["n"] = len(dataset)
     return result
