@@ -202,6 +202,22 @@ def test_double_mc_pair_trains_one_plain_model_for_both_test_only_runs(tiny_setu
     assert "training" not in capsys.readouterr().out  # everything was recorded
 
 
+def test_double_mc_leace_contrast_erases_each_combinations_unintended_answer_values(tiny_setup, tmp_path):
+    """``leace_contrast`` on double multiple choice fits its erasers on the unintended source set's questions grouped
+    by answer value: sentiment's for ``verbs|sentiment|verbs``, the verbs' number for ``verbs|sentiment|sentiment``."""
+    config = recipe_config(tiny_setup, tmp_path / "dmc", ["leace_contrast"], train_size=8, eval_size=4)
+    keys = "task.combinations=[verbs|sentiment|sentiment,verbs|sentiment|verbs]"
+    summary = run_recipe("double_mc", config, [keys])
+    assert all(set(summary[name]) == {"leace_contrast"} for name in summary)
+    fitted = {path.parent.parent.name: json.loads(path.read_text())["fitted_on"]
+              for path in (tmp_path / "dmc" / "erasers").glob("*/*/concept_ablation_config.json")}
+    assert fitted["verbs-sentiment-verbs"]["classes"] == ["negative", "positive"]
+    assert fitted["verbs-sentiment-sentiment"]["classes"] == ["plural", "singular"]
+    assert {f["source"] for f in fitted.values()} == {"contrast texts"}
+    with pytest.raises(ValueError, match="a skyline run has no unintended concept"):
+        run_recipe("double_mc", config, ["task.mode=skyline", "task.sources=[verbs]"])
+
+
 def test_double_mc_adapters_dir_gives_each_combination_its_search(tiny_setup, tmp_path):
     import shutil
 

@@ -47,6 +47,7 @@ from ..tasks import (
     file_name,
     gender_task_files,
     parse_combination_key,
+    value_concept_texts,
 )
 from ..tasks.validity import check_skyline
 from .recipe_settings import RECIPES, recipe_settings
@@ -185,6 +186,18 @@ def _later_pair_mates(runs: list[DoubleMCRun]) -> dict[str, dict[str, datasets.D
     return mates
 
 
+def unintended_concept_texts(data: datasets.DatasetDict,
+                             source_files: Mapping[str, Any] | None = None) -> dict[str, list[str]] | None:
+    """The contrast texts of a combination's unintended concept (its source set's questions grouped by answer value,
+    `value_concept_texts`), which ``leace_contrast`` fits its erasers on; None for skyline data (no second
+    question)."""
+    row = data["train"][0]
+    if "intended" not in row:
+        return None
+    unintended = row["second"] if row["intended"] == row["first"] else row["first"]
+    return value_concept_texts(unintended, _files_of(source_files, [unintended]))
+
+
 def _card_task(name: str) -> str:
     """The task of run `name` (a combination, or a skyline source), as its model card states it."""
     if name.startswith("skyline-"):
@@ -213,8 +226,10 @@ def double_mc(task: dict[str, Any], experiment: dict[str, Any], *, command: str)
     summary = {}
     for name, data, _, task_files in runs:
         adapters = {mate: run_configs[mate].adapter for mate in mates[name] if run_configs[mate].adapter}
+        texts = unintended_concept_texts(data, task.get("source_files")) \
+            if "leace_contrast" in run_configs[name].conditions else None
         results = run_experiment(run_configs[name], data, name=name, siblings=mates[name], sibling_adapters=adapters,
-                                 task_files=task_files)
+                                 concept_texts=texts, task_files=task_files)
         summary[name] = results["summary"]
         if process_state().is_main_process:
             report_recipe_run(results, run_configs[name], command=command, plot_title=name,

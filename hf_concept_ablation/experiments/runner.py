@@ -516,8 +516,8 @@ def run_experiment(
                              f"columns: {train.column_names}")
         one_hot_labels(train[eraser.label_column])  # at least two values
     if "leace_contrast" in config.conditions and not concept_texts:
-        raise ValueError("condition 'leace_contrast' needs contrast texts of the concept, which this task's recipe "
-                         "does not give")
+        raise ValueError("condition 'leace_contrast' needs contrast texts of the concept, which this task does not "
+                         "give (a skyline run has no unintended concept)")
     for seed in config.seeds:
         for condition in [c for c in config.conditions if c in TRAINED_CONDITIONS]:
             test_only_now = condition == "none" and "test_only" in config.conditions

@@ -164,11 +164,6 @@ class TaskData:
     more_contrasts: list[tuple[list[str], list[str]]] = field(default_factory=list)
 
 
-def _fill(question: dict[str, str]) -> str:
-    text = question["question"]
-    return text.replace("___", question["correct"]) if "___" in text else text
-
-
 def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: str = "topic",
               templates_file: str | os.PathLike | None = None,
               source_files: Mapping[str, str | os.PathLike] | None = None,
@@ -186,6 +181,8 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
         build_gender_concept_texts,
         build_gender_datasets,
         load_source_set,
+        question_text,
+        value_concept_texts,
     )
 
     if contrast not in CONTRASTS:
@@ -213,25 +210,18 @@ def task_data(task: str, seed: int = 0, answer_form: str = "letters", contrast: 
         data = build_double_mc_datasets(first, second, intended, seed=seed, answer_form=answer_form,
                                         source_files=source_files)
         if contrast == "value":
-            return _value_task_data(task, data["train"], unintended, load_source_set(unintended, source_files))
-        a = [_fill(q) for q in load_source_set(unintended, source_files)]
-        b = [_fill(q) for q in load_source_set(intended, source_files)]
+            return _value_task_data(task, data["train"], unintended, value_concept_texts(unintended, source_files))
+        a = [question_text(q) for q in load_source_set(unintended, source_files)]
+        b = [question_text(q) for q in load_source_set(intended, source_files)]
         return TaskData(task, data["train"], a, b, SOURCE_QUERIES.get(unintended, unintended),
                         f"contrast: unintended '{unintended}' questions vs intended '{intended}' questions",
                         two_sided=False)
     raise ValueError(f"unknown task {task!r}: use 'gender_bias' or 'double_mc:<first>|<second>|<intended>'")
 
 
-def _value_task_data(name: str, train: Any, source: str, questions: Sequence[dict[str, str]]) -> TaskData:
-    """The ``contrast="value"`` `TaskData`: `source`'s questions grouped by `answer_value`."""
-    from ..tasks import answer_value
-
-    groups: dict[str, list[str]] = {}
-    for q in questions:
-        groups.setdefault(answer_value(source, q), []).append(_fill(q))
-    values = sorted(groups)
-    if len(values) < 2:
-        raise ValueError(f"a value contrast needs at least two answer values in {source!r}, found {values}")
+def _value_task_data(name: str, train: Any, source: str, groups: Mapping[str, list[str]]) -> TaskData:
+    """The ``contrast="value"`` `TaskData`: `source`'s question texts grouped by answer value (`value_concept_texts`)."""
+    values = list(groups)
     if len(values) == 2:
         contrasts = [(groups[values[0]], groups[values[1]])]
     else:

@@ -20,7 +20,9 @@ from .double_mc import (
     file_name,
     load_source_set,
     parse_combination_key,
+    question_text,
     split_questions,
+    value_concept_texts,
 )
 from .gender_bias import (
     DISTRACTORS,
@@ -77,7 +79,9 @@ __all__ = [
     "load_source_file",
     "load_source_set",
     "parse_combination_key",
+    "question_text",
     "read_table",
     "split_gender_templates",
     "split_questions",
+    "value_concept_texts",
 ]

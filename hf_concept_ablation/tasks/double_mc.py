@@ -124,6 +124,25 @@ def answer_value(source: str, question: Mapping[str, str]) -> str:
     return correct
 
 
+def question_text(question: Mapping[str, str]) -> str:
+    """A source-set question as plain text: its ``___`` blank filled with the correct answer (a statement), or the
+    question as written."""
+    text = question["question"]
+    return text.replace("___", question["correct"]) if "___" in text else text
+
+
+def value_concept_texts(source: str, source_files: Mapping[str, PathLike] | None = None) -> dict[str, list[str]]:
+    """The texts of `source`'s questions grouped by `answer_value` (value -> texts, values sorted): the contrast
+    texts of that source set's concept, which a value contrast and a ``leace_contrast`` eraser are fitted on. Raises
+    if the set has fewer than two values."""
+    groups: dict[str, list[str]] = {}
+    for question in load_source_set(source, source_files):
+        groups.setdefault(answer_value(source, question), []).append(question_text(question))
+    if len(groups) < 2:
+        raise ValueError(f"a value contrast needs at least two answer values in {source!r}, found {sorted(groups)}")
+    return {value: groups[value] for value in sorted(groups)}
+
+
 def split_questions(
     questions: Sequence[dict[str, str]],
     splits: Sequence[float] = DEFAULT_SPLITS,
