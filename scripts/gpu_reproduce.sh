@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Seeds of `make reproduce` at the CPU size on the GPU machine, one process per task pair, all at once.
 # Set-up (wheels in /tmp/site, the embedded GGUF at /tmp/m.gguf): docs/gpu.md, "Running on the device machine".
-# Usage: scripts/gpu_reproduce.sh SECONDS "SEEDS" "KEYS OF PAIR 1" "KEYS OF PAIR 2" ...
+# Usage: [CONDITIONS="leace random_eraser ..."] scripts/gpu_reproduce.sh SECONDS "SEEDS" "KEYS OF PAIR 1" ...
+# (CONDITIONS: default, the study's conditions: the paper's and the eraser conditions)
 # A pair's combinations share their plain runs, so each pair gets one process. After SECONDS every
 # process is interrupted (finished runs are already on disk); results/runs and the logs come back as
 # $OUT/runs.tgz, to be unpacked over the repository's results/runs.
@@ -9,6 +10,7 @@ set -u
 limit=$1 seeds=$2
 shift 2
 out=${OUT:-/tmp/gpu_reproduce}
+conditions=${CONDITIONS:-none caft caft_annealed random top_k test_only leace leace_contrast random_eraser}
 logs=/tmp/gpu_reproduce_logs
 mkdir -p "$out" "$logs"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_CONCEPT_ABLATION_GGUF=/tmp/m.gguf \
@@ -26,7 +28,7 @@ for keys in "$@"; do
   # shellcheck disable=SC2086  # the keys are separate arguments
   timeout -k 30 -s INT "$limit" python3 -m hf_concept_ablation reproduce --out results --size cpu \
     --tasks double_mc --combinations $keys --seeds $seeds \
-    --conditions none caft caft_annealed random top_k test_only >"$logs/pair$i.log" 2>&1 &
+    --conditions $conditions >"$logs/pair$i.log" 2>&1 &
   i=$((i + 1))
 done
 wait

@@ -161,6 +161,25 @@ def test_the_random_eraser_has_the_rank_and_not_the_direction_of_the_concept_era
     assert controls[0].fitted_on["source"] == "random labels" and controls[0].fitted_on["seed"] == 0
 
 
+def test_a_layer_where_the_labels_do_not_covary_with_the_activations_is_left_out_and_recorded():
+    """Fitted on prompts the tiny tokenizer reads as unknown words, one seed's random labels covary with layer 0's
+    activations too weakly for concept_erasure (whitened singular value 0.0017, under its svd_tol 0.01): that layer
+    gets no eraser (it would be the identity) and the config says so."""
+    from conftest import gender_concept_words
+
+    from hf_concept_ablation.experiments.runner import subsample
+    from hf_concept_ablation.tasks import build_double_mc_datasets
+
+    texts = list(subsample(build_double_mc_datasets("sentiment", "verbs", "verbs")["train"], 16)["prompt"])
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer(gender_concept_words())
+    config = random_eraser_config(model, tokenizer, texts, rank=1, seed=0, progress=False)
+    assert config.layers == [1, 2, 3] and config.fitted_on["nothing_to_erase"] == [0]
+    inject_concept_ablation(model, config).remove()  # the kept erasers apply
+    with pytest.raises(ValueError, match=r"nothing to erase: the labels do not covary with the activations at any of "
+                                         r"layers \[0\]"):
+        random_eraser_config(model, tokenizer, texts, rank=1, seed=0, layers=[0], progress=False)
+
+
 def test_bad_eraser_input_is_named():
     with pytest.raises(ValueError, match=r"at least 2 values.*\['male'\]"):
         one_hot_labels(["male", "male"])

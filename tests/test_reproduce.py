@@ -240,6 +240,29 @@ def test_report_only_rebuilds_the_report_from_the_runs_on_disk_and_says_so(tmp_p
     assert (tmp_path / "figures" / "gender_bias.png").is_file()
 
 
+def test_the_report_includes_the_erasure_study_and_judges_its_targets(tmp_path):
+    """``<out>/erasure/gender_bias.json`` (the erasure recipe's results) joins the summary, the table, the figures and
+    the targets: the best eraser that learned the task (val >= 0.95) against 0.90 OOD, its random control 0.5 below."""
+    def entry(val, ood):
+        return {"val": [val] * 5, "ood": [ood] * 5, "val_mean": val, "ood_mean": ood, "ood_sem": 0.0}
+
+    study = {"none": entry(1.0, 0.02), "leace": entry(1.0, 0.94), "leace_contrast": entry(0.85, 0.97),
+             "random_eraser": entry(1.0, 0.01)}
+    (tmp_path / "runs").mkdir()  # a study folder, with no runs of its own yet
+    (tmp_path / "erasure").mkdir()
+    (tmp_path / "erasure" / "gender_bias.json").write_text(json.dumps({"summary": study, "runs": []}))
+    readme = tmp_path / "page.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert cli.main(["report", "--out", str(tmp_path), "--readme", str(readme)]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"gender_bias_erasure": study}
+    text = readme.read_text()
+    assert "| gender bias erasure study | 1.00 / 0.02 ± 0.00 (5) |" in text
+    # leace_contrast reads higher OOD but did not learn the task (val 0.85): the best eraser is leace
+    assert "| LEACE (labels): OOD 0.94, val 1.00 (5 seeds) | yes |" in text
+    assert "| random 0.01, LEACE (labels) 0.94 | yes |" in text
+    assert (tmp_path / "figures" / "gender_bias_erasure_study.png").is_file()
+
+
 def test_a_study_takes_the_training_preset_of_its_model(tmp_path):
     adapter = tmp_path / "search"
     adapter.mkdir()

@@ -47,7 +47,7 @@ from ..tasks import (
     file_name,
     gender_task_files,
     parse_combination_key,
-    value_concept_texts,
+    unintended_concept_texts,
 )
 from ..tasks.validity import check_skyline
 from .recipe_settings import RECIPES, recipe_settings
@@ -184,18 +184,6 @@ def _later_pair_mates(runs: list[DoubleMCRun]) -> dict[str, dict[str, datasets.D
         mates[run.name] = {other.name: other.data for other in runs[i + 1:]
                            if pair(run.data) is not None and pair(other.data) == pair(run.data)}
     return mates
-
-
-def unintended_concept_texts(data: datasets.DatasetDict,
-                             source_files: Mapping[str, Any] | None = None) -> dict[str, list[str]] | None:
-    """The contrast texts of a combination's unintended concept (its source set's questions grouped by answer value,
-    `value_concept_texts`), which ``leace_contrast`` fits its erasers on; None for skyline data (no second
-    question)."""
-    row = data["train"][0]
-    if "intended" not in row:
-        return None
-    unintended = row["second"] if row["intended"] == row["first"] else row["first"]
-    return value_concept_texts(unintended, _files_of(source_files, [unintended]))
 
 
 def _card_task(name: str) -> str:

@@ -241,8 +241,9 @@ class ResultsFile:
     #: settings that must match for runs to be mixed in one file (those of `OPTIONAL_SETTINGS` only where both set one)
     SAME_SETTINGS = ("model", "preset", "training", "train_size", "eval_size", "dtype", "anneal", "adapter", "saes",
                      "eraser")
-    #: the adapter, and the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter)
-    OPTIONAL_SETTINGS = ("adapter", "saes")
+    #: the adapter, the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter), and
+    #: the eraser settings (which only the eraser conditions use, so a file may gain them with those conditions)
+    OPTIONAL_SETTINGS = ("adapter", "saes", "eraser")
     #: header keys holding content hashes (`data_fingerprint`: a hash per split; `inputs_record`: a ``path`` and
     #: ``sha256`` per input); a hash the file and the new header both have must match (what a difference means is
     #: given); a path may differ (a file moved or named otherwise holds the same content)

@@ -42,15 +42,17 @@ from ..files import read_json, write_json_atomic, write_text_atomic
 from ..tasks import (
     ALL_COMBINATIONS,
     build_double_mc_datasets,
+    build_gender_concept_texts,
     build_gender_datasets,
     combination_key,
     double_mc_task_files,
     file_name,
     gender_task_files,
     parse_combination_key,
+    unintended_concept_texts,
 )
 from .report import CONDITION_LABELS, MEASURED, plot_accuracy, plot_overview, seeds_cell, table_cell
-from .runner import CONDITIONS, ExperimentConfig, run_experiment
+from .runner import CONDITIONS, ERASER_CONDITIONS, ExperimentConfig, run_experiment
 from .training import DEFAULT_PRESET, process_state
 
 MAX_PLAIN_OOD = 0.9  #: a combination where plain fine-tuning exceeds this OOD accuracy is dropped
@@ -61,12 +63,20 @@ MIN_SHARE_BEATING_PLAIN, DOUBLE_MC_MIN_OOD = 0.75, 0.64  #: double MC: CAFT over
 RANDOM_MARGIN = 0.10  #: random latents' mean OOD must be at least this much below CAFT's
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 TASKS = ("gender_bias", "double_mc")
+#: the erasure study's results in a study folder (the packaged ``gender_bias_erasure`` recipe config writes it),
+#: reported beside the study's tasks as "gender bias, erasure study"
+ERASURE_STUDY = Path("erasure") / "gender_bias.json"
+#: the erasure study's targets: the best eraser condition's mean OOD and val, and the margin of its random control
+ERASER_MIN_OOD, ERASER_MIN_VAL, RANDOM_ERASER_MARGIN = 0.90, 0.95, 0.5
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the repository's results page: a run into the repository's own ``results/`` rewrites its table (`update_readme`)
 RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
 GENDER_SOURCES = ("sae", "pca", "concept")  #: where the gender concept may come from (the search's ``source``)
-#: the conditions a study runs by default: the paper's (Figure 2); the eraser conditions need their settings
-STUDY_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only")
+#: the conditions a study runs by default: the paper's (Figure 2) and the LEACE eraser conditions
+STUDY_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_contrast",
+                    "random_eraser")
+#: per task, the training split's column naming the unintended attribute, which ``leace`` erases
+ERASER_LABELS = {"gender_bias": "stereotyped_gender", "double_mc": "unintended_value"}
 
 
 @dataclass(frozen=True)
@@ -143,10 +153,11 @@ def concept_search(task: str, out_dir: Path, size: ReproduceSize, model: str = "
 
 
 def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Sequence[str], output_dir: Path,
-                      adapter: Path | None = None, model: str = "embedded", preset: str = DEFAULT_PRESET
-                      ) -> ExperimentConfig:
-    """The `ExperimentConfig` of one task at `size` with the training `preset`; ``top_k`` is left out when the adapter
-    has no attribution table."""
+                      adapter: Path | None = None, model: str = "embedded", preset: str = DEFAULT_PRESET,
+                      task: str = "gender_bias") -> ExperimentConfig:
+    """The `ExperimentConfig` of one `task` (``gender_bias`` or ``double_mc``) at `size` with the training `preset`;
+    ``top_k`` is left out when the adapter has no attribution table; the eraser conditions erase the task's
+    `ERASER_LABELS` column at every position of every decoder layer."""
     attribution = adapter / "attribution.json" if adapter else None
     if attribution is not None and not attribution.is_file():
         attribution = None
@@ -157,6 +168,8 @@ def experiment_config(size: ReproduceSize, seeds: Sequence[int], conditions: Seq
         adapter=str(adapter) if adapter else None,
         attribution=str(attribution) if attribution else None,
         train_size=size.train_size, eval_size=size.eval_size, output_dir=str(output_dir),
+        eraser={"label_column": ERASER_LABELS[task], "positions": "all"} if set(ERASER_CONDITIONS) & set(conditions)
+        else {},
     )
 
 
@@ -256,6 +269,9 @@ def collect_summary(out: Path, tasks: Mapping[str, Sequence[str]]) -> dict[str, 
         summary["gender_bias"] = read("gender_bias")
     if "double_mc" in tasks:
         summary["double_mc"] = {key: read(key) for key in tasks["double_mc"]}
+    erasure = out / ERASURE_STUDY
+    if erasure.is_file():
+        summary["gender_bias_erasure"] = read_json(erasure).get("summary", {})
     return summary
 
 
@@ -301,6 +317,7 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
                      f"{c['beats_none']:.0%} of {c['n']}", c["beats_none"] >= MIN_SHARE_BEATING_PLAIN))
         rows.append((f"double MC: CAFT's mean OOD >= {DOUBLE_MC_MIN_OOD}",
                      f"{c['ood_mean']:.2f} (plain FT {means['none']['ood_mean']:.2f})", c["ood_mean"] >= DOUBLE_MC_MIN_OOD))
+    rows += _eraser_target_rows(summary.get("gender_bias_erasure") or {})
     for task, per_condition in (("gender bias", gender), ("double MC", means)):
         if "caft" in per_condition and "random" in per_condition:
             caft, random = per_condition["caft"]["ood_mean"], per_condition["random"]["ood_mean"]
@@ -308,8 +325,29 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
                          f"random {random:.2f}, CAFT {caft:.2f}", random <= caft - RANDOM_MARGIN))
     if not rows:
         return ""
-    return "\n".join(["| target (issue 6; the paper's Gemma 2 2B numbers) | measured | met |", "|---|---|---|",
+    head = "| target (the paper's Gemma 2 2B numbers; the erasure study's own) | measured | met |"
+    return "\n".join([head, "|---|---|---|",
                       *(f"| {target} | {measured} | {'yes' if met else '**no**'} |" for target, measured, met in rows)])
+
+
+def _eraser_target_rows(study: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """The erasure study's targets (`ERASER_MIN_OOD`, `ERASER_MIN_VAL`, `RANDOM_ERASER_MARGIN`) for its best eraser
+    condition by mean OOD among those with val >= `ERASER_MIN_VAL` (else the best by OOD)."""
+    erasers = {c: study[c] for c in ("leace", "leace_contrast") if c in study}
+    if not erasers:
+        return []
+    learned = {c: s for c, s in erasers.items() if s["val_mean"] >= ERASER_MIN_VAL} or erasers
+    best = max(learned, key=lambda c: learned[c]["ood_mean"])
+    b = erasers[best]
+    rows = [(f"gender bias, erasure study: the best eraser's OOD >= {ERASER_MIN_OOD} with val >= {ERASER_MIN_VAL}",
+             f"{CONDITION_LABELS[best]}: OOD {b['ood_mean']:.2f}, val {b['val_mean']:.2f} ({_seeds(len(b['ood']))})",
+             b["ood_mean"] >= ERASER_MIN_OOD and b["val_mean"] >= ERASER_MIN_VAL)]
+    if "random_eraser" in study:
+        random = study["random_eraser"]["ood_mean"]
+        rows.append((f"gender bias, erasure study: random eraser's mean OOD at least {RANDOM_ERASER_MARGIN} below the "
+                     "best eraser's", f"random {random:.2f}, {CONDITION_LABELS[best]} {b['ood_mean']:.2f}",
+                     random <= b["ood_mean"] - RANDOM_ERASER_MARGIN))
+    return rows
 
 
 def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], command: str) -> str:
@@ -388,6 +426,7 @@ def _seed_count(verdict: Mapping[str, Any]) -> str:
 
 def _named_summaries(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     named = [("gender bias", summary["gender_bias"])] if summary.get("gender_bias") else []
+    named += [("gender bias erasure study", summary["gender_bias_erasure"])] if summary.get("gender_bias_erasure") else []
     named += [(f"`{key}`", s) for key, s in (summary.get("double_mc") or {}).items() if s]
     return named
 
@@ -445,7 +484,7 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
         adapter = concept_search("gender_bias", out / "search" / "gender_bias", size, model, gender)
         run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapter, model, preset),
                        task_datasets("gender_bias", answer_form=gender_answer_form), name="gender_bias",
-                       task_files=task_files("gender_bias"))
+                       concept_texts=build_gender_concept_texts()._asdict(), task_files=task_files("gender_bias"))
     if "double_mc" in tasks:
         validity = scan_validity(combinations, out, size, seeds[0], model, preset)
         studied: list[str] = []
@@ -460,9 +499,10 @@ def reproduce(out: Path, size: ReproduceSize, seeds: Sequence[int], tasks: Seque
                 unstudied = [k for k in combinations if parse_combination_key(k)[:2] == pair and k not in studied]
                 for key in (first_key, *other_keys):
                     siblings = [*other_keys, *unstudied] if key == first_key else []
+                    data = task_datasets(key)
                     run_experiment(experiment_config(size, seeds, conditions, out / "runs", adapters[key], model,
-                                                     preset),
-                                   task_datasets(key), name=file_name(key),
+                                                     preset, "double_mc"),
+                                   data, name=file_name(key), concept_texts=unintended_concept_texts(data),
                                    siblings={file_name(k): task_datasets(k) for k in siblings},
                                    sibling_adapters={file_name(k): adapters[k] for k in siblings if k in adapters},
                                    task_files=task_files(key))

@@ -141,6 +141,15 @@ def random_eraser_config(
 
 def _erasers_config(model: torch.nn.Module, erasers: dict[int, Any], fitted_on: dict[str, Any],
                     description: str) -> ConceptAblationConfig:
+    """The ``leace`` config of the fitted `erasers`, leaving out layers where the labels covary too weakly with the
+    activations for the library to erase anything (its whitened cross-covariance is under ``svd_tol``, so the eraser
+    is the identity; listed in ``fitted_on["nothing_to_erase"]``)."""
+    empty = [layer for layer, e in erasers.items() if not bool((e.proj_left @ e.proj_right).abs().max() > 0)]
+    if len(empty) == len(erasers):
+        raise ValueError(f"nothing to erase: the labels do not covary with the activations at any of layers "
+                         f"{sorted(erasers)} (do the texts of the classes differ in their tokens?)")
+    erasers = {layer: e for layer, e in erasers.items() if layer not in empty}
+    fitted_on = {**fitted_on, **({"nothing_to_erase": sorted(empty)} if empty else {})}
     return ConceptAblationConfig(layers=sorted(erasers), mode="leace", erasers=erasers, fitted_on=fitted_on,
                                  base_model_name_or_path=getattr(model.config, "name_or_path", None) or None,
                                  description=description)

@@ -22,6 +22,7 @@ from .double_mc import (
     parse_combination_key,
     question_text,
     split_questions,
+    unintended_concept_texts,
     value_concept_texts,
 )
 from .gender_bias import (
@@ -83,5 +84,6 @@ __all__ = [
     "read_table",
     "split_gender_templates",
     "split_questions",
+    "unintended_concept_texts",
     "value_concept_texts",
 ]

@@ -143,6 +143,17 @@ def value_concept_texts(source: str, source_files: Mapping[str, PathLike] | None
     return {value: groups[value] for value in sorted(groups)}
 
 
+def unintended_concept_texts(data: DatasetDict,
+                             source_files: Mapping[str, PathLike] | None = None) -> dict[str, list[str]] | None:
+    """The contrast texts of a combination's unintended concept (`value_concept_texts` of the source set whose
+    question is not the intended one), which ``leace_contrast`` fits its erasers on; None for skyline data (one
+    question per prompt, no unintended concept)."""
+    row = data["train"][0]
+    if "intended" not in row:
+        return None
+    return value_concept_texts(row["second"] if row["intended"] == row["first"] else row["first"], source_files)
+
+
 def split_questions(
     questions: Sequence[dict[str, str]],
     splits: Sequence[float] = DEFAULT_SPLITS,
