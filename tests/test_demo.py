@@ -31,6 +31,8 @@ def test_demo_compares_plain_leace_and_its_random_control_and_resumes(tmp_path, 
     saved = json.loads((out / "gender_bias.json").read_text())
     assert saved["config"]["model"] == str(tmp_path / "model") and saved["summary"] == results["summary"]
     assert (out / "gender_bias.png").is_file()
+    assert f"model card: {out / 'model_card_leace.md'}" in printed
+    assert "labeled by the column `stereotyped_gender`" in (out / "model_card_leace.md").read_text()
 
     assert cli.main(["demo", "--out", str(out), "--model", str(tmp_path / "model")]) == 0
     assert "already in" in capsys.readouterr().out

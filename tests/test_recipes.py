@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, recipe_config
+from conftest import gender_concept_words, make_tiny_tokenizer, recipe_config
 from transformers import AutoModelForCausalLM
 
 from hf_concept_ablation import (
@@ -104,11 +104,29 @@ def test_checkpoint_cards_cover_the_seeds_of_their_table_and_state_their_own_sco
         assert readme.read_text() == card.replace("at layers 1\n", f"at layers 1\n- **This model:** {own}\n")
 
 
+def test_eraser_runs_get_a_card_of_their_own_describing_their_erasers(tiny_setup, tmp_path):
+    model = tmp_path / "model"  # the tiny model, with a tokenizer that tells the female and male sentences apart
+    shutil.copytree(tiny_setup / "model", model)
+    make_tiny_tokenizer(gender_concept_words()).save_pretrained(model)
+    config = recipe_config(tiny_setup, tmp_path / "out", ["caft", "leace_contrast"], train_size=8, eval_size=4,
+                           save_models=["leace_contrast"], model=str(model))
+    run_recipe("gender_bias", config)
+    caft = (tmp_path / "out" / "model_card.md").read_text()
+    card = (tmp_path / "out" / "model_card_leace_contrast.md").read_text()
+    assert "LEACE" not in caft.split("## Training")[0]  # the caft card: its latents
+    assert ("- **Ablation source:** LEACE erasers (`concept_erasure`) fitted on the base model's residual stream, 64 "
+            "texts: contrast texts\n- **Mode:** `leace`") in card
+    assert "| 0, 1, 2, 3 | female, male | 64 texts: contrast texts | all |" in card
+    readme = tmp_path / "out" / "models" / "gender_bias" / "leace_contrast-seed0" / "README.md"
+    assert "the `leace_contrast` model of seed 0" in readme.read_text()
+
+
 def test_no_model_card_without_a_caft_run(tiny_setup, tmp_path, capsys):
     config = recipe_config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
     run_recipe("gender_bias", config)
     assert not (tmp_path / "out" / "model_card.md").exists()  # the adapter only ablated the plain model at test time
-    assert "no model card: no caft or caft_annealed run in gender_bias's results" in capsys.readouterr().out
+    assert ("no model card: no caft, caft_annealed, leace, leace_contrast run in gender_bias's results"
+            in capsys.readouterr().out)
 
 
 def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tiny_setup, tmp_path):

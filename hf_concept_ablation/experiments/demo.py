@@ -8,8 +8,9 @@ agree, and OOD data where they disagree.
    prompts, removed again for evaluation): the model learns the grammar;
 3. the control: a random eraser of the same rank, so the effect is told from "any erasure".
 
-Then a results JSON, a figure and a one-screen summary. Finished runs are kept, so a second run only redoes what is
-missing. The recipe behind it: ``hf-concept-ablation train gender_bias --config gender_bias_quick``.
+Then a results JSON, a figure, a model card of the LEACE runs and a one-screen summary. Finished runs are kept, so
+a second run only redoes what is missing. The recipe behind it: ``hf-concept-ablation train gender_bias --config
+gender_bias_quick``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def summary(by_condition: dict[str, Any], out: Path) -> str:
         if condition in by_condition:
             entry = by_condition[condition]
             lines.append(f"  {label:<13}  val {entry['val_mean']:.2f}  OOD {entry['ood_mean']:.2f}")
-    lines.append(f"results: {out / 'gender_bias.json'}  figure: {out / 'gender_bias.png'}")
+    card = out / "model_card_leace.md"
+    lines.append(f"results: {out / 'gender_bias.json'}  figure: {out / 'gender_bias.png'}"
+                 + (f"  model card: {card}" if card.is_file() else ""))
     return "\n".join(lines)
 
 

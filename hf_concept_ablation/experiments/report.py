@@ -17,7 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..adapter.config import ConceptAblationConfig  # noqa: E402
+from ..adapter.config import CONFIG_NAME, ConceptAblationConfig  # noqa: E402
 from ..files import atomic_path, write_text_atomic  # noqa: E402
 from ..loading import base_model_id  # noqa: E402
 from .runner import checkpoint_dir  # noqa: E402
@@ -122,6 +122,9 @@ def table_cell(text: Any) -> str:
 
 #: conditions trained with the adapter the card describes: their saved checkpoints get it as README.md
 CARD_CONDITIONS = ("caft", "caft_annealed")
+#: conditions trained through a fitted eraser (`hf_concept_ablation.search.leace`): each gets a card of its own,
+#: ``<card name>_<condition>.md``, describing its erasers
+ERASER_CARD_CONDITIONS = ("leace", "leace_contrast")
 #: packaged with the library; the repository's `model_cards/` links to it
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "assets" / "model_cards" / "caft_model_card.md"
 
@@ -140,6 +143,22 @@ def _ablated_rows(config: ConceptAblationConfig, selection: Mapping[str, Any] | 
     if len(components) == rows:
         return [(f"component {s['component']}", s) for s in components]
     return [(f"direction {i}", {}) for i in range(rows)]
+
+
+def _erasers_table(config: ConceptAblationConfig) -> str:
+    fit = config.fitted_on
+    skipped = f" (nothing to erase at {fit['nothing_to_erase']})" if fit.get("nothing_to_erase") else ""
+    return "\n".join(["| layers | erased classes | fitted on | positions |", "|---|---|---|---|",
+                      f"| {', '.join(map(str, config.layers))}{skipped} | {table_cell(', '.join(fit.get('classes', [])))} "
+                      f"| {table_cell(_fitting_data(fit))} | {fit.get('positions', '')} |"])
+
+
+def _fitting_data(fitted_on: Mapping[str, Any]) -> str:
+    """What an eraser was fitted on, in words (its ``fitted_on`` record)."""
+    texts = f"{fitted_on['texts']} texts" if "texts" in fitted_on else "texts"
+    if fitted_on.get("source") == "labels":
+        return f"{texts} labeled by the column `{fitted_on.get('column')}`"
+    return f"{texts}: {fitted_on.get('source', 'unrecorded')}"
 
 
 def _latents_table(config: ConceptAblationConfig, selection: Mapping[str, Any] | None) -> str:
@@ -181,7 +200,12 @@ def render_model_card(
     of the experiment's models the card sits beside (empty for the experiment's own card). The base model is the
     experiment's ``model``, named in the front matter only where it is a Hub repo id (`hub_repo_id`); the ``seeds``
     setting is those of the results table (every run in the results file, whichever invocation made it)."""
-    sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
+    if config.mode == "leace":
+        source = f"LEACE erasers (`concept_erasure`) fitted on the base model's residual stream, " \
+                 f"{_fitting_data(config.fitted_on)}"
+    else:
+        sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
+        source = ", ".join(f"`{s}`" for s in sources)
     run = results["config"]
     settings = {"preset": run.get("preset")}
     if run.get("preset") in PRESETS:  # the settings the runs trained with: the preset with the run's changes
@@ -196,10 +220,10 @@ def render_model_card(
         base_model=base_model_id(run["model"]),
         base_model_metadata=f"base_model: {repo_id}\n" if (repo_id := hub_repo_id(run["model"])) else "",
         task=task,
-        sae_source=", ".join(f"`{s}`" for s in sources),
+        sae_source=source,
         mode=config.mode,
         layers=", ".join(map(str, config.layers)),
-        latents_table=_latents_table(config, selection),
+        latents_table=_erasers_table(config) if config.mode == "leace" else _latents_table(config, selection),
         training_table="\n".join(training_rows),
         results_table=markdown_table(results["summary"]),
         figure=f"![accuracy by condition]({figure})" if figure else "",
@@ -229,20 +253,46 @@ def launch_command(argv: Sequence[str]) -> str:
 def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: str, task: str, command: str,
                          figure: Path | None = None, card_name: str = "model_card.md",
                          progress: Callable[[str], None] = print) -> Path | None:
-    """Write the card (`card_name`) beside an experiment's results if they hold runs trained with its ``caft`` adapter
-    (`CARD_CONDITIONS`; the card does not describe the plain or baseline models: without such runs, say so with
-    `progress`), and as ``README.md`` (with the figure, and the model's own scores) in the saved checkpoint of every
-    such run, those of earlier invocations too, since the results table they share has changed; returns the first
-    path (None: no card)."""
-    if not experiment.adapter:
+    """Write the model cards of an experiment's results beside them: `card_name` for the runs trained with its
+    ``caft`` adapter (`CARD_CONDITIONS`), ``<card_name stem>_<condition>.md`` for each eraser condition's runs
+    (`ERASER_CARD_CONDITIONS`, describing the condition's erasers); and each as ``README.md`` (with the figure, and
+    the model's own scores) in the saved checkpoints of its runs, those of earlier invocations too, since the results
+    table they share has changed. Cards do not describe the plain or baseline models: without such runs, say so
+    with `progress`. Returns the first card's path (None: no card)."""
+    cards: list[tuple[tuple[str, ...], Path, str]] = []
+    if experiment.adapter and any(condition in results["summary"] for condition in CARD_CONDITIONS):
+        cards.append((CARD_CONDITIONS, Path(experiment.adapter), card_name))
+    for condition in ERASER_CARD_CONDITIONS:
+        folder = _eraser_folder(results, experiment, condition)
+        if folder is not None:
+            cards.append(((condition,), folder, f"{Path(card_name).stem}_{condition}.md"))
+    if not cards:
+        progress(f"no model card: no {', '.join((*CARD_CONDITIONS, *ERASER_CARD_CONDITIONS))} run in "
+                 f"{results['name']}'s results")
         return None
-    if not any(condition in results["summary"] for condition in CARD_CONDITIONS):
-        progress(f"no model card: no {' or '.join(CARD_CONDITIONS)} run in {results['name']}'s results")
-        return None
-    adapter = Path(experiment.adapter)
+    figure = figure if figure is not None and figure.is_file() else None
+    paths = [_write_card(results, experiment, conditions, adapter, name, title=title, task=task, command=command,
+                         figure=figure) for conditions, adapter, name in cards]
+    return paths[0]
+
+
+def _eraser_folder(results: Mapping[str, Any], experiment: Any, condition: str) -> Path | None:
+    """The saved eraser adapter the `condition` runs of `results` trained through (matched by its fitting data's
+    fingerprint among ``<output_dir>/erasers/<name>/<condition>-*``); None without such runs or folder."""
+    fits = {(r.get("ablation") or {}).get("fitted_on", {}).get("sha256") for r in results["runs"]
+            if r["condition"] == condition}
+    for folder in sorted((Path(experiment.output_dir) / "erasers" / results["name"]).glob(f"{condition}-*")):
+        config_file = folder / CONFIG_NAME
+        if config_file.is_file() and json.loads(config_file.read_text()).get("fitted_on", {}).get("sha256") in fits:
+            return folder
+    return None
+
+
+def _write_card(results: Mapping[str, Any], experiment: Any, conditions: Sequence[str], adapter: Path, card_name: str,
+                *, title: str, task: str, command: str, figure: Path | None) -> Path:
+    """One card (`write_run_model_card`): of the `conditions` runs, trained with `adapter`."""
     config = ConceptAblationConfig.from_pretrained(adapter)
     selection = json.loads((adapter / "selection.json").read_text()) if (adapter / "selection.json").is_file() else None
-    figure = figure if figure is not None and figure.is_file() else None
 
     def card(checkpoint: str = "") -> str:
         return render_model_card(results, config, title=title, task=task, selection=selection,
@@ -252,7 +302,7 @@ def write_run_model_card(results: Mapping[str, Any], experiment: Any, *, title: 
     path = write_text_atomic(Path(experiment.output_dir) / card_name, card())
     for run in results["runs"]:
         folder = checkpoint_dir(experiment, results["name"], run["condition"], run["seed"])
-        if run["condition"] in CARD_CONDITIONS and folder.is_dir():
+        if run["condition"] in conditions and folder.is_dir():
             if figure:
                 shutil.copyfile(figure, folder / figure.name)
             write_text_atomic(folder / "README.md", card(_checkpoint_line(run)))
