@@ -2,7 +2,8 @@
 
 The package, bottom to top (each part imports only the parts below it):
 
-- foundation: `files` (atomic writes), `checks` (setting checks), `loading` (models and tokenizers);
+- foundation: `files` (atomic writes), `resumable` (resuming work only with its settings), `checks` (setting
+  checks), `loading` (models and tokenizers);
 - `adapter`: the PEFT-style ablation (config, layer, model, callbacks, SAE sources) and `tasks`: the data;
 - `saes`: training SAEs for a model without public ones;
 - `search`: finding the concept (attribution, contrast, PCA, explanations, erasure check, selection);

@@ -234,7 +234,7 @@ def test_a_search_interrupted_while_it_caches_contexts_continues_the_cache(tiny,
     progress = partial_dir(out) / CACHE_PROGRESS_NAME / PROGRESS_NAME
 
     def stop_once_progress_is_saved(module, args, output):  # the user stops the search mid-cache (Ctrl-C)
-        if progress.is_file():
+        if progress.is_file() and json.loads(progress.read_text()).get("passes"):
             raise KeyboardInterrupt
 
     def search(folder):

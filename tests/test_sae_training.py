@@ -87,6 +87,9 @@ def test_activation_cache_respects_budget_and_resumes_after_an_interruption(tiny
     assert 0 < calls["n"] < full_passes  # it went on from the saved shards instead of starting over
     assert json.loads((tmp_path / "part" / "manifest.json").read_text())["tokens"] == 3000
     torch.testing.assert_close(activation_store.load_cached_activations(tmp_path / "part", 2), activation_store.load_cached_activations(full, 2))
+    with pytest.raises(ValueError, match=r"part holds activations made with other settings \(max_tokens: 3000 there, "
+                                         r"2000 now\); use another folder"):
+        _cache(tiny, tmp_path / "part", max_tokens=2000)
 
 
 def _train(acts, folder, **overrides):

@@ -61,6 +61,7 @@ from ..adapter.model import (
 from ..checks import check_float_dtype, check_number, dataclass_from_settings
 from ..files import atomic_dir, files_fingerprint, files_sha256, read_json, write_json_atomic
 from ..loading import device_name, load_model, load_tokenizer
+from ..resumable import check_settings, resume_folder
 from ..search.attribution import LatentEffect, load_attribution
 from ..search.leace import (
     POSITIONS,
@@ -268,12 +269,10 @@ class ResultsFile:
         if not isinstance(self.data.get("runs"), list) or not isinstance(self.data.get("config", {}), dict):
             raise ValueError(f"{path} is not a results file (it needs a 'runs' list and a 'config' object)")
         old, new = self.data.get("config", {}), header["config"]
-        differ = [k for k in self.SAME_SETTINGS if k in old and old[k] != new.get(k)
-                  and not (k in self.OPTIONAL_SETTINGS and not (old[k] and new.get(k)))]
-        if differ:
-            changes = ", ".join(f"{k}: {old[k]!r} there, {new.get(k)!r} now" for k in differ)
-            raise ValueError(f"{path} holds runs made with other settings ({changes}); "
-                             "use another output_dir or delete the file")
+        compared = [k for k in self.SAME_SETTINGS
+                    if k in old and (k not in self.OPTIONAL_SETTINGS or old[k] and new.get(k))]
+        check_settings({k: old[k] for k in compared}, {k: new.get(k) for k in compared}, where=path, what="runs",
+                       advice="use another output_dir or delete the file")
         self.data["config"] = {**new, **{k: new.get(k) or old.get(k) for k in self.OPTIONAL_SETTINGS}}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
@@ -626,12 +625,8 @@ def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: 
             yield Path(scratch), None
         return
     folder = training_dir(config, name, condition, seed)
-    record = folder / RUN_SETTINGS_NAME
     if state.is_main_process:
-        if folder.is_dir() and (not record.is_file() or read_json(record) != settings):
-            shutil.rmtree(folder)
-        if not record.is_file():
-            write_json_atomic(record, settings)
+        resume_folder(folder, settings, record=RUN_SETTINGS_NAME, what="checkpoints", recompute=True)
     state.wait_for_everyone()
     complete = {int(step): p for p in folder.glob("checkpoint-*")
                 if (step := p.name.removeprefix("checkpoint-")).isdigit() and (p / "trainer_state.json").is_file()}

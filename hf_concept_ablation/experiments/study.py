@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 import datasets
 
 from ..files import read_json, write_json_atomic, write_text_atomic
+from ..resumable import check_settings
 from ..tasks import (
     ALL_COMBINATIONS,
     build_double_mc_datasets,
@@ -210,11 +211,10 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
     def recorded(entry: dict[str, Any]) -> dict[str, Any]:
         return {k: entry.get(k, DEFAULT_PRESET if k == "preset" else None) for k in settings}
 
-    differ = [key for key in keys if key in validity and recorded(validity[key]) != settings]
-    if differ:
-        old = recorded(validity[differ[0]])
-        raise ValueError(f"{path} holds scans made with other settings ({differ[0]}: {old}, now {settings}); "
-                         "use another --out (e.g. results-full) or delete it")
+    for key in keys:
+        if key in validity:
+            check_settings(recorded(validity[key]), settings, where=path, what=f"a scan of {key}",
+                           advice="use another --out (e.g. results-full) or delete it")
     config = experiment_config(size, [seed], ["none"], out / "runs", model=model, preset=preset)
     for first_key, *other_keys in by_pair([key for key in keys if key not in validity]):
         run_experiment(config, task_datasets(first_key), name=file_name(first_key),

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..adapter.layer import keep_positions, special_token_ids
 from ..adapter.residuals import residual_stream
 from ..files import atomic_path, read_json, write_json_atomic
+from ..resumable import check_settings
 
 
 def tokenize_chunks(tokenizer: Any, texts: Iterable[str], context_size: int) -> Iterator[list[int]]:
@@ -86,10 +87,8 @@ def cache_activations(
                 "n_texts": len(texts), "dtype": str(dtype).removeprefix("torch.")}
     manifest: dict[str, Any] = {"settings": settings, "shards": [], "texts_done": 0, "tokens": 0, "complete": False}
     if manifest_path.exists():
-        old = read_json(manifest_path)
-        if old["settings"] != settings:
-            raise ValueError(f"{out} holds activations made with other settings {old['settings']}; use another folder")
-        manifest = old
+        manifest = read_json(manifest_path)
+        check_settings(manifest["settings"], settings, where=out, what="activations", advice="use another folder")
     if manifest["complete"]:
         return out
     model.eval()

@@ -38,6 +38,7 @@ import torch
 from ..checks import check_number
 from ..files import read_json, write_json_atomic
 from ..loading import resolve_device
+from ..resumable import resume_folder
 from .activation_store import (
     ShuffledBatches,
     cache_activations,
@@ -215,20 +216,10 @@ _IRRELEVANT_SETTINGS = ("device", "n_checkpoints")
 
 
 def record_settings(folder: Path, cfg: SAETrainingConfig) -> None:
-    """Write `cfg` to ``folder/sae_training_config.json``, or, if the folder already records settings, check they
-    are `cfg`'s: a ValueError names each difference (work of other settings is never resumed or reused)."""
+    """Record `cfg` in ``folder/sae_training_config.json``, or refuse a folder recording other settings
+    (`resumable.resume_folder`: work of other settings is never resumed or reused)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in _IRRELEVANT_SETTINGS}
-    path = folder / SETTINGS_NAME
-    if path.is_file():
-        old = read_json(path)
-        changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if changed:
-            raise ValueError(f"{folder} holds SAE training made with other settings ("
-                             + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
-                             + "); use another output folder or delete it")
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings, indent=2)
+    resume_folder(folder, settings, record=SETTINGS_NAME, what="SAE training")
 
 
 def _save_sae(sae: Any, out: Path, dtype: str) -> None:

@@ -35,7 +35,8 @@ import torch
 from sae_lens import SAE
 from safetensors.torch import load_file, save_file
 
-from ..files import atomic_path, file_stem, read_json, write_json_atomic
+from ..files import atomic_path, file_stem, write_json_atomic
+from ..resumable import resume_folder
 from .activations import (
     ResidualBatch,
     as_text_list,
@@ -211,8 +212,8 @@ def _select_examples(
 class _Progress:
     """The saved progress of a cache build in a folder of its own (`build_activation_cache`'s `checkpoint`): per
     pass, safetensors shards of what its batches found, in order, and ``progress.json`` naming them with the number
-    of batches done and a fingerprint of the build's inputs. Progress saved for other inputs is deleted, not reused.
-    Without a folder, nothing is saved or resumed."""
+    of batches done and a fingerprint of the build's inputs. Progress saved for other inputs is deleted, not reused
+    (a cache: `resumable.resume_folder` with ``recompute``). Without a folder, nothing is saved or resumed."""
 
     def __init__(self, folder: str | os.PathLike | None, inputs: str, every: int) -> None:
         if every < 1:
@@ -226,13 +227,9 @@ class _Progress:
             if foreign:
                 raise ValueError(f"checkpoint folder {self.folder} holds files that are not a cache build's "
                                  f"progress ({', '.join(foreign[:5])}); give a folder of its own")
-            manifest = self.folder / PROGRESS_NAME
-            earlier = read_json(manifest) if manifest.is_file() else {}
-            if earlier.get("inputs") == inputs:
-                self.manifest = earlier
-            else:
-                shutil.rmtree(self.folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        earlier = resume_folder(self.folder, {"inputs": inputs}, record=PROGRESS_NAME, what="cache build progress",
+                                recompute=True)
+        self.manifest.update(earlier or {})
 
     def resumed(self, stage: str) -> tuple[int, list[dict[str, torch.Tensor]]]:
         """The batches of pass `stage` an earlier build did, and the shards of what they found, in order."""

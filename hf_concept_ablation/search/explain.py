@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..files import atomic_path
+from ..resumable import setting_differences
 from .cache import ActivationCache, ContextExample
 
 logger = logging.getLogger(__name__)
@@ -448,19 +449,18 @@ class LatentExplanation:
 class ExplanationLog:
     """Explanations appended to a JSONL file one by one as they are made, so an interrupted run keeps them.
 
-    The first line is a header (who explained what, with which settings); a log with another header (other than
-    `earlier_header`, the same settings as an earlier version wrote them) is started afresh, and a torn last line (a
-    crash while writing it) is ignored.
+    The first line is a header (who explained what, with which settings); the explanations are a cache (made again
+    from the activation cache), so a log with another header is started afresh (`resumable`'s rule), and a torn last
+    line (a crash while writing it) is ignored.
     """
 
-    def __init__(self, path: str | os.PathLike, header: dict[str, Any],
-                 earlier_header: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, header: dict[str, Any]) -> None:
         self.path = Path(path)
         self.header = json.loads(json.dumps(header, default=str))
-        accepted = [self.header] + ([json.loads(json.dumps(earlier_header, default=str))] if earlier_header else [])
         lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        earlier = _json_or_none(lines[0]) if lines else None
         self.done: dict[tuple[int, int], LatentExplanation] = {}
-        if lines and _json_or_none(lines[0]) in accepted:
+        if isinstance(earlier, dict) and not setting_differences(earlier, self.header):
             for line in lines[1:]:
                 row = _json_or_none(line)
                 if isinstance(row, dict):

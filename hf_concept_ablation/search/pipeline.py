@@ -93,6 +93,7 @@ from ..adapter.sae_sources import (
     shipped_sae_source,
 )
 from ..files import atomic_dir, files_fingerprint, read_json, write_json_atomic
+from ..resumable import check_settings
 from .attribution import attribute_latents, save_attribution
 from .cache import build_activation_cache
 from .config import (
@@ -308,10 +309,9 @@ def run_search_once(config: SearchConfig) -> bool:
     made with other settings is refused, naming them."""
     out = Path(config.out)
     now, earlier = config.compared(), recorded_search(out)  # (refuses a key given as the key's variable name)
-    if earlier is not None and earlier.compared() != now:
-        differ = {k: (v, now[k]) for k, v in earlier.compared().items() if v != now[k]}
-        raise ValueError(f"{out} holds a search made with other settings (setting: (made with, now) {differ}); use "
-                         "another output folder or delete this one")
+    if earlier is not None:
+        check_settings(earlier.compared(), now, where=out, what="a search",
+                       advice="use another output folder or delete this one")
     if not search_finished(out):
         print_search_result(run_search(config))
     elif not (out / CONFIG_NAME).is_file() and read_json(out / SELECTION_NAME).get("adapter"):
@@ -445,8 +445,7 @@ def find_concept_latents(
     if explainer is not None:
         start = time.time()
         settings = {"explainer": explainer.describe(), "query": task.query, "n_simulate": n_simulate}
-        log = ExplanationLog(work / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)},
-                             earlier_header={**settings, "cache": files_fingerprint(cache_files, raw=True)})
+        log = ExplanationLog(work / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)})
         explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
                                        n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
         timings["explain_s"] = time.time() - start
