@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ablation_overhead.py
+	$(PY) benchmarks/ablation_overhead.py --layers all --widths 16384 65536 --modes latent projection attribution
 
 # The paper's experiments (GPU: full size; CPU: reduced size). Resumable; e.g.
 # make reproduce REPRODUCE_ARGS="--tasks gender_bias --seeds 0 1 2"

@@ -15,8 +15,10 @@ and backward pass over the same prompts. Ratios are measured in the same run:
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
 weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 262144]
-[--model gemma-2-2b-shape --device cuda] ...``; records are merged into
-``benchmarks/ablation_overhead.json`` (same device/model/width/mode records are replaced).
+[--modes latent projection] [--layers all] [--model gemma-2-2b-shape --device cuda] ...``
+(``--layers all`` hooks every decoder layer; only the baselines the modes need are run);
+records are merged into ``benchmarks/ablation_overhead.json`` (same device/model/width/mode/layers
+records are replaced).
 """
 
 from __future__ import annotations
@@ -265,6 +267,7 @@ class PeakRSS:
 def memory_probe(args: argparse.Namespace, mode: str, width: int) -> None:
     """Print the peak resident memory of two steps of one mode (run in its own process)."""
     model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
+    args.layers = parse_layers(args.layers, model)
     model.train()
     step, _ = make_step(model, tokenizer, mode, width, args)
     with PeakRSS() as rss:
@@ -282,12 +285,24 @@ def memory_ratio(peak: float | str, baseline: float | str) -> float | str:
     return round(peak / baseline, 4)
 
 
+def record_key(record: dict) -> tuple:
+    """What makes two records the same measurement: device, model, SAE width, mode and hooked layers."""
+    return (record["device"], record["model"], record["sae_width"], record["mode"], tuple(record.get("layers", ())))
+
+
 def merge_records(new: list[dict]) -> None:
-    """Replace records with the same (device, model, sae_width, mode); write atomically."""
+    """Replace records with the same `record_key`; write atomically."""
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    keys = {(r["device"], r["model"], r["sae_width"], r["mode"]) for r in new}
-    kept = [r for r in old if (r["device"], r["model"], r["sae_width"], r["mode"]) not in keys]
+    keys = {record_key(r) for r in new}
+    kept = [r for r in old if record_key(r) not in keys]
     write_json_atomic(RESULTS, kept + new, indent=2)
+
+
+def parse_layers(values: list[str], model: PreTrainedModel) -> list[int]:
+    """The hooked layers: the given indices, or every decoder layer for ``all``."""
+    if values == ["all"]:
+        return list(range(model.config.get_text_config().num_hidden_layers))
+    return [int(v) for v in values]
 
 
 def main() -> None:
@@ -297,8 +312,9 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the shape models (default: the embedded model's)")
     parser.add_argument("--widths", type=int, nargs="+", default=[16384, 65536, 262144])
-    parser.add_argument("--modes", nargs="+", default=["latent", "projection", "naive", "attribution"])
-    parser.add_argument("--layers", type=int, nargs="+", default=[3, 7, 11, 15])
+    parser.add_argument("--modes", nargs="+", choices=list(BASELINE), default=list(BASELINE))
+    parser.add_argument("--layers", nargs="+", default=["3", "7", "11", "15"],
+                        help="the hooked layers' indices, or 'all' (every decoder layer)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=7)
@@ -308,9 +324,10 @@ def main() -> None:
     if args.memory_probe:
         memory_probe(args, args.memory_probe[0], int(args.memory_probe[1]))
         return
-    configs = [("plain", 0), ("forward_backward", 0)]
+    configs = [(base, 0) for base in UNHOOKED if base in {BASELINE[m] for m in args.modes}]
     configs += [(m, w) for w in args.widths for m in args.modes]
     model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
+    args.layers = parse_layers(args.layers, model)
     model.train()
     step = time_modes(model, tokenizer, args, configs)
     if next(model.parameters()).device.type == "cuda":

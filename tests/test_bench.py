@@ -41,6 +41,21 @@ def test_records_replace_those_of_the_same_device_model_width_and_mode(bench, tm
     assert sorted((r["mode"], r["step_time_ratio"]) for r in saved) == [("latent", 2.0), ("naive", 1.0)]
 
 
+def test_records_of_other_hooked_layers_are_kept(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "records.json")
+    record = {"device": "cpu", "model": "m", "sae_width": 16, "mode": "latent", "layers": [1, 2], "step_time_ratio": 1.0}
+    bench.merge_records([record])
+    bench.merge_records([{**record, "layers": [0, 1, 2, 3], "step_time_ratio": 2.0}])
+    saved = json.loads((tmp_path / "records.json").read_text())
+    assert sorted((r["layers"], r["step_time_ratio"]) for r in saved) == [([0, 1, 2, 3], 2.0), ([1, 2], 1.0)]
+
+
+def test_all_layers_means_every_decoder_layer(bench):
+    model = make_tiny_model("llama")
+    assert bench.parse_layers(["all"], model) == list(range(model.config.num_hidden_layers))
+    assert bench.parse_layers(["2", "0"], model) == [2, 0]
+
+
 def test_random_sae_is_a_working_sae_lens_sae_with_seeded_weights(bench):
     import torch
 
