@@ -25,7 +25,13 @@ from hf_concept_ablation.cli.search import search_settings
 from hf_concept_ablation.files import files_fingerprint
 from hf_concept_ablation.search.activations import iter_residuals
 from hf_concept_ablation.search.cache import PROGRESS_NAME
-from hf_concept_ablation.search.config import SearchConfig
+from hf_concept_ablation.search.config import (
+    CONCEPT_COMPONENTS,
+    PCA_COMPONENTS,
+    DirectionSelection,
+    LatentSelection,
+    SearchConfig,
+)
 from hf_concept_ablation.search.erasure import concept_decodability
 from hf_concept_ablation.search.explain import (
     EmbeddingFilter,
@@ -58,7 +64,8 @@ def tiny():
 
 def test_latent_search_selects_the_planted_latent_and_writes_a_loadable_adapter(tiny, tmp_path):
     model, tokenizer, task, saes = tiny
-    result = find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, max_selected=5, progress=False)
+    result = find_concept_latents(model, tokenizer, task, saes, tmp_path, LatentSelection(top=512, max_selected=5),
+                                  progress=False)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"attribution.csv", "attribution.json", "contrast.json", "activation_cache.safetensors",
             "activation_cache.json", "dashboard.html", "selection.json", "concept_ablation_config.json",
@@ -95,9 +102,11 @@ def test_latent_search_selects_the_planted_latent_and_writes_a_loadable_adapter(
 
 def test_a_search_run_again_into_its_folder_leaves_nothing_of_the_first(tiny, tmp_path):
     model, tokenizer, task, saes = tiny
-    find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, max_selected=5, progress=False)
+    find_concept_latents(model, tokenizer, task, saes, tmp_path, LatentSelection(top=512, max_selected=5),
+                         progress=False)
     (tmp_path / SEARCH_ARGS_NAME).write_text("[]")  # as `run_search_once` records the first search's options
-    again = find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, min_contrast=1e9, progress=False)
+    again = find_concept_latents(model, tokenizer, task, saes, tmp_path, LatentSelection(top=512, min_contrast=1e9),
+                                 progress=False)
     assert again.config is None and json.loads((tmp_path / "selection.json").read_text())["adapter"] is None
     assert not (tmp_path / "concept_ablation_config.json").exists()  # the first search's adapter is gone
     assert not (tmp_path / "concept_ablation.safetensors").exists() and not (tmp_path / SEARCH_ARGS_NAME).exists()
@@ -107,14 +116,15 @@ def test_a_search_run_again_into_its_folder_leaves_nothing_of_the_first(tiny, tm
 
 def test_a_search_that_fails_before_its_results_leaves_the_finished_one_in_its_folder(tiny, tmp_path, monkeypatch):
     model, tokenizer, task, saes = tiny
-    find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", n_components=4, indices={1: [0, 1]},
-                        progress=False)
+    find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", DirectionSelection(n_components=4,
+                        indices={1: [0, 1]}), progress=False)
     finished = {p.name: p.read_bytes() for p in (tmp_path / "pca").iterdir()}
     with pytest.raises(ValueError, match=r"layer 1: component index\(es\) \[7\] out of range"):
-        find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", n_components=4, indices={1: [7]},
-                            progress=False)
+        find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "pca", DirectionSelection(n_components=4,
+                            indices={1: [7]}), progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "pca").iterdir()} == finished
-    find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=5, progress=False)
+    find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", LatentSelection(top=512, max_selected=5),
+                         progress=False)
     finished = {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()}
 
     def interrupted(*args, **kwargs):
@@ -122,17 +132,17 @@ def test_a_search_that_fails_before_its_results_leaves_the_finished_one_in_its_f
 
     monkeypatch.setattr("hf_concept_ablation.search.pipeline.build_activation_cache", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", top=512, max_selected=3, progress=False)
+        find_concept_latents(model, tokenizer, task, saes, tmp_path / "sae", LatentSelection(top=512, max_selected=3),
+                             progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "sae").iterdir()} == finished
 
 
 def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
     model, tokenizer, task, saes = tiny
     result = find_concept_latents(
-        model, tokenizer, task, saes, tmp_path, top=20, explainer=TransformersChat(model, tokenizer, max_new_tokens=6),
-        embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1, min_similarity=-1.0, select_by="explanation",
-        progress=False,
-    )
+        model, tokenizer, task, saes, tmp_path,
+        LatentSelection(top=20, explain_top=2, n_simulate=1, min_similarity=-1.0, select_by="explanation"),
+        explainer=TransformersChat(model, tokenizer, max_new_tokens=6), embedding_filter=EmbeddingFilter(), progress=False)
     report = result.report
     assert report["explainer"]["backend"] == "transformers"
     assert len(report["explanations"]) == 2
@@ -140,14 +150,14 @@ def test_search_with_an_explainer_reports_explanations(tiny, tmp_path):
     assert len(result.selected) == 2
     assert all(s["by"][-1] == "explanation" and s["explanation"] for s in result.selected)
     with pytest.raises(ValueError, match="needs an explainer"):
-        find_concept_latents(model, tokenizer, task, saes, tmp_path, select_by="union")
+        find_concept_latents(model, tokenizer, task, saes, tmp_path, LatentSelection(select_by="union"))
 
     def search(**options):  # again into the same folder: the explanations are reused from explanations.jsonl
         explainer = TransformersChat(model, tokenizer, max_new_tokens=6)
         explainer.chat = None  # asked for nothing: every explanation is in the log already
-        return find_concept_latents(model, tokenizer, task, saes, tmp_path, top=20, explainer=explainer,
-                                    embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1,
-                                    progress=False, **options)
+        selection = LatentSelection(top=20, explain_top=2, n_simulate=1, **options)
+        return find_concept_latents(model, tokenizer, task, saes, tmp_path, selection,
+                                    explainer=explainer, embedding_filter=EmbeddingFilter(), progress=False)
 
     similarity = {(e["layer"], e["latent"]): e["similarity"] for e in report["explanations"]}
     high, low = sorted(similarity, key=similarity.get, reverse=True)
@@ -197,9 +207,9 @@ def test_a_search_interrupted_while_it_explains_leaves_the_finished_one_and_resu
 
     def search(task, explainer):
         cache_batches.clear()
-        return find_concept_latents(model, tokenizer, task, saes, out, top=20, explainer=explainer,
-                                    embedding_filter=EmbeddingFilter(), explain_top=2, n_simulate=1,
-                                    min_contrast=0.0, max_selected=3, progress=False)
+        selection = LatentSelection(top=20, explain_top=2, n_simulate=1, min_contrast=0.0, max_selected=3)
+        return find_concept_latents(model, tokenizer, task, saes, out, selection,
+                                    explainer=explainer, embedding_filter=EmbeddingFilter(), progress=False)
 
     search(task, TransformersChat(model, tokenizer, max_new_tokens=6))
     finished = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -238,7 +248,7 @@ def test_a_search_interrupted_while_it_caches_contexts_continues_the_cache(tiny,
             raise KeyboardInterrupt
 
     def search(folder):
-        return find_concept_latents(model, tokenizer, task, saes, folder, top=20, progress=False)
+        return find_concept_latents(model, tokenizer, task, saes, folder, LatentSelection(top=20), progress=False)
 
     handle = find_decoder_layers(model)[1][0].register_forward_hook(stop_once_progress_is_saved)
     try:
@@ -259,8 +269,8 @@ def test_a_search_interrupted_while_it_caches_contexts_continues_the_cache(tiny,
 
 def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
     model, tokenizer, task, _ = tiny
-    result = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path, n_components=4, min_contrast=0.0,
-                                 max_selected=2, progress=False)
+    result = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path, DirectionSelection(n_components=4,
+                                 min_contrast=0.0, max_selected=2), progress=False)
     assert result.config.mode == "projection"
     assert sum(len(v) for v in result.config.directions.values()) == 2
     assert (tmp_path / "pca.safetensors").is_file() and (tmp_path / "pca.json").is_file()
@@ -272,15 +282,15 @@ def test_pca_search_writes_a_projection_adapter(tiny, tmp_path):
     means = mean_activations(model, tokenizer, list(task.train["prompt"][:256]), [1, 2], progress=False)
     for layer, center in result.config.centers.items():
         torch.testing.assert_close(center, means[layer], rtol=1e-4, atol=1e-4)
-    zero = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "zero", n_components=4, min_contrast=0.0,
-                               max_selected=2, ablation="zero", progress=False)
+    zero = find_pca_directions(model, tokenizer, task, [1, 2], tmp_path / "zero", DirectionSelection(n_components=4,
+                               min_contrast=0.0, max_selected=2, ablation="zero"), progress=False)
     assert zero.config.centers == {} and zero.report["settings"]["ablation"] == "zero"
 
 
 def test_erasure_driven_selection_takes_a_prefix_of_the_ranking_and_records_its_curve(tiny, tmp_path):
     model, tokenizer, task, saes = tiny
-    result = find_concept_latents(model, tokenizer, task, saes, tmp_path, top=512, max_selected=4,
-                                  select_by="erasure", progress=False)
+    result = find_concept_latents(model, tokenizer, task, saes, tmp_path, LatentSelection(top=512, max_selected=4,
+                                  select_by="erasure"), progress=False)
     report = json.loads((tmp_path / "selection.json").read_text())
     curve = report["erasure_curve"]
     ranking = [(r["layer"], r["latent"]) for r in json.loads((tmp_path / "attribution.json").read_text())]
@@ -293,15 +303,40 @@ def test_erasure_driven_selection_takes_a_prefix_of_the_ranking_and_records_its_
     assert '<figure class="curve"><svg' in (tmp_path / "dashboard.html").read_text()
 
     # directions: with every component of the residual stream on offer, erasure is reached, at the fewest that do
-    pca = find_pca_directions(model, tokenizer, task, [1], tmp_path / "pca", n_components=HIDDEN,
-                              max_selected=HIDDEN, select_by="erasure", ablation="zero", progress=False)
+    pca = find_pca_directions(model, tokenizer, task, [1], tmp_path / "pca", DirectionSelection(n_components=HIDDEN,
+                              max_selected=HIDDEN, select_by="erasure", ablation="zero"), progress=False)
     curve = pca.report["erasure_curve"]
     assert curve["erased_at"] == sum(len(v) for v in pca.config.directions.values()) and pca.report["note"] is None
     assert curve["accuracy"][-1]["1"] <= curve["target"] < curve["accuracy"][0]["1"]
     with pytest.raises(ValueError, match="leave indices unset"):
-        find_pca_directions(model, tokenizer, task, [1], tmp_path / "bad", indices={1: [0]}, select_by="erasure")
+        find_pca_directions(model, tokenizer, task, [1], tmp_path / "bad", DirectionSelection(indices={1: [0]},
+                            select_by="erasure"))
     with pytest.raises(ValueError, match="leave pca_indices unset"):
         SearchConfig(task="gender_bias", out=str(tmp_path), source="pca", select_by="erasure", pca_indices={1: [0]})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: LatentSelection(rule="sum"), r"rule must be one of \['threshold', 'product'\], got 'sum'"),
+    (lambda: LatentSelection(n_cache_texts=0), r"n_cache_texts must be a positive integer, got 0"),
+    (lambda: LatentSelection(select_by="vibes"), r"select_by must be one of .* got 'vibes'"),
+    (lambda: DirectionSelection(basis="texts"), r"basis must be one of \['prompts', 'concept'\], got 'texts'"),
+    (lambda: DirectionSelection(select_by="union"), r"select_by must be one of \['contrast', 'erasure'\], got 'union'"),
+    (lambda: DirectionSelection(indices={1: [0]}, select_by="erasure"), r"leave indices unset"),
+    (lambda: SearchConfig(task="gender_bias", out="o", reduce="median"), r"reduce must be one of .* got 'median'"),
+])
+def test_selection_settings_refuse_a_bad_value_naming_it(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_search_config_hands_its_settings_to_the_latent_and_direction_searches():
+    config = SearchConfig(task="gender_bias", out="o", top=7, max_selected=3, select_by="erasure", batch_size=4)
+    assert config.latent_selection() == LatentSelection(top=7, max_selected=3, select_by="erasure", batch_size=4)
+    assert SearchConfig(task="gender_bias", out="o").latent_selection() == LatentSelection()  # one set of defaults
+    concept = SearchConfig(task="gender_bias", out="o", source="concept", pca_indices={3: [0]}, ablation="zero")
+    assert concept.direction_selection() == DirectionSelection(
+        basis="concept", n_components=CONCEPT_COMPONENTS, indices={3: [0]}, ablation="zero", max_selected=20)
+    assert SearchConfig(task="gender_bias", out="o", source="pca").direction_selection().n_components == PCA_COMPONENTS
 
 
 def test_task_contrasts():
@@ -355,10 +390,10 @@ def test_search_scores_each_latent_by_its_strongest_contrast(tiny, tmp_path):
     # the first contrast carries no concept (two halves of the same set); the planted one comes second
     split = TaskData("tiny", task.train, task.concept_b[:half], task.concept_b[half:], task.query, "two contrasts",
                      more_contrasts=[(task.concept_a, task.concept_b)])
-    plain = find_concept_latents(model, tokenizer, task, saes, tmp_path / "one", top=512, max_selected=5,
-                                 progress=False)
-    both = find_concept_latents(model, tokenizer, split, saes, tmp_path / "two", top=512, max_selected=5,
-                                progress=False)
+    plain = find_concept_latents(model, tokenizer, task, saes, tmp_path / "one", LatentSelection(top=512,
+                                 max_selected=5), progress=False)
+    both = find_concept_latents(model, tokenizer, split, saes, tmp_path / "two", LatentSelection(top=512,
+                                max_selected=5), progress=False)
     planted = {(s["layer"], s["latent"]): s["contrast"] for s in plain.selected}[(2, PLANTED)]
     assert {(s["layer"], s["latent"]): s["contrast"] for s in both.selected}[(2, PLANTED)] == planted
     assert plain.report["erasure"] and both.report["erasure"] is None  # 8 texts per set: too few to probe
@@ -425,14 +460,14 @@ def test_sae_of_another_model_is_refused_before_the_search_and_accepted_when_ask
     task = TaskData("tiny", make_tiny_mc_dataset(12), texts_a, texts_b, "the words w50 and w51", "planted words")
     sae = _planted_sae(model, tokenizer, 2)
     sae.cfg.metadata.model_name = "google/gemma-3-270m"
-    find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "same", top=64, max_selected=2,
-                         min_contrast=0.0, progress=False)  # the snapshot folder is that model
+    find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "same", LatentSelection(top=64, max_selected=2,
+                         min_contrast=0.0), progress=False)  # the snapshot folder is that model
     sae.cfg.metadata.model_name = "google/gemma-2-2b"
     with pytest.raises(ValueError, match=r"trained on model 'google/gemma-2-2b'.*--no-check-model-name"):
         find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "other", progress=False)
     assert not (tmp_path / "other").exists()  # refused before any work
-    result = find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "other", top=64, max_selected=2,
-                                  min_contrast=0.0, progress=False, check_model_name=False)
+    result = find_concept_latents(model, tokenizer, task, {2: sae}, tmp_path / "other", LatentSelection(top=64,
+                                  max_selected=2, min_contrast=0.0), progress=False, check_model_name=False)
     assert result.config.check_model_name is False
     ConceptAblation.from_pretrained(model, tmp_path / "other").remove()
 

@@ -23,10 +23,98 @@ CONCEPT_COMPONENTS = 2  #: default directions per layer of ``source="concept"``
 PCA_COMPONENTS = 10  #: ... and of ``source="pca"``
 #: settings that do not change what a search finds, left out when a finished search is compared with a new one
 NOT_COMPARED = ("out", "threads")
-_POSITIVE = ("top", "max_examples", "max_selected", "explain_top", "pca_components", "pca_texts", "batch_size",
-             "threads")
-_CHOICES = {"source": SOURCES, "answer_form": ANSWER_FORMS, "contrast": CONTRASTS, "rule": RULES,
-            "reduce": REDUCTIONS, "select_by": (None, *SELECT_BY), "ablation": ABLATIONS}
+BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
+DIRECTION_SELECT_BY = ("contrast", "erasure")  #: the `select_by` values of directions
+
+
+def _check_settings(settings: Any, choices: Mapping[str, Sequence[Any]], positive: Sequence[str]) -> None:
+    """Refuse a setting of `settings` outside its `choices`, or a `positive` one that is not a positive integer (None
+    allowed), naming it and its value."""
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
+                             f"got {getattr(settings, name)!r}")
+    for name in positive:
+        value = getattr(settings, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class LatentSelection:
+    """How `find_concept_latents` ranks and chooses SAE latents (`SearchConfig` takes its defaults from here).
+
+    Args:
+        top: latents kept from attribution.
+        max_examples: D_amb examples used for attribution (None: all).
+        rule: how contrast and attribution combine (``threshold`` or ``product``).
+        min_contrast: the |Cohen's d| a latent needs.
+        max_selected: at most this many are chosen (with ``select_by="erasure"``: the budget).
+        reduce: per-text reduction of a latent's activations for the contrast (``mean`` or ``max``).
+        select_by: ``contrast``, ``explanation``, ``union``, ``erasure`` (None: union with an explainer, else
+            contrast).
+        explain_top: latents explained, from the attribution top (with an explainer).
+        n_simulate: texts per latent whose activations the explainer predicts (the simulation score).
+        min_similarity, min_relevance: what an explanation needs to select its latent.
+        n_cache_texts: task prompts in the activation cache, beside the concept texts.
+        batch_size: texts per forward pass.
+    """
+
+    top: int = 100
+    max_examples: int | None = None
+    rule: str = "threshold"
+    min_contrast: float = 1.0
+    max_selected: int = 20
+    reduce: str = "mean"
+    select_by: str | None = None
+    explain_top: int = 30
+    n_simulate: int = 4
+    min_similarity: float = 0.3
+    min_relevance: float | None = None
+    n_cache_texts: int = 200
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check_settings(self, {"rule": RULES, "reduce": REDUCTIONS, "select_by": (None, *SELECT_BY)},
+                        ("top", "max_examples", "max_selected", "explain_top", "n_simulate", "n_cache_texts",
+                         "batch_size"))
+
+
+@dataclass
+class DirectionSelection:
+    """How `find_pca_directions` makes and chooses directions.
+
+    Args:
+        basis: ``prompts`` (PCA of the task prompts' activations) or ``concept`` (the differences between the task's
+            two concept text sets).
+        n_components: components per layer.
+        n_texts: task prompts the PCA reads (None: all).
+        indices: choose components by index, layer -> indices (instead of by contrast).
+        min_contrast: the |Cohen's d| a component needs.
+        max_selected: at most this many are chosen (with ``select_by="erasure"``: the budget).
+        reduce: per-text reduction for the contrast.
+        ablation: set the removed component to its ``mean`` over the task prompts, or ``zero``.
+        select_by: ``contrast`` or ``erasure`` (components in |contrast| order until the probe is at chance).
+        batch_size: texts per forward pass.
+    """
+
+    basis: str = "prompts"
+    n_components: int = PCA_COMPONENTS
+    n_texts: int | None = 256
+    indices: Mapping[int, Sequence[int]] | None = None
+    min_contrast: float = 1.0
+    max_selected: int = 10
+    reduce: str = "mean"
+    ablation: str = "mean"
+    select_by: str = "contrast"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check_settings(self, {"basis": BASES, "reduce": REDUCTIONS, "ablation": ABLATIONS,
+                               "select_by": DIRECTION_SELECT_BY},
+                        ("n_components", "n_texts", "max_selected", "batch_size"))
+        if self.select_by == "erasure" and self.indices is not None:
+            raise ValueError("select_by='erasure' chooses the components itself: leave indices unset")
 
 
 @dataclass
@@ -92,27 +180,27 @@ class SearchConfig:
     templates_file: str | None = None
     professions_file: str | None = None
     source_files: dict[str, str] = field(default_factory=dict)
-    top: int = 100
-    max_examples: int | None = None
-    rule: str = "threshold"
-    min_contrast: float = 1.0
-    max_selected: int = 20
-    reduce: str = "mean"
-    select_by: str | None = None
+    top: int = LatentSelection.top
+    max_examples: int | None = LatentSelection.max_examples
+    rule: str = LatentSelection.rule
+    min_contrast: float = LatentSelection.min_contrast
+    max_selected: int = LatentSelection.max_selected
+    reduce: str = LatentSelection.reduce
+    select_by: str | None = LatentSelection.select_by
     llm_base_url: str | None = None
     llm_model: str | None = None
     llm_api_key_env: str = "OPENAI_API_KEY"
     local_explainer: bool = False
     query: str | None = None
     embedding_model: str | None = None
-    min_similarity: float = 0.3
-    min_relevance: float | None = None
-    explain_top: int = 30
+    min_similarity: float = LatentSelection.min_similarity
+    min_relevance: float | None = LatentSelection.min_relevance
+    explain_top: int = LatentSelection.explain_top
     pca_components: int | None = None
     pca_texts: int = 256
     pca_indices: dict[int, list[int]] | None = None
     ablation: str = "mean"
-    batch_size: int = 8
+    batch_size: int = LatentSelection.batch_size
     device: str = "auto"
     threads: int | None = None
 
@@ -132,14 +220,9 @@ class SearchConfig:
             if empty or not self.pca_indices:
                 raise ValueError(f"pca_indices: layer(s) {empty} name no component" if empty else
                                  "pca_indices names no layer")
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {[a for a in allowed if a is not None]}, "
-                                 f"got {getattr(self, name)!r}")
-        for name in _POSITIVE:
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_settings(self, {"source": SOURCES, "answer_form": ANSWER_FORMS, "contrast": CONTRASTS,
+                               "ablation": ABLATIONS}, ("pca_components", "pca_texts", "threads"))
+        self.latent_selection()  # refuses a bad selection setting, naming it
         if self.select_by == "erasure" and self.pca_indices is not None:
             raise ValueError("select_by='erasure' chooses the components itself: leave pca_indices unset")
         if self.select_by in ("explanation", "union") and self.source != "sae":
@@ -147,6 +230,21 @@ class SearchConfig:
                              f"got source={self.source!r}")
         if self.sae_release and not self.sae_id_template:
             raise ValueError("sae_release needs sae_id_template (the SAE id with {layer})")
+
+    def latent_selection(self) -> LatentSelection:
+        """The settings of `find_concept_latents` (``source="sae"``)."""
+        return LatentSelection(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LatentSelection)
+                                  if hasattr(self, f.name)})
+
+    def direction_selection(self) -> DirectionSelection:
+        """The settings of `find_pca_directions` (``source="pca"`` or ``"concept"``)."""
+        pca = self.source == "pca"
+        return DirectionSelection(
+            basis="prompts" if pca else "concept",
+            n_components=self.pca_components or (PCA_COMPONENTS if pca else CONCEPT_COMPONENTS),
+            n_texts=self.pca_texts, indices=self.pca_indices, min_contrast=self.min_contrast,
+            max_selected=self.max_selected, reduce=self.reduce, ablation=self.ablation,
+            select_by=self.select_by or "contrast", batch_size=self.batch_size)
 
     def record(self) -> dict[str, Any]:
         """The settings as a search folder records them (``search_args.json``): an explainer URL without the

@@ -97,12 +97,9 @@ from ..resumable import check_settings
 from .attribution import attribute_latents, save_attribution
 from .cache import build_activation_cache
 from .config import (
-    ABLATIONS,
-    CONCEPT_COMPONENTS,
     CONTRASTS,
-    PCA_COMPONENTS,
-    RULES,
-    SELECT_BY,
+    DirectionSelection,
+    LatentSelection,
     SearchConfig,
 )
 from .contrast import (
@@ -130,7 +127,6 @@ from .pca import (
 )
 
 Item = TypeVar("Item")
-BASES = ("prompts", "concept")  #: what `find_pca_directions` decomposes
 ERASURE_TEXTS = 128  #: concept texts per set in the erasure check of a saved adapter
 MIN_ERASURE_TEXTS = 10  #: ... and the fewest per set it needs (5-fold cross-validation)
 SEARCH_ARGS_NAME = "search_args.json"  #: the settings of the search in a folder (`SearchConfig.record`)
@@ -385,55 +381,45 @@ def find_concept_latents(
     task: TaskData,
     saes: Mapping[int, SAE],
     out_dir: str | os.PathLike,
+    selection: LatentSelection | None = None,
     *,
     sae_sources: Mapping[int, SAESource] | None = None,
-    top: int = 100,
-    max_examples: int | None = None,
-    rule: str = "threshold",
-    min_contrast: float = 1.0,
-    max_selected: int = 20,
-    reduce: str = "mean",
     explainer: ChatClient | None = None,
     embedding_filter: EmbeddingFilter | None = None,
-    explain_top: int = 30,
-    n_simulate: int = 4,
-    min_similarity: float = 0.3,
-    min_relevance: float | None = None,
-    select_by: str | None = None,
-    n_cache_texts: int = 200,
-    batch_size: int = 8,
     progress: bool = True,
     check_model_name: bool = True,
 ) -> SearchResult:
-    """Run the SAE-latent search of the module doc and write its outputs to `out_dir`.
+    """Run the SAE-latent search of the module doc with the settings of `selection` (default: `LatentSelection()`)
+    and write its outputs to `out_dir`.
 
-    `check_model_name`: refuse SAEs whose recorded model is not `model` (checked first, with their fit), and record
-    the choice in the saved adapter's config."""
-    select_by = select_by or ("union" if explainer is not None else "contrast")
-    if select_by not in SELECT_BY:
-        raise ValueError(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
+    `explainer` and `embedding_filter`: explain the attribution top and filter the explanations against the task's
+    query. `check_model_name`: refuse SAEs whose recorded model is not `model` (checked first, with their fit), and
+    record the choice in the saved adapter's config."""
+    settings = selection or LatentSelection()
+    select_by = settings.select_by or ("union" if explainer is not None else "contrast")
     if select_by in ("explanation", "union") and explainer is None:
         raise ValueError(f"select_by={select_by!r} needs an explainer (an LLM endpoint or local model)")
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    top, rule, min_contrast, max_selected = settings.top, settings.rule, settings.min_contrast, settings.max_selected
+    batch_size = settings.batch_size
     check_saes_fit_model(model, saes, check_model_name=check_model_name)
     sae_sources = dict(sae_sources or {})
     timings: dict[str, float] = {}
     start = time.time()
-    train = task.train if max_examples is None else task.train.select(range(min(max_examples, len(task.train))))
+    train = (task.train if settings.max_examples is None else
+             task.train.select(range(min(settings.max_examples, len(task.train)))))
     rows = attribute_latents(model, tokenizer, train, saes, metric="logit_diff", batch_size=batch_size, top=top)
     timings["attribution_s"] = time.time() - start
 
     start = time.time()
     keys = [(r.layer, r.latent) for r in rows]
     contrast = strongest_contrast_latents(model, tokenizer, [(task.concept_a, task.concept_b), *task.more_contrasts],
-                                          saes, keys, reduce=reduce, paired=task.paired, batch_size=batch_size)
+                                          saes, keys, reduce=settings.reduce, paired=task.paired, batch_size=batch_size)
     contrast_map = {(c.layer, c.latent): c.score for c in contrast}
     timings["contrast_s"] = time.time() - start
 
     out, work = Path(out_dir), _start_search(out_dir)
     start = time.time()
-    corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:n_cache_texts])
+    corpus = task.concept_a + task.concept_b + list(task.train["prompt"][:settings.n_cache_texts])
     cache = build_activation_cache(model, tokenizer, corpus, saes, keys, batch_size=batch_size, progress=progress,
                                    checkpoint=work / CACHE_PROGRESS_NAME, keep_checkpoint=True)
     timings["cache_s"] = time.time() - start
@@ -444,10 +430,10 @@ def find_concept_latents(
     explanations: list[LatentExplanation] = []
     if explainer is not None:
         start = time.time()
-        settings = {"explainer": explainer.describe(), "query": task.query, "n_simulate": n_simulate}
-        log = ExplanationLog(work / EXPLANATIONS_NAME, {**settings, "cache": files_fingerprint(cache_files)})
-        explanations = explain_latents(explainer, cache, keys[:explain_top], query=task.query,
-                                       n_simulate=n_simulate, embedding_filter=embedding_filter, log=log)
+        recorded = {"explainer": explainer.describe(), "query": task.query, "n_simulate": settings.n_simulate}
+        log = ExplanationLog(work / EXPLANATIONS_NAME, {**recorded, "cache": files_fingerprint(cache_files)})
+        explanations = explain_latents(explainer, cache, keys[:settings.explain_top], query=task.query,
+                                       n_simulate=settings.n_simulate, embedding_filter=embedding_filter, log=log)
         timings["explain_s"] = time.time() - start
     explained = {(e.layer, e.latent): e for e in explanations}
 
@@ -456,9 +442,9 @@ def find_concept_latents(
     by_explanation = [
         (r.layer, r.latent) for r in rows
         if (e := explained.get((r.layer, r.latent))) is not None
-        and (e.similarity is None or e.similarity >= min_similarity)
-        and (min_relevance is None or (e.relevance is not None and e.relevance >= min_relevance))
-        and (e.similarity is not None or min_relevance is not None)
+        and (e.similarity is None or e.similarity >= settings.min_similarity)
+        and (settings.min_relevance is None or (e.relevance is not None and e.relevance >= settings.min_relevance))
+        and (e.similarity is not None or settings.min_relevance is not None)
     ]
     chosen_keys: list[tuple[int, int]] = []
     curve = None
@@ -508,10 +494,8 @@ def find_concept_latents(
         "layers": sorted(saes), "saes": {str(k): v.describe() for k, v in sae_sources.items()},
         "sae_sources": {str(k): dataclasses.asdict(v) for k, v in sae_sources.items()},
         "n_attribution_examples": len(train), "settings": {
-            "top": top, "rule": rule, "min_contrast": min_contrast, "max_selected": max_selected, "reduce": reduce,
-            "select_by": select_by, "explain_top": explain_top if explainer else None,
-            "n_simulate": n_simulate if explainer else None,
-            "min_similarity": min_similarity if explainer else None, "min_relevance": min_relevance,
+            **dataclasses.asdict(settings), "select_by": select_by,
+            **({} if explainer else {"explain_top": None, "n_simulate": None, "min_similarity": None}),
         },
         "explainer": explainer.describe() if explainer is not None else None,
         "selected": selected,
@@ -542,20 +526,12 @@ def find_pca_directions(
     task: TaskData,
     layers: Sequence[int],
     out_dir: str | os.PathLike,
+    selection: DirectionSelection | None = None,
     *,
-    n_components: int = 10,
-    n_texts: int | None = 256,
-    indices: Mapping[int, Sequence[int]] | None = None,
-    min_contrast: float = 1.0,
-    max_selected: int = 10,
-    reduce: str = "mean",
-    basis: str = "prompts",
-    ablation: str = "mean",
-    select_by: str = "contrast",
-    batch_size: int = 8,
     progress: bool = True,
 ) -> SearchResult:
-    """Directions saved as a projection adapter, from one of two bases.
+    """Directions saved as a projection adapter, from one of two bases (`selection`, default
+    `DirectionSelection()`).
 
     ``basis="prompts"``: PCA of activations on D_amb prompts, components chosen by contrast
     (or `indices`). ``basis="concept"``: `concept_directions` of the task's two concept text
@@ -564,18 +540,13 @@ def find_pca_directions(
     (mean ablation); ``"zero"`` removes them outright. ``select_by="erasure"``: components in |contrast| order, more
     and more of them, until the concept texts' probe is at chance (at most `max_selected`; `select_until_erased`).
     """
-    if select_by not in ("contrast", "erasure"):
-        raise ValueError(f"select_by must be 'contrast' or 'erasure' for directions, got {select_by!r}")
-    if select_by == "erasure" and indices is not None:
-        raise ValueError("select_by='erasure' chooses the components itself: leave indices unset")
-    if basis not in BASES:
-        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    settings = selection or DirectionSelection()
+    basis, n_components, indices, select_by = settings.basis, settings.n_components, settings.indices, settings.select_by
+    min_contrast, max_selected, batch_size = settings.min_contrast, settings.max_selected, settings.batch_size
     if task.more_contrasts:
         raise ValueError(f"{task.name}: a contrast of more than two text sets ({task.description}) works with SAE "
                          "latents only")
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
-    prompts = list(task.train["prompt"][: n_texts or len(task.train)])
+    prompts = list(task.train["prompt"][: settings.n_texts or len(task.train)])
     start = time.time()
     if basis == "prompts":
         results = pca_directions(model, tokenizer, prompts, layers, n_components=n_components, batch_size=batch_size,
@@ -588,13 +559,13 @@ def find_pca_directions(
             indices = indices or {layer: list(range(r.components.shape[0])) for layer, r in results.items()}
     if indices is not None:  # bad indices are refused before the contrast is computed
         select_directions(results, indices=indices)
-    contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=reduce,
+    contrast = contrast_pca(model, tokenizer, task.concept_a, task.concept_b, results, reduce=settings.reduce,
                             paired=task.paired, batch_size=batch_size)
     out, work = Path(out_dir), _start_search(out_dir)
     save_pca(results, work / "pca")
     save_contrast(contrast, work / "contrast.json")
     centers: dict[int, torch.Tensor] | None = None
-    if ablation == "mean":
+    if settings.ablation == "mean":
         centers = ({layer: r.mean for layer, r in results.items()} if basis == "prompts" else
                    mean_activations(model, tokenizer, prompts, list(results), batch_size=batch_size, progress=progress))
     curve = None
@@ -628,16 +599,14 @@ def find_pca_directions(
         config = directions_config(results, chosen, centers=centers,
                                    base_model_name_or_path=getattr(model.config, "name_or_path", None),
                                    description=f"{task.name}: {sum(map(len, chosen.values()))} {kind} directions "
-                                               f"({how}, {ablation} ablation)")
+                                               f"({how}, {settings.ablation} ablation)")
         erasure = _save_adapter(model, tokenizer, config, work, task, batch_size=batch_size)
     report = {
         "task": task.name, "source": "pca" if basis == "prompts" else "concept", "contrast_texts": task.description, "paired_contrast": task.paired,
         "layers": sorted(results),
-        "n_texts": len(prompts), "settings": {"n_components": n_components, "min_contrast": min_contrast,
-                                              "ablation": ablation,
-                                              "max_selected": max_selected, "reduce": reduce,
-                                              "select_by": select_by,
-                                              "indices": {str(k): list(v) for k, v in indices.items()} if indices else None},
+        "n_texts": len(prompts), "settings": {
+            **dataclasses.asdict(settings),
+            "indices": {str(k): list(v) for k, v in indices.items()} if indices else None},
         "selected": selected, "erasure": erasure, "erasure_curve": curve.to_dict() if curve is not None else None,
         "timings": {"total_s": round(time.time() - start, 1)},
         "adapter": str(out) if config else None,
@@ -677,13 +646,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     if config.source == "concept" and not config.layers:
         layers = list(range(len(find_decoder_layers(model)[1]) - 1))
     if config.source in ("pca", "concept"):
-        result = find_pca_directions(
-            model, tokenizer, task, layers, config.out, basis="prompts" if config.source == "pca" else "concept",
-            n_components=config.pca_components or (PCA_COMPONENTS if config.source == "pca" else CONCEPT_COMPONENTS),
-            n_texts=config.pca_texts, indices=config.pca_indices, min_contrast=config.min_contrast,
-            ablation=config.ablation, max_selected=config.max_selected, reduce=config.reduce,
-            select_by=config.select_by or "contrast", batch_size=config.batch_size,
-        )
+        result = find_pca_directions(model, tokenizer, task, layers, config.out, config.direction_selection())
     else:
         sources = {layer: SAESource(path=path) for layer, path in config.saes.items()}
         if config.sae_release:
@@ -704,13 +667,9 @@ def run_search(config: SearchConfig) -> SearchResult:
 
             explainer = TransformersChat(model, tokenizer)
         embedding = EmbeddingFilter(config.embedding_model) if explainer is not None else None
-        result = find_concept_latents(
-            model, tokenizer, task, saes, config.out, sae_sources=sources, top=config.top,
-            max_examples=config.max_examples, rule=config.rule, min_contrast=config.min_contrast,
-            max_selected=config.max_selected, reduce=config.reduce, explainer=explainer, embedding_filter=embedding,
-            explain_top=config.explain_top, min_similarity=config.min_similarity, min_relevance=config.min_relevance,
-            select_by=config.select_by, batch_size=config.batch_size, check_model_name=config.check_model_name,
-        )
+        result = find_concept_latents(model, tokenizer, task, saes, config.out, config.latent_selection(),
+                                      sae_sources=sources, explainer=explainer, embedding_filter=embedding,
+                                      check_model_name=config.check_model_name)
     write_json_atomic(Path(config.out) / SEARCH_ARGS_NAME, record, default=str)
     return result
 
