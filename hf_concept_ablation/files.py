@@ -75,21 +75,20 @@ def read_json(path: str | os.PathLike, kind: type = dict) -> Any:
     return data
 
 
-def files_sha256(paths: Sequence[str | os.PathLike], *, raw: bool = False) -> str:
+def files_sha256(paths: Sequence[str | os.PathLike]) -> str:
     """The sha256 (hex) of the files' contents, in order (to tell whether an input changed; of one file other than
     safetensors, what ``sha256sum`` prints); a safetensors file counts by its tensors and metadata, not by the order
-    its header happens to list them in. `raw`: the hash of the bytes as they are, which earlier versions of the
-    package recorded (to recognise their records)."""
+    its header happens to list them in."""
     digest = hashlib.sha256()
     for path in paths:
-        canonical = Path(path).suffix == ".safetensors" and not raw
+        canonical = Path(path).suffix == ".safetensors"
         digest.update(_canonical_safetensors(path) if canonical else Path(path).read_bytes())
     return digest.hexdigest()
 
 
-def files_fingerprint(paths: Sequence[str | os.PathLike], *, raw: bool = False) -> str:
+def files_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
     """The first 16 hex digits of `files_sha256`: a short hash of the files' contents."""
-    return files_sha256(paths, raw=raw)[:16]
+    return files_sha256(paths)[:16]
 
 
 def _canonical_safetensors(path: str | os.PathLike) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -84,12 +83,11 @@ def test_a_damaged_state_file_is_named(tmp_path):
         read_json(tmp_path / "args.json", list)
 
 
-def test_a_results_file_of_an_earlier_version_is_resumed_or_refused_by_the_hashes_it_recorded(tmp_path):
+def test_a_results_file_records_its_inputs_by_sha256_and_refuses_other_content(tmp_path):
     from hf_concept_ablation.adapter.config import CONFIG_NAME, WEIGHTS_NAME
     from hf_concept_ablation.experiments.runner import (
         ExperimentConfig,
         ResultsFile,
-        earlier_input_hashes,
         inputs_record,
     )
 
@@ -98,19 +96,15 @@ def test_a_results_file_of_an_earlier_version_is_resumed_or_refused_by_the_hashe
     (adapter / CONFIG_NAME).write_text("{}")
     save_file({"w": torch.ones(2)}, str(adapter / WEIGHTS_NAME), metadata={"layers.1": "{}", "layers.2": "{}"})
     files = [adapter / CONFIG_NAME, adapter / WEIGHTS_NAME]
-    assert files_fingerprint(files[1:], raw=True) == hashlib.sha256(files[1].read_bytes()).hexdigest()[:16]
     config = ExperimentConfig(adapter=str(adapter))
     assert inputs_record(config) == {"adapter": {"path": str(adapter), "sha256": files_sha256(files)}}
-    header = {"config": {}, "inputs": {**inputs_record(config), "templates_file": {"path": None, "sha256": "1f"}}}
-    # the two earlier versions recorded the first 16 digits of the hash, one of the raw safetensors bytes
-    for old in (files_fingerprint(files), files_fingerprint(files, raw=True)):
-        path = tmp_path / f"{old}.json"
-        path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": old}}))
-        results = ResultsFile(path, header, earlier={"inputs": earlier_input_hashes(config)})
-        assert results.data["inputs"] == header["inputs"]  # recorded so from the next run on
-        results.add({"condition": "none", "seed": 0, "val": {"accuracy": 1.0, "n": 8},
-                     "ood": {"accuracy": 0.0, "n": 8}})
-        assert json.loads(path.read_text())["inputs"] == header["inputs"]
-    path.write_text(json.dumps({"config": {}, "runs": [], "inputs": {"adapter": "0123456789abcdef"}}))
+    header = {"config": {}, "inputs": inputs_record(config)}
+    path = tmp_path / "results.json"
+    ResultsFile(path, header).add({"condition": "none", "seed": 0, "val": {"accuracy": 1.0, "n": 8},
+                                   "ood": {"accuracy": 0.0, "n": 8}})
+    assert json.loads(path.read_text())["inputs"] == header["inputs"]
+    moved = {"config": {}, "inputs": {"adapter": {"path": "elsewhere", "sha256": files_sha256(files)}}}
+    assert ResultsFile(path, moved).done("none", 0)  # the same content under another path is the same input
+    save_file({"w": torch.zeros(2)}, str(adapter / WEIGHTS_NAME))
     with pytest.raises(ValueError, match=r"holds runs made with another \['adapter'\] \(other content, by its sha256"):
-        ResultsFile(path, header, earlier={"inputs": earlier_input_hashes(config)})
+        ResultsFile(path, {"config": {}, "inputs": inputs_record(config)})

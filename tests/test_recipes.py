@@ -20,14 +20,13 @@ from hf_concept_ablation import (
     SAESource,
     inject_concept_ablation,
 )
-from hf_concept_ablation.adapter.config import CONFIG_NAME, SELECTION_NAME, WEIGHTS_NAME
+from hf_concept_ablation.adapter.config import SELECTION_NAME
 from hf_concept_ablation.experiments.recipe_settings import (
     load_recipe_config,
     packaged_configs,
 )
 from hf_concept_ablation.experiments.recipes import double_mc_runs, run_recipe
 from hf_concept_ablation.experiments.runner import random_directions_config, scores_line, subsample
-from hf_concept_ablation.files import files_fingerprint
 from hf_concept_ablation.tasks import build_double_mc_datasets, build_gender_datasets
 from hf_concept_ablation.tasks.evaluation import evaluate_multiple_choice
 from hf_concept_ablation.tasks.gender_bias import DEFAULT_PROFESSIONS_FILE
@@ -151,24 +150,15 @@ def test_results_file_refuses_runs_with_a_redone_search_under_the_same_paths(tin
         run_recipe("gender_bias", config, ["seeds=[1]"])
 
 
-def test_results_files_of_earlier_versions_resume_and_task_files_are_recorded(tiny_setup, tmp_path, capsys):
+def test_a_results_file_resumes_and_records_the_task_files_it_was_made_with(tiny_setup, tmp_path, capsys):
     groups = tmp_path / "groups.json"
     shutil.copy(DEFAULT_PROFESSIONS_FILE, groups)  # the project's groups, as a user's file
     config = recipe_config(tiny_setup, tmp_path / "out", ["caft"], train_size=8, eval_size=4)
     first = run_recipe("gender_bias", config, [f"task.professions_file={groups}"])
     assert first["inputs"]["professions_file"] == {"path": str(groups), "sha256": hashlib.sha256(
         groups.read_bytes()).hexdigest()}
-    # the file as the version before wrote it: 16-digit hashes of the adapter and table, no task files, no flags
     path = tmp_path / "out" / "gender_bias.json"
-    earlier = json.loads(path.read_text())
-    earlier["inputs"] = {"adapter": files_fingerprint([tiny_setup / "adapter" / CONFIG_NAME,
-                                                       tiny_setup / "adapter" / WEIGHTS_NAME]),
-                         "attribution": files_fingerprint([tiny_setup / "attribution.json"])}
-    earlier["runs"] = [{k: v for k, v in run.items() if k not in ("did_not_learn", "val_p_chance")}
-                       for run in earlier["runs"]]
-    earlier["summary"] = {c: {k: v for k, v in e.items() if k != "did_not_learn"}
-                          for c, e in earlier["summary"].items()}
-    path.write_text(json.dumps(earlier))
+    recorded = json.loads(path.read_text())
     capsys.readouterr()
     again = run_recipe("gender_bias", config, [f"task.professions_file={groups}", "seeds=[0,1]"])
     assert "caft seed 0: already in" in capsys.readouterr().out
@@ -179,7 +169,8 @@ def test_results_files_of_earlier_versions_resume_and_task_files_are_recorded(ti
     groups.write_text(groups.read_text() + "\n")  # the same groups, but the recorded sha256 no longer holds
     with pytest.raises(ValueError, match=r"made with another \['professions_file'\]"):
         run_recipe("gender_bias", config, [f"task.professions_file={groups}"])
-    path.write_text(json.dumps({**earlier, "inputs": {"adapter": "0123456789abcdef"}}))  # another search's adapter
+    other = {**recorded["inputs"]["adapter"], "sha256": "0" * 64}  # another search's adapter under the same path
+    path.write_text(json.dumps({**recorded, "inputs": {"adapter": other}}))
     with pytest.raises(ValueError, match=r"made with another \['adapter'\]"):
         run_recipe("gender_bias", config)
 

@@ -51,7 +51,7 @@ def test_reproduce_writes_summary_figures_and_readme_table(tiny_folders, tmp_pat
     out = tmp_path / "results"
     out.mkdir()
     dropped = "pronouns|verbs|pronouns"  # scanned before, by the same settings: learned nothing (and no pair here)
-    stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
+    stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size), "preset": "gemma3-270m"}
     (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))
     summary = reproduce.reproduce(out, size, [0, 1], reproduce.TASKS, [*KEYS, dropped], CONDITIONS,
                                   model=str(root / "model"), search=search, readme=readme)
@@ -151,7 +151,7 @@ def test_a_dropped_combination_is_judged_again_on_the_plain_mean_and_studied_whe
     out = tmp_path / "results"
     out.mkdir()
     kept, dropped = "verbs|sentiment|verbs", "verbs|sentiment|sentiment"  # one pair: one training set
-    stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size)}
+    stamp = {"seed": 0, "model": str(root / "model"), "size": dataclasses.asdict(size), "preset": "gemma3-270m"}
     (out / "validity.json").write_text(json.dumps({dropped: {**stamp, "val": 0.0, "ood": 0.5}}))  # the scan's verdict
     summary = reproduce.reproduce(out, size, [0, 1], ["double_mc"], [kept, dropped], ["none", "caft"],
                                   model=str(root / "model"), search=search, readme=None)
@@ -208,12 +208,6 @@ def test_validity_scan_trains_each_pair_once_for_both_intended_questions(tiny_fo
         reproduce.scan_validity(keys, tmp_path, other_size, seed=0, model=str(root / "model"))
     assert validity["verbs|sentiment|verbs"]["preset"] == "gemma3-270m"
     with pytest.raises(ValueError, match=r"other settings \(preset: 'gemma3-270m' there, 'paper' now\)"):
-        reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"), preset="paper")
-    path = tmp_path / "validity.json"  # an entry from before presets were recorded was made with the default one
-    write_json_atomic(path, {k: {f: v for f, v in entry.items() if f != "preset"} for k, entry in validity.items()})
-    assert set(reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"))) == set(keys)
-    assert "training none" not in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"preset: 'gemma3-270m' there, 'paper' now"):
         reproduce.scan_validity(keys, tmp_path, size, seed=0, model=str(root / "model"), preset="paper")
 
 
@@ -291,24 +285,23 @@ def test_a_search_folder_is_not_reused_with_other_options(tmp_path):
         reproduce.concept_search("gender_bias", out, size, search={"source": "concept"})
 
 
-def test_a_search_recorded_as_command_line_options_is_read_as_its_settings(tmp_path):
-    """Searches made before settings were recorded by name recorded their command-line options."""
+def test_a_search_folder_is_reused_with_its_recorded_settings_and_refused_with_others(tmp_path):
     out = tmp_path / "results" / "search" / "gender_bias"
     out.mkdir(parents=True)
     (out / "selection.json").write_text("{}")  # a finished search that selected nothing
-    (out / "search_args.json").write_text(json.dumps([
-        "--task", "gender_bias", "--out", "results/search/gender_bias", "--model", "embedded", "--batch-size", "16",
-        "--min-contrast", "0.5", "--max-examples", "64", "--source", "sae", "--answer-form", "letters",
-        "--sae=6=/saes/l6", "--layers", "6", "9", "--no-check-model-name"]))
-    legacy = directions.recorded_search(out)
-    assert legacy == SearchConfig(task="gender_bias", out="results/search/gender_bias", batch_size=16, min_contrast=0.5,
-                                  max_examples=64, saes={6: "/saes/l6"}, layers=[6, 9], check_model_name=False)
-    now = dataclasses.replace(legacy, out=str(out), threads=2)  # the folder moved; threads do not count
+    recorded = SearchConfig(task="gender_bias", out="results/search/gender_bias", batch_size=16, min_contrast=0.5,
+                            max_examples=64, saes={6: "/saes/l6"}, layers=[6, 9], check_model_name=False)
+    (out / "search_args.json").write_text(json.dumps(recorded.record()))
+    assert directions.recorded_search(out) == recorded
+    now = dataclasses.replace(recorded, out=str(out), threads=2)  # the folder moved; threads do not count
     assert directions.run_search_once(now) is False  # reused: it made no adapter
     with pytest.raises(ValueError, match=r"\(max_examples: 64 there, 32 now\)"):
         directions.run_search_once(dataclasses.replace(now, max_examples=32))
-    (out / "search_args.json").write_text('["gender_bias"]')
-    with pytest.raises(ValueError, match="search_args.json is not a record of search settings"):
+    (out / "search_args.json").write_text('["--task", "gender_bias"]')
+    with pytest.raises(ValueError, match="search_args.json must hold a JSON object, got list"):
+        directions.run_search_once(now)
+    (out / "search_args.json").write_text('{"task": "gender_bias", "out": "o", "colour": "red"}')
+    with pytest.raises(ValueError, match="search_args.json is not a record of search settings .*colour"):
         directions.run_search_once(now)
 
 

@@ -59,7 +59,7 @@ from ..adapter.model import (
     inject_concept_ablation,
 )
 from ..checks import check_float_dtype, check_number, dataclass_from_settings
-from ..files import atomic_dir, files_fingerprint, files_sha256, read_json, write_json_atomic
+from ..files import atomic_dir, files_sha256, read_json, write_json_atomic
 from ..loading import device_name, load_model, load_tokenizer
 from ..resumable import check_settings, resume_folder
 from ..search.attribution import LatentEffect, load_attribution
@@ -255,12 +255,8 @@ class ResultsFile:
                   "task file edited?)",
     }
 
-    def __init__(self, path: Path, header: dict[str, Any],
-                 earlier: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-                 machine: Mapping[str, Any] | None = None) -> None:
-        """`earlier`: per fingerprint key and name, the hashes earlier versions of this package recorded for the same
-        inputs (`earlier_input_hashes`): a file recording one of them is accepted, and its record replaced by the new
-        header's. `machine` (`machine_record`) is stamped on every run added, so a file mixing machines says which ran
+    def __init__(self, path: Path, header: dict[str, Any], machine: Mapping[str, Any] | None = None) -> None:
+        """`machine` (`machine_record`) is stamped on every run added, so a file mixing machines says which ran
         what."""
         self.path = path
         self.machine = dict(machine) if machine else None
@@ -276,9 +272,8 @@ class ResultsFile:
         self.data["config"] = {**new, **{k: new.get(k) or old.get(k) for k in self.OPTIONAL_SETTINGS}}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
-            accepted = (earlier or {}).get(key, {})
-            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys() if _content_hash(old_hashes[k])
-                             not in (_content_hash(new_hashes[k]), *accepted.get(k, ())))
+            changed = sorted(k for k in old_hashes.keys() & new_hashes.keys()
+                             if _content_hash(old_hashes[k]) != _content_hash(new_hashes[k]))
             if changed:
                 raise ValueError(f"{path} holds runs {what.format(changed=changed)}; "
                                  "use another output_dir or delete the file")
@@ -303,7 +298,7 @@ class ResultsFile:
 
 def _content_hash(record: Any) -> Any:
     """The content hash of a fingerprint entry: an `inputs_record` entry's ``sha256``, or the entry itself (a split's
-    hash, or an input's short hash as earlier versions recorded it)."""
+    hash)."""
     return record["sha256"] if isinstance(record, Mapping) else record
 
 
@@ -334,14 +329,6 @@ def inputs_record(config: ExperimentConfig) -> dict[str, dict[str, str]]:
     so that runs made with another concept search's output under the same path are never mixed in one file."""
     return {name: {"path": given, "sha256": files_sha256(paths)}
             for name, (given, paths) in _search_files(config).items()}
-
-
-def earlier_input_hashes(config: ExperimentConfig) -> dict[str, tuple[str, ...]]:
-    """The hashes earlier versions of this package recorded in ``inputs`` for the adapter and attribution table of
-    `config`: the first 16 hex digits of the sha256, as `inputs_record` computes it and of the raw bytes
-    (`files_fingerprint`)."""
-    return {name: (files_fingerprint(paths), files_fingerprint(paths, raw=True))
-            for name, (_, paths) in _search_files(config).items()}
 
 
 def scores_line(run: Mapping[str, Any]) -> str:
@@ -468,7 +455,7 @@ def run_experiment(
     results = ResultsFile(results_path or out_dir / f"{name}.json",
                           {"name": name, **header, "data": {**train_fingerprint, **data_fingerprint(evals)},
                            "inputs": {**inputs_record(config), **(task_files or {})}},
-                          earlier={"inputs": earlier_input_hashes(config)}, machine=machine)
+                          machine=machine)
     plain_header = {"config": {**header["config"], "adapter": None, "attribution": None}}  # `none` uses no adapter
     run_settings = json.loads(json.dumps({  # what a checkpoint must have been made with to be resumed
         **{k: header["config"].get(k) for k in ResultsFile.SAME_SETTINGS},

@@ -201,15 +201,14 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
     The two intended questions of a (first, second) pair share their training set, so each
     pair is trained once and evaluated on both combinations' splits. Validity belongs to the
     combination: an entry scanned with another seed is kept (it records its seed), so a later
-    run of more seeds (``--seeds 1``) does not scan again; one of another model, size or preset is refused (an entry
-    that records no preset was made with `DEFAULT_PRESET`, the only one before presets were recorded).
+    run of more seeds (``--seeds 1``) does not scan again; one of another model, size or preset is refused.
     """
     path = out / "validity.json"
     validity = read_validity(path)
     settings = {"model": model, "size": dataclasses.asdict(size), "preset": preset}
 
     def recorded(entry: dict[str, Any]) -> dict[str, Any]:
-        return {k: entry.get(k, DEFAULT_PRESET if k == "preset" else None) for k in settings}
+        return {k: entry.get(k) for k in settings}
 
     for key in keys:
         if key in validity:

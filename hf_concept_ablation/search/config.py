@@ -6,7 +6,6 @@ Light on purpose (no torch): ``hf-concept-ablation search --help`` reads its def
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -265,13 +264,9 @@ class SearchConfig:
         return {k: v for k, v in self.record().items() if k not in NOT_COMPARED}
 
     @classmethod
-    def from_record(cls, recorded: Mapping[str, Any] | Sequence[str]) -> SearchConfig:
-        """The settings a search folder recorded: a mapping of settings (`record`), or, in a folder made before
-        settings were recorded by name, the list of command-line options of the search (``["--task", "gender_bias",
-        "--min-contrast", "0.5", ...]``)."""
-        if isinstance(recorded, Mapping):
-            return cls(**recorded)
-        return cls(**_settings_of_options(recorded))
+    def from_record(cls, recorded: Mapping[str, Any]) -> SearchConfig:
+        """The settings a search folder recorded (`record`)."""
+        return cls(**recorded)
 
 
 def _layer(value: Any, what: str) -> int:
@@ -302,45 +297,3 @@ def parse_assignment(text: str, what: str, example: str) -> tuple[str, str]:
     if not sep or not name.strip() or not value:
         raise ValueError(f"{what} takes {example}, got {text!r}")
     return name.strip(), value
-
-
-#: command-line options of the old record format whose setting has another name
-_OPTION_NAMES = {"sae": "saes", "source_file": "source_files", "no_check_model_name": "check_model_name"}
-
-
-def _settings_of_options(options: Sequence[str]) -> dict[str, Any]:
-    """The settings named by a search's command-line options (the record format of earlier versions)."""
-    given: dict[str, list[str]] = {}
-    name = None
-    for option in options:
-        if option.startswith("--"):
-            name, sep, value = option[2:].partition("=")
-            name = name.replace("-", "_")
-            given.setdefault(name, [])
-            if sep:
-                given[name].append(value)
-        elif name is None:
-            raise ValueError(f"recorded search options start with a value, not an option: {list(options)}")
-        else:
-            given[name].append(option)
-    hints = typing.get_type_hints(SearchConfig)
-    settings: dict[str, Any] = {}
-    for option, values in given.items():
-        key = _OPTION_NAMES.get(option, option)
-        if key not in hints:
-            raise ValueError(f"recorded search option --{option.replace('_', '-')} is not a search setting")
-        if option == "no_check_model_name":
-            settings[key] = False
-        elif hints[key] is bool:
-            settings[key] = True
-        elif key == "layers":
-            settings[key] = [int(v) for v in values]
-        elif key in ("saes", "source_files"):
-            settings[key] = dict(parse_assignment(v, option, "NAME=PATH") for v in values)
-        elif key == "pca_indices":
-            settings[key] = parse_pca_indices(values[-1])
-        else:
-            kind = next(t for t in (int, float, str) if t in (hints[key], *typing.get_args(hints[key])))
-            settings[key] = kind(values[-1])
-    return settings
-

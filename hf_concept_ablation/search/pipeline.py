@@ -293,7 +293,7 @@ def recorded_search(out_dir: str | os.PathLike) -> SearchConfig | None:
     if not record.is_file():
         return None
     try:
-        return SearchConfig.from_record(read_json(record, (dict, list)))
+        return SearchConfig.from_record(read_json(record))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{record} is not a record of search settings ({err}); delete the folder to search again") \
             from None
@@ -315,7 +315,7 @@ def run_search_once(config: SearchConfig) -> bool:
                                 "it (e.g. with git) or delete the folder to search again")
     elif (out / CONFIG_NAME).is_file() and not (out / WEIGHTS_NAME).is_file():
         restore_adapter_weights(out, config.model, device=config.device)
-    if not (out / SEARCH_ARGS_NAME).is_file():  # a finished search from before searches recorded their settings
+    if not (out / SEARCH_ARGS_NAME).is_file():  # a search finished by `find_concept_latents` itself records none
         write_json_atomic(out / SEARCH_ARGS_NAME, config.record(), default=str)
     return (out / CONFIG_NAME).is_file()
 
