@@ -5,13 +5,22 @@ decode, plus error term at every hooked layer), each as a ratio to plain fine-tu
 ``attribution`` (equation 1 over all hooked layers' SAEs) as a ratio to a plain forward
 and backward pass over the same prompts. Ratios are measured in the same run:
 
-* step time: all modes run in one process, interleaved round by round, so a change in
-  machine load hits every mode alike; the ratio is of medians over rounds;
+* step time: all modes run in one process, interleaved round by round, their order shuffled
+  each round (so none always runs first or after the same one), ``--steps`` timed steps per mode and
+  round, so a change in machine load hits every mode alike; the ratio is of medians over all
+  timed steps;
 * peak memory: each mode runs a few steps in its own subprocess; the ratio is of the
   processes' peak resident memory during those steps (sampled).
 
   On a GPU both come from ``max_memory_allocated`` in the timing process itself (each
   mode's objects are freed before the next is measured), which saves a model load per mode.
+
+On a CPU the benchmark runs with glibc's allocator keeping freed memory in the heap
+(``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_``; ``--default-malloc`` to leave it as it is):
+by default every block over 32 MB (the gradients, the optimizer's temporaries) is mapped from
+the kernel and unmapped again each step, and the page faults of mapping it anew made a step of
+the embedded model take 4.6-12 s instead of 2.6-3.3 s, a spread larger than the effects measured
+(docs/benchmarks.md).
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
 weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 262144]
@@ -26,6 +35,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import random
 import statistics
 import subprocess
 import sys
@@ -57,6 +68,8 @@ from hf_concept_ablation.loading import (
 )
 
 RESULTS = Path(__file__).with_name("ablation_overhead.json")
+#: glibc malloc settings that keep freed memory in the heap instead of unmapping it (see the module doc)
+KEEP_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 NUM_LATENTS = 10
 #: ``--model`` names of randomly initialised models with a public model's shape (the embedded
 #: model's tokenizer; vocabulary padded to its size). Cost does not depend on the weights.
@@ -175,28 +188,38 @@ def make_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode: 
     return (lambda: train_step(model, optimizer, batch)), detach
 
 
+def round_order(configs: list[tuple[str, int]], round_index: int) -> list[tuple[str, int]]:
+    """The modes of one round: `configs` shuffled, seeded by the round's index (so no mode always runs first, or
+    after the same one)."""
+    order = list(configs)
+    random.Random(round_index).shuffle(order)
+    return order
+
+
 def time_modes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace,
                configs: list[tuple[str, int]]) -> dict[tuple[str, int], float]:
-    """Median step time of each (mode, width), interleaved round by round in this process.
+    """Median step time of each (mode, width) over ``args.steps`` timed steps per round, the modes interleaved
+    round by round in this process in a shuffled order (`round_order`).
 
     Each width's random SAEs are built once, before the rounds, and kept (at 262k they are
     gigabytes; a run that built them each round gave latent mode 0.54x, against 1.10x and 1.12x
     otherwise). Each round attaches the mode, runs one untimed step (it allocates the optimizer
-    state), then times the next one.
+    state), then times the next ones.
     """
     device = next(model.parameters()).device
     times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     saes = {w: random_saes(model, w, args.layers) for w in sorted({w for m, w in configs if m not in UNHOOKED})}
     for round_index in tqdm(range(args.warmup + args.rounds), desc="timing rounds"):
-        for mode, width in configs:
+        for mode, width in round_order(configs, round_index):
             step, detach = make_step(model, tokenizer, mode, width, args, saes.get(width))
             step()  # untimed: the first step allocates the optimizer state
             _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if round_index >= args.warmup:
-                times[(mode, width)].append(time.perf_counter() - start)
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                if round_index >= args.warmup:
+                    times[(mode, width)].append(time.perf_counter() - start)
             detach()
             del step, detach  # free this mode's optimizer state before the next one is built
     return {c: statistics.median(v) for c, v in times.items()}
@@ -317,10 +340,16 @@ def main() -> None:
                         help="the hooked layers' indices, or 'all' (every decoder layer)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="on a CPU, leave glibc's allocator as it is (default: keep freed memory in the heap)")
     parser.add_argument("--_memory-probe", nargs=2, metavar=("MODE", "WIDTH"), dest="memory_probe")
     args = parser.parse_args()
+    on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    if on_cpu and not args.default_malloc and any(os.environ.get(k) != v for k, v in KEEP_HEAP.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_HEAP})  # read at start only
     if args.memory_probe:
         memory_probe(args, args.memory_probe[0], int(args.memory_probe[1]))
         return
@@ -352,6 +381,7 @@ def main() -> None:
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
             "peak_memory_ratio": memory_ratio(memory[(mode, width)], memory[base]),
             "baseline_step_s": round(step[base], 4),
+            **({"malloc": "default" if args.default_malloc else "memory kept in the heap"} if on_cpu else {}),
         })
     merge_records(records)
     for r in records:

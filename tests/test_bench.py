@@ -23,12 +23,21 @@ def bench():
 
 def test_every_fine_tuning_mode_times_a_step_and_detaches(bench):
     model, tokenizer = make_tiny_model("llama").train(), make_tiny_tokenizer()
-    args = argparse.Namespace(batch=2, seq=8, layers=[1, 2], rounds=2, warmup=1)
+    args = argparse.Namespace(batch=2, seq=8, layers=[1, 2], rounds=2, warmup=1, steps=2)
     configs = [("plain", 0), ("latent", 64), ("projection", 64), ("naive", 64)]
     times = bench.time_modes(model, tokenizer, args, configs)
     assert set(times) == set(configs) and all(t > 0 for t in times.values())
     hooks = [h for layer in model.model.layers for h in (layer._forward_hooks, layer._forward_pre_hooks)]
     assert not any(hooks)  # every mode removed what it attached
+
+
+def test_the_modes_run_in_another_order_each_round(bench):
+    configs = [("plain", 0), ("latent", 64), ("projection", 64), ("naive", 64)]
+    orders = [bench.round_order(configs, r) for r in range(8)]
+    assert all(sorted(order) == sorted(configs) for order in orders)
+    assert orders == [bench.round_order(configs, r) for r in range(8)]  # seeded: the same rounds again
+    assert len({order[0] for order in orders}) > 1
+    assert len({order[order.index(("projection", 64)) - 1] for order in orders if order[0] != ("projection", 64)}) > 1
 
 
 def test_records_replace_those_of_the_same_device_model_width_and_mode(bench, tmp_path, monkeypatch):
