@@ -15,12 +15,19 @@ and backward pass over the same prompts. Ratios are measured in the same run:
   On a GPU both come from ``max_memory_allocated`` in the timing process itself (each
   mode's objects are freed before the next is measured), which saves a model load per mode.
 
-On a CPU the benchmark runs with glibc's allocator keeping freed memory in the heap
-(``MALLOC_MMAP_MAX_=0``, ``MALLOC_TRIM_THRESHOLD_``; ``--default-malloc`` to leave it as it is):
-by default every block over 32 MB (the gradients, the optimizer's temporaries) is mapped from
-the kernel and unmapped again each step, and the page faults of mapping it anew made a step of
-the embedded model take 4.6-12 s instead of 2.6-3.3 s, a spread larger than the effects measured
-(docs/benchmarks.md).
+On a CPU the step times are taken with two settings that keep work which is not the ablation's
+out of them (``--default-cpu`` leaves both as they are; docs/benchmarks.md):
+
+* glibc's allocator keeps freed memory in the heap (``MALLOC_MMAP_MAX_=0``,
+  ``MALLOC_TRIM_THRESHOLD_``): by default every block over 32 MB (the gradients, the optimizer's
+  temporaries) is mapped from the kernel and unmapped again each step, and the page faults of
+  mapping it anew made a step of the embedded model take 4.6-12 s instead of 2.6-3.3 s;
+* subnormal floats are flushed to zero (`torch.set_flush_denormal`, before any import starts
+  torch's worker threads, which keep the mode of the thread that started them): subnormal
+  arithmetic (AdamW's square roots and divisions of second moments that underflow, among others)
+  cost up to 4.6x in one mode's profile and not in another's, depending on the exact values.
+
+Peak memory is measured with the default allocator, as a user's process has it.
 
 Random sae-lens JumpReLU SAEs stand in for trained ones (cost does not depend on the
 weights). Usage: ``python benchmarks/ablation_overhead.py [--widths 16384 65536 262144]
@@ -70,6 +77,19 @@ from hf_concept_ablation.loading import (
 RESULTS = Path(__file__).with_name("ablation_overhead.json")
 #: glibc malloc settings that keep freed memory in the heap instead of unmapping it (see the module doc)
 KEEP_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+#: marks a process started with the CPU settings (`restart_with_cpu_settings`)
+CPU_SETTINGS_MARK = "HF_CONCEPT_ABLATION_BENCH_CPU_SETTINGS"
+#: how that process starts: subnormals flushed to zero before any import starts torch's CPU worker threads, which
+#: take the floating-point mode of the thread that starts them (flushed later, only the main thread is)
+_LAUNCHER = ("import runpy, sys, torch; torch.set_flush_denormal(True); sys.argv = sys.argv[1:]; "
+             "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def restart_with_cpu_settings() -> None:
+    """Run this script again in a process with the CPU settings of the module doc, unless this is that process."""
+    if os.environ.get(CPU_SETTINGS_MARK) != "1":
+        os.execve(sys.executable, [sys.executable, "-c", _LAUNCHER, *sys.argv],
+                  {**os.environ, **KEEP_HEAP, CPU_SETTINGS_MARK: "1"})
 NUM_LATENTS = 10
 #: ``--model`` names of randomly initialised models with a public model's shape (the embedded
 #: model's tokenizer; vocabulary padded to its size). Cost does not depend on the weights.
@@ -255,7 +275,8 @@ def peak_memory_of(args: argparse.Namespace, mode: str, width: int) -> float | s
         cmd += ["--device", args.device]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in (*KEEP_HEAP, CPU_SETTINGS_MARK)}  # as a user's process
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         killed = done.returncode == -9 or "out of memory" in done.stderr.lower()
         return "out of memory" if killed else f"failed (exit {done.returncode}): {done.stderr.strip()[-200:]}"
@@ -343,13 +364,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode and round")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="on a CPU, leave glibc's allocator as it is (default: keep freed memory in the heap)")
+    parser.add_argument("--default-cpu", action="store_true",
+                        help="on a CPU, leave glibc's allocator and subnormal floats as they are (default: keep freed "
+                             "memory in the heap, flush subnormals to zero)")
     parser.add_argument("--_memory-probe", nargs=2, metavar=("MODE", "WIDTH"), dest="memory_probe")
     args = parser.parse_args()
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
-    if on_cpu and not args.default_malloc and any(os.environ.get(k) != v for k, v in KEEP_HEAP.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_HEAP})  # read at start only
+    if on_cpu and not args.default_cpu and not args.memory_probe:
+        restart_with_cpu_settings()
     if args.memory_probe:
         memory_probe(args, args.memory_probe[0], int(args.memory_probe[1]))
         return
@@ -381,7 +403,8 @@ def main() -> None:
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
             "peak_memory_ratio": memory_ratio(memory[(mode, width)], memory[base]),
             "baseline_step_s": round(step[base], 4),
-            **({"malloc": "default" if args.default_malloc else "memory kept in the heap"} if on_cpu else {}),
+            **({"cpu_settings": "default" if args.default_cpu else "heap kept, subnormals flushed"}
+               if on_cpu else {}),
         })
     merge_records(records)
     for r in records:

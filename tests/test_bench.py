@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,19 @@ def test_a_baseline_that_ran_out_of_memory_gives_no_ratio(bench):
     assert bench.memory_ratio(3.0, 2.0) == 1.5
     assert bench.memory_ratio("out of memory", 2.0) == "out of memory"
     assert bench.memory_ratio(3.0, "out of memory") == "baseline out of memory"
+
+
+def test_the_profile_lists_operator_times_per_mode_and_the_module_alone():
+    spec = importlib.util.spec_from_file_location("profile_step", BENCH.with_name("profile_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    model, tokenizer = make_tiny_model("llama").train(), make_tiny_tokenizer()
+    args = argparse.Namespace(batch=2, seq=8, layers=[1, 2], rounds=1, width=64)
+    totals = module.operator_times(model, tokenizer, args, ["plain", "projection"])
+    assert set(totals) == {"plain", "projection"} and all(sum(t.values()) > 0 for t in totals.values())
+    assert totals["projection"]["aten::mm"] > 0  # the ablation's products are among the operators
+    assert module.module_time("latent", 64, 2, 8, d_model=16, repeats=3) > 0
