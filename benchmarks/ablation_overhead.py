@@ -22,8 +22,8 @@ out of them (``--default-cpu`` leaves both as they are; docs/benchmarks.md):
   ``MALLOC_TRIM_THRESHOLD_``): by default every block over 32 MB (the gradients, the optimizer's
   temporaries) is mapped from the kernel and unmapped again each step, and the page faults of
   mapping it anew made a step of the embedded model take 4.6-12 s instead of 2.6-3.3 s;
-* subnormal floats are flushed to zero (`torch.set_flush_denormal`, before any import starts
-  torch's worker threads, which keep the mode of the thread that started them): subnormal
+* subnormal floats are flushed to zero (`torch.set_flush_denormal`, before any import may start
+  torch's worker threads, as the mode is per thread): subnormal
   arithmetic (AdamW's square roots and divisions of second moments that underflow, among others)
   cost up to 4.6x in one mode's profile and not in another's, depending on the exact values.
 
@@ -79,8 +79,8 @@ RESULTS = Path(__file__).with_name("ablation_overhead.json")
 KEEP_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 #: marks a process started with the CPU settings (`restart_with_cpu_settings`)
 CPU_SETTINGS_MARK = "HF_CONCEPT_ABLATION_BENCH_CPU_SETTINGS"
-#: how that process starts: subnormals flushed to zero before any import starts torch's CPU worker threads, which
-#: take the floating-point mode of the thread that starts them (flushed later, only the main thread is)
+#: how that process starts: subnormals flushed to zero before any import may start torch's CPU worker threads (the
+#: floating-point mode is per thread)
 _LAUNCHER = ("import runpy, sys, torch; torch.set_flush_denormal(True); sys.argv = sys.argv[1:]; "
              "runpy.run_path(sys.argv[0], run_name='__main__')")
 
