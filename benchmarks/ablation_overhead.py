@@ -66,6 +66,7 @@ from hf_concept_ablation.adapter.layer import (
     layer_hidden,
     with_layer_hidden,
 )
+from hf_concept_ablation.experiments.training import DEFAULT_PRESET, PRESETS, prepare_model_for_training
 from hf_concept_ablation.files import write_json_atomic
 from hf_concept_ablation.loading import (
     base_model_id,
@@ -81,7 +82,8 @@ KEEP_HEAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 CPU_SETTINGS_MARK = "HF_CONCEPT_ABLATION_BENCH_CPU_SETTINGS"
 #: how that process starts: subnormals flushed to zero before any import may start torch's CPU worker threads (the
 #: floating-point mode is per thread)
-_LAUNCHER = ("import runpy, sys, torch; torch.set_flush_denormal(True); sys.argv = sys.argv[1:]; "
+_LAUNCHER = ("import os, runpy, sys, torch; torch.set_flush_denormal(True); sys.argv = sys.argv[1:]; "
+             "sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0]))); "
              "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
@@ -99,19 +101,27 @@ SHAPES = {
 }
 
 
-def load_bench_model(spec: str, device: str | None, tokenizer_path: str | None = None
-                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model to benchmark: a `load_model` spec, or a name in `SHAPES` (random weights, built on
-    `device`, with the tokenizer at `tokenizer_path`, by default the embedded model's)."""
-    if spec not in SHAPES:
-        return load_model(spec, device=device)
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+def default_preset(spec: str) -> str:
+    """The training preset a benchmark of `spec` trains with: the paper's full fine-tuning for a `SHAPES` model,
+    else the recipes' default (for the embedded model: its embeddings frozen)."""
+    return "paper" if spec in SHAPES else DEFAULT_PRESET
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path("embedded"))
-    with torch.device(device or "cpu"):
-        model = Gemma2ForCausalLM(Gemma2Config(**SHAPES[spec]))
-    model.config.name_or_path = spec
-    return model, tokenizer
+
+def load_bench_model(spec: str, device: str | None, tokenizer_path: str | None = None, preset: str | None = None
+                     ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model to benchmark, in training mode with the parameters `preset` trains (default: `default_preset`):
+    a `load_model` spec, or a name in `SHAPES` (random weights, built on `device`, with the tokenizer at
+    `tokenizer_path`, by default the embedded model's)."""
+    if spec not in SHAPES:
+        model, tokenizer = load_model(spec, device=device)
+    else:
+        from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or resolve_model_path("embedded"))
+        with torch.device(device or "cpu"):
+            model = Gemma2ForCausalLM(Gemma2Config(**SHAPES[spec]))
+        model.config.name_or_path = spec
+    return prepare_model_for_training(model.train(), PRESETS[preset or default_preset(spec)]), tokenizer
 
 
 def random_sae(d_in: int, width: int, seed: int, device: torch.device) -> JumpReLUSAE:
@@ -204,7 +214,8 @@ def make_step(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode: 
         return (lambda: attribute_latents(model, tokenizer, data, saes, batch_size=args.batch)), (lambda: None)
     detach = attach(model, mode, width, args.layers, saes)
     batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # real step cost; weights stay put
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=0.0, weight_decay=0.0)  # real step cost; weights stay put
     return (lambda: train_step(model, optimizer, batch)), detach
 
 
@@ -270,7 +281,7 @@ def peak_memory_of(args: argparse.Namespace, mode: str, width: int) -> float | s
     """Peak memory (bytes) of a subprocess running a few steps of one mode, or why it failed
     (e.g. killed for lack of memory: a result too, recorded instead of a ratio)."""
     cmd = [sys.executable, __file__, "--_memory-probe", mode, str(width), "--model", args.model,
-           "--batch", str(args.batch), "--seq", str(args.seq), "--layers", *map(str, args.layers)]
+           "--batch", str(args.batch), "--seq", str(args.seq), "--layers", *map(str, args.layers), "--preset", args.preset]
     if args.device:
         cmd += ["--device", args.device]
     if args.tokenizer:
@@ -310,9 +321,8 @@ class PeakRSS:
 
 def memory_probe(args: argparse.Namespace, mode: str, width: int) -> None:
     """Print the peak resident memory of two steps of one mode (run in its own process)."""
-    model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
+    model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer, args.preset)
     args.layers = parse_layers(args.layers, model)
-    model.train()
     step, _ = make_step(model, tokenizer, mode, width, args)
     with PeakRSS() as rss:
         for _ in range(2):
@@ -355,6 +365,9 @@ def main() -> None:
     parser.add_argument("--model", default="embedded", help=f"a model spec, or one of {sorted(SHAPES)}")
     parser.add_argument("--device", default=None)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the shape models (default: the embedded model's)")
+    parser.add_argument("--preset", choices=list(PRESETS), default=None,
+                        help="the training preset whose trainable parameters are trained (default: paper for a shape "
+                             f"model, else {DEFAULT_PRESET}, the recipes' default, which freezes the embeddings)")
     parser.add_argument("--widths", type=int, nargs="+", default=[16384, 65536, 262144])
     parser.add_argument("--modes", nargs="+", choices=list(BASELINE), default=list(BASELINE))
     parser.add_argument("--layers", nargs="+", default=["3", "7", "11", "15"],
@@ -369,6 +382,7 @@ def main() -> None:
                              "memory in the heap, flush subnormals to zero)")
     parser.add_argument("--_memory-probe", nargs=2, metavar=("MODE", "WIDTH"), dest="memory_probe")
     args = parser.parse_args()
+    args.preset = args.preset or default_preset(args.model)
     on_cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     if on_cpu and not args.default_cpu and not args.memory_probe:
         restart_with_cpu_settings()
@@ -377,9 +391,8 @@ def main() -> None:
         return
     configs = [(base, 0) for base in UNHOOKED if base in {BASELINE[m] for m in args.modes}]
     configs += [(m, w) for w in args.widths for m in args.modes]
-    model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer)
+    model, tokenizer = load_bench_model(args.model, args.device, args.tokenizer, args.preset)
     args.layers = parse_layers(args.layers, model)
-    model.train()
     step = time_modes(model, tokenizer, args, configs)
     if next(model.parameters()).device.type == "cuda":
         memory = {c: cuda_peak_memory(model, tokenizer, args, *c) for c in tqdm(configs, desc="peak memory")}
@@ -399,6 +412,7 @@ def main() -> None:
             "mode": mode,
             "baseline": BASELINE[mode],
             "layers": args.layers,
+            "preset": args.preset,
             "batch": f"{args.batch}x{args.seq}" if mode not in ATTRIBUTION_MODES else f"{args.batch} gender prompts",
             "step_time_ratio": round(step[(mode, width)] / step[base], 4),
             "peak_memory_ratio": memory_ratio(memory[(mode, width)], memory[base]),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import statistics
 import time
 
@@ -31,20 +32,27 @@ from ablation_overhead import (
     restart_with_cpu_settings,
 )
 
+from hf_concept_ablation.experiments.training import DEFAULT_PRESET, PRESETS
+
 from hf_concept_ablation.adapter.layer import ConceptAblationLayer
+
+FAULTS = "minor page faults"
 
 
 def operator_times(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace,
                    modes: list[str]) -> dict[str, collections.Counter]:
-    """Self CPU time (microseconds) per operator and step of each mode, over `args.rounds` interleaved rounds."""
+    """Self CPU time (microseconds) per operator and step of each mode, over `args.rounds` interleaved rounds; the
+    key ``"minor page faults"`` counts the process's minor page faults per step instead."""
     totals = {mode: collections.Counter() for mode in modes}
     for _ in range(args.rounds):
         for mode in modes:
             step, detach = make_step(model, tokenizer, mode, args.width, args)
             step()  # untimed: allocates the optimizer state
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(2):
                     step()
+            totals[mode][FAULTS] += (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (2 * args.rounds)
             for event in prof.key_averages():
                 totals[mode][event.key] += event.self_cpu_time_total / (2 * args.rounds)
             detach()
@@ -76,20 +84,24 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--top", type=int, default=12, help="operators listed per mode")
+    parser.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                        help="the training preset whose trainable parameters are trained")
     parser.add_argument("--default-cpu", action="store_true")
     args = parser.parse_args()
     if not args.default_cpu:
         restart_with_cpu_settings()
-    model, tokenizer = load_bench_model("embedded", "cpu")
+    model, tokenizer = load_bench_model("embedded", "cpu", preset=args.preset)
     args.layers = parse_layers(args.layers, model)
-    totals = operator_times(model.train(), tokenizer, args, ["plain", *args.modes])
+    totals = operator_times(model, tokenizer, args, ["plain", *args.modes])
+    faults = {mode: totals[mode].pop(FAULTS) for mode in totals}
     plain = totals["plain"]
-    print(f"plain: {sum(plain.values()) / 1e6:.3f} s self CPU time per step")
+    print(f"plain: {sum(plain.values()) / 1e6:.3f} s self CPU time per step, {faults['plain']:.0f} minor page faults")
     for mode in args.modes:
         ops = totals[mode]
         total, alone = sum(ops.values()), module_time(mode, args.width, args.batch, args.seq)
         print(f"\n{mode}: {total / 1e6:.3f} s per step, x{total / sum(plain.values()):.3f} plain's; the module alone "
-              f"(forward + backward of one layer): {alone * 1e3:.2f} ms, x {len(args.layers)} layers")
+              f"(forward + backward of one layer): {alone * 1e3:.2f} ms, x {len(args.layers)} layers; "
+              f"{faults[mode]:.0f} minor page faults per step")
         for key in sorted(set(ops) | set(plain), key=lambda k: abs(ops[k] - plain[k]), reverse=True)[:args.top]:
             print(f"  {key:<48} {plain[key] / 1e3:9.1f} ms -> {ops[key] / 1e3:9.1f} ms")
 

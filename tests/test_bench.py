@@ -97,4 +97,24 @@ def test_the_profile_lists_operator_times_per_mode_and_the_module_alone():
     totals = module.operator_times(model, tokenizer, args, ["plain", "projection"])
     assert set(totals) == {"plain", "projection"} and all(sum(t.values()) > 0 for t in totals.values())
     assert totals["projection"]["aten::mm"] > 0  # the ablation's products are among the operators
+    assert module.FAULTS in totals["plain"]
     assert module.module_time("latent", 64, 2, 8, d_model=16, repeats=3) > 0
+
+
+def test_the_cpu_settings_launcher_runs_a_script_that_imports_its_neighbours(bench, tmp_path):
+    import subprocess
+
+    (tmp_path / "neighbour.py").write_text("VALUE = 'found'\n")
+    (tmp_path / "script.py").write_text(
+        "import sys, torch\nfrom neighbour import VALUE\n"
+        "x = torch.tensor([1e-40]) * 1.0\nprint(VALUE, sys.argv[1:], float(x[0]) == 0.0)\n")
+    done = subprocess.run([sys.executable, "-c", bench._LAUNCHER, str(tmp_path / "script.py"), "--flag"],
+                          capture_output=True, text=True, cwd="/", check=True)
+    assert done.stdout.split() == ["found", "['--flag']", "True"]  # subnormals flushed to zero
+
+
+def test_the_embedded_model_trains_what_the_recipes_default_preset_trains(bench):
+    model, _ = bench.load_bench_model("embedded", "cpu")
+    assert bench.default_preset("embedded") == "gemma3-270m" and bench.default_preset("gemma-2-2b-shape") == "paper"
+    assert model.training and not model.get_input_embeddings().weight.requires_grad  # the preset freezes them
+    assert any(p.requires_grad for p in model.parameters())
