@@ -20,8 +20,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hf-concept-ablation demo
 
+# Split so that each run fits a 24 GB CPU machine (one run of every mode at 262k held 24 GB and was killed).
 bench: $(STAMP)
-	$(PY) benchmarks/ablation_overhead.py
+	$(PY) benchmarks/ablation_overhead.py --modes latent projection
+	$(PY) benchmarks/ablation_overhead.py --modes naive attribution --widths 16384 65536
 	$(PY) benchmarks/ablation_overhead.py --layers all --widths 16384 65536 --modes latent projection attribution
 
 # The paper's experiments (GPU: full size; CPU: reduced size). Resumable; e.g.
