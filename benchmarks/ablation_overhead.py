@@ -92,6 +92,8 @@ def restart_with_cpu_settings() -> None:
     if os.environ.get(CPU_SETTINGS_MARK) != "1":
         os.execve(sys.executable, [sys.executable, "-c", _LAUNCHER, *sys.argv],
                   {**os.environ, **KEEP_HEAP, CPU_SETTINGS_MARK: "1"})
+
+
 NUM_LATENTS = 10
 #: ``--model`` names of randomly initialised models with a public model's shape (the embedded
 #: model's tokenizer; vocabulary padded to its size). Cost does not depend on the weights.

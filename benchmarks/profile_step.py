@@ -32,9 +32,8 @@ from ablation_overhead import (
     restart_with_cpu_settings,
 )
 
-from hf_concept_ablation.experiments.training import DEFAULT_PRESET, PRESETS
-
 from hf_concept_ablation.adapter.layer import ConceptAblationLayer
+from hf_concept_ablation.experiments.training import DEFAULT_PRESET, PRESETS
 
 FAULTS = "minor page faults"
 
