@@ -113,7 +113,8 @@ class DirectionSelection:
                                "select_by": DIRECTION_SELECT_BY},
                         ("n_components", "n_texts", "max_selected", "batch_size"))
         if self.select_by == "erasure" and self.indices is not None:
-            raise ValueError("select_by='erasure' chooses the components itself: leave indices unset")
+            raise ValueError("select_by='erasure' chooses the components itself: leave indices (a search's "
+                             "pca_indices) unset")
 
 
 @dataclass
@@ -222,11 +223,11 @@ class SearchConfig:
         _check_settings(self, {"source": SOURCES, "answer_form": ANSWER_FORMS, "contrast": CONTRASTS,
                                "ablation": ABLATIONS}, ("pca_components", "pca_texts", "threads"))
         self.latent_selection()  # refuses a bad selection setting, naming it
-        if self.select_by == "erasure" and self.pca_indices is not None:
-            raise ValueError("select_by='erasure' chooses the components itself: leave pca_indices unset")
         if self.select_by in ("explanation", "union") and self.source != "sae":
             raise ValueError(f"select_by={self.select_by!r} explains SAE latents: it needs source='sae', "
                              f"got source={self.source!r}")
+        if self.source != "sae":
+            self.direction_selection()  # the same for directions
         if self.sae_release and not self.sae_id_template:
             raise ValueError("sae_release needs sae_id_template (the SAE id with {layer})")
 
