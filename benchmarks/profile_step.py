@@ -1,7 +1,8 @@
 """Where a fine-tuning step's time goes, by operator, in plain and ablated modes (`torch.profiler`).
 
 Runs the benchmark's step (`ablation_overhead.make_step`: the embedded model, a random-token
-batch, AdamW with lr 0) in each mode, the modes interleaved over rounds, profiles two steps per
+batch, AdamW with lr 0) in each mode, the modes interleaved over rounds in the benchmark's shuffled
+order (`ablation_overhead.round_order`, so no mode always runs first), profiles two steps per
 mode and round, and prints each mode's self CPU time per step beside plain fine-tuning's, with
 the operators whose time differs most. Also times the ablation module alone (forward and
 backward of one decoder layer's output), which is the ablation's own arithmetic.
@@ -30,6 +31,7 @@ from ablation_overhead import (
     parse_layers,
     random_sae,
     restart_with_cpu_settings,
+    round_order,
 )
 
 from hf_concept_ablation.adapter.layer import ConceptAblationLayer
@@ -40,11 +42,11 @@ FAULTS = "minor page faults"
 
 def operator_times(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace,
                    modes: list[str]) -> dict[str, collections.Counter]:
-    """Self CPU time (microseconds) per operator and step of each mode, over `args.rounds` interleaved rounds; the
-    key ``"minor page faults"`` counts the process's minor page faults per step instead."""
+    """Self CPU time (microseconds) per operator and step of each mode, over `args.rounds` rounds in a shuffled
+    order (`round_order`); the key ``"minor page faults"`` counts the process's minor page faults per step instead."""
     totals = {mode: collections.Counter() for mode in modes}
-    for _ in range(args.rounds):
-        for mode in modes:
+    for round_index in range(args.rounds):
+        for mode, _ in round_order([(mode, args.width) for mode in modes], round_index):
             step, detach = make_step(model, tokenizer, mode, args.width, args)
             step()  # untimed: allocates the optimizer state
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
