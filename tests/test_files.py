@@ -108,3 +108,16 @@ def test_a_results_file_records_its_inputs_by_sha256_and_refuses_other_content(t
     save_file({"w": torch.zeros(2)}, str(adapter / WEIGHTS_NAME))
     with pytest.raises(ValueError, match=r"holds runs made with another \['adapter'\] \(other content, by its sha256"):
         ResultsFile(path, {"config": {}, "inputs": inputs_record(config)})
+
+
+def test_a_results_file_records_every_seed_and_condition_it_was_run_with(tmp_path):
+    from hf_concept_ablation.experiments.runner import ResultsFile
+
+    path = tmp_path / "results.json"
+    run = {"val": {"accuracy": 1.0, "n": 8}, "ood": {"accuracy": 0.0, "n": 8}}
+    ResultsFile(path, {"config": {"seeds": [0, 1], "conditions": ["none", "caft"]}}).add(
+        {"condition": "none", "seed": 0, **run})
+    ResultsFile(path, {"config": {"seeds": [1, 2], "conditions": ["leace"]}}).add({"condition": "leace", "seed": 2,
+                                                                                   **run})
+    config = json.loads(path.read_text())["config"]
+    assert config["seeds"] == [0, 1, 2] and config["conditions"] == ["none", "caft", "leace"]

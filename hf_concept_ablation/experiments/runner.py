@@ -245,6 +245,8 @@ class ResultsFile:
     #: the adapter, the SAE sources of the ``random``/``top_k`` latents (which a recipe may leave to the adapter), and
     #: the eraser settings (which only the eraser conditions use, so a file may gain them with those conditions)
     OPTIONAL_SETTINGS = ("adapter", "saes", "eraser")
+    #: settings that grow with each invocation: the file records every seed and condition it was run with
+    ACCUMULATED_SETTINGS = ("seeds", "conditions")
     #: header keys holding content hashes (`data_fingerprint`: a hash per split; `inputs_record`: a ``path`` and
     #: ``sha256`` per input); a hash the file and the new header both have must match (what a difference means is
     #: given); a path may differ (a file moved or named otherwise holds the same content)
@@ -269,7 +271,9 @@ class ResultsFile:
                     if k in old and (k not in self.OPTIONAL_SETTINGS or old[k] and new.get(k))]
         check_settings({k: old[k] for k in compared}, {k: new.get(k) for k in compared}, where=path, what="runs",
                        advice="use another output_dir or delete the file")
-        self.data["config"] = {**new, **{k: new.get(k) or old.get(k) for k in self.OPTIONAL_SETTINGS}}
+        self.data["config"] = {**new, **{k: new.get(k) or old.get(k) for k in self.OPTIONAL_SETTINGS},
+                               **{k: list(dict.fromkeys([*old.get(k, []), *new.get(k, [])]))
+                                  for k in self.ACCUMULATED_SETTINGS if k in old or k in new}}
         for key, what in self.FINGERPRINTS.items():
             old_hashes, new_hashes = self.data.get(key) or {}, header.get(key) or {}
             changed = sorted(k for k in old_hashes.keys() & new_hashes.keys()
