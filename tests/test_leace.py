@@ -101,6 +101,27 @@ def test_fitted_erasers_leave_no_linear_trace_of_the_concept_at_any_layer(family
     assert after < 1e-5 * scale
 
 
+def test_sequential_erasers_hold_jointly_where_independent_ones_do_not(family):
+    """With every eraser on, as in training: erasers fitted layer after layer on the already-erased upstream leave no
+    covariance with the label at any layer; erasers fitted independently on the base model leave it from the second
+    erased layer on (each was fitted on activations its upstream erasers have changed)."""
+    model = make_tiny_model(family)
+    texts, labels = _labeled_texts()
+    left = {}
+    for sequential in (False, True):
+        config = leace_config(model, make_tiny_tokenizer(), texts, labels, fitted_on={"source": "labels"},
+                              sequential=sequential, progress=False)
+        assert config.fitted_on["fit"] == ("sequential" if sequential else "independent")
+        handle = inject_concept_ablation(model, config)
+        left[sequential] = [_covariance_with_label(model, texts, labels, layer, ablated=True)
+                            for layer in range(NUM_LAYERS)]
+        with pytest.raises(ValueError, match="remove the model's concept ablation first"):
+            leace_config(model, make_tiny_tokenizer(), texts, labels, fitted_on={}, sequential=True, progress=False)
+        handle.remove()
+    assert all(cov < 1e-5 * scale for cov, scale in left[True])
+    assert all(cov > 1e-3 * scale for cov, scale in left[False][1:])
+
+
 def test_saved_erasers_reload_without_the_fitting_data_with_identical_logits(family, tmp_path):
     model = make_tiny_model(family)
     config, _, _ = _fitted(model, layers=[0, 2])

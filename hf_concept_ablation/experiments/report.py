@@ -31,6 +31,7 @@ CONDITION_LABELS = {
     "top_k": "top-k attribution",
     "test_only": "test-time ablation",
     "leace": "LEACE (labels)",
+    "leace_sequential": "LEACE (labels, sequential)",
     "leace_contrast": "LEACE (contrast texts)",
     "random_eraser": "random eraser",
 }
@@ -124,7 +125,7 @@ def table_cell(text: Any) -> str:
 CARD_CONDITIONS = ("caft", "caft_annealed")
 #: conditions trained through a fitted eraser (`hf_concept_ablation.search.leace`): each gets a card of its own,
 #: ``<card name>_<condition>.md``, describing its erasers
-ERASER_CARD_CONDITIONS = ("leace", "leace_contrast")
+ERASER_CARD_CONDITIONS = ("leace", "leace_sequential", "leace_contrast")
 #: packaged with the library; the repository's `model_cards/` links to it
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "assets" / "model_cards" / "caft_model_card.md"
 
@@ -148,9 +149,9 @@ def _ablated_rows(config: ConceptAblationConfig, selection: Mapping[str, Any] | 
 def _erasers_table(config: ConceptAblationConfig) -> str:
     fit = config.fitted_on
     skipped = f" (nothing to erase at {fit['nothing_to_erase']})" if fit.get("nothing_to_erase") else ""
-    return "\n".join(["| layers | erased classes | fitted on | positions |", "|---|---|---|---|",
+    return "\n".join(["| layers | erased classes | fitted on | positions | fit |", "|---|---|---|---|---|",
                       f"| {', '.join(map(str, config.layers))}{skipped} | {table_cell(', '.join(fit.get('classes', [])))} "
-                      f"| {table_cell(_fitting_data(fit))} | {fit.get('positions', '')} |"])
+                      f"| {table_cell(_fitting_data(fit))} | {fit.get('positions', '')} | {fit.get('fit', 'independent')} |"])
 
 
 def _fitting_data(fitted_on: Mapping[str, Any]) -> str:
@@ -201,7 +202,9 @@ def render_model_card(
     experiment's ``model``, named in the front matter only where it is a Hub repo id (`hub_repo_id`); the ``seeds``
     setting is those of the results table (every run in the results file, whichever invocation made it)."""
     if config.mode == "leace":
-        source = f"LEACE erasers (`concept_erasure`) fitted on the base model's residual stream, " \
+        how = " layer after layer, each with the erasers before it on," if config.fitted_on.get("fit") == "sequential" \
+            else ""
+        source = f"LEACE erasers (`concept_erasure`) fitted{how} on the base model's residual stream, " \
                  f"{_fitting_data(config.fitted_on)}"
     else:
         sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]

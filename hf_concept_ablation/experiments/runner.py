@@ -84,11 +84,14 @@ from .training import (
     training_arguments,
 )
 
-CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_contrast",
-              "random_eraser")
-TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "leace", "leace_contrast", "random_eraser")
+CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_sequential",
+              "leace_contrast", "random_eraser")
+TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "leace", "leace_sequential",
+                      "leace_contrast", "random_eraser")
 #: conditions that fine-tune through a LEACE eraser fitted on the base model (`EraserSettings`)
-ERASER_CONDITIONS = ("leace", "leace_contrast", "random_eraser")
+ERASER_CONDITIONS = ("leace", "leace_sequential", "leace_contrast", "random_eraser")
+#: eraser conditions fitted on the training prompts labeled by ``EraserSettings.label_column``
+LABELED_ERASER_CONDITIONS = ("leace", "leace_sequential")
 
 
 @dataclass
@@ -501,7 +504,7 @@ def run_experiment(
                 raise ValueError(f"condition {condition!r} may draw latents at layer(s) {unknown}, which have no SAE "
                                  f"source: set `saes` in the experiment config (known: {sorted(sae_sources)})")
     eraser = EraserSettings(**config.eraser)
-    if eraser.label_column and {"leace", "random_eraser"} & set(config.conditions):
+    if eraser.label_column and {*LABELED_ERASER_CONDITIONS, "random_eraser"} & set(config.conditions):
         if eraser.label_column not in train.column_names:
             raise ValueError(f"eraser.label_column {eraser.label_column!r} is not a column of the training data; "
                              f"columns: {train.column_names}")
@@ -627,7 +630,8 @@ def _training_folder(config: ExperimentConfig, name: str, condition: str, seed: 
 def eraser_adapter(model: nn.Module, tokenizer: Any, folder: Path, condition: str, settings: EraserSettings,
                    train: datasets.Dataset, concept_texts: Mapping[str, Sequence[str]], seed: int, state: Any) -> Path:
     """The saved eraser adapter of an eraser `condition` (``leace``: fitted on the training prompts labeled by
-    ``settings.label_column``; ``leace_contrast``: on `concept_texts`; ``random_eraser``: on the training prompts
+    ``settings.label_column``, each layer on the base model; ``leace_sequential``: the same, layer after layer with
+    the erasers before it on; ``leace_contrast``: on `concept_texts`; ``random_eraser``: on the training prompts
     with random labels, seeded by `seed`, of the rank ``leace`` has), fitted on `model` (the base model) by the main
     process into a subfolder of `folder` named by what it is fitted on, unless one is there."""
     texts, labels = list(train["prompt"]), list(train[settings.label_column]) if settings.label_column else []
@@ -644,9 +648,10 @@ def eraser_adapter(model: nn.Module, tokenizer: Any, folder: Path, condition: st
         if condition == "random_eraser":
             adapter = random_eraser_config(model, tokenizer, texts, rank, seed, **common)
         else:
-            source = {"source": "labels", "column": settings.label_column} if condition == "leace" \
-                else {"source": "contrast texts"}
-            adapter = leace_config(model, tokenizer, texts, labels, fitted_on=source, **common)
+            source = {"source": "labels", "column": settings.label_column} \
+                if condition in LABELED_ERASER_CONDITIONS else {"source": "contrast texts"}
+            adapter = leace_config(model, tokenizer, texts, labels, fitted_on=source,
+                                   sequential=condition == "leace_sequential", **common)
         handle = inject_concept_ablation(model, adapter)
         with atomic_dir(target) as tmp:
             handle.save_pretrained(tmp)

@@ -332,7 +332,7 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
 def _eraser_target_rows(study: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     """The erasure study's targets (`ERASER_MIN_OOD`, `ERASER_MIN_VAL`, `RANDOM_ERASER_MARGIN`) for its best eraser
     condition by mean OOD among those with val >= `ERASER_MIN_VAL` (else the best by OOD)."""
-    erasers = {c: study[c] for c in ("leace", "leace_contrast") if c in study}
+    erasers = {c: study[c] for c in ("leace", "leace_sequential", "leace_contrast") if c in study}
     if not erasers:
         return []
     learned = {c: s for c, s in erasers.items() if s["val_mean"] >= ERASER_MIN_VAL} or erasers

@@ -10,8 +10,11 @@ Two sources of the concept, both label-based at heart:
 Every counted position of a text (not BOS, not padding; or only its last one) is one sample, labeled
 with its text's label; classes are one-hot encoded, so a binary concept gives a rank-1 eraser per layer.
 The erasers are fitted on the base model's activations (any injected ablation is off), each layer
-independently. `random_eraser_config` is the control: the same fit with labels drawn at random, so it
-removes a random direction of the same rank, measured in the same (whitened) geometry.
+independently, or ``sequential``: layer after layer, each on the activations with the erasers before it
+applied, as they are in use (the layer-wise scrubbing of ``concept_erasure.ConceptScrubber``, for any
+decoder), so that with every eraser on no linear trace of the concept is left at any layer.
+`random_eraser_config` is the control: the same fit with labels drawn at random, so it removes a random
+direction of the same rank, measured in the same (whitened) geometry.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import json
 from typing import Any, Literal, Sequence
 
 import torch
-from concept_erasure import LeaceFitter
+from concept_erasure import LeaceEraser, LeaceFitter
+from tqdm.auto import tqdm
 
 from ..adapter.config import ConceptAblationConfig
-from ..adapter.model import find_decoder_layers
+from ..adapter.model import find_decoder_layers, get_concept_ablation, inject_concept_ablation
 from .activations import as_text_list, iter_residuals
 
 Positions = Literal["all", "last"]
@@ -59,12 +63,15 @@ def fit_leace_erasers(
     layers: Sequence[int] | None = None,
     *,
     positions: Positions = "all",
+    sequential: bool = False,
     batch_size: int = 16,
     max_length: int = 128,
     progress: bool = True,
-) -> dict[int, Any]:
+) -> dict[int, LeaceEraser]:
     """One ``concept_erasure.LeaceEraser`` per decoder layer (default: every one), fitted on the residual-stream
-    output at `positions` of `texts`, each position labeled with its text's row of `z` ``[n_texts, k]``."""
+    output at `positions` of `texts`, each position labeled with its text's row of `z` ``[n_texts, k]``: on the base
+    model's activations in one pass, or `sequential`: layer after layer, with the erasers fitted so far applied by an
+    injected ablation (a forward pass per layer, each stopping at its layer)."""
     texts = as_text_list(texts)
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -74,15 +81,44 @@ def fit_leace_erasers(
         raise ValueError(f"got {z.shape[0]} label rows for {len(texts)} texts")
     _, decoder_layers = find_decoder_layers(model)
     layers = list(range(len(decoder_layers))) if layers is None else sorted({int(layer) for layer in layers})
+    common = {"positions": positions, "batch_size": batch_size, "max_length": max_length}
+    if not sequential:
+        return _fit(model, tokenizer, texts, z, layers, progress=progress, **common)
+    if get_concept_ablation(model) is not None:
+        raise ValueError("sequential fitting applies the erasers it fits through an ablation of its own: remove the "
+                         "model's concept ablation first (.remove() on its handle)")
+    erasers: dict[int, LeaceEraser] = {}
+    for layer in tqdm(layers, desc="fitting LEACE erasers layer by layer", disable=not progress):
+        upstream = {j: e for j, e in erasers.items() if removes_something(e)}
+        handle = inject_concept_ablation(model, ConceptAblationConfig(layers=sorted(upstream), mode="leace",
+                                                                      erasers=upstream)) if upstream else None
+        try:
+            erasers.update(_fit(model, tokenizer, texts, z, [layer], progress=False, ablated=True, **common))
+        finally:
+            if handle is not None:
+                handle.remove()
+    return erasers
+
+
+def _fit(model: torch.nn.Module, tokenizer: Any, texts: list[str], z: torch.Tensor, layers: list[int], *,
+         positions: str, batch_size: int, max_length: int, progress: bool,
+         ablated: bool = False) -> dict[int, LeaceEraser]:
+    """The erasers of `layers`, fitted in one pass over `texts` (`ablated`: with the model's injected ablation on)."""
     d_model = model.get_input_embeddings().weight.shape[-1]
     fitters = {layer: LeaceFitter(d_model, z.shape[1], dtype=torch.float64) for layer in layers}
     for batch in iter_residuals(model, tokenizer, texts, layers, batch_size=batch_size, max_length=max_length,
-                                desc="fitting LEACE erasers", progress=progress):
+                                desc="fitting LEACE erasers", progress=progress, ablated=ablated):
         mask = _positions_mask(batch.keep, positions)
         rows = z[batch.doc_ids].unsqueeze(1).expand(-1, mask.shape[1], -1)[mask]
         for layer, fitter in fitters.items():
             fitter.update(batch.hidden[layer][mask].to(torch.float64), rows)
     return {layer: fitter.eraser for layer, fitter in fitters.items()}
+
+
+def removes_something(eraser: LeaceEraser) -> bool:
+    """Whether `eraser` is not the identity (the library returns the identity where the labels covary with the
+    activations too weakly: its whitened cross-covariance is under ``svd_tol``)."""
+    return bool((eraser.proj_left @ eraser.proj_right).abs().max() > 0)
 
 
 def texts_sha256(texts: Sequence[str], labels: Sequence[Any]) -> str:
@@ -99,18 +135,20 @@ def leace_config(
     fitted_on: dict[str, Any],
     layers: Sequence[int] | None = None,
     positions: Positions = "all",
+    sequential: bool = False,
     batch_size: int = 16,
     progress: bool = True,
 ) -> ConceptAblationConfig:
     """A ``leace`` adapter config erasing the concept that `labels` name from `texts`' activations at every layer in
-    `layers` (default: all). `fitted_on` describes the source (e.g. ``{"source": "labels", "column": "gender"}``);
-    the class names, counts, positions and a fingerprint of the data are added to it."""
+    `layers` (default: all), fitted as `fit_leace_erasers` does (`sequential`: layer after layer). `fitted_on`
+    describes the source (e.g. ``{"source": "labels", "column": "gender"}``); the class names, counts, positions,
+    fit and a fingerprint of the data are added to it."""
     texts = as_text_list(texts)
     z, classes = one_hot_labels(labels)
-    erasers = fit_leace_erasers(model, tokenizer, texts, z, layers, positions=positions, batch_size=batch_size,
-                                progress=progress)
+    erasers = fit_leace_erasers(model, tokenizer, texts, z, layers, positions=positions, sequential=sequential,
+                                batch_size=batch_size, progress=progress)
     record = {**fitted_on, "classes": classes, "texts": len(texts), "positions": positions,
-              "sha256": texts_sha256(texts, labels)}
+              "fit": "sequential" if sequential else "independent", "sha256": texts_sha256(texts, labels)}
     return _erasers_config(model, erasers, record, f"LEACE eraser of {classes} ({fitted_on.get('source', '?')})")
 
 
@@ -144,7 +182,7 @@ def _erasers_config(model: torch.nn.Module, erasers: dict[int, Any], fitted_on: 
     """The ``leace`` config of the fitted `erasers`, leaving out layers where the labels covary too weakly with the
     activations for the library to erase anything (its whitened cross-covariance is under ``svd_tol``, so the eraser
     is the identity; listed in ``fitted_on["nothing_to_erase"]``)."""
-    empty = [layer for layer, e in erasers.items() if not bool((e.proj_left @ e.proj_right).abs().max() > 0)]
+    empty = [layer for layer, e in erasers.items() if not removes_something(e)]
     if len(empty) == len(erasers):
         raise ValueError(f"nothing to erase: the labels do not covary with the activations at any of layers "
                          f"{sorted(erasers)} (do the texts of the classes differ in their tokens?)")

@@ -1,0 +1,78 @@
+"""Do the LEACE erasers hold with all of them on, as in training? A probe per layer, independent vs sequential fit.
+
+For each task, the study's eraser data at the CPU size (the first 256 training prompts of data seed 0, labeled by
+the study's `ERASER_LABELS` column) gets two ``leace`` adapters at every decoder layer: fitted independently on the
+base model (the study's ``leace`` condition) and fitted layer after layer on the already-erased upstream
+(``sequential``). With each adapter injected and on, `concept_decodability` probes the label from each prompt's
+mean residual stream at every layer (cross-validated logistic regression on the same prompts, which are the ones
+fine-tuning sees). Writes ``results/erasure/joint_erasure.json`` and prints a table.
+
+Usage: ``python scripts/joint_erasure.py [TASK ...]`` (default: ``gender_bias`` in the words form and the double
+multiple-choice combinations ``sentiment|pronouns|sentiment`` and ``pronouns|sentiment|sentiment``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from hf_concept_ablation import inject_concept_ablation
+from hf_concept_ablation.experiments.runner import subsample
+from hf_concept_ablation.experiments.study import ERASER_LABELS, SIZES, task_datasets
+from hf_concept_ablation.files import read_json, write_json_atomic
+from hf_concept_ablation.loading import load_model
+from hf_concept_ablation.search.erasure import concept_decodability
+from hf_concept_ablation.search.leace import leace_config
+
+OUT = Path(__file__).resolve().parents[1] / "results" / "erasure" / "joint_erasure.json"
+DEFAULT_TASKS = ("gender_bias", "sentiment|pronouns|sentiment", "pronouns|sentiment|sentiment")
+
+
+def joint_probe(model, tokenizer, task: str) -> dict:
+    """Per fit (``independent``, ``sequential``): the probe accuracy per layer with every eraser on, the accuracy
+    before (no eraser) and chance, and the fitting time."""
+    train = subsample(task_datasets(task, answer_form="words" if task == "gender_bias" else "letters")["train"],
+                      SIZES["cpu"].train_size)
+    texts, labels = list(train["prompt"]), list(train[ERASER_LABELS["double_mc" if "|" in task else task]])
+    classes = sorted(set(labels))
+    if len(classes) != 2:
+        raise ValueError(f"{task}: the probe needs two classes, got {classes}")
+    groups = [[t for t, label in zip(texts, labels) if label == c] for c in classes]
+    result = {"texts": len(texts), "classes": classes}
+    for fit in ("independent", "sequential"):
+        start = time.perf_counter()
+        config = leace_config(model, tokenizer, texts, labels, fitted_on={"source": "labels"},
+                              sequential=fit == "sequential")
+        seconds = time.perf_counter() - start
+        handle = inject_concept_ablation(model, config)
+        try:
+            probes = concept_decodability(model, tokenizer, *groups, config.layers, batch_size=16)
+        finally:
+            handle.remove()
+        result[fit] = {"fit_seconds": round(seconds, 1), "after": {str(k): v["after"] for k, v in probes.items()}}
+        result["before"] = {str(k): v["before"] for k, v in probes.items()}
+        result["chance"] = next(iter(probes.values()))["chance"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tasks", nargs="*", default=list(DEFAULT_TASKS))
+    args = parser.parse_args()
+    model, tokenizer = load_model("embedded")
+    results = read_json(OUT) if OUT.exists() else {}
+    for task in args.tasks:
+        results[task] = joint_probe(model, tokenizer, task)
+        write_json_atomic(OUT, results, indent=2)
+        r = results[task]
+        print(f"\n{task} (chance {r['chance']:.2f}; fit seconds: independent {r['independent']['fit_seconds']}, "
+              f"sequential {r['sequential']['fit_seconds']})\n| layer | no eraser | independent | sequential |",
+              flush=True)
+        for layer in r["before"]:
+            print(f"| {layer} | {r['before'][layer]:.2f} | {r['independent']['after'][layer]:.2f} | "
+                  f"{r['sequential']['after'][layer]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
