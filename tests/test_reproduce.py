@@ -258,6 +258,27 @@ def test_the_report_includes_the_erasure_study_and_judges_its_targets(tmp_path):
     assert (tmp_path / "figures" / "gender_bias_erasure_study.png").is_file()
 
 
+def test_the_double_mc_eraser_target_is_met_only_with_five_seeds_on_every_valid_combination():
+    def entry(val, ood, seeds):
+        return {"val": [val] * seeds, "ood": [ood] * seeds, "val_mean": val, "ood_mean": ood, "ood_sem": 0.0}
+
+    def summary(seeds):
+        plain = entry(1.0, 0.2, 5)
+        return {"double_mc": {
+            "a|b|a": {"none": plain, "leace": entry(1.0, 0.9, seeds), "leace_sequential": entry(1.0, 0.1, seeds)},
+            "a|b|b": {"none": plain, "leace": entry(1.0, 0.8, seeds), "leace_sequential": entry(1.0, 0.9, seeds)},
+            "b|a|b": {"none": plain, "leace": entry(1.0, 0.7, seeds)},
+            "b|a|a": {"none": entry(1.0, 0.95, 5)},  # not valid: plain fine-tuning already generalizes
+        }}
+
+    row = "| double MC, erasure study: the best eraser beats plain FT on >= 75% of the valid combinations (5 seeds each) "
+    assert row + "| LEACE (labels): 100% of 3 of 3 (fewest seeds: 1) | **no** |" in reproduce.targets_markdown(summary(1))
+    assert row + "| LEACE (labels): 100% of 3 of 3 (fewest seeds: 5) | yes |" in reproduce.targets_markdown(summary(5))
+    partial = summary(5)
+    del partial["double_mc"]["b|a|b"]["leace"]  # leace on 2 of the 3 valid combinations
+    assert "| LEACE (labels): 100% of 2 of 3 (fewest seeds: 5) | **no** |" in reproduce.targets_markdown(partial)
+
+
 def test_a_study_takes_the_training_preset_of_its_model(tmp_path):
     adapter = tmp_path / "search"
     adapter.mkdir()

@@ -69,6 +69,9 @@ TASKS = ("gender_bias", "double_mc")
 ERASURE_STUDY = Path("erasure") / "gender_bias.json"
 #: the erasure study's targets: the best eraser condition's mean OOD and val, and the margin of its random control
 ERASER_MIN_OOD, ERASER_MIN_VAL, RANDOM_ERASER_MARGIN = 0.90, 0.95, 0.5
+#: the eraser conditions whose best is judged against the targets (`random_eraser` is their control)
+JUDGED_ERASERS = ("leace", "leace_sequential", "leace_contrast")
+CLAIM_SEEDS = 5  #: seeds of every combination a double-MC eraser target needs before it can be met
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the repository's results page: a run into the repository's own ``results/`` rewrites its table (`update_readme`)
 RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
@@ -317,6 +320,7 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
         rows.append((f"double MC: CAFT's mean OOD >= {DOUBLE_MC_MIN_OOD}",
                      f"{c['ood_mean']:.2f} (plain FT {means['none']['ood_mean']:.2f})", c["ood_mean"] >= DOUBLE_MC_MIN_OOD))
     rows += _eraser_target_rows(summary.get("gender_bias_erasure") or {})
+    rows += _double_mc_eraser_rows(valid_by_plain_mean(summary.get("double_mc") or {}), means)
     for task, per_condition in (("gender bias", gender), ("double MC", means)):
         if "caft" in per_condition and "random" in per_condition:
             caft, random = per_condition["caft"]["ood_mean"], per_condition["random"]["ood_mean"]
@@ -332,7 +336,7 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
 def _eraser_target_rows(study: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     """The erasure study's targets (`ERASER_MIN_OOD`, `ERASER_MIN_VAL`, `RANDOM_ERASER_MARGIN`) for its best eraser
     condition by mean OOD among those with val >= `ERASER_MIN_VAL` (else the best by OOD)."""
-    erasers = {c: study[c] for c in ("leace", "leace_sequential", "leace_contrast") if c in study}
+    erasers = {c: study[c] for c in JUDGED_ERASERS if c in study}
     if not erasers:
         return []
     learned = {c: s for c, s in erasers.items() if s["val_mean"] >= ERASER_MIN_VAL} or erasers
@@ -347,6 +351,23 @@ def _eraser_target_rows(study: Mapping[str, Any]) -> list[tuple[str, str, bool]]
                      "best eraser's", f"random {random:.2f}, {CONDITION_LABELS[best]} {b['ood_mean']:.2f}",
                      random <= b["ood_mean"] - RANDOM_ERASER_MARGIN))
     return rows
+
+
+def _double_mc_eraser_rows(valid: Mapping[str, Mapping[str, Any]],
+                            means: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, bool]]:
+    """The double-MC erasure target (`MIN_SHARE_BEATING_PLAIN`) for the eraser condition that beats plain fine-tuning
+    on the largest share of the valid combinations: met only once it has `CLAIM_SEEDS` seeds on every one of them."""
+    judged = [c for c in JUDGED_ERASERS if "beats_none" in means.get(c, {})]
+    if not judged:
+        return []
+    best = max(judged, key=lambda c: means[c]["beats_none"])
+    m = means[best]
+    fewest = min(len(s[best]["ood"]) for s in valid.values() if best in s)
+    complete = m["n"] == len(valid) and fewest >= CLAIM_SEEDS
+    return [(f"double MC, erasure study: the best eraser beats plain FT on >= {MIN_SHARE_BEATING_PLAIN:.0%} of the "
+             f"valid combinations ({CLAIM_SEEDS} seeds each)",
+             f"{CONDITION_LABELS[best]}: {m['beats_none']:.0%} of {m['n']} of {len(valid)} (fewest seeds: {fewest})",
+             complete and m["beats_none"] >= MIN_SHARE_BEATING_PLAIN)]
 
 
 def results_markdown(summary: Mapping[str, Any], verdicts: Mapping[str, Any], command: str) -> str:
