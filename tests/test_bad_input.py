@@ -192,6 +192,7 @@ def test_sae_source_needs_a_release_and_id_or_a_path():
         (dict(seeds=[0, -1]), r"seed must be an integer in \[0, 4294967295\], got -1"),
         (dict(seeds=[2**32]), r"seed must be an integer in \[0, 4294967295\], got 4294967296"),
         (dict(saes={3: {"pth": "x"}}), r"unknown saes.3 setting\(s\) \['pth'\]"),
+        (dict(conditions=["leace_sequential"]), r"condition 'leace_sequential' needs eraser.label_column"),
     ],
 )
 def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, message):
@@ -199,6 +200,16 @@ def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, me
 
     with pytest.raises(ValueError, match=message):
         ExperimentConfig(conditions=kwargs.pop("conditions", ["none"]), **kwargs)
+
+
+def test_an_experiment_without_search_conditions_neither_needs_nor_records_the_search_output():
+    from hf_concept_ablation.experiments.runner import ExperimentConfig, inputs_record
+
+    unused = ExperimentConfig(conditions=["none", "leace"], adapter="no/such/search", attribution="no/such.json",
+                              eraser={"label_column": "stereotyped_gender"})
+    assert unused.adapter is None and unused.attribution is None and inputs_record(unused) == {}
+    used = ExperimentConfig(conditions=["none", "caft"], adapter="no/such/search")
+    assert used.adapter == "no/such/search"
 
 
 @pytest.mark.parametrize("fill, message", [(0.0, "directions are all zero"), (float("nan"), "directions hold NaN or infinite values")])

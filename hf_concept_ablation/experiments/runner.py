@@ -92,6 +92,8 @@ TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "leace
 ERASER_CONDITIONS = ("leace", "leace_sequential", "leace_contrast", "random_eraser")
 #: eraser conditions fitted on the training prompts labeled by ``EraserSettings.label_column``
 LABELED_ERASER_CONDITIONS = ("leace", "leace_sequential")
+#: conditions that read the concept search's output (``adapter``, ``attribution``)
+ADAPTER_CONDITIONS = ("caft", "caft_annealed", "random", "top_k", "test_only")
 
 
 @dataclass
@@ -126,8 +128,9 @@ class ExperimentConfig:
         conditions: subset of `CONDITIONS`.
         preset: name in `training.PRESETS`; ``training`` overrides its fields.
         adapter: folder of the saved `ConceptAblation` used by ``caft`` (and as the
-            latent count and SAE sources of ``random`` / ``top_k``).
-        attribution: attribution table JSON (for ``random`` / ``top_k``).
+            latent count and SAE sources of ``random`` / ``top_k``); set to None when no condition of
+            `ADAPTER_CONDITIONS` is run.
+        attribution: attribution table JSON (for ``random`` / ``top_k``); None when `adapter` is.
         saes: SAE source per layer (`SAESource` fields) for the latents of ``random`` /
             ``top_k``; layers missing here fall back to the ``caft`` adapter's sources.
         anneal: the `AblationSchedule` fields of ``caft_annealed``.
@@ -189,16 +192,19 @@ class ExperimentConfig:
         PRESETS[self.preset].replace(**self.training)  # names unknown or bad training settings
         dataclass_from_settings(AblationSchedule, self.anneal, "anneal setting")
         eraser = dataclass_from_settings(EraserSettings, self.eraser, "eraser setting")
-        if "leace" in self.conditions and not eraser.label_column:
-            raise ValueError("condition 'leace' needs eraser.label_column: the training data's column naming the "
-                             "unintended attribute (gender task: eraser.label_column=gender)")
+        labeled = [c for c in LABELED_ERASER_CONDITIONS if c in self.conditions]
+        if labeled and not eraser.label_column:
+            raise ValueError(f"condition {labeled[0]!r} needs eraser.label_column: the training data's column naming the "
+                             "unintended attribute (gender task: eraser.label_column=stereotyped_gender)")
         for layer, source in self.saes.items():
             if not str(layer).isdigit():
                 raise ValueError(f"saes: {layer!r} is not a decoder layer index")
             sae_source(layer, source)
-        needs_adapter = {"caft", "caft_annealed", "random", "top_k", "test_only"} & set(self.conditions)
+        needs_adapter = set(ADAPTER_CONDITIONS) & set(self.conditions)
         if needs_adapter and not self.adapter:
             raise ValueError(f"condition(s) {sorted(needs_adapter)} need `adapter` (a saved concept ablation folder)")
+        if not needs_adapter:  # nothing reads the concept search's output: it is neither required nor recorded
+            self.adapter = self.attribution = None
         if "top_k" in self.conditions and not self.attribution:
             raise ValueError("condition 'top_k' needs `attribution` (an attribution table JSON)")
         if "test_only" in self.conditions and "none" not in self.conditions:
