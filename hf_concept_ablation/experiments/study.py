@@ -77,8 +77,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
 GENDER_SOURCES = ("sae", "pca", "concept")  #: where the gender concept may come from (the search's ``source``)
 #: the conditions a study runs by default: the paper's (Figure 2) and the LEACE eraser conditions
-STUDY_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_contrast",
-                    "random_eraser")
+STUDY_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_sequential",
+                    "leace_contrast", "random_eraser")
 #: per task, the training split's column naming the unintended attribute, which ``leace`` erases
 ERASER_LABELS = {"gender_bias": "stereotyped_gender", "double_mc": "unintended_value"}
 
