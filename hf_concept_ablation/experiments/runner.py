@@ -86,8 +86,7 @@ from .training import (
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_sequential",
               "leace_contrast", "random_eraser")
-TRAINED_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "leace", "leace_sequential",
-                      "leace_contrast", "random_eraser")
+TRAINED_CONDITIONS = tuple(c for c in CONDITIONS if c != "test_only")  #: (``test_only`` evaluates ``none``'s model)
 #: conditions that fine-tune through a LEACE eraser fitted on the base model (`EraserSettings`)
 ERASER_CONDITIONS = ("leace", "leace_sequential", "leace_contrast", "random_eraser")
 #: eraser conditions fitted on the training prompts labeled by ``EraserSettings.label_column``
@@ -194,8 +193,8 @@ class ExperimentConfig:
         eraser = dataclass_from_settings(EraserSettings, self.eraser, "eraser setting")
         labeled = [c for c in LABELED_ERASER_CONDITIONS if c in self.conditions]
         if labeled and not eraser.label_column:
-            raise ValueError(f"condition {labeled[0]!r} needs eraser.label_column: the training data's column naming the "
-                             "unintended attribute (gender task: eraser.label_column=stereotyped_gender)")
+            raise ValueError(f"condition {labeled[0]!r} needs eraser.label_column: the training data's column "
+                             "naming the unintended attribute (gender task: eraser.label_column=stereotyped_gender)")
         for layer, source in self.saes.items():
             if not str(layer).isdigit():
                 raise ValueError(f"saes: {layer!r} is not a decoder layer index")

@@ -70,15 +70,14 @@ ERASURE_STUDY = Path("erasure") / "gender_bias.json"
 #: the erasure study's targets: the best eraser condition's mean OOD and val, and the margin of its random control
 ERASER_MIN_OOD, ERASER_MIN_VAL, RANDOM_ERASER_MARGIN = 0.90, 0.95, 0.5
 #: the eraser conditions whose best is judged against the targets (`random_eraser` is their control)
-JUDGED_ERASERS = ("leace", "leace_sequential", "leace_contrast")
+JUDGED_ERASERS = tuple(c for c in ERASER_CONDITIONS if c != "random_eraser")
 CLAIM_SEEDS = 5  #: seeds of every combination a double-MC eraser target needs before it can be met
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the repository's results page: a run into the repository's own ``results/`` rewrites its table (`update_readme`)
 RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
 GENDER_SOURCES = ("sae", "pca", "concept")  #: where the gender concept may come from (the search's ``source``)
-#: the conditions a study runs by default: the paper's (Figure 2) and the LEACE eraser conditions
-STUDY_CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_sequential",
-                    "leace_contrast", "random_eraser")
+#: the conditions a study runs by default: all of them, the paper's (Figure 2) and the LEACE eraser conditions
+STUDY_CONDITIONS = CONDITIONS
 #: per task, the training split's column naming the unintended attribute, which ``leace`` erases
 ERASER_LABELS = {"gender_bias": "stereotyped_gender", "double_mc": "unintended_value"}
 
