@@ -1,9 +1,9 @@
 """Do the LEACE erasers hold with all of them on, as in training? A probe per layer, independent vs sequential fit.
 
-For each task, the study's eraser data at the CPU size (the first 256 training prompts of data seed 0, labeled by
-the study's `ERASER_LABELS` column) gets two ``leace`` adapters at every decoder layer: fitted independently on the
-base model (the study's ``leace`` condition) and fitted layer after layer on the already-erased upstream
-(``sequential``). With each adapter injected and on, `concept_decodability` probes the label from each prompt's
+For each task, the study's eraser data at the CPU size (the 256 training prompts a study run trains on, data seed 0,
+labeled by the study's `ERASER_LABELS` column) gets two ``leace`` adapters at every decoder layer: fitted
+independently on the base model (the study's ``leace`` condition) and fitted layer after layer on the
+already-erased upstream (``sequential``). With each adapter injected and on, `concept_decodability` probes the label from each prompt's
 mean residual stream at every layer (cross-validated logistic regression on the same prompts, which are the ones
 fine-tuning sees). Writes ``results/erasure/joint_erasure.json`` and prints a table.
 
