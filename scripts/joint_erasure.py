@@ -3,9 +3,9 @@
 For each task, the study's eraser data at the CPU size (the 256 training prompts a study run trains on, data seed 0,
 labeled by the study's `ERASER_LABELS` column) gets two ``leace`` adapters at every decoder layer: fitted
 independently on the base model (the study's ``leace`` condition) and fitted layer after layer on the
-already-erased upstream (``sequential``). With each adapter injected and on, `concept_decodability` probes the label from each prompt's
-mean residual stream at every layer (cross-validated logistic regression on the same prompts, which are the ones
-fine-tuning sees). Writes ``results/erasure/joint_erasure.json`` and prints a table.
+already-erased upstream (``sequential``). With each adapter injected and on, `concept_decodability` probes the
+label from each prompt's mean residual stream at every layer (cross-validated logistic regression on the same
+prompts, which are the ones fine-tuning sees). Writes ``results/erasure/joint_erasure.json`` and prints a table.
 
 Usage: ``python scripts/joint_erasure.py [TASK ...]`` (default: ``gender_bias`` in the words form and the double
 multiple-choice combinations ``sentiment|pronouns|sentiment`` and ``pronouns|sentiment|sentiment``).
