@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/ablation_overhead.py --modes latent projection
 	$(PY) benchmarks/ablation_overhead.py --modes naive attribution --widths 16384 65536
 	$(PY) benchmarks/ablation_overhead.py --layers all --widths 16384 65536 --modes latent projection attribution
+	$(PY) benchmarks/leace_fit.py
 
 # The paper's experiments (GPU: full size; CPU: reduced size). Resumable; e.g.
 # make reproduce REPRODUCE_ARGS="--tasks gender_bias --seeds 0 1 2"

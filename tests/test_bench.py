@@ -118,3 +118,21 @@ def test_the_embedded_model_trains_what_the_recipes_default_preset_trains(bench)
     assert bench.default_preset("embedded") == "gemma3-270m" and bench.default_preset("gemma-2-2b-shape") == "paper"
     assert model.training and not model.get_input_embeddings().weight.requires_grad  # the preset freezes them
     assert any(p.requires_grad for p in model.parameters())
+
+
+def test_the_sequential_leace_fit_gives_the_erasers_of_a_forward_pass_per_layer(monkeypatch):
+    """The fit benchmark's plain computation (a pass per layer, the erasers before it injected) is what the package's
+    sequential fit (recorded layer calls, each layer run once) must equal."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("leace_fit", BENCH.with_name("leace_fit.py"))
+    leace_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(leace_bench)
+    texts, labels = leace_bench.sentiment_texts(24)
+    assert sorted(set(labels)) == ["negative", "positive"]
+    model, tokenizer = make_tiny_model("gemma3"), make_tiny_tokenizer()
+    z = leace_bench.one_hot_labels(labels)[0].double()
+    sequential = leace_bench.fit_leace_erasers(model, tokenizer, texts, z, sequential=True, progress=False)
+    plain = leace_bench.per_layer_passes(model, tokenizer, texts, z, len(sequential))
+    assert leace_bench.max_relative_difference(sequential, plain) < 1e-6
+    independent = leace_bench.fit_leace_erasers(model, tokenizer, texts, z, progress=False)
+    assert leace_bench.max_relative_difference(independent, plain) > 1e-3  # the check can tell the fits apart

@@ -115,11 +115,28 @@ def test_sequential_erasers_hold_jointly_where_independent_ones_do_not(family):
         handle = inject_concept_ablation(model, config)
         left[sequential] = [_covariance_with_label(model, texts, labels, layer, ablated=True)
                             for layer in range(NUM_LAYERS)]
-        with pytest.raises(ValueError, match="remove the model's concept ablation first"):
-            leace_config(model, make_tiny_tokenizer(), texts, labels, fitted_on={}, sequential=True, progress=False)
+        again = leace_config(model, make_tiny_tokenizer(), texts, labels, fitted_on={}, sequential=sequential,
+                             progress=False)  # the injected ablation is off while fitting: the same erasers
+        for layer, eraser in config.erasers.items():
+            torch.testing.assert_close(again.erasers[layer]["proj_left"] @ again.erasers[layer]["proj_right"],
+                                       eraser["proj_left"] @ eraser["proj_right"], rtol=0, atol=0)
+        assert handle.enabled
         handle.remove()
     assert all(cov < 1e-5 * scale for cov, scale in left[True])
     assert all(cov > 1e-3 * scale for cov, scale in left[False][1:])
+
+
+def test_sequential_erasers_of_some_layers_hold_jointly_with_the_layers_between_them_run_as_they_are():
+    model = make_tiny_model("gemma3")
+    texts, labels = _labeled_texts()
+    config = leace_config(model, make_tiny_tokenizer(), texts, labels, layers=[1, 3], fitted_on={"source": "labels"},
+                          sequential=True, progress=False)
+    assert config.layers == [1, 3]
+    handle = inject_concept_ablation(model, config)
+    for layer in (1, 3):
+        cov, scale = _covariance_with_label(model, texts, labels, layer, ablated=True)
+        assert cov < 1e-5 * scale, layer
+    handle.remove()
 
 
 def test_saved_erasers_reload_without_the_fitting_data_with_identical_logits(family, tmp_path):

@@ -9,8 +9,8 @@ Two sources of the concept, both label-based at heart:
 
 Every counted position of a text (not BOS, not padding; or only its last one) is one sample, labeled
 with its text's label; classes are one-hot encoded, so a binary concept gives a rank-1 eraser per layer.
-The erasers are fitted on the base model's activations (any injected ablation is off), each layer
-independently, or ``sequential``: layer after layer, each on the activations with the erasers before it
+The erasers are fitted on the model's own activations (any injected ablation is off while they are fitted), each
+layer independently, or ``sequential``: layer after layer, each on the activations with the erasers before it
 applied, as they are in use (the layer-wise scrubbing of ``concept_erasure.ConceptScrubber``, for any
 decoder), so that with every eraser on no linear trace of the concept is left at any layer.
 `random_eraser_config` is the control: the same fit with labels drawn at random, so it removes a random
@@ -19,6 +19,7 @@ direction of the same rank, measured in the same (whitened) geometry.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from typing import Any, Literal, Sequence
@@ -28,8 +29,10 @@ from concept_erasure import LeaceEraser, LeaceFitter
 from tqdm.auto import tqdm
 
 from ..adapter.config import ConceptAblationConfig
-from ..adapter.model import find_decoder_layers, get_concept_ablation, inject_concept_ablation
-from .activations import as_text_list, iter_residuals
+from ..adapter.layer import ConceptAblationLayer
+from ..adapter.model import find_decoder_layers, get_concept_ablation
+from ..adapter.residuals import decoder_layer_calls
+from .activations import as_text_list, iter_residuals, token_batches
 
 Positions = Literal["all", "last"]
 POSITIONS: tuple[str, ...] = ("all", "last")
@@ -70,8 +73,8 @@ def fit_leace_erasers(
 ) -> dict[int, LeaceEraser]:
     """One ``concept_erasure.LeaceEraser`` per decoder layer (default: every one), fitted on the residual-stream
     output at `positions` of `texts`, each position labeled with its text's row of `z` ``[n_texts, k]``: on the base
-    model's activations in one pass, or `sequential`: layer after layer, with the erasers fitted so far applied by an
-    injected ablation (a forward pass per layer, each stopping at its layer)."""
+    model's activations in one pass, or `sequential`: layer after layer, with the erasers fitted so far applied as an
+    injected ablation applies them (one forward pass records the decoder layers' calls; then each layer runs once)."""
     texts = as_text_list(texts)
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -84,35 +87,63 @@ def fit_leace_erasers(
     common = {"positions": positions, "batch_size": batch_size, "max_length": max_length}
     if not sequential:
         return _fit(model, tokenizer, texts, z, layers, progress=progress, **common)
-    if get_concept_ablation(model) is not None:
-        raise ValueError("sequential fitting applies the erasers it fits through an ablation of its own: remove the "
-                         "model's concept ablation first (.remove() on its handle)")
-    erasers: dict[int, LeaceEraser] = {}
-    for layer in tqdm(layers, desc="fitting LEACE erasers layer by layer", disable=not progress):
-        upstream = {j: e for j, e in erasers.items() if removes_something(e)}
-        handle = inject_concept_ablation(model, ConceptAblationConfig(layers=sorted(upstream), mode="leace",
-                                                                      erasers=upstream)) if upstream else None
-        try:
-            erasers.update(_fit(model, tokenizer, texts, z, [layer], progress=False, ablated=True, **common))
-        finally:
-            if handle is not None:
-                handle.remove()
-    return erasers
+    ablation = get_concept_ablation(model)
+    with ablation.disabled() if ablation is not None else contextlib.nullcontext():
+        return _fit_sequential(model, tokenizer, texts, z, layers, progress=progress, **common)
+
+
+def _update(fitter: LeaceFitter, hidden: torch.Tensor, keep: torch.Tensor, doc_ids: torch.Tensor, z: torch.Tensor,
+            positions: str) -> None:
+    """Add the counted `positions` of one batch of a layer's output, each labeled with its text's row of `z`."""
+    mask = _positions_mask(keep.cpu(), positions)
+    fitter.update(hidden.cpu()[mask].to(torch.float64), z[doc_ids].unsqueeze(1).expand(-1, mask.shape[1], -1)[mask])
 
 
 def _fit(model: torch.nn.Module, tokenizer: Any, texts: list[str], z: torch.Tensor, layers: list[int], *,
-         positions: str, batch_size: int, max_length: int, progress: bool,
-         ablated: bool = False) -> dict[int, LeaceEraser]:
-    """The erasers of `layers`, fitted in one pass over `texts` (`ablated`: with the model's injected ablation on)."""
+         positions: str, batch_size: int, max_length: int, progress: bool) -> dict[int, LeaceEraser]:
+    """The erasers of `layers`, fitted on the base model's activations in one pass over `texts`."""
     d_model = model.get_input_embeddings().weight.shape[-1]
     fitters = {layer: LeaceFitter(d_model, z.shape[1], dtype=torch.float64) for layer in layers}
     for batch in iter_residuals(model, tokenizer, texts, layers, batch_size=batch_size, max_length=max_length,
-                                desc="fitting LEACE erasers", progress=progress, ablated=ablated):
-        mask = _positions_mask(batch.keep, positions)
-        rows = z[batch.doc_ids].unsqueeze(1).expand(-1, mask.shape[1], -1)[mask]
+                                desc="fitting LEACE erasers", progress=progress):
         for layer, fitter in fitters.items():
-            fitter.update(batch.hidden[layer][mask].to(torch.float64), rows)
+            _update(fitter, batch.hidden[layer], batch.keep, batch.doc_ids, z, positions)
     return {layer: fitter.eraser for layer, fitter in fitters.items()}
+
+
+@torch.no_grad()
+def _fit_sequential(model: torch.nn.Module, tokenizer: Any, texts: list[str], z: torch.Tensor, layers: list[int], *,
+                    positions: str, batch_size: int, max_length: int, progress: bool) -> dict[int, LeaceEraser]:
+    """The erasers of `layers`, each fitted on its layer's output with the erasers before it applied, as the injected
+    ablation applies them (at the counted positions, in the model's dtype). The decoder layers' calls are recorded in
+    one forward pass; then each layer runs once, on the erased output of the one before."""
+    _, decoder_layers = find_decoder_layers(model)
+    d_model = model.get_input_embeddings().weight.shape[-1]
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        batches = [(torch.arange(start, start + batch["input_ids"].shape[0]), keep.to(parameter.device),
+                    decoder_layer_calls(model, batch["input_ids"].to(parameter.device),
+                                        batch["attention_mask"].to(parameter.device), layers[-1]))
+                   for start, batch, keep in token_batches(tokenizer, texts, batch_size, max_length)]
+        hidden = [calls[0].hidden for _, _, calls in batches]
+        erasers: dict[int, LeaceEraser] = {}
+        for index in tqdm(range(layers[-1] + 1), desc="fitting LEACE erasers layer by layer", disable=not progress):
+            hidden = [calls[index].run(decoder_layers[index], h) for h, (_, _, calls) in zip(hidden, batches)]
+            if index not in layers:
+                continue
+            fitter = LeaceFitter(d_model, z.shape[1], dtype=torch.float64)
+            for h, (doc_ids, keep, _) in zip(hidden, batches):
+                _update(fitter, h, keep, doc_ids, z, positions)
+            erasers[index] = fitter.eraser
+            if removes_something(erasers[index]):
+                module = ConceptAblationLayer.from_eraser(erasers[index].proj_left, erasers[index].proj_right,
+                                                          erasers[index].bias).to(parameter.device, parameter.dtype)
+                hidden = [module(h, keep) for h, (_, keep, _) in zip(hidden, batches)]
+    finally:
+        model.train(was_training)
+    return erasers
 
 
 def removes_something(eraser: LeaceEraser) -> bool:
