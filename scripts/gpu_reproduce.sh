@@ -10,7 +10,7 @@ set -u
 limit=$1 seeds=$2
 shift 2
 out=${OUT:-/tmp/gpu_reproduce}
-conditions=${CONDITIONS:-none caft caft_annealed random top_k test_only leace leace_sequential leace_contrast random_eraser}
+conditions=${CONDITIONS:-none caft caft_annealed random top_k test_only leace leace_sequential leace_refit leace_contrast random_eraser}
 logs=/tmp/gpu_reproduce_logs
 mkdir -p "$out" "$logs"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_CONCEPT_ABLATION_GGUF=/tmp/m.gguf \

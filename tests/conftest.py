@@ -29,6 +29,7 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    TrainerCallback,
 )
 
 HIDDEN = 64
@@ -275,3 +276,15 @@ class HubAtTheBoundary:
 
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(self.cache))
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+class StopAt(TrainerCallback):
+    """Stop training after optimizer step `step`, saving a checkpoint there."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True

@@ -193,6 +193,9 @@ def test_sae_source_needs_a_release_and_id_or_a_path():
         (dict(seeds=[2**32]), r"seed must be an integer in \[0, 4294967295\], got 4294967296"),
         (dict(saes={3: {"pth": "x"}}), r"unknown saes.3 setting\(s\) \['pth'\]"),
         (dict(conditions=["leace_sequential"]), r"condition 'leace_sequential' needs eraser.label_column"),
+        (dict(conditions=["leace_refit"]), r"condition 'leace_refit' needs eraser.label_column"),
+        (dict(conditions=["leace_refit"], eraser={"label_column": "g", "refit_every": 0}),
+         r"eraser.refit_every must be a positive whole number of steps, got 0"),
     ],
 )
 def test_invalid_experiment_settings_are_named_before_any_model_loads(kwargs, message):

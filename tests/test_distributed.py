@@ -128,3 +128,17 @@ def test_two_processes_train_and_evaluate_as_one(tiny_setup, one_process, tmp_pa
     scores = evaluate_multiple_choice(model, make_tiny_tokenizer(), val)
     assert (scores["accuracy"], scores["pair_accuracy"]) == (b["val"]["accuracy"], b["val"]["pair_accuracy"])
     assert scores["logit_diff"] == pytest.approx(b["val"]["logit_diff"], abs=1e-4)
+
+
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_erasers_refitted_during_training_on_two_processes_train_as_on_one(tiny_setup, tmp_path, how):
+    """``leace_refit`` under DDP/FSDP2: every process refits after every step (the main process's erasers
+    broadcast), and the scores are one process's."""
+    settings = {**_settings(0), "eraser": {"label_column": "stereotyped_gender", "refit_every": 1}}
+    (a,) = run_recipe("gender_bias", recipe_config(tiny_setup, tmp_path / "one", ["leace_refit"], **settings))["runs"]
+    two, _ = _launch(recipe_config(tiny_setup, tmp_path / "two", ["leace_refit"], **settings), *LAUNCHERS[how])
+    (b,) = two["runs"]
+    assert a["ablation"]["fitted_on"]["refit_steps"] == b["ablation"]["fitted_on"]["refit_steps"] == [1, 2, 3]
+    for split in ("val", "ood", "val_ablated", "ood_ablated"):
+        assert (a[split]["accuracy"], a[split]["pair_accuracy"]) == (b[split]["accuracy"], b[split]["pair_accuracy"])
+        assert a[split]["logit_diff"] == pytest.approx(b[split]["logit_diff"], abs=1e-4), split

@@ -120,28 +120,36 @@ def test_eraser_runs_get_a_card_of_their_own_describing_their_erasers(tiny_setup
     assert "the `leace_contrast` model of seed 0" in readme.read_text()
 
 
-def test_leace_sequential_fits_its_erasers_layer_after_layer_and_its_card_says_so(tiny_setup, tmp_path):
+def test_leace_sequential_and_refit_fit_their_erasers_as_named_and_their_cards_say_so(tiny_setup, tmp_path):
     model = tmp_path / "model"  # the tiny model, with a tokenizer that knows the pronouns of the prompts
     shutil.copytree(tiny_setup / "model", model)
     make_tiny_tokenizer(["he", "she", "him", "her"]).save_pretrained(model)
-    config = recipe_config(tiny_setup, tmp_path / "out", ["leace", "leace_sequential"], train_size=8, eval_size=4,
-                           model=str(model), eraser={"label_column": "stereotyped_gender"})
+    config = recipe_config(tiny_setup, tmp_path / "out", ["leace", "leace_sequential", "leace_refit"], train_size=8,
+                           eval_size=4, model=str(model), eraser={"label_column": "stereotyped_gender", "refit_every": 1})
     summary = run_recipe("gender_bias", config, ["task.answer_form=words"])
-    assert set(summary["summary"]) == {"leace", "leace_sequential"}
+    assert set(summary["summary"]) == {"leace", "leace_sequential", "leace_refit"}
     fitted = {path.parent.name.split("-")[0]: json.loads(path.read_text())["fitted_on"]
               for path in (tmp_path / "out" / "erasers").glob("*/*/concept_ablation_config.json")}
-    assert {c: f["fit"] for c, f in fitted.items()} == {"leace": "independent", "leace_sequential": "sequential"}
+    assert {c: f["fit"] for c, f in fitted.items()} == {"leace": "independent", "leace_sequential": "sequential",
+                                                        "leace_refit": "independent"}
     assert {f["column"] for f in fitted.values()} == {"stereotyped_gender"}
+    assert [c for c, f in fitted.items() if "refit_every" in f] == ["leace_refit"]
     card = (tmp_path / "out" / "model_card_leace_sequential.md").read_text()
     assert "fitted layer after layer, each with the erasers before it on, on the base model's residual stream" in card
     assert "| all | sequential |" in card
+    card = (tmp_path / "out" / "model_card_leace_refit.md").read_text()
+    assert "and fitted again on the model being trained after every 1 optimizer steps" in card
+    assert "| all | independent, refitted after every 1 steps |" in card
+    run = next(r for r in summary["runs"] if r["condition"] == "leace_refit")
+    steps = run["ablation"]["fitted_on"]["refit_steps"]
+    assert run["ablation"]["fitted_on"]["refit_every"] == 1 and steps == list(range(1, len(steps) + 1)) and steps
 
 
 def test_no_model_card_without_a_caft_run(tiny_setup, tmp_path, capsys):
     config = recipe_config(tiny_setup, tmp_path / "out", ["none", "test_only"], train_size=8, eval_size=4)
     run_recipe("gender_bias", config)
     assert not (tmp_path / "out" / "model_card.md").exists()  # the adapter only ablated the plain model at test time
-    assert ("no model card: no caft, caft_annealed, leace, leace_sequential, leace_contrast run in gender_bias's results"
+    assert ("no model card: no caft, caft_annealed, leace, leace_sequential, leace_refit, leace_contrast run in gender_bias's results"
             in capsys.readouterr().out)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import (
     HubAtTheBoundary,
+    StopAt,
     make_sae,
     make_tiny_mc_dataset,
     make_tiny_model,
@@ -71,16 +72,6 @@ class _RecordSteps(TrainerCallback):
         self.steps.append(state.global_step)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
-
-
 def _setup():
     model = make_tiny_model("gemma3")
     sae = make_sae("standard", seed=1)
@@ -115,7 +106,7 @@ def test_interrupted_and_resumed_training_matches_uninterrupted(tmp_path):
 
     part = _setup()
     fine_tune(part, tokenizer, data, _args(tmp_path / "part", save_strategy="steps", save_steps=100),
-              callbacks=[AblationScheduleCallback(schedule), _StopAt(3)])
+              callbacks=[AblationScheduleCallback(schedule), StopAt(3)])
     checkpoint = tmp_path / "part" / "checkpoint-3"
     assert (checkpoint / ADAPTER_SUBDIR / "concept_ablation_config.json").is_file()
 

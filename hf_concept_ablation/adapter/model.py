@@ -160,6 +160,32 @@ class ConceptAblation:
             module.set_alpha(alpha)
         self.config.alpha = float(alpha)
 
+    def set_erasers(self, erasers: Mapping[int, Any]) -> None:
+        """Replace the erasers of ``leace`` layers in place (e.g. refitted on the model being trained): per layer a
+        ``concept_erasure.LeaceEraser`` or a mapping of its tensors (`ERASER_TENSORS`). The modules keep their device,
+        dtype and strength; the config holds the new tensors, so `save_pretrained` saves what is in use."""
+        for index, eraser in erasers.items():
+            module = self.layers.get(index)
+            if module is None or module.kind != "leace":
+                raise ValueError(f"layer {index} has no LEACE eraser to replace; the leace layers are "
+                                 f"{sorted(i for i, m in self.layers.items() if m.kind == 'leace')}")
+            tensors = {name: eraser[name] if isinstance(eraser, Mapping) else getattr(eraser, name)
+                       for name in ERASER_TENSORS}
+            try:
+                fresh = ConceptAblationLayer.from_eraser(**tensors)
+            except (ValueError, RuntimeError) as err:
+                raise ValueError(f"layer {index}: {err}") from err
+            if fresh.d_model != module.d_model:
+                raise ValueError(f"layer {index}: the new eraser has d_model={fresh.d_model}, the layer's is "
+                                 f"{module.d_model}")
+            for name, tensor in fresh.state_tensors().items():
+                current = getattr(module, name)
+                if current.shape == tensor.shape:
+                    current.copy_(tensor)  # in place: a compiled graph or a DDP-wrapped model keeps working
+                else:  # another rank
+                    module.register_buffer(name, tensor.to(current.device, current.dtype), persistent=False)
+            self.config.erasers[index] = {name: t.detach().cpu() for name, t in tensors.items()}
+
     def remove(self) -> None:
         """Remove every hook and module; the model is left exactly as before injection."""
         for handle in self._handles:

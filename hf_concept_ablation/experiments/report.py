@@ -32,6 +32,7 @@ CONDITION_LABELS = {
     "test_only": "test-time ablation",
     "leace": "LEACE (labels)",
     "leace_sequential": "LEACE (labels, sequential)",
+    "leace_refit": "LEACE (labels, refitted)",
     "leace_contrast": "LEACE (contrast texts)",
     "random_eraser": "random eraser",
 }
@@ -125,7 +126,7 @@ def table_cell(text: Any) -> str:
 CARD_CONDITIONS = ("caft", "caft_annealed")
 #: conditions trained through a fitted eraser (`hf_concept_ablation.search.leace`): each gets a card of its own,
 #: ``<card name>_<condition>.md``, describing its erasers
-ERASER_CARD_CONDITIONS = ("leace", "leace_sequential", "leace_contrast")
+ERASER_CARD_CONDITIONS = ("leace", "leace_sequential", "leace_refit", "leace_contrast")
 #: packaged with the library; the repository's `model_cards/` links to it
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "assets" / "model_cards" / "caft_model_card.md"
 
@@ -149,9 +150,11 @@ def _ablated_rows(config: ConceptAblationConfig, selection: Mapping[str, Any] | 
 def _erasers_table(config: ConceptAblationConfig) -> str:
     fit = config.fitted_on
     skipped = f" (nothing to erase at {fit['nothing_to_erase']})" if fit.get("nothing_to_erase") else ""
+    refits = f", refitted after every {fit['refit_every']} steps" if "refit_every" in fit else ""
     return "\n".join(["| layers | erased classes | fitted on | positions | fit |", "|---|---|---|---|---|",
                       f"| {', '.join(map(str, config.layers))}{skipped} | {table_cell(', '.join(fit.get('classes', [])))} "
-                      f"| {table_cell(_fitting_data(fit))} | {fit.get('positions', '')} | {fit.get('fit', 'independent')} |"])
+                      f"| {table_cell(_fitting_data(fit))} | {fit.get('positions', '')} "
+                      f"| {fit.get('fit', 'independent')}{refits} |"])
 
 
 def _fitting_data(fitted_on: Mapping[str, Any]) -> str:
@@ -204,8 +207,10 @@ def render_model_card(
     if config.mode == "leace":
         how = " layer after layer, each with the erasers before it on," if config.fitted_on.get("fit") == "sequential" \
             else ""
+        refits = f", and fitted again on the model being trained after every {config.fitted_on['refit_every']} " \
+                 "optimizer steps" if "refit_every" in config.fitted_on else ""
         source = f"LEACE erasers (`concept_erasure`) fitted{how} on the base model's residual stream, " \
-                 f"{_fitting_data(config.fitted_on)}"
+                 f"{_fitting_data(config.fitted_on)}{refits}"
     else:
         sources = sorted({s.describe() for s in config.saes.values()}) or ["explicit directions (e.g. PCA)"]
         source = ", ".join(f"`{s}`" for s in sources)

@@ -70,6 +70,7 @@ from ..search.leace import (
     random_eraser_config,
     texts_sha256,
 )
+from ..search.leace_refit import LeaceRefitCallback
 from ..tasks import answer_strings, check_single_token
 from ..tasks.evaluation import evaluate_multiple_choice
 from ..tasks.validity import chance_p_value, did_not_learn
@@ -85,12 +86,12 @@ from .training import (
 )
 
 CONDITIONS = ("none", "caft", "caft_annealed", "random", "top_k", "test_only", "leace", "leace_sequential",
-              "leace_contrast", "random_eraser")
+              "leace_refit", "leace_contrast", "random_eraser")
 TRAINED_CONDITIONS = tuple(c for c in CONDITIONS if c != "test_only")  #: (``test_only`` evaluates ``none``'s model)
 #: conditions that fine-tune through a LEACE eraser fitted on the base model (`EraserSettings`)
-ERASER_CONDITIONS = ("leace", "leace_sequential", "leace_contrast", "random_eraser")
+ERASER_CONDITIONS = ("leace", "leace_sequential", "leace_refit", "leace_contrast", "random_eraser")
 #: eraser conditions fitted on the training prompts labeled by ``EraserSettings.label_column``
-LABELED_ERASER_CONDITIONS = ("leace", "leace_sequential")
+LABELED_ERASER_CONDITIONS = ("leace", "leace_sequential", "leace_refit")
 #: conditions that read the concept search's output (``adapter``, ``attribution``)
 ADAPTER_CONDITIONS = ("caft", "caft_annealed", "random", "top_k", "test_only")
 
@@ -104,17 +105,22 @@ class EraserSettings:
             (gender task: ``gender``, the profession group's stereotyped gender on the training data).
         positions: ``all`` counted positions of each prompt (not BOS or padding) or only the ``last``.
         layers: decoder layers to erase at; None: every one.
+        refit_every: ``leace_refit`` fits its erasers again on the model being trained after every this many
+            optimizer steps (`LeaceRefitCallback`).
     """
 
     label_column: str | None = None
     positions: str = "all"
     layers: list[int] | None = None
+    refit_every: int = 12
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise ValueError(f"eraser.positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.layers is not None and (not isinstance(self.layers, list) or not self.layers):
             raise ValueError(f"eraser.layers must be a non-empty list of decoder layers or null, got {self.layers!r}")
+        if isinstance(self.refit_every, bool) or not isinstance(self.refit_every, int) or self.refit_every < 1:
+            raise ValueError(f"eraser.refit_every must be a positive whole number of steps, got {self.refit_every!r}")
 
 
 @dataclass
@@ -547,6 +553,9 @@ def run_experiment(
                                         concept_texts or {}, seed, state)
                 ConceptAblation.from_pretrained(model, folder)
                 callbacks.append(AblationScheduleCallback())
+                if condition == "leace_refit":
+                    callbacks.append(LeaceRefitCallback(tokenizer, train["prompt"], train[eraser.label_column],
+                                                        eraser.refit_every, positions=eraser.positions))
             elif condition in ("random", "top_k"):
                 latents = latents_for_condition(condition, table, _adapter_latent_count(caft_config), seed)
                 inject_concept_ablation(model, _latent_config(latents, sae_sources, model, mode=caft_config.mode))
@@ -636,7 +645,8 @@ def eraser_adapter(model: nn.Module, tokenizer: Any, folder: Path, condition: st
                    train: datasets.Dataset, concept_texts: Mapping[str, Sequence[str]], seed: int, state: Any) -> Path:
     """The saved eraser adapter of an eraser `condition` (``leace``: fitted on the training prompts labeled by
     ``settings.label_column``, each layer on the base model; ``leace_sequential``: the same, layer after layer with
-    the erasers before it on; ``leace_contrast``: on `concept_texts`; ``random_eraser``: on the training prompts
+    the erasers before it on; ``leace_refit``: as ``leace``, its ``fitted_on`` naming ``refit_every`` (the refits
+    are `LeaceRefitCallback`'s); ``leace_contrast``: on `concept_texts`; ``random_eraser``: on the training prompts
     with random labels, seeded by `seed`, of the rank ``leace`` has), fitted on `model` (the base model) by the main
     process into a subfolder of `folder` named by what it is fitted on, unless one is there."""
     texts, labels = list(train["prompt"]), list(train[settings.label_column]) if settings.label_column else []
@@ -644,7 +654,9 @@ def eraser_adapter(model: nn.Module, tokenizer: Any, folder: Path, condition: st
         texts = [t for ts in concept_texts.values() for t in ts]
         labels = [c for c, ts in concept_texts.items() for _ in ts]
     rank = len(set(labels)) - 1 if condition != "leace_contrast" and labels else 1
-    key = {"condition": condition, "settings": dataclasses.asdict(settings), "data": texts_sha256(texts, labels),
+    fit_settings = {k: v for k, v in dataclasses.asdict(settings).items()  # the refits come later
+                    if k != "refit_every" or condition == "leace_refit"}
+    key = {"condition": condition, "settings": fit_settings, "data": texts_sha256(texts, labels),
            **({"seed": seed, "rank": rank} if condition == "random_eraser" else {})}
     target = folder / f"{condition}{f'-seed{seed}' if condition == 'random_eraser' else ''}-" \
                       f"{_sha256(json.dumps(key, sort_keys=True).encode())[:12]}"
@@ -655,6 +667,8 @@ def eraser_adapter(model: nn.Module, tokenizer: Any, folder: Path, condition: st
         else:
             source = {"source": "labels", "column": settings.label_column} \
                 if condition in LABELED_ERASER_CONDITIONS else {"source": "contrast texts"}
+            if condition == "leace_refit":
+                source["refit_every"] = settings.refit_every
             adapter = leace_config(model, tokenizer, texts, labels, fitted_on=source,
                                    sequential=condition == "leace_sequential", **common)
         handle = inject_concept_ablation(model, adapter)
