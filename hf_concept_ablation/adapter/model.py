@@ -171,13 +171,7 @@ class ConceptAblation:
                                  f"{sorted(i for i, m in self.layers.items() if m.kind == 'leace')}")
             tensors = {name: eraser[name] if isinstance(eraser, Mapping) else getattr(eraser, name)
                        for name in ERASER_TENSORS}
-            try:
-                fresh = ConceptAblationLayer.from_eraser(**tensors)
-            except (ValueError, RuntimeError) as err:
-                raise ValueError(f"layer {index}: {err}") from err
-            if fresh.d_model != module.d_model:
-                raise ValueError(f"layer {index}: the new eraser has d_model={fresh.d_model}, the layer's is "
-                                 f"{module.d_model}")
+            fresh = _eraser_layer(index, tensors, module.d_model)
             for name, tensor in fresh.state_tensors().items():
                 current = getattr(module, name)
                 if current.shape == tensor.shape:
@@ -393,14 +387,7 @@ def inject_concept_ablation(
     for index in config.layers:
         check_layer_exists(index, language.num_hidden_layers)
         if index in config.erasers:
-            eraser = {name: None if t is None else torch.as_tensor(t) for name, t in config.erasers[index].items()}
-            try:
-                layers[index] = ConceptAblationLayer.from_eraser(**eraser)
-            except (ValueError, RuntimeError) as err:
-                raise ValueError(f"layer {index}: {err}") from err
-            if layers[index].d_model != language.hidden_size:
-                raise ValueError(f"layer {index}: the eraser has d_model={layers[index].d_model}, the model's hidden "
-                                 f"size is {language.hidden_size}")
+            layers[index] = _eraser_layer(index, config.erasers[index], language.hidden_size)
             continue
         if index in config.directions:
             directions = torch.as_tensor(config.directions[index], dtype=torch.float32)
@@ -430,6 +417,20 @@ def inject_concept_ablation(
         layers[index] = ConceptAblationLayer.from_sae(sae, config.latents[index], config.mode,
                                                       center=_center(config, index))
     return ConceptAblation(model, config, _cast_like_model(model, layers, config))
+
+
+def _eraser_layer(index: int, eraser: Mapping[str, Any], hidden_size: int) -> ConceptAblationLayer:
+    """The ``leace`` layer of `eraser` (its tensors, `ERASER_TENSORS`) at decoder layer `index`; an error naming the
+    layer if the eraser is not one or does not fit a residual stream of `hidden_size`."""
+    tensors = {name: None if t is None else torch.as_tensor(t) for name, t in eraser.items()}
+    try:
+        layer = ConceptAblationLayer.from_eraser(**tensors)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"layer {index}: {err}") from err
+    if layer.d_model != hidden_size:
+        raise ValueError(f"layer {index}: the eraser has d_model={layer.d_model}, the model's hidden size is "
+                         f"{hidden_size}")
+    return layer
 
 
 def _center(config: ConceptAblationConfig, index: int) -> torch.Tensor | None:
