@@ -288,3 +288,20 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+def covariance_with_label(model, texts, labels, layer, ablated=False, eraser=None) -> tuple[float, float]:
+    """At `layer` of `model` over `texts` (`ablated`: its concept ablation on; `eraser`: applied to the activations):
+    the largest |covariance| of a residual coordinate with the label (``female`` or not), and the largest coordinate
+    std."""
+    from hf_concept_ablation.search.activations import iter_residuals
+
+    z = torch.tensor([label == "female" for label in labels], dtype=torch.float64)
+    xs, zs = [], []
+    for batch in iter_residuals(model, make_tiny_tokenizer(), texts, [layer], progress=False, ablated=ablated):
+        x = batch.hidden[layer][batch.keep].double()
+        xs.append(x if eraser is None else eraser(x))
+        zs.append(z[batch.doc_ids].unsqueeze(1).expand(-1, batch.keep.shape[1])[batch.keep])
+    x, zz = torch.cat(xs), torch.cat(zs)
+    cov = ((x - x.mean(0)) * (zz - zz.mean())[:, None]).mean(0)
+    return float(cov.abs().max()), float(x.std(0).max())

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from concept_erasure import LeaceEraser, LeaceFitter
-from conftest import HIDDEN, NUM_LAYERS, make_tiny_model, make_tiny_tokenizer
+from conftest import HIDDEN, NUM_LAYERS, covariance_with_label, make_tiny_model, make_tiny_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from hf_concept_ablation import (
@@ -20,7 +20,6 @@ from hf_concept_ablation import (
 from hf_concept_ablation.adapter.callbacks import AblationSchedule
 from hf_concept_ablation.adapter.config import CONFIG_NAME
 from hf_concept_ablation.adapter.layer import ConceptAblationLayer
-from hf_concept_ablation.search.activations import iter_residuals
 from hf_concept_ablation.search.leace import (
     leace_config,
     one_hot_labels,
@@ -69,19 +68,6 @@ def test_the_layer_is_exact_to_the_librarys_eraser():
         torch.testing.assert_close(layer(x), x)
 
 
-def _covariance_with_label(model, texts, labels, layer, ablated=False, eraser=None) -> tuple[float, float]:
-    """The largest |covariance| of a residual coordinate with the label, and the largest coordinate std."""
-    z = torch.tensor([label == "female" for label in labels], dtype=torch.float64)
-    xs, zs = [], []
-    for batch in iter_residuals(model, make_tiny_tokenizer(), texts, [layer], progress=False, ablated=ablated):
-        x = batch.hidden[layer][batch.keep].double()
-        xs.append(x if eraser is None else eraser(x))
-        zs.append(z[batch.doc_ids].unsqueeze(1).expand(-1, batch.keep.shape[1])[batch.keep])
-    x, zz = torch.cat(xs), torch.cat(zs)
-    cov = ((x - x.mean(0)) * (zz - zz.mean())[:, None]).mean(0)
-    return float(cov.abs().max()), float(x.std(0).max())
-
-
 def test_fitted_erasers_leave_no_linear_trace_of_the_concept_at_any_layer(family):
     """LEACE's guarantee, per layer, on the activations each eraser was fitted on (the base model's): no covariance
     with the label is left; in the model, so at the first erased layer."""
@@ -91,13 +77,13 @@ def test_fitted_erasers_leave_no_linear_trace_of_the_concept_at_any_layer(family
     assert config.fitted_on["classes"] == ["female", "male"] and config.fitted_on["column"] == "gender"
     assert config.fitted_on["texts"] == len(texts) and config.fitted_on["positions"] == "all"
     handle = inject_concept_ablation(model, config)
-    before, _ = _covariance_with_label(model, texts, labels, 0)
+    before, _ = covariance_with_label(model, texts, labels, 0)
     assert before > 1e-3  # there is something to erase
     for layer, module in handle.layers.items():
         module = module.double()
-        after, scale = _covariance_with_label(model, texts, labels, layer, eraser=module)
+        after, scale = covariance_with_label(model, texts, labels, layer, eraser=module)
         assert after < 1e-6 * scale, layer  # (the stored tensors are float32)
-    after, scale = _covariance_with_label(model, texts, labels, 0, ablated=True)
+    after, scale = covariance_with_label(model, texts, labels, 0, ablated=True)
     assert after < 1e-5 * scale
 
 
@@ -113,7 +99,7 @@ def test_sequential_erasers_hold_jointly_where_independent_ones_do_not(family):
                               sequential=sequential, progress=False)
         assert config.fitted_on["fit"] == ("sequential" if sequential else "independent")
         handle = inject_concept_ablation(model, config)
-        left[sequential] = [_covariance_with_label(model, texts, labels, layer, ablated=True)
+        left[sequential] = [covariance_with_label(model, texts, labels, layer, ablated=True)
                             for layer in range(NUM_LAYERS)]
         again = leace_config(model, make_tiny_tokenizer(), texts, labels, fitted_on={}, sequential=sequential,
                              progress=False)  # the injected ablation is off while fitting: the same erasers
@@ -134,7 +120,7 @@ def test_sequential_erasers_of_some_layers_hold_jointly_with_the_layers_between_
     assert config.layers == [1, 3]
     handle = inject_concept_ablation(model, config)
     for layer in (1, 3):
-        cov, scale = _covariance_with_label(model, texts, labels, layer, ablated=True)
+        cov, scale = covariance_with_label(model, texts, labels, layer, ablated=True)
         assert cov < 1e-5 * scale, layer
     handle.remove()
 

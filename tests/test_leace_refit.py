@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import datasets
-from conftest import StopAt, make_tiny_model, make_tiny_tokenizer
+from conftest import StopAt, covariance_with_label, make_tiny_model, make_tiny_tokenizer
 from transformers import TrainerCallback
 
 from hf_concept_ablation import ConceptAblation, get_concept_ablation, inject_concept_ablation
 from hf_concept_ablation.adapter.callbacks import ADAPTER_SUBDIR, AblationScheduleCallback
 from hf_concept_ablation.experiments.training import PRESETS, fine_tune, training_arguments
-from hf_concept_ablation.search.activations import iter_residuals
 from hf_concept_ablation.search.leace import leace_config
 from hf_concept_ablation.search.leace_refit import LeaceRefitCallback
 
@@ -30,17 +29,6 @@ def _labeled_rows(n: int = 16) -> list[dict[str, str]]:
     return rows
 
 
-def _covariance_with_label(model, texts, labels, layer) -> tuple[float, float]:
-    """With the ablation on: the largest |covariance| of a residual coordinate with the label, and the largest std."""
-    z = torch.tensor([label == "female" for label in labels], dtype=torch.float64)
-    xs, zs = [], []
-    for batch in iter_residuals(model, make_tiny_tokenizer(), texts, [layer], progress=False, ablated=True):
-        xs.append(batch.hidden[layer][batch.keep].double())
-        zs.append(z[batch.doc_ids].unsqueeze(1).expand(-1, batch.keep.shape[1])[batch.keep])
-    x, zz = torch.cat(xs), torch.cat(zs)
-    return float(((x - x.mean(0)) * (zz - zz.mean())[:, None]).mean(0).abs().max()), float(x.std(0).max())
-
-
 def _with_erasers(texts, labels):
     model = make_tiny_model("gemma3")
     inject_concept_ablation(model, leace_config(model, make_tiny_tokenizer(), texts, labels, layers=[0, 2],
@@ -55,12 +43,12 @@ def test_refitted_erasers_hold_on_weights_that_moved_where_the_first_ones_do_not
     with torch.no_grad():  # what training does to the weights the erasers were fitted on
         for parameter in model.model.layers[0].parameters():
             parameter.add_(0.5 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-    stale, scale = _covariance_with_label(model, texts, labels, 0)
+    stale, scale = covariance_with_label(model, texts, labels, 0, ablated=True)
     assert stale > 1e-3 * scale
     callback = LeaceRefitCallback(make_tiny_tokenizer(), texts, labels, every_steps=5, sequential=True)
     callback.refit(model, step=5)  # sequential: so that they hold all on together
     for layer in (0, 2):
-        cov, scale = _covariance_with_label(model, texts, labels, layer)
+        cov, scale = covariance_with_label(model, texts, labels, layer, ablated=True)
         assert cov < 1e-5 * scale, layer
     fitted_on = get_concept_ablation(model).config.fitted_on
     assert fitted_on["refit_every"] == 5 and fitted_on["refit_steps"] == [5] and fitted_on["column"] == "gender"
