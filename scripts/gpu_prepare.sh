@@ -10,11 +10,12 @@ python=${PYTHON:-.venv/bin/python}
 exclude="$(git rev-parse --git-common-dir)/info/exclude"
 mkdir -p "$(dirname "$exclude")"
 grep -qxF '/.g*/' "$exclude" 2>/dev/null || echo '/.g*/' >> "$exclude"
-names="PySocks annotated-types better-abc datasets dill docstring_parser evaluate googleapis-common-protos httpcore2
-httpx2 multiprocess opentelemetry-api opentelemetry-exporter-http-transport opentelemetry-exporter-otlp-common
-opentelemetry-exporter-otlp-proto-common opentelemetry-exporter-otlp-proto-http opentelemetry-proto opentelemetry-sdk
-opentelemetry-semantic-conventions outcome platformdirs pydantic pydantic_core sae-lens simple-parsing sniffio
-transformer-lens trio truststore typing-inspection wandb gguf transformers huggingface_hub peft"
+names="PySocks annotated-types better-abc concept-erasure datasets dill docstring_parser evaluate
+googleapis-common-protos httpcore2 httpx2 multiprocess opentelemetry-api opentelemetry-exporter-http-transport
+opentelemetry-exporter-otlp-common opentelemetry-exporter-otlp-proto-common
+opentelemetry-exporter-otlp-proto-http opentelemetry-proto opentelemetry-sdk opentelemetry-semantic-conventions
+outcome platformdirs pydantic pydantic_core sae-lens simple-parsing sniffio transformer-lens trio truststore
+typing-inspection wandb gguf transformers huggingface_hub peft"
 specs=$(for n in $names; do echo "$n==$("$python" -m pip show "$n" | awk '/^Version:/{print $2}')"; done)
 wheels=$(mktemp -d)
 # shellcheck disable=SC2086  # one argument per requirement
