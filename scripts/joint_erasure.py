@@ -21,6 +21,8 @@ import argparse
 import time
 from pathlib import Path
 
+from datasets import Dataset
+
 from hf_concept_ablation import inject_concept_ablation
 from hf_concept_ablation.experiments.runner import subsample
 from hf_concept_ablation.experiments.study import ERASER_LABELS, SIZES, task_datasets
@@ -34,7 +36,7 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "erasure" / "joint_erasu
 DEFAULT_TASKS = ("gender_bias", "sentiment|pronouns|sentiment", "pronouns|sentiment|sentiment")
 
 
-def eraser_data(task: str):
+def eraser_data(task: str) -> tuple[Dataset, list[str], list[str]]:
     """The study's eraser data of `task` at the CPU size: its training prompts and their eraser labels."""
     train = subsample(task_datasets(task, answer_form="words" if task == "gender_bias" else "letters")["train"],
                       SIZES["cpu"].train_size)
