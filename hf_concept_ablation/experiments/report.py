@@ -71,7 +71,7 @@ def plot_overview(per_combination: Mapping[str, Mapping[str, Mapping[str, Any]]]
     conditions = [c for c in CONDITION_LABELS if any(c in per_combination[k] for k in keys)]
     if not conditions:
         raise ValueError("nothing to plot: no combination has results")
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys) + 2), 3.8))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(keys) + 2), 3.8), layout="constrained")
     width = 0.8 / len(conditions)
     for j, condition in enumerate(conditions):
         xs = [i for i, k in enumerate(keys) if condition in per_combination[k]]
@@ -83,8 +83,7 @@ def plot_overview(per_combination: Mapping[str, Mapping[str, Mapping[str, Any]]]
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("OOD accuracy on the intended question")
     ax.set_title(f"Double multiple choice ({MEASURED})")
-    ax.legend(fontsize=7, ncol=3, loc="upper right")
-    fig.tight_layout()
+    fig.legend(fontsize=7, loc="outside right upper")  # beside the bars, not over them
     return _save_figure(fig, path)
 
 
