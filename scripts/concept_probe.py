@@ -4,6 +4,8 @@ verbs|sentiment|verbs, val + OOD prompts (600; there the unintended answer's let
 intended one). Labels: the sentiment value ('positive'/'negative') and the letter the sentiment answer points
 to. Features: the residual stream at the last prompt token after layers 6 and 12, without and with the 75-latent
 ablation of the 16k layer-6 SAE (and the 20 shipped-suite latents of the default search). 5-fold CV accuracy.
+
+Usage: ``python scripts/concept_probe.py [ADAPTER_DIR ...]`` (each adapter folder is probed with its ablation on).
 """
 import sys
 import numpy as np
