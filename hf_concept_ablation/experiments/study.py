@@ -373,7 +373,7 @@ def _double_mc_eraser_rows(valid: Mapping[str, Mapping[str, Any]],
 def reachable_share(valid: Mapping[str, Mapping[str, Any]], condition: str) -> float:
     """The largest share of the valid combinations on which `condition` can still beat plain fine-tuning once it has
     `CLAIM_SEEDS` seeds on each: every missing seed counted at val and OOD 1.0 (a combination without runs counts
-    as a win). Below `MIN_SHARE_BEATING_PLAIN`, no further seed can meet the target."""
+    as a win). Below `MIN_SHARE_BEATING_PLAIN`, no further seed of `condition` can make it meet the target."""
     def can_beat(s: Mapping[str, Any]) -> bool:
         if condition not in s:
             return True
