@@ -62,15 +62,22 @@ def joint_probe(model, tokenizer, task: str) -> dict:
         config = leace_config(model, tokenizer, texts, labels, fitted_on={"source": "labels"},
                               sequential=fit == "sequential")
         seconds = time.perf_counter() - start
-        handle = inject_concept_ablation(model, config)
-        try:
-            probes = concept_decodability(model, tokenizer, *groups, config.layers, batch_size=16)
-        finally:
-            handle.remove()
-        result[fit] = {"fit_seconds": round(seconds, 1), "after": {str(k): v["after"] for k, v in probes.items()}}
-        result["before"] = {str(k): v["before"] for k, v in probes.items()}
-        result["chance"] = next(iter(probes.values()))["chance"]
+        probes = probe_with_erasers(model, tokenizer, config, groups)
+        result[fit] = {"fit_seconds": round(seconds, 1), "after": probes.pop("after")}
+        result.update(probes)
     return result
+
+
+def probe_with_erasers(model, tokenizer, config, groups: list[list[str]]) -> dict:
+    """`concept_decodability` of the two `groups` with `config`'s erasers injected: ``before`` and ``after`` per layer
+    (keyed by the layer as a string) and ``chance``."""
+    handle = inject_concept_ablation(model, config)
+    try:
+        probes = concept_decodability(model, tokenizer, *groups, config.layers, batch_size=16)
+    finally:
+        handle.remove()
+    return {"chance": next(iter(probes.values()))["chance"],
+            **{when: {str(k): v[when] for k, v in probes.items()} for when in ("before", "after")}}
 
 
 def intended_probe(model, tokenizer, task: str) -> dict:
@@ -83,14 +90,8 @@ def intended_probe(model, tokenizer, task: str) -> dict:
     values = [answer_value(intended, questions[q]) for q in train[column]]
     classes, groups = two_groups(f"{task} (intended {intended})", texts, values)
     config = leace_config(model, tokenizer, texts, labels, fitted_on={"source": "labels"}, sequential=True)
-    handle = inject_concept_ablation(model, config)
-    try:
-        probes = concept_decodability(model, tokenizer, *groups, config.layers, batch_size=16)
-    finally:
-        handle.remove()
-    return {"classes": classes, "erased_classes": len(set(labels)), "chance": next(iter(probes.values()))["chance"],
-            "before": {str(k): v["before"] for k, v in probes.items()},
-            "after": {str(k): v["after"] for k, v in probes.items()}}
+    return {"classes": classes, "erased_classes": len(set(labels)),
+            **probe_with_erasers(model, tokenizer, config, groups)}
 
 
 def main() -> None:
