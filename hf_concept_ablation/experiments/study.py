@@ -284,6 +284,12 @@ def valid_by_plain_mean(per_combination: Mapping[str, Mapping[str, Any]]) -> dic
             if "none" not in s or judge({"val": s["none"]["val_mean"], "ood": s["none"]["ood_mean"]})["valid"]}
 
 
+def beats_plain(val: float, ood: float, plain: Mapping[str, Any]) -> bool:
+    """Whether a condition's mean `val` and `ood` beat plain fine-tuning's summary `plain`: a higher OOD accuracy
+    with the task learned (val >= `MIN_PLAIN_VAL`)."""
+    return ood > plain["ood_mean"] and val >= MIN_PLAIN_VAL
+
+
 def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Per condition: mean OOD accuracy over combinations and the share where it beats ``none``: a higher
     OOD accuracy *and* the task learned (val >= `MIN_PLAIN_VAL`; a model that learned nothing answers
@@ -296,8 +302,8 @@ def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[st
         entry = {"ood_mean": sum(s[condition]["ood_mean"] for s in rows) / len(rows), "n": len(rows)}
         paired = [s for s in rows if "none" in s]
         if condition != "none" and paired:
-            entry["beats_none"] = sum(s[condition]["ood_mean"] > s["none"]["ood_mean"]
-                                      and s[condition]["val_mean"] >= MIN_PLAIN_VAL for s in paired) / len(paired)
+            entry["beats_none"] = sum(beats_plain(s[condition]["val_mean"], s[condition]["ood_mean"], s["none"])
+                                      for s in paired) / len(paired)
         means[condition] = entry
     return means
 
@@ -380,7 +386,7 @@ def reachable_share(valid: Mapping[str, Mapping[str, Any]], condition: str) -> f
         runs, missing = s[condition], max(CLAIM_SEEDS - len(s[condition]["ood"]), 0)
         best_val = (sum(runs["val"]) + missing) / (len(runs["val"]) + missing)
         best_ood = (sum(runs["ood"]) + missing) / (len(runs["ood"]) + missing)
-        return best_val >= MIN_PLAIN_VAL and best_ood > s["none"]["ood_mean"]
+        return beats_plain(best_val, best_ood, s["none"])
 
     paired = [s for s in valid.values() if "none" in s]
     return sum(map(can_beat, paired)) / len(paired) if paired else 0.0
