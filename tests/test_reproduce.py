@@ -284,6 +284,15 @@ def test_the_double_mc_eraser_target_is_met_only_with_five_seeds_on_every_valid_
     assert "| LEACE (labels): 100% of 2 of 3 (fewest seeds: 5; at most 100% whatever" in reproduce.targets_markdown(partial)
 
 
+def test_a_mean_validation_accuracy_of_exactly_the_threshold_counts_as_learned_whatever_float_rounding_does():
+    plain = {"ood_mean": 0.5}
+    vals = [0.86, 0.96, 0.9, 131 / 150, 136 / 150]  # 675 of 750 questions: 0.9 exactly, 0.8999999999999998 in floats
+    assert sum(vals) / len(vals) < 0.9
+    assert reproduce.beats_plain(sum(vals) / len(vals), 0.6, plain)
+    assert not reproduce.beats_plain(674 / 750, 0.6, plain)  # one question fewer
+    assert not reproduce.beats_plain(1.0, 0.5, plain)  # OOD must be above plain's
+
+
 def test_the_reachable_share_counts_missing_seeds_as_perfect_and_settles_what_no_seed_can_change():
     def entry(vals, oods):
         return {"val": vals, "ood": oods, "val_mean": sum(vals) / len(vals), "ood_mean": sum(oods) / len(oods)}
