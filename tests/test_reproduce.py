@@ -291,6 +291,7 @@ def test_a_mean_validation_accuracy_of_exactly_the_threshold_counts_as_learned_w
     assert reproduce.beats_plain(sum(vals) / len(vals), 0.6, plain)
     assert not reproduce.beats_plain(674 / 750, 0.6, plain)  # one question fewer
     assert not reproduce.beats_plain(1.0, 0.5, plain)  # OOD must be above plain's
+    assert reproduce.judge({"val": sum(vals) / len(vals), "ood": 0.2})["learned"]  # the validity rule alike
 
 
 def test_the_reachable_share_counts_missing_seeds_as_perfect_and_settles_what_no_seed_can_change():

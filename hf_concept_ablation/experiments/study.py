@@ -32,6 +32,7 @@ reused, so an interrupted run (or a run with more seeds) continues where it stop
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -231,7 +232,7 @@ def scan_validity(keys: Sequence[str], out: Path, size: ReproduceSize, seed: int
 
 def judge(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A validity entry with its verdict: ``learned`` (val >= `MIN_PLAIN_VAL`) and ``valid``."""
-    learned = entry["val"] >= MIN_PLAIN_VAL
+    learned = at_least(entry["val"], MIN_PLAIN_VAL)
     return {**entry, "learned": learned, "valid": learned and entry["ood"] <= MAX_PLAIN_OOD}
 
 
@@ -284,11 +285,16 @@ def valid_by_plain_mean(per_combination: Mapping[str, Mapping[str, Any]]) -> dic
             if "none" not in s or judge({"val": s["none"]["val_mean"], "ood": s["none"]["ood_mean"]})["valid"]}
 
 
+def at_least(value: float, threshold: float) -> bool:
+    """`value` >= `threshold` up to float rounding: a mean of accuracies that is 0.9 exactly, such as that of 0.86,
+    0.96, 0.9, 0.8733... and 0.9066..., sums to 0.8999999999999998."""
+    return value >= threshold or math.isclose(value, threshold, rel_tol=1e-9)
+
+
 def beats_plain(val: float, ood: float, plain: Mapping[str, Any]) -> bool:
     """Whether a condition's mean `val` and `ood` beat plain fine-tuning's summary `plain`: a higher OOD accuracy
-    with the task learned (val >= `MIN_PLAIN_VAL`, up to float rounding: a mean of accuracies that is 0.9 exactly,
-    such as that of 0.86, 0.96, 0.9, 0.8733... and 0.9066..., sums to 0.8999999999999998)."""
-    return ood > plain["ood_mean"] and val >= MIN_PLAIN_VAL - 1e-9
+    with the task learned (val at least `MIN_PLAIN_VAL`)."""
+    return ood > plain["ood_mean"] and at_least(val, MIN_PLAIN_VAL)
 
 
 def double_mc_means(per_combination: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -318,13 +324,14 @@ def targets_markdown(summary: Mapping[str, Any]) -> str:
         c = gender["caft"]
         rows.append((f"gender bias: CAFT OOD >= {GENDER_MIN_OOD} with val >= {GENDER_MIN_VAL}",
                      f"OOD {c['ood_mean']:.2f}, val {c['val_mean']:.2f} ({_seeds(len(c['ood']))})",
-                     c["ood_mean"] >= GENDER_MIN_OOD and c["val_mean"] >= GENDER_MIN_VAL))
+                     at_least(c["ood_mean"], GENDER_MIN_OOD) and at_least(c["val_mean"], GENDER_MIN_VAL)))
     if "beats_none" in means.get("caft", {}):
         c = means["caft"]
         rows.append((f"double MC: CAFT beats plain FT on >= {MIN_SHARE_BEATING_PLAIN:.0%} of the valid combinations",
-                     f"{c['beats_none']:.0%} of {c['n']}", c["beats_none"] >= MIN_SHARE_BEATING_PLAIN))
+                     f"{c['beats_none']:.0%} of {c['n']}", at_least(c["beats_none"], MIN_SHARE_BEATING_PLAIN)))
         rows.append((f"double MC: CAFT's mean OOD >= {DOUBLE_MC_MIN_OOD}",
-                     f"{c['ood_mean']:.2f} (plain FT {means['none']['ood_mean']:.2f})", c["ood_mean"] >= DOUBLE_MC_MIN_OOD))
+                     f"{c['ood_mean']:.2f} (plain FT {means['none']['ood_mean']:.2f})",
+                     at_least(c["ood_mean"], DOUBLE_MC_MIN_OOD)))
     rows += _eraser_target_rows(summary.get("gender_bias_erasure") or {})
     rows += _double_mc_eraser_rows(valid_by_plain_mean(summary.get("double_mc") or {}), means)
     for task, per_condition in (("gender bias", gender), ("double MC", means)):
@@ -345,12 +352,12 @@ def _eraser_target_rows(study: Mapping[str, Any]) -> list[tuple[str, str, bool]]
     erasers = {c: study[c] for c in JUDGED_ERASERS if c in study}
     if not erasers:
         return []
-    learned = {c: s for c, s in erasers.items() if s["val_mean"] >= ERASER_MIN_VAL} or erasers
+    learned = {c: s for c, s in erasers.items() if at_least(s["val_mean"], ERASER_MIN_VAL)} or erasers
     best = max(learned, key=lambda c: learned[c]["ood_mean"])
     b = erasers[best]
     rows = [(f"gender bias, erasure study: the best eraser's OOD >= {ERASER_MIN_OOD} with val >= {ERASER_MIN_VAL}",
              f"{CONDITION_LABELS[best]}: OOD {b['ood_mean']:.2f}, val {b['val_mean']:.2f} ({_seeds(len(b['ood']))})",
-             b["ood_mean"] >= ERASER_MIN_OOD and b["val_mean"] >= ERASER_MIN_VAL)]
+             at_least(b["ood_mean"], ERASER_MIN_OOD) and at_least(b["val_mean"], ERASER_MIN_VAL))]
     if "random_eraser" in study:
         random = study["random_eraser"]["ood_mean"]
         rows.append((f"gender bias, erasure study: random eraser's mean OOD at least {RANDOM_ERASER_MARGIN} below the "
@@ -373,7 +380,7 @@ def _double_mc_eraser_rows(valid: Mapping[str, Mapping[str, Any]],
         m = means[condition]
         fewest = min(len(s[condition]["ood"]) for s in valid.values() if condition in s)
         complete = m["n"] == len(valid) and fewest >= CLAIM_SEEDS
-        met = met or (complete and m["beats_none"] >= MIN_SHARE_BEATING_PLAIN)
+        met = met or (complete and at_least(m["beats_none"], MIN_SHARE_BEATING_PLAIN))
         reachable = "" if complete else (f"; at most {reachable_share(valid, condition):.0%} "
                                          "whatever its missing seeds give")
         measured.append(f"{CONDITION_LABELS[condition]}: {m['beats_none']:.0%} of {m['n']} of {len(valid)} "
